@@ -1,0 +1,67 @@
+"""Overhead of the pipeline: `kftune run` on the default example against a bare transformers+peft
+script doing the same training and evaluation, in the same invocation on the same machine.
+
+    python bench/overhead.py            # prints both wall times and the ratio (target <= 1.3x)
+
+Results are appended to bench/results/overhead.jsonl with the command and the machine.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "sst2-minilm-lora.yaml"
+TARGET = 1.3
+
+
+def timed(command: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started, done.stdout
+
+
+def main() -> None:
+    cores = os.cpu_count() or 1
+    print(f"bare transformers+peft script ({cores} threads) ...", flush=True)
+    bare_seconds, bare_out = timed([sys.executable, str(REPO / "bench" / "bare_hf_peft.py"), str(cores)])
+    bare = json.loads(bare_out.strip().splitlines()[-1])
+    print(f"kftune run {CONFIG.relative_to(REPO)} ...", flush=True)
+    with tempfile.TemporaryDirectory() as out:
+        kftune_seconds, kftune_out = timed([sys.executable, "-m", "kftune.cli", "run", str(CONFIG), "--out", out])
+        summary_path = next(Path(out).glob("pipeline/*/register/summary"))
+        summary = json.loads(summary_path.read_text())
+    ratio = kftune_seconds / bare_seconds
+    rows = [
+        ("wall time (s)", f"{bare_seconds:.1f}", f"{kftune_seconds:.1f}"),
+        ("train loop (s)", f"{bare['train_seconds']:.1f}", f"{summary['train']['seconds']:.1f}"),
+        ("dev accuracy, base", f"{bare['base_accuracy']:.4f}", f"{summary['evaluation']['base']['accuracy']:.4f}"),
+        ("dev accuracy, tuned", f"{bare['tuned_accuracy']:.4f}", f"{summary['evaluation']['tuned']['accuracy']:.4f}"),
+    ]
+    print(f"\n{'':22}{'bare HF+PEFT':>14}{'kftune run':>14}")
+    for name, a, b in rows:
+        print(f"{name:22}{a:>14}{b:>14}")
+    verdict = "meets" if ratio <= TARGET else "misses"
+    print(f"\nratio kftune / bare: {ratio:.2f}x ({verdict} the {TARGET}x target)")
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/overhead.py",
+        "machine": f"{platform.machine()}, {cores} cores",
+        "bare": bare | {"wall_seconds": round(bare_seconds, 1)},
+        "kftune": {"wall_seconds": round(kftune_seconds, 1), "train": summary["train"], "evaluation": {k: summary["evaluation"][k] for k in ("base", "tuned")}},
+        "ratio": round(ratio, 3),
+    }
+    with open(REPO / "bench" / "results" / "overhead.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

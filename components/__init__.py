@@ -1,0 +1,12 @@
+"""KFP components, one folder per pipeline step; each is a thin typed wrapper over `kftune.steps`.
+
+Installed as `kftune.components` (see pyproject's package-dir), so the import name stays namespaced.
+"""
+
+from kftune.components.build_prompts.component import build_prompts
+from kftune.components.evaluate.component import evaluate
+from kftune.components.prepare_data.component import prepare_data
+from kftune.components.register.component import register
+from kftune.components.train.component import train
+
+__all__ = ["prepare_data", "build_prompts", "train", "evaluate", "register"]

@@ -1,0 +1,1 @@
+"""The build_prompts pipeline step."""

@@ -1,0 +1,1 @@
+"""Pipeline definitions (installed as `kftune.pipelines`)."""

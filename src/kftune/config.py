@@ -1,0 +1,270 @@
+"""One run config: the pydantic schema, YAML loading, `--set` overrides, and errors that name the field.
+
+The config is plain data. Every pipeline step receives the whole validated config and reads its
+own section, so a run is reproducible from this one document.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kftune.errors import KftuneError
+from kftune.methods import METHODS, MethodConfig, method_supports_task
+from kftune.prompts.templates import TEMPLATES, template_fields
+
+Task = Literal["sequence_classification", "causal_lm"]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, not silently ignored typos."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(Section):
+    name_or_path: str = "minilm-l6"
+    """A packaged model alias (see `kftune.models.PACKAGED_MODELS`) or a local directory in HF format."""
+    task: Task = "sequence_classification"
+    num_labels: int | None = Field(default=None, ge=2)
+    """For classification; inferred from the training labels when left empty."""
+
+
+class SplitSection(Section):
+    validation: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of the training file held out for validation."""
+    test: float | str = 0.1
+    """Fraction of the training file held out for the final evaluation, or a path to a separate file."""
+
+
+class DataSection(Section):
+    path: str
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Template field (and `label`) -> column of the data file. Unmapped fields use their own name."""
+    split: SplitSection = Field(default_factory=SplitSection)
+    max_rows: int | None = Field(default=None, ge=1)
+    """Keep only the first N rows of the training file (quick runs)."""
+    max_chars: int = Field(default=4000, ge=1)
+    """Rows whose text is longer are dropped and reported: they would be cut by truncation anyway."""
+    dedupe: bool = True
+
+
+class PromptSection(Section):
+    template: str = "plain"
+    max_length: int = Field(default=128, ge=8)
+
+
+class TrainSection(Section):
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs when smaller)."""
+    batch_size: int = Field(default=32, ge=1)
+    """Global batch: split evenly across workers."""
+    lr: float = Field(default=1e-3, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of the steps spent warming the learning rate up from zero."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    workers: int = Field(default=2, ge=1)
+    cpus_per_worker: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+
+
+class EvalSection(Section):
+    metrics: list[Literal["accuracy", "macro_f1", "perplexity"]] = Field(
+        default_factory=lambda: ["accuracy", "macro_f1"]
+    )
+    compare_base: bool = True
+    batch_size: int = Field(default=64, ge=1)
+
+
+class GateSection(Section):
+    metric: str = "accuracy"
+    """Evaluation metric compared against the current champion (higher is better, perplexity lower)."""
+    margin: float = 0.0
+
+
+class RegistrySection(Section):
+    tracking_uri: str | None = None
+    """MLflow tracking URI. Empty: a sqlite store in the run's output directory."""
+    artifact_location: str | None = None
+    """Where a newly created experiment keeps artifacts. Empty: MLflow's default, or the output directory locally."""
+    experiment: str = "kftune"
+    model_name: str = Field(min_length=1)
+    gate: GateSection = Field(default_factory=GateSection)
+
+
+CLASSIFICATION_METRICS = {"accuracy", "macro_f1"}
+LM_METRICS = {"perplexity"}
+
+
+class RunConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    method: MethodConfig
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    registry: RegistrySection
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RunConfig:
+        task = self.model.task
+        if self.prompt.template not in TEMPLATES:
+            raise _field_error("prompt.template", f"unknown template {self.prompt.template!r}; choose from: {', '.join(sorted(TEMPLATES))}")
+        template = TEMPLATES[self.prompt.template]
+        if task not in template.tasks:
+            raise _field_error("prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}")
+        if not method_supports_task(self.method, task):
+            raise _field_error("method.name", f"method {self.method.name!r} does not support task {task}")
+        allowed = CLASSIFICATION_METRICS if task == "sequence_classification" else LM_METRICS
+        wrong = [m for m in self.eval.metrics if m not in allowed]
+        if wrong:
+            raise _field_error("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
+        if self.train.batch_size % self.train.workers:
+            raise _field_error("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}")
+        if self.registry.gate.metric not in self.eval.metrics:
+            raise _field_error("registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}")
+        return self
+
+    def columns_for(self, field: str) -> str:
+        """The data column that feeds a template field (or `label`)."""
+        return self.data.columns.get(field, field)
+
+    def required_fields(self) -> list[str]:
+        fields = template_fields(self.prompt.template)
+        return fields + (["label"] if self.model.task == "sequence_classification" else [])
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON: two runs with the same config share it (a lineage tag)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+class _FieldError(ValueError):
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+def _field_error(path: str, message: str) -> _FieldError:
+    return _FieldError(path, message)
+
+
+def parse_config(data: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None) -> RunConfig:
+    """Validate a config dict; every problem is reported as `source:line field.path: message`."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            ctx_error = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_error, _FieldError):
+                path, message = ctx_error.path, str(ctx_error).split(": ", 1)[1]
+            else:
+                loc = list(err["loc"])
+                if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHODS:
+                    del loc[1]  # pydantic puts the union tag in the path; users wrote method.r, not method.lora.r
+                path, message = ".".join(str(p) for p in loc), err["msg"]
+                if err["type"] == "extra_forbidden":
+                    message = "unknown key"
+                elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                    path += ".name"
+                    message = f"unknown method {err['input'].get('name')!r}; choose from: {err['ctx']['expected_tags']}"
+            problems.append(f"{_where(source, lines, path)} {path}: {message}")
+        raise KftuneError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def _where(source: str, lines: dict[str, int] | None, path: str) -> str:
+    parts = path.split(".")
+    while parts and lines is not None:
+        line = lines.get(".".join(parts))
+        if line:
+            return f"{source}:{line}"
+        parts.pop()
+    return source + ":"
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config and apply `key.path=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KftuneError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise KftuneError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise KftuneError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
+    data = apply_overrides(data, overrides)
+    config = parse_config(data, str(path), _key_lines(text))
+    return _resolve_relative_paths(config, path.parent)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise KftuneError(f"--set {item!r}: expected key.path=value, e.g. train.lr=5e-4")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise KftuneError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key path -> 1-based line in the YAML text, so errors can point at the line."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = f"{prefix}{key_node.value}"
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Make local data paths absolute (pipeline steps run elsewhere); relative ones may be relative to the file."""
+
+    def resolve(value: str) -> str:
+        if "://" in value or Path(value).is_absolute():
+            return value
+        for candidate in (Path(value), base / value):
+            if candidate.exists():
+                return str(candidate.resolve())
+        return value
+
+    data = config.data.model_copy(update={"path": resolve(config.data.path)})
+    if isinstance(data.split.test, str):
+        data = data.model_copy(update={"split": data.split.model_copy(update={"test": resolve(data.split.test)})})
+    return config.model_copy(update={"data": data})
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain JSON data without empty (None) fields: KFP pipeline parameters cannot hold nulls."""
+    return json.loads(config.model_dump_json(exclude_none=True))

@@ -1,0 +1,1 @@
+"""Data preparation: reading files, cleaning, splitting, data cards."""

@@ -1,0 +1,210 @@
+"""The prepare_data step: read, map columns, clean, split deterministically, and describe the result.
+
+Rows that are dropped are counted by reason with their line numbers in the data card, so nothing
+disappears silently.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kftune.config import RunConfig
+from kftune.data.readers import Table, read_table
+from kftune.errors import KftuneError
+
+SPLITS = ("train", "validation", "test")
+DROPPED_LINES_SHOWN = 20
+
+
+@dataclass
+class PreparedData:
+    splits: dict[str, list[dict[str, Any]]]
+    label_names: list[str]
+    dataset_sha256: str
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    """reason -> 'file:line' of every dropped row."""
+    source_rows: int = 0
+
+
+def prepare(config: RunConfig) -> PreparedData:
+    data = config.data
+    train_table = read_table(data.path, data.format, data.max_rows)
+    dropped: dict[str, list[str]] = defaultdict(list)
+    rows = _clean(config, train_table, dropped)
+    hashes = [train_table.sha256]
+
+    rng = random.Random(config.train.seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    if isinstance(data.split.test, str):
+        test_table = read_table(data.split.test, data.format)
+        hashes.append(test_table.sha256)
+        test = _clean(config, test_table, dropped)
+        n_test = 0
+    else:
+        n_test = round(len(rows) * data.split.test)
+    n_validation = round(len(rows) * data.split.validation)
+    shuffled = [rows[i] for i in order]
+    held_test = shuffled[:n_test]
+    validation = shuffled[n_test : n_test + n_validation]
+    train = sorted(shuffled[n_test + n_validation :], key=lambda r: r["_order"])
+    if not isinstance(data.split.test, str):
+        test = held_test
+    splits = {"train": train, "validation": validation, "test": test}
+    _check_not_empty(config, splits, len(rows))
+
+    label_names: list[str] = []
+    if config.model.task == "sequence_classification":
+        label_names = _encode_labels(config, splits)
+    for split_rows in splits.values():
+        for row in split_rows:
+            row.pop("_order")
+    digest = hashes[0] if len(hashes) == 1 else _combine(hashes)
+    return PreparedData(splits, label_names, digest, dict(dropped), len(train_table.records))
+
+
+def _clean(config: RunConfig, table: Table, dropped: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Map columns to template fields, strip text, drop empty, over-long and duplicate rows."""
+    fields = config.required_fields()
+    for name in fields:
+        column = config.columns_for(name)
+        if table.records and column not in table.columns:
+            key = f"data.columns.{name}" if name in config.data.columns else f"data.columns (field {name!r})"
+            raise KftuneError(f"{key}: column {column!r} is not in {table.path} (its columns: {', '.join(table.columns)})")
+    optional = [f for f in _optional_fields(config) if config.columns_for(f) in table.columns]
+    seen: set[tuple] = set()
+    rows = []
+    for record in table.records:
+        where = f"{table.path}:{record.line}"
+        row: dict[str, Any] = {}
+        for name in fields + optional:
+            column = config.columns_for(name)
+            if column not in record.values:
+                raise KftuneError(f"{where}: missing column {column!r}")
+            value = record.values[column]
+            row[name] = value.strip() if isinstance(value, str) else value
+        texts = [str(row[n]) for n in fields + optional if n != "label" and row[n] is not None]
+        if any(row[n] in (None, "") for n in fields):
+            dropped["empty field"].append(where)
+            continue
+        if sum(len(t) for t in texts) > config.data.max_chars:
+            dropped[f"longer than data.max_chars={config.data.max_chars}"].append(where)
+            continue
+        key = tuple(str(row[n]) for n in fields + optional)
+        if config.data.dedupe and key in seen:
+            dropped["duplicate"].append(where)
+            continue
+        seen.add(key)
+        row["source"] = where
+        row["_order"] = len(rows)
+        rows.append(row)
+    return rows
+
+
+def _optional_fields(config: RunConfig) -> list[str]:
+    from kftune.prompts.templates import TEMPLATES
+
+    return list(TEMPLATES[config.prompt.template].optional)
+
+
+def _check_not_empty(config: RunConfig, splits: dict[str, list], n_rows: int) -> None:
+    if not splits["train"]:
+        raise KftuneError(f"data.path: the train split is empty ({n_rows} usable rows in {config.data.path})")
+    if not splits["test"]:
+        source = config.data.split.test
+        raise KftuneError(f"data.split.test: the test split is empty ({source!r} gives no rows)")
+    if config.data.split.validation > 0 and not splits["validation"]:
+        raise KftuneError(f"data.split.validation: {config.data.split.validation} of {n_rows} rows is an empty split")
+
+
+def _encode_labels(config: RunConfig, splits: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Labels become ids 0..n-1; integer labels keep their value, text labels are sorted."""
+    values = sorted({str(row["label"]) for row in splits["train"]})
+    if all(v.isdigit() for v in values):
+        values = [str(i) for i in range(max(int(v) for v in values) + 1)]
+    index = {v: i for i, v in enumerate(values)}
+    for name, split_rows in splits.items():
+        for row in split_rows:
+            label = str(row["label"])
+            if label not in index:
+                raise KftuneError(f"{row['source']}: label {label!r} in the {name} split never occurs in training (labels: {', '.join(values)})")
+            row["label"] = index[label]
+    expected = config.model.num_labels
+    if expected is not None and expected != len(values):
+        raise KftuneError(f"model.num_labels: {expected}, but the training data has {len(values)} labels ({', '.join(values)})")
+    if len(values) < 2:
+        raise KftuneError(f"data.columns.label: the training data has a single label ({values[0]!r}); classification needs two or more")
+    return values
+
+
+def _combine(hashes: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+def data_card(prepared: PreparedData) -> dict[str, Any]:
+    """Counts, label balance and length histogram per split: what a reviewer checks before training."""
+    card: dict[str, Any] = {
+        "dataset_sha256": prepared.dataset_sha256,
+        "source_rows": prepared.source_rows,
+        "label_names": prepared.label_names,
+        "splits": {},
+        "dropped": {reason: {"count": len(lines), "first": lines[:DROPPED_LINES_SHOWN]} for reason, lines in prepared.dropped.items()},
+    }
+    for name, rows in prepared.splits.items():
+        lengths = [sum(len(str(v)) for k, v in row.items() if k not in ("label", "source")) for row in rows]
+        entry: dict[str, Any] = {"rows": len(rows), "length_histogram": _histogram(lengths)}
+        if prepared.label_names:
+            counts = Counter(row["label"] for row in rows)
+            entry["labels"] = {prepared.label_names[i]: counts.get(i, 0) for i in range(len(prepared.label_names))}
+        card["splits"][name] = entry
+    return card
+
+
+def _histogram(values: list[int], bins: int = 10) -> dict[str, int]:
+    if not values:
+        return {}
+    low, high = min(values), max(values)
+    width = max(1, -(-(high - low + 1) // bins))
+    counts = Counter((v - low) // width for v in values)
+    return {f"{low + i * width}-{low + (i + 1) * width - 1}": counts.get(i, 0) for i in range(bins) if low + i * width <= high}
+
+
+def data_card_markdown(card: dict[str, Any]) -> str:
+    lines = ["# Data card", "", f"sha256 `{card['dataset_sha256'][:16]}…` · {card['source_rows']} source rows", ""]
+    labels = card["label_names"]
+    header = "| split | rows |" + "".join(f" {label} |" for label in labels)
+    lines += [header, "|---|---:|" + "---:|" * len(labels)]
+    for name, entry in card["splits"].items():
+        lines.append(f"| {name} | {entry['rows']} |" + "".join(f" {entry['labels'][label]} |" for label in labels))
+    if card["dropped"]:
+        lines += ["", "## Dropped rows", "", "| reason | rows | first lines |", "|---|---:|---|"]
+        for reason, entry in card["dropped"].items():
+            lines.append(f"| {reason} | {entry['count']} | {', '.join(entry['first'][:5])} |")
+    lines += ["", "## Text length (characters), train", "", "| range | rows |", "|---|---:|"]
+    lines += [f"| {span} | {count} |" for span, count in card["splits"]["train"]["length_histogram"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_prepared(prepared: PreparedData, out_dir: str | Path) -> dict[str, Any]:
+    """Write one JSONL per split plus data_card.json; returns the card."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+            for row in prepared.splits[name]:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    card = data_card(prepared)
+    (out / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False))
+    return card
+
+
+def read_split(data_dir: str | Path, name: str) -> list[dict[str, Any]]:
+    with open(Path(data_dir) / f"{name}.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]

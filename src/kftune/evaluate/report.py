@@ -1,0 +1,59 @@
+"""The evaluation report: one self-contained HTML page (tables and inline SVG, no scripts), shown by
+the KFP UI as an HTML artifact and logged to MLflow."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+
+def _loss_svg(curve: list[float], width: int = 480, height: int = 160) -> str:
+    if len(curve) < 2:
+        return "<p>(too few steps for a curve)</p>"
+    low, high = min(curve), max(curve)
+    span = (high - low) or 1.0
+    points = " ".join(f"{i * width / (len(curve) - 1):.1f},{height - (v - low) / span * (height - 10) - 5:.1f}" for i, v in enumerate(curve))
+    return (
+        f"<svg width='{width + 60}' height='{height + 20}' style='font:11px sans-serif'>"
+        f"<text x='0' y='10'>{high:.3f}</text><text x='0' y='{height}'>{low:.3f}</text>"
+        f"<g transform='translate(50,0)'><rect width='{width}' height='{height}' fill='none' stroke='#ccc'/>"
+        f"<polyline fill='none' stroke='#d0594a' stroke-width='1.5' points='{points}'/></g></svg>"
+    )
+
+
+def _bars(evaluation: dict[str, Any], metric_names: list[str]) -> str:
+    rows = []
+    for metric in metric_names:
+        for model in ("base", "tuned"):
+            if model not in evaluation:
+                continue
+            value = evaluation[model][metric]
+            width = int(300 * min(value, 1.0)) if metric != "perplexity" else 0
+            bar = f"<div style='background:{'#9aa' if model == 'base' else '#4a7bd0'};height:14px;width:{width}px'></div>" if width else ""
+            rows.append(f"<tr><td>{metric}</td><td>{model}</td><td>{value:.4f}</td><td>{bar}</td></tr>")
+    return "<table cellpadding=4><tr><th>metric</th><th>model</th><th>value</th><th></th></tr>" + "".join(rows) + "</table>"
+
+
+def _confusion(evaluation: dict[str, Any], model: str) -> str:
+    matrix = evaluation.get(model, {}).get("confusion_matrix")
+    if not matrix:
+        return ""
+    names = evaluation["label_names"]
+    head = "".join(f"<th>pred {html.escape(n)}</th>" for n in names)
+    body = "".join(f"<tr><th>true {html.escape(names[i])}</th>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for i, row in enumerate(matrix))
+    return f"<h3>Confusion matrix, {model}</h3><table border=1 cellpadding=4><tr><th></th>{head}</tr>{body}</table>"
+
+
+def render_report(run_name: str, evaluation: dict[str, Any], train_log: dict[str, Any], metric_names: list[str]) -> str:
+    trainable = train_log["trainable_parameters"]
+    total = train_log["total_parameters"]
+    return (
+        f"<html><head><meta charset='utf-8'><title>kftune {html.escape(run_name)}</title></head>"
+        f"<body style='font-family:sans-serif'><h2>kftune evaluation: {html.escape(run_name)}</h2>"
+        f"<p>test split: {evaluation['rows']} rows · trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+        f" · {train_log['steps']} steps in {train_log['seconds']} s ({train_log['seconds_per_step']} s/step, {train_log['workers']} workers)</p>"
+        f"<h3>Base vs tuned</h3>{_bars(evaluation, metric_names)}"
+        f"<h3>Training loss</h3>{_loss_svg(train_log['loss_curve'])}"
+        f"{_confusion(evaluation, 'tuned')}{_confusion(evaluation, 'base')}"
+        "</body></html>"
+    )

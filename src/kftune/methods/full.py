@@ -1,0 +1,16 @@
+"""Full fine-tuning: every parameter trains."""
+
+from typing import Literal
+
+from kftune.methods.base import MethodOptions, register
+
+
+class FullOptions(MethodOptions):
+    name: Literal["full"] = "full"
+
+
+@register(FullOptions, "All parameters train (the baseline every other method is measured against).")
+def apply(model, options: FullOptions, task: str):
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return model

@@ -1,0 +1,1 @@
+"""Prompt construction: templates (data files) and tokenization with loss masking."""

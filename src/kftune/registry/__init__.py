@@ -1,0 +1,1 @@
+"""Model registry: MLflow runs, versions, aliases and the promotion gate."""

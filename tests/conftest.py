@@ -1,0 +1,64 @@
+"""Shared test data: tiny slices of the shipped SST-2 files and a config builder around them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+STORIES = EXAMPLES / "models" / "stories260K"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def head(source: Path, target: Path, rows: int) -> Path:
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    target.write_text("".join(lines[: rows + 1]), encoding="utf-8")
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """64 training phrases and 32 dev sentences of SST-2."""
+    folder = tmp_path_factory.mktemp("data")
+    return {
+        "train": head(EXAMPLES / "data" / "sst2_train_16k.tsv", folder / "train.tsv", 64),
+        "test": head(EXAMPLES / "data" / "sst2_dev.tsv", folder / "dev.tsv", 32),
+    }
+
+
+@pytest.fixture
+def make_config(tiny_data, tmp_path):
+    """A valid tiny classification config as a dict; keyword sections extend the defaults (`method` replaces)."""
+
+    def build(**sections) -> dict:
+        config = {
+            "model": {"name_or_path": "minilm-l6", "task": "sequence_classification"},
+            "data": {"path": str(tiny_data["train"]), "columns": {"text": "sentence"}, "split": {"test": str(tiny_data["test"])}},
+            "prompt": {"template": "plain", "max_length": 32},
+            "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+            "train": {"batch_size": 16, "workers": 1, "max_steps": 3},
+            "registry": {"model_name": "tiny", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_location": (tmp_path / "artifacts").as_uri()},
+        }
+        for name, value in sections.items():
+            merge = name != "method" and isinstance(value, dict)  # a method's options belong to its name
+            config[name] = {**config.get(name, {}), **value} if merge else value
+        return config
+
+    return build
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(config: dict, name: str = "run.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    return write

@@ -16,32 +16,55 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "sst2-minilm-lora.yaml"
 TARGET = 1.3
 
 
-def timed(command: list[str]) -> tuple[float, str]:
+def tree_rss(process: psutil.Process) -> int:
+    """Resident memory of a process and all its descendants (Ray workers, pipeline steps)."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def timed(command: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak process-tree RSS in GiB, stdout) of a command."""
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if done.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return time.perf_counter() - started, done.stdout
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=REPO)
+        watched, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            peak = max(peak, tree_rss(watched))
+            time.sleep(0.5)
+        seconds = time.perf_counter() - started
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if child.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return seconds, peak / 2**30, stdout
 
 
 def main() -> None:
     cores = os.cpu_count() or 1
     print(f"bare transformers+peft script ({cores} threads) ...", flush=True)
-    bare_seconds, bare_out = timed([sys.executable, str(REPO / "bench" / "bare_hf_peft.py"), str(cores)])
+    bare_seconds, bare_rss, bare_out = timed([sys.executable, str(REPO / "bench" / "bare_hf_peft.py"), str(cores)])
     bare = json.loads(bare_out.strip().splitlines()[-1])
     print(f"kftune run {CONFIG.relative_to(REPO)} ...", flush=True)
     with tempfile.TemporaryDirectory() as out:
-        kftune_seconds, kftune_out = timed([sys.executable, "-m", "kftune.cli", "run", str(CONFIG), "--out", out])
+        kftune_seconds, kftune_rss, _ = timed([sys.executable, "-m", "kftune.cli", "run", str(CONFIG), "--out", out])
         summary_path = next(Path(out).glob("pipeline/*/register/summary"))
         summary = json.loads(summary_path.read_text())
     ratio = kftune_seconds / bare_seconds
     rows = [
         ("wall time (s)", f"{bare_seconds:.1f}", f"{kftune_seconds:.1f}"),
+        ("peak RSS, tree (GiB)", f"{bare_rss:.2f}", f"{kftune_rss:.2f}"),
         ("train loop (s)", f"{bare['train_seconds']:.1f}", f"{summary['train']['seconds']:.1f}"),
         ("dev accuracy, base", f"{bare['base_accuracy']:.4f}", f"{summary['evaluation']['base']['accuracy']:.4f}"),
         ("dev accuracy, tuned", f"{bare['tuned_accuracy']:.4f}", f"{summary['evaluation']['tuned']['accuracy']:.4f}"),
@@ -55,8 +78,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/overhead.py",
         "machine": f"{platform.machine()}, {cores} cores",
-        "bare": bare | {"wall_seconds": round(bare_seconds, 1)},
-        "kftune": {"wall_seconds": round(kftune_seconds, 1), "train": summary["train"], "evaluation": {k: summary["evaluation"][k] for k in ("base", "tuned")}},
+        "bare": bare | {"wall_seconds": round(bare_seconds, 1), "peak_rss_gib": round(bare_rss, 2)},
+        "kftune": {"wall_seconds": round(kftune_seconds, 1), "peak_rss_gib": round(kftune_rss, 2), "train": summary["train"], "evaluation": {k: summary["evaluation"][k] for k in ("base", "tuned")}},
         "ratio": round(ratio, 3),
     }
     with open(REPO / "bench" / "results" / "overhead.jsonl", "a") as handle:

@@ -35,23 +35,30 @@ def _print_summary(config, summary: dict) -> None:
     from rich.table import Table
 
     evaluation, train, registered = summary["evaluation"], summary["train"], summary["registered"]
-    table = Table(title=f"kftune run: {registered['model_name']} v{registered['version']}", show_header=True)
-    table.add_column("")
-    table.add_column("base", justify="right")
-    table.add_column("tuned", justify="right")
+    scores = Table(title=f"kftune run: {registered['model_name']} v{registered['version']}", title_justify="left")
+    for header in (f"test split, {evaluation['rows']} rows", "base", "tuned", "change"):
+        scores.add_column(header, justify="left" if header.startswith("test") else "right")
     for metric in config.eval.metrics:
+        tuned = evaluation["tuned"][metric]
         base = evaluation.get("base", {}).get(metric)
-        table.add_row(f"{metric} (test, {evaluation['rows']} rows)", "-" if base is None else f"{base:.4f}", f"{evaluation['tuned'][metric]:.4f}")
+        change = "" if base is None else f"{tuned - base:+.4f}"
+        scores.add_row(metric, "-" if base is None else f"{base:.4f}", f"{tuned:.4f}", change)
+    facts = Table.grid(padding=(0, 2))
     share = 100 * train["trainable_parameters"] / train["total_parameters"]
-    table.add_row("trainable parameters", "", f"{train['trainable_parameters']:,} ({share:.2f}%)")
-    table.add_row("training", "", f"{train['steps']} steps, {train['seconds_per_step']:.3f} s/step, {train['workers']} workers")
-    table.add_row("MLflow model", "", f"{registered['model_name']} v{registered['version']} @{', @'.join(registered['aliases'])}")
-    table.add_row("promotion gate", "", registered["gate"])
-    table.add_row("wall time", "", f"{summary['wall_seconds']} s")
-    console = Console()
-    console.print(table)
-    console.print(f"outputs:   {summary['outputs']['pipeline']}")
-    console.print(f"MLflow:    {registered['tracking_uri']}  (browse: mlflow ui --backend-store-uri {registered['tracking_uri']})")
+    rows = [
+        ("trainable parameters", f"{train['trainable_parameters']:,} of {train['total_parameters']:,} ({share:.2f}%)"),
+        ("training", f"{train['steps']} steps in {train['seconds']:.0f} s, {train['seconds_per_step']:.3f} s/step, {train['workers']} Ray workers"),
+        ("MLflow model", f"{registered['model_name']} v{registered['version']}  @{'  @'.join(registered['aliases'])}"),
+        ("promotion gate", registered["gate"]),
+        ("wall time", f"{summary['wall_seconds']:.0f} s"),
+        ("outputs", summary["outputs"]["pipeline"]),
+        ("MLflow store", f"{registered['tracking_uri']}  (browse: mlflow ui --backend-store-uri {registered['tracking_uri']})"),
+    ]
+    for name, value in rows:
+        facts.add_row(name, value)
+    console = Console(width=max(Console().width, 120))
+    console.print(scores)
+    console.print(facts)
 
 
 def cmd_compile(args) -> int:

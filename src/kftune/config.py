@@ -104,6 +104,14 @@ class RegistrySection(Section):
     gate: GateSection = Field(default_factory=GateSection)
 
 
+class _FieldError(ValueError):
+    """A cross-field problem, reported under the dotted path of the field to change."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
 CLASSIFICATION_METRICS = {"accuracy", "macro_f1"}
 LM_METRICS = {"perplexity"}
 
@@ -121,20 +129,20 @@ class RunConfig(Section):
     def _combinations(self) -> RunConfig:
         task = self.model.task
         if self.prompt.template not in TEMPLATES:
-            raise _field_error("prompt.template", f"unknown template {self.prompt.template!r}; choose from: {', '.join(sorted(TEMPLATES))}")
+            raise _FieldError("prompt.template", f"unknown template {self.prompt.template!r}; choose from: {', '.join(sorted(TEMPLATES))}")
         template = TEMPLATES[self.prompt.template]
         if task not in template.tasks:
-            raise _field_error("prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}")
+            raise _FieldError("prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}")
         if not method_supports_task(self.method, task):
-            raise _field_error("method.name", f"method {self.method.name!r} does not support task {task}")
+            raise _FieldError("method.name", f"method {self.method.name!r} does not support task {task}")
         allowed = CLASSIFICATION_METRICS if task == "sequence_classification" else LM_METRICS
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
-            raise _field_error("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
+            raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
         if self.train.batch_size % self.train.workers:
-            raise _field_error("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}")
+            raise _FieldError("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}")
         if self.registry.gate.metric not in self.eval.metrics:
-            raise _field_error("registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}")
+            raise _FieldError("registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}")
         return self
 
     def columns_for(self, field: str) -> str:
@@ -148,16 +156,6 @@ class RunConfig(Section):
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: two runs with the same config share it (a lineage tag)."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
-
-
-class _FieldError(ValueError):
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = path
-
-
-def _field_error(path: str, message: str) -> _FieldError:
-    return _FieldError(path, message)
 
 
 def parse_config(data: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None) -> RunConfig:

@@ -6,6 +6,7 @@ disappears silently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter, defaultdict
@@ -16,6 +17,7 @@ from typing import Any
 from kftune.config import RunConfig
 from kftune.data.readers import Table, read_table
 from kftune.errors import KftuneError
+from kftune.prompts.templates import TEMPLATES
 
 SPLITS = ("train", "validation", "test")
 DROPPED_LINES_SHOWN = 20
@@ -76,7 +78,7 @@ def _clean(config: RunConfig, table: Table, dropped: dict[str, list[str]]) -> li
         if table.records and column not in table.columns:
             key = f"data.columns.{name}" if name in config.data.columns else f"data.columns (field {name!r})"
             raise KftuneError(f"{key}: column {column!r} is not in {table.path} (its columns: {', '.join(table.columns)})")
-    optional = [f for f in _optional_fields(config) if config.columns_for(f) in table.columns]
+    optional = [f for f in TEMPLATES[config.prompt.template].optional if config.columns_for(f) in table.columns]
     seen: set[tuple] = set()
     rows = []
     for record in table.records:
@@ -104,12 +106,6 @@ def _clean(config: RunConfig, table: Table, dropped: dict[str, list[str]]) -> li
         row["_order"] = len(rows)
         rows.append(row)
     return rows
-
-
-def _optional_fields(config: RunConfig) -> list[str]:
-    from kftune.prompts.templates import TEMPLATES
-
-    return list(TEMPLATES[config.prompt.template].optional)
 
 
 def _check_not_empty(config: RunConfig, splits: dict[str, list], n_rows: int) -> None:
@@ -143,8 +139,6 @@ def _encode_labels(config: RunConfig, splits: dict[str, list[dict[str, Any]]]) -
 
 
 def _combine(hashes: list[str]) -> str:
-    import hashlib
-
     return hashlib.sha256("".join(hashes).encode()).hexdigest()
 
 

@@ -20,8 +20,8 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFO
 def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, storage_dir: str | Path, run_name: str) -> dict[str, Any]:
     """Train with `config.train.workers` Ray workers; returns the train log (steps, timings, loss curve)."""
     import ray
+    from ray.train import LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     settings = config.train
@@ -38,7 +38,11 @@ def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Pa
             use_gpu=settings.use_gpu,
             resources_per_worker={"CPU": settings.cpus_per_worker},
         ),
-        run_config=RayRunConfig(name=run_name, storage_path=str(Path(storage_dir).resolve())),
+        run_config=RayRunConfig(
+            name=run_name,
+            storage_path=str(Path(storage_dir).resolve()),
+            logging_config=LoggingConfig(log_level="ERROR"),  # Ray Train's own INFO/WARNING chatter; our progress lines still print
+        ),
     )
     result = trainer.fit()
     model_dir = Path(model_dir)

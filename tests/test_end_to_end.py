@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -39,11 +40,22 @@ def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tm
         assert champion.tags[tag], tag
     assert champion.tags["kftune.method"] == "lora"
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=champion.source, dst_path=str(tmp_path / "download"), tracking_uri=tracking_uri))
-    assert (local / "adapter_model.safetensors").is_file() and not (local / "model.safetensors").exists()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny@champion", dst_path=str(tmp_path / "download")))
+        served = mlflow.pyfunc.load_model("models:/tiny@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    folder = next((local / "artifacts").glob("*/kftune_config.json")).parent  # the logged Model folder
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
     prompts_dir = next(out.glob("pipeline/*/build-prompts/prompts"))
     rows = read_prompts(prompts_dir, "test")[:PROBE_ROWS]
-    probe = json.loads((local / PROBE_FILE).read_text())
+    probe = json.loads((folder / PROBE_FILE).read_text())
     assert probe["sources"] == [r["source"] for r in rows]
-    reloaded = probe_outputs(load_tuned_model(local), rows, read_meta(prompts_dir)["pad_token_id"], "sequence_classification")
+    reloaded = probe_outputs(load_tuned_model(folder), rows, read_meta(prompts_dir)["pad_token_id"], "sequence_classification")
     torch.testing.assert_close(torch.tensor(reloaded), torch.tensor(probe["outputs"]), atol=1e-5, rtol=1e-5)
+
+    # Serving: the pyfunc behind models:/tiny@champion predicts the same classes from raw text.
+    texts = [json.loads(line)["text"] for line in next(out.glob("pipeline/*/prepare-data/dataset")).joinpath("test.jsonl").read_text().splitlines()][:PROBE_ROWS]
+    labels = served.predict(pd.DataFrame({"text": texts}))["label"].tolist()
+    assert labels == [str(max(range(2), key=lambda i: logits[i])) for logits in probe["outputs"]]

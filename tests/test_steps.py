@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 
 from kftune import steps
@@ -23,7 +25,7 @@ def test_prepare_build_train_evaluate_register_on_stories260k(make_config, tmp_p
         prompt={"template": "alpaca", "max_length": 160},
         method={"name": "lora", "r": 8, "target_modules": "all-linear"},
         train={"batch_size": 8, "epochs": 3, "max_steps": 12, "lr": 2e-2, "workers": 1},
-        eval={"metrics": ["perplexity"]},
+        eval={"metrics": ["perplexity", "exact_match", "rouge_l", "bleu"], "max_new_tokens": 12},
         registry={"gate": {"metric": "perplexity"}},
     )
     d = {name: str(tmp_path / name) for name in ("data", "prompts", "model", "evaluation")}
@@ -38,7 +40,24 @@ def test_prepare_build_train_evaluate_register_on_stories260k(make_config, tmp_p
 
     scores = steps.evaluate(config, d["prompts"], d["model"], d["evaluation"], str(tmp_path / "report.html"))
     assert scores["tuned_perplexity"] < scores["base_perplexity"], scores
-    assert "<svg" in (tmp_path / "report.html").read_text()
+    assert scores["tuned_rouge_l"] > scores["base_rouge_l"], scores  # it learned the answer's form
+    assert {"tuned_exact_match", "tuned_bleu", "forgetting_general_perplexity"} <= set(scores)
+    report = (tmp_path / "report.html").read_text()
+    assert "<svg" in report and "perplexity on general text" in report and "Generations" in report
 
     summary = steps.register(config, d["data"], d["model"], d["evaluation"], str(tmp_path / "report.html"), "run-1")
     assert summary["registered"]["version"] == 1 and summary["registered"]["promoted"]
+
+    # registry.log_merged: the version holds full weights (LoRA merged), and serves without the base model.
+    merged = {**config, "registry": {**config["registry"], "log_merged": True}}
+    summary = steps.register(merged, d["data"], d["model"], d["evaluation"], str(tmp_path / "report.html"), "run-2")
+    mlflow.set_tracking_uri(config["registry"]["tracking_uri"])
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/tiny/{summary['registered']['version']}", dst_path=str(tmp_path / "dl")))
+        served = mlflow.pyfunc.load_model(f"models:/tiny/{summary['registered']['version']}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    folder = next((local / "artifacts").glob("*/kftune_config.json")).parent
+    assert (folder / "model.safetensors").is_file() and not (folder / "adapter_model.safetensors").exists()
+    generated = served.predict(pd.DataFrame({"prompt": ["Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nWhat did Lily see in story 3?\n\n### Response:\n"]}))
+    assert generated["generated"][0].startswith("Lily saw")

@@ -1,4 +1,4 @@
-"""`kftune` command line: run | compile | validate | methods."""
+"""`kftune` command line: run | compile | validate | methods | promote | rollback."""
 
 from __future__ import annotations
 
@@ -80,6 +80,20 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from kftune.registry.mlflow_registry import promote
+
+    print(promote(args.tracking_uri, args.name, args.version, args.reason))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from kftune.registry.mlflow_registry import rollback
+
+    print(rollback(args.tracking_uri, args.name, args.reason))
+    return 0
+
+
 def cmd_methods(args) -> int:
     from kftune.methods import METHODS
 
@@ -107,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.set_defaults(func=cmd_compile)
     with_config("validate", "check a config and print it with every default filled in").set_defaults(func=cmd_validate)
     commands.add_parser("methods", help="list the fine-tuning methods").set_defaults(func=cmd_methods)
+
+    def registry_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("name", help="registered model name")
+        sub.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+        sub.add_argument("--reason", default="", help="recorded on the version as the audit reason")
+        return sub
+
+    promote_ = registry_command("promote", "point alias champion at a version (recorded on the version)")
+    promote_.add_argument("version")
+    promote_.set_defaults(func=cmd_promote)
+    registry_command("rollback", "move champion back to the version it was promoted from").set_defaults(func=cmd_rollback)
     return parser
 
 

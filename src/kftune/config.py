@@ -81,11 +81,18 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    metrics: list[Literal["accuracy", "macro_f1", "perplexity"]] = Field(
+    metrics: list[Literal["accuracy", "macro_f1", "perplexity", "exact_match", "rouge_l", "bleu"]] = Field(
         default_factory=lambda: ["accuracy", "macro_f1"]
     )
     compare_base: bool = True
     batch_size: int = Field(default=64, ge=1)
+    forgetting: bool = True
+    """Also measure how much tuning moved the model on general text (seed 002 §2.5, §3.4)."""
+    general_text: str | None = None
+    """One passage per line; empty: the packaged Botchan excerpt."""
+    generate_rows: int = Field(default=64, ge=1)
+    """Causal LM: test rows decoded greedily for exact_match / rouge_l / bleu."""
+    max_new_tokens: int = Field(default=64, ge=1)
 
 
 class GateSection(Section):
@@ -102,6 +109,12 @@ class RegistrySection(Section):
     experiment: str = "kftune"
     model_name: str = Field(min_length=1)
     gate: GateSection = Field(default_factory=GateSection)
+    retries: int = Field(default=5, ge=0)
+    """HTTP retries against a tracking server, with exponential backoff, before the step fails."""
+    backoff_seconds: int = Field(default=1, ge=0)
+    """Base of the exponential backoff between retries (MLflow waits backoff * 2**attempt seconds)."""
+    log_merged: bool = False
+    """Register merged full weights instead of the adapter (LoRA-family methods): no peft needed to serve."""
 
 
 class _FieldError(ValueError):
@@ -113,7 +126,7 @@ class _FieldError(ValueError):
 
 
 CLASSIFICATION_METRICS = {"accuracy", "macro_f1"}
-LM_METRICS = {"perplexity"}
+LM_METRICS = {"perplexity", "exact_match", "rouge_l", "bleu"}
 
 
 class RunConfig(Section):

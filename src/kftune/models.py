@@ -18,6 +18,7 @@ PACKAGED_MODELS = {
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TUNED_CONFIG_FILE = "kftune_config.json"
+LABELS_FILE = "labels.json"  # classification label names, index = class id
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -76,3 +77,20 @@ def load_tuned_model(model_dir: str | Path):
     else:
         model = load_base_model(model_dir, task, config["model"].get("num_labels"), config["train"]["seed"])
     return model.eval()
+
+
+def merge_adapter(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A full-weights copy of a tuned artifact (LoRA merged into the base); other files copied as they are."""
+    import shutil
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / "adapter_config.json").is_file():
+        return model_dir
+    model = load_tuned_model(model_dir)
+    if not hasattr(model, "merge_and_unload"):
+        raise KftuneError(f"registry.log_merged: the adapter in {model_dir} cannot be merged into the base weights")
+    model.merge_and_unload().save_pretrained(str(out_dir), safe_serialization=True)
+    for path in model_dir.iterdir():
+        if path.is_file() and not path.name.startswith("adapter_") and not (out_dir / path.name).exists():
+            shutil.copy2(path, out_dir / path.name)
+    return out_dir

@@ -57,7 +57,10 @@ def evaluate(config: dict[str, Any], prompts_dir: str, model_dir: str, evaluatio
     (Path(evaluation_dir) / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2))
     train_log = json.loads((Path(model_dir) / TRAIN_LOG_FILE).read_text())
     Path(report_path).write_text(render_report(run_config.registry.model_name, evaluation, train_log, run_config.eval.metrics), encoding="utf-8")
-    return {f"{kind}_{m}": evaluation[kind][m] for kind in ("tuned", "base") if kind in evaluation for m in run_config.eval.metrics}
+    flat = {f"{kind}_{m}": evaluation[kind][m] for kind in ("tuned", "base") if kind in evaluation for m in run_config.eval.metrics}
+    if "forgetting" in evaluation:
+        flat[f"forgetting_{evaluation['forgetting']['metric']}"] = evaluation["forgetting"]["tuned"]
+    return flat
 
 
 def register(
@@ -82,5 +85,9 @@ def register(
         "kftune.version": __version__,
         "kftune.run_name": f"{run_config.registry.model_name}-{pipeline_run_id}",
     }
+    if run_config.registry.log_merged:
+        from kftune.models import merge_adapter
+
+        model_dir = merge_adapter(model_dir, tempfile.mkdtemp(prefix="kftune-merged-"))
     registered = register_model(run_config, model_dir, evaluation, train_log, [report, card_path], lineage)
     return {"registered": registered, "evaluation": evaluation, "train": {k: v for k, v in train_log.items() if k != "loss_curve"}}

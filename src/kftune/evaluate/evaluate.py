@@ -1,7 +1,13 @@
-"""The evaluate step: score the tuned model and the base model on the same test split."""
+"""The evaluate step: score the tuned model and the base model on the same test split, and measure
+forgetting on general text.
+
+Forgetting is perplexity on general text for causal LMs; for classifiers (which have no LM head)
+it is representation similarity: the mean cosine between base and tuned sentence embeddings.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -10,31 +16,45 @@ import torch
 
 from kftune.config import RunConfig
 from kftune.evaluate import metrics
-from kftune.models import load_base_model, load_tuned_model, resolve_model_path
+from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
 from kftune.train.loop import Collator
 
+GENERAL_TEXT = Path(__file__).with_name("data") / "general_text.txt"
+GENERATION_METRICS = {"exact_match": metrics.exact_match, "rouge_l": metrics.rouge_l, "bleu": metrics.bleu}
+
 
 def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) -> dict[str, Any]:
-    """{"tuned": {...}, "base": {...}} metrics on the test split, plus row counts and timings."""
+    """{"tuned": {...}, "base": {...}, "forgetting": {...}} on the test split, plus row counts and timings."""
     meta = read_meta(prompts_dir)
     rows = read_prompts(prompts_dir, "test")
     num_labels = len(meta["label_names"]) or None
-    result: dict[str, Any] = {"split": "test", "rows": len(rows), "label_names": meta["label_names"]}
-    models = {"tuned": lambda: load_tuned_model(model_dir)}
-    if config.eval.compare_base:
-        path = resolve_model_path(config.model.name_or_path)
-        models["base"] = lambda: load_base_model(path, config.model.task, num_labels, config.train.seed).eval()
-    for name, load in models.items():
+    result: dict[str, Any] = {
+        "split": "test",
+        "rows": len(rows),
+        "split_sha256": hashlib.sha256((Path(prompts_dir) / "test.jsonl").read_bytes()).hexdigest(),
+        "label_names": meta["label_names"],
+    }
+    base_path = resolve_model_path(config.model.name_or_path)
+    tokenizer = load_tokenizer(base_path)
+    models = {"tuned": load_tuned_model(model_dir)}
+    if config.eval.compare_base or config.eval.forgetting:
+        models["base"] = load_base_model(base_path, config.model.task, num_labels, config.train.seed).eval()
+    for name, model in models.items():
+        if name == "base" and not config.eval.compare_base:
+            continue
         started = time.perf_counter()
-        result[name] = score(load(), rows, config, meta["pad_token_id"], num_labels)
+        result[name] = score(model, rows, config, tokenizer, num_labels)
         result[name]["seconds"] = round(time.perf_counter() - started, 2)
+    if config.eval.forgetting:
+        lines = _general_text(config, tokenizer)
+        result["forgetting"] = forgetting(models["base"], models["tuned"], lines, config, tokenizer.pad_token_id)
     return result
 
 
 @torch.no_grad()
-def score(model, rows: list[dict], config: RunConfig, pad_token_id: int, num_labels: int | None) -> dict[str, Any]:
-    collate = Collator(pad_token_id, config.model.task)
+def score(model, rows: list[dict], config: RunConfig, tokenizer, num_labels: int | None) -> dict[str, Any]:
+    collate = Collator(tokenizer.pad_token_id, config.model.task)
     size = config.eval.batch_size
     if config.model.task == "sequence_classification":
         labels, predictions = [], []
@@ -45,12 +65,63 @@ def score(model, rows: list[dict], config: RunConfig, pad_token_id: int, num_lab
             labels += gold.tolist()
         matrix = metrics.confusion_matrix(labels, predictions, num_labels)
         return {"accuracy": metrics.accuracy(matrix), "macro_f1": metrics.macro_f1(matrix), "confusion_matrix": matrix}
+    loss, tokens = _lm_loss(model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], collate, size)
+    scores: dict[str, Any] = {"perplexity": metrics.perplexity(loss, tokens), "tokens": tokens}
+    wanted = [m for m in config.eval.metrics if m in GENERATION_METRICS]
+    if wanted:
+        generated, references = _generate(model, rows[: config.eval.generate_rows], tokenizer, config.eval.max_new_tokens)
+        scores.update({m: GENERATION_METRICS[m](generated, references) for m in wanted})
+        scores["samples"] = [{"generated": g, "reference": r} for g, r in list(zip(generated, references))[:5]]
+    return scores
+
+
+def _lm_loss(model, rows: list[dict], collate: Collator, size: int) -> tuple[float, int]:
+    """Summed next-token loss over labelled positions, and their count."""
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(rows), size):
         batch = collate(rows[start : start + size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        total_loss += loss.item()
+        total_loss += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
         total_tokens += int((targets != IGNORE_INDEX).sum())
-    return {"perplexity": metrics.perplexity(total_loss, total_tokens), "tokens": total_tokens}
+    return total_loss, total_tokens
+
+
+def _generate(model, rows: list[dict], tokenizer, max_new_tokens: int) -> tuple[list[str], list[str]]:
+    """Greedy continuations of each row's prompt (its -100-labelled prefix) and the reference answers."""
+    generated, references = [], []
+    for row in rows:
+        prompt_length = row["labels"].count(IGNORE_INDEX)
+        prompt = torch.tensor([row["input_ids"][:prompt_length]])
+        output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        generated.append(tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip())
+        references.append(tokenizer.decode(row["input_ids"][prompt_length:], skip_special_tokens=True).strip())
+    return generated, references
+
+
+def _general_text(config: RunConfig, tokenizer) -> list[list[int]]:
+    path = Path(config.eval.general_text) if config.eval.general_text else GENERAL_TEXT
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [tokenizer(line, truncation=True, max_length=config.prompt.max_length)["input_ids"] for line in lines]
+
+
+@torch.no_grad()
+def forgetting(base, tuned, lines: list[list[int]], config: RunConfig, pad_token_id: int) -> dict[str, Any]:
+    if config.model.task == "causal_lm":
+        rows = [{"input_ids": ids, "labels": ids} for ids in lines]
+        collate = Collator(pad_token_id, "causal_lm")
+        before = metrics.perplexity(*_lm_loss(base, rows, collate, config.eval.batch_size))
+        after = metrics.perplexity(*_lm_loss(tuned, rows, collate, config.eval.batch_size))
+        return {"metric": "general_perplexity", "base": before, "tuned": after, "change": after - before}
+    similarities = []
+    collate = Collator(pad_token_id, "sequence_classification")
+    for start in range(0, len(lines), config.eval.batch_size):
+        batch = collate([{"input_ids": ids, "labels": 0} for ids in lines[start : start + config.eval.batch_size]])
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = []
+        for model in (base, tuned):
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[-1]
+            pooled.append((hidden * mask).sum(1) / mask.sum(1))
+        similarities += torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=-1).tolist()
+    return {"metric": "representation_similarity", "tuned": sum(similarities) / len(similarities), "lines": len(lines)}

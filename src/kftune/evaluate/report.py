@@ -44,6 +44,25 @@ def _confusion(evaluation: dict[str, Any], model: str) -> str:
     return f"<h3>Confusion matrix, {model}</h3><table border=1 cellpadding=4><tr><th></th>{head}</tr>{body}</table>"
 
 
+def _forgetting(evaluation: dict[str, Any]) -> str:
+    result = evaluation.get("forgetting")
+    if not result:
+        return ""
+    if result["metric"] == "general_perplexity":
+        text = f"perplexity on general text: base {result['base']:.3f}, tuned {result['tuned']:.3f} ({result['change']:+.3f})"
+    else:
+        text = f"representation similarity to the base model on {result['lines']} general-text passages: {result['tuned']:.4f} (1.0 = unchanged)"
+    return f"<h3>Forgetting</h3><p>{html.escape(text)}</p>"
+
+
+def _samples(evaluation: dict[str, Any]) -> str:
+    samples = evaluation.get("tuned", {}).get("samples")
+    if not samples:
+        return ""
+    rows = "".join(f"<tr><td><pre>{html.escape(s['generated'])}</pre></td><td><pre>{html.escape(s['reference'])}</pre></td></tr>" for s in samples)
+    return f"<h3>Generations (greedy), tuned</h3><table border=1 cellpadding=4><tr><th>generated</th><th>reference</th></tr>{rows}</table>"
+
+
 def render_report(run_name: str, evaluation: dict[str, Any], train_log: dict[str, Any], metric_names: list[str]) -> str:
     trainable = train_log["trainable_parameters"]
     total = train_log["total_parameters"]
@@ -54,6 +73,7 @@ def render_report(run_name: str, evaluation: dict[str, Any], train_log: dict[str
         f" · {train_log['steps']} steps in {train_log['seconds']} s ({train_log['seconds_per_step']} s/step, {train_log['workers']} workers)</p>"
         f"<h3>Base vs tuned</h3>{_bars(evaluation, metric_names)}"
         f"<h3>Training loss</h3>{_loss_svg(train_log['loss_curve'])}"
+        f"{_forgetting(evaluation)}{_samples(evaluation)}"
         f"{_confusion(evaluation, 'tuned')}{_confusion(evaluation, 'base')}"
         "</body></html>"
     )

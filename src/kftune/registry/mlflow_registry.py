@@ -1,16 +1,26 @@
-"""The register step: an MLflow run with params, metrics, artifacts and lineage; a registered model
-version with alias `challenger`; and the promotion gate that moves `champion`."""
+"""The register step and promotion: an MLflow run with params, metrics, artifacts and lineage; the
+tuned model logged as a pyfunc and registered as a new version with alias `challenger`; the gate
+that moves `champion`; and hand promotion / rollback with an audit trail on the versions.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kftune import __version__
 from kftune.config import RunConfig, config_to_dict
+from kftune.errors import KftuneError
 from kftune.evaluate.metrics import HIGHER_IS_BETTER
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 GATE_METRIC_TAG = "kftune.gate_metric"
+SPLIT_TAG = "kftune.eval_split_sha256"
+RUN_ID_TAG = "kftune.pipeline_run_id"
+PROMOTED_FROM_TAG = "kftune.promoted_from"
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -23,11 +33,24 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _experiment_id(client, name: str, artifact_location: str | None) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+def connect(tracking_uri: str | None, retries: int = 5, backoff_seconds: int = 1):
+    """An MlflowClient whose HTTP calls retry with exponential backoff (MLflow's own retry policy)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(backoff_seconds)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient()
+
+
+def _registry_error(exc: Exception, keep: str) -> KftuneError:
+    import mlflow
+
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+    return KftuneError(f"MLflow at {mlflow.get_tracking_uri()}: {first_line}; {keep}")
 
 
 def register_model(
@@ -38,71 +61,101 @@ def register_model(
     attachments: list[str | Path],
     lineage: dict[str, str],
 ) -> dict[str, Any]:
-    """Log the run, create the model version, apply the gate. Returns what was registered and decided."""
+    """Log the run and the pyfunc model, register a version, apply the gate; idempotent per pipeline run."""
+    from mlflow.exceptions import MlflowException
+
+    registry = config.registry
+    gate = registry.gate
+    if gate.metric not in evaluation["tuned"]:
+        raise KftuneError(f"registry.gate.metric: the evaluation produced no {gate.metric!r} (it has: {', '.join(sorted(evaluation['tuned']))})")
+    client = connect(registry.tracking_uri, registry.retries, registry.backoff_seconds)
+    keep = f"the trained model is kept at {model_dir}"
+    try:
+        existing = _version_for_pipeline_run(client, registry.model_name, lineage[RUN_ID_TAG])
+        if existing is not None:  # a retried register step: report what the first attempt did
+            return _summary(client, registry.model_name, existing, promoted=None, gate=existing.tags.get("kftune.gate", ""), reused=True)
+        model_uri = _log_run(config, model_dir, evaluation, train_log, attachments, lineage)
+        version = _create_version(registry.model_name, model_uri, {
+            **lineage, GATE_METRIC_TAG: f"{gate.metric}={evaluation['tuned'][gate.metric]}", SPLIT_TAG: evaluation.get("split_sha256", ""),
+        })
+        client.set_registered_model_alias(registry.model_name, CHALLENGER, version.version)
+        promoted, reason = _gate(client, registry.model_name, gate.metric, gate.margin, evaluation["tuned"][gate.metric], evaluation.get("split_sha256", ""))
+        if promoted:
+            _move_champion(client, registry.model_name, version.version, f"gate: {reason}")
+        client.set_model_version_tag(registry.model_name, version.version, "kftune.gate", reason)
+        return _summary(client, registry.model_name, version, promoted, reason, reused=False)
+    except (MlflowException, OSError) as exc:  # after MLflow's own retries with backoff
+        raise _registry_error(exc, keep) from None
+
+
+def _version_for_pipeline_run(client, name: str, pipeline_run_id: str):
+    found = client.search_model_versions(f"name = '{name}' and tags.`{RUN_ID_TAG}` = '{pipeline_run_id}'")
+    return found[0] if found else None
+
+
+def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, lineage) -> str:
+    """The MLflow run (params, metrics, lineage tags, attachments) and the pyfunc model; returns its URI."""
     import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from kftune.registry.pyfunc_model import MODEL_ARTIFACT, TunedModel
+
+    with mlflow.start_run(experiment_id=_experiment_id(config), run_name=lineage.get("kftune.run_name")):
+        mlflow.log_params(_flatten(config_to_dict(config)))
+        for kind in ("tuned", "base"):
+            if kind in evaluation:
+                mlflow.log_metrics({f"{kind}_{m}": v for m, v in evaluation[kind].items() if isinstance(v, (int, float))})
+        mlflow.log_metrics({k: train_log[k] for k in ("final_loss", "seconds", "seconds_per_step", "trainable_parameters")})
+        now = int(time.time() * 1000)
+        curve = [Metric("train_loss", loss, now, step) for step, loss in enumerate(train_log["loss_curve"])]
+        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=curve)  # one request, not one per point
+        mlflow.set_tags(lineage)
+        for path in attachments:
+            mlflow.log_artifact(str(path))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TunedModel(),
+            artifacts={MODEL_ARTIFACT: str(model_dir)},
+            pip_requirements=[f"kftune=={__version__}"],
+        )
+    return info.model_uri
+
+
+def _experiment_id(config: RunConfig) -> str:
+    """The experiment's id, created on first use (a concurrent creator may win the race: then reuse theirs)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if config.registry.tracking_uri:
-        mlflow.set_tracking_uri(config.registry.tracking_uri)
     client = MlflowClient()
-    experiment_id = _experiment_id(client, config.registry.experiment, config.registry.artifact_location)
-    metric_names = config.eval.metrics
-    with mlflow.start_run(experiment_id=experiment_id, run_name=lineage.get("kftune.run_name")) as run:
-        mlflow.log_params(_flatten(config_to_dict(config)))
-        for model_kind in ("tuned", "base"):
-            if model_kind in evaluation:
-                mlflow.log_metrics({f"{model_kind}_{m}": evaluation[model_kind][m] for m in metric_names})
-        mlflow.log_metrics({k: train_log[k] for k in ("final_loss", "seconds", "seconds_per_step", "trainable_parameters")})
-        for step, loss in enumerate(train_log["loss_curve"]):
-            mlflow.log_metric("train_loss", loss, step=step)
-        mlflow.set_tags(lineage)
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
-        for path in attachments:
-            mlflow.log_artifact(str(path))
-        source = f"{run.info.artifact_uri}/model"
-
-    name = config.registry.model_name
+    experiment = client.get_experiment_by_name(config.registry.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
     try:
-        client.create_registered_model(name, description="Fine-tuned with kftune")
+        return client.create_experiment(config.registry.experiment, artifact_location=config.registry.artifact_location)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    gate = config.registry.gate
-    new_value = evaluation["tuned"][gate.metric]
-    version = client.create_model_version(
-        name, source=source, run_id=run.info.run_id, tags={**lineage, GATE_METRIC_TAG: f"{gate.metric}={new_value}"}
-    )
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    promoted, reason = _gate(client, name, gate.metric, gate.margin, new_value)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-    client.set_model_version_tag(name, version.version, "kftune.gate", reason)
-    aliases = [CHALLENGER] + ([CHAMPION] if promoted else [])
-    return {
-        "tracking_uri": mlflow.get_tracking_uri(),
-        "experiment": config.registry.experiment,
-        "run_id": run.info.run_id,
-        "model_name": name,
-        "version": int(version.version),
-        "aliases": aliases,
-        "promoted": promoted,
-        "gate": reason,
-    }
+        return client.get_experiment_by_name(config.registry.experiment).experiment_id
 
 
-def _gate(client, name: str, metric: str, margin: float, value: float) -> tuple[bool, str]:
-    """Promote when the new version beats the champion's gate metric by `margin` (the first one always)."""
-    from mlflow.exceptions import MlflowException
+def _create_version(name: str, model_uri: str, tags: dict[str, str]):
+    import mlflow
 
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    return mlflow.register_model(model_uri, name, tags=tags)
+
+
+def _gate(client, name: str, metric: str, margin: float, value: float, split_sha256: str) -> tuple[bool, str]:
+    """Promote when the new version beats the champion's gate metric by `margin` on the same split."""
+    champion = _champion_or_none(client, name)
+    if champion is None:
         return True, f"first version: no champion yet ({metric}={value:.4f})"
     recorded = champion.tags.get(GATE_METRIC_TAG, "")
     champion_metric, _, champion_value = recorded.partition("=")
     if champion_metric != metric:
         return False, f"champion v{champion.version} has no {metric} recorded ({recorded!r}); promote by hand"
+    if champion.tags.get(SPLIT_TAG, "") != split_sha256:
+        return False, f"champion v{champion.version} was evaluated on a different test split; compare by hand, then `kftune promote`"
     champion_value = float(champion_value)
     if HIGHER_IS_BETTER.get(metric, True):
         passed = value > champion_value + margin
@@ -110,3 +163,83 @@ def _gate(client, name: str, metric: str, margin: float, value: float) -> tuple[
         passed = value < champion_value - margin
     verdict = "promoted" if passed else "kept champion"
     return passed, f"{verdict}: {metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} (margin {margin})"
+
+
+def _champion_or_none(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _move_champion(client, name: str, version: str, reason: str) -> str | None:
+    """Point `champion` at `version`, recording when, from which version and why on that version."""
+    previous = _champion_or_none(client, name)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    audit = {
+        PROMOTED_FROM_TAG: str(previous.version) if previous else "",
+        "kftune.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kftune.promoted_why": reason,
+    }
+    for key, value in audit.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return str(previous.version) if previous else None
+
+
+def _summary(client, name: str, version, promoted: bool | None, gate: str, reused: bool) -> dict[str, Any]:
+    import mlflow
+
+    current = client.get_model_version(name, str(version.version))
+    return {
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "model_name": name,
+        "version": int(current.version),
+        "run_id": current.run_id,
+        "aliases": sorted(current.aliases),
+        "promoted": CHAMPION in current.aliases if promoted is None else promoted,
+        "gate": gate,
+        "reused": reused,
+    }
+
+
+def promote(tracking_uri: str | None, name: str, version: str, reason: str) -> str:
+    """Hand promotion: `champion` -> `version` of model `name`."""
+    from mlflow.exceptions import MlflowException
+
+    client = connect(tracking_uri)
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise KftuneError(f"model {name!r} has no version {version!r}; versions: {_versions(client, name)}") from None
+    previous = _move_champion(client, name, str(version), f"by hand: {reason}")
+    return f"{name}: champion v{previous or '-'} -> v{version}"
+
+
+def rollback(tracking_uri: str | None, name: str, reason: str) -> str:
+    """Move `champion` back to the version it was promoted from."""
+    client = connect(tracking_uri)
+    champion = _champion_or_none(client, name)
+    if champion is None:
+        raise KftuneError(f"model {name!r} has no alias {CHAMPION!r} to roll back (versions: {_versions(client, name)})")
+    previous = champion.tags.get(PROMOTED_FROM_TAG)
+    if not previous:
+        raise KftuneError(f"{name} v{champion.version} was the first champion; there is nothing to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    client.set_model_version_tag(name, champion.version, "kftune.rolled_back_at", stamp)
+    client.set_model_version_tag(name, champion.version, "kftune.rolled_back_why", reason)
+    return f"{name}: champion v{champion.version} -> v{previous} (rollback)"
+
+
+def _versions(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        versions = []
+    return ", ".join(map(str, versions)) or "none (is the model name right?)"

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from kftune.config import RunConfig, config_to_dict
 from kftune.methods import apply_method, trainable_parameters
-from kftune.models import TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
+from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
 from kftune.train.progress import ProgressLine
 
@@ -145,6 +145,7 @@ def _save_artifact(model, model_path: Path, resolved: dict, log: dict, prompts_d
     load_tokenizer(model_path).save_pretrained(str(out))
     (out / TUNED_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
     (out / TRAIN_LOG_FILE).write_text(json.dumps(log, indent=2))
+    (out / LABELS_FILE).write_text(json.dumps(read_meta(prompts_dir)["label_names"]))
     probe_rows = read_prompts(prompts_dir, "test")[:PROBE_ROWS]
     probe = {"sources": [r["source"] for r in probe_rows], "outputs": probe_outputs(unwrapped, probe_rows, read_meta(prompts_dir)["pad_token_id"], task)}
     (out / PROBE_FILE).write_text(json.dumps(probe))

@@ -70,3 +70,13 @@ def test_fingerprint_changes_with_any_field(make_config):
     b = parse_config(make_config(train={"lr": 2e-3}))
     assert a.fingerprint() == parse_config(make_config()).fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid_and_its_paths_exist(example):
+    from pathlib import Path
+
+    config = load_config(example)
+    assert Path(config.data.path).is_file()
+    if config.model.name_or_path != "minilm-l6":
+        assert Path(config.model.name_or_path, "config.json").is_file()

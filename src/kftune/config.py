@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kftune.errors import KftuneError
 from kftune.methods import METHODS, MethodConfig, method_supports_task
+from kftune.models import PACKAGED_MODELS
 from kftune.prompts.templates import TEMPLATES, template_fields
 
 Task = Literal["sequence_classification", "causal_lm"]
@@ -148,7 +149,7 @@ class RunConfig(Section):
             raise _FieldError("prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}")
         if not method_supports_task(self.method, task):
             raise _FieldError("method.name", f"method {self.method.name!r} does not support task {task}")
-        allowed = CLASSIFICATION_METRICS if task == "sequence_classification" else LM_METRICS
+        allowed = CLASSIFICATION_METRICS if task == "sequence_classification" else LM_METRICS | (CLASSIFICATION_METRICS if template.labelled else set())
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
             raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
@@ -164,7 +165,12 @@ class RunConfig(Section):
 
     def required_fields(self) -> list[str]:
         fields = template_fields(self.prompt.template)
-        return fields + (["label"] if self.model.task == "sequence_classification" else [])
+        return fields + (["label"] if self.has_labels else [])
+
+    @property
+    def has_labels(self) -> bool:
+        """Classification data: a task head, or a causal LM scoring a verbalizer's words."""
+        return self.model.task == "sequence_classification" or TEMPLATES[self.prompt.template].labelled
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: two runs with the same config share it (a lineage tag)."""
@@ -260,7 +266,8 @@ def _key_lines(text: str) -> dict[str, int]:
 
 
 def _resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
-    """Make local data paths absolute (pipeline steps run elsewhere); relative ones may be relative to the file."""
+    """Make local data and model paths absolute (pipeline steps run elsewhere); relative ones may be
+    relative to the file. Packaged model aliases and remote URIs stay as they are."""
 
     def resolve(value: str) -> str:
         if "://" in value or Path(value).is_absolute():
@@ -273,7 +280,10 @@ def _resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
     data = config.data.model_copy(update={"path": resolve(config.data.path)})
     if isinstance(data.split.test, str):
         data = data.model_copy(update={"split": data.split.model_copy(update={"test": resolve(data.split.test)})})
-    return config.model_copy(update={"data": data})
+    model = config.model
+    if model.name_or_path not in PACKAGED_MODELS:
+        model = model.model_copy(update={"name_or_path": resolve(model.name_or_path)})
+    return config.model_copy(update={"data": data, "model": model})
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -61,8 +61,9 @@ def prepare(config: RunConfig) -> PreparedData:
     _check_not_empty(config, splits, len(rows))
 
     label_names: list[str] = []
-    if config.model.task == "sequence_classification":
+    if config.has_labels:
         label_names = _encode_labels(config, splits)
+        _check_verbalizer(config, label_names)
     for split_rows in splits.values():
         for row in split_rows:
             row.pop("_order")
@@ -136,6 +137,13 @@ def _encode_labels(config: RunConfig, splits: dict[str, list[dict[str, Any]]]) -
     if len(values) < 2:
         raise KftuneError(f"data.columns.label: the training data has a single label ({values[0]!r}); classification needs two or more")
     return values
+
+
+def _check_verbalizer(config: RunConfig, label_names: list[str]) -> None:
+    verbalizer = TEMPLATES[config.prompt.template].verbalizer
+    missing = [name for name in label_names if verbalizer is not None and name not in verbalizer]
+    if missing:
+        raise KftuneError(f"prompt.template: the verbalizer of {config.prompt.template!r} has no words for label(s) {', '.join(missing)} (it covers: {', '.join(verbalizer)})")
 
 
 def _combine(hashes: list[str]) -> str:

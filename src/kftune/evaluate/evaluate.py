@@ -17,7 +17,8 @@ import torch
 from kftune.config import RunConfig
 from kftune.evaluate import metrics
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
-from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
+from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts
+from kftune.prompts.templates import TEMPLATES
 from kftune.train.loop import Collator
 
 GENERAL_TEXT = Path(__file__).with_name("data") / "general_text.txt"
@@ -44,7 +45,7 @@ def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) 
         if name == "base" and not config.eval.compare_base:
             continue
         started = time.perf_counter()
-        result[name] = score(model, rows, config, tokenizer, num_labels)
+        result[name] = score(model, rows, config, tokenizer, meta["label_names"])
         result[name]["seconds"] = round(time.perf_counter() - started, 2)
     if config.eval.forgetting:
         lines = _general_text(config, tokenizer)
@@ -53,7 +54,7 @@ def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) 
 
 
 @torch.no_grad()
-def score(model, rows: list[dict], config: RunConfig, tokenizer, num_labels: int | None) -> dict[str, Any]:
+def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: list[str]) -> dict[str, Any]:
     collate = Collator(tokenizer.pad_token_id, config.model.task)
     size = config.eval.batch_size
     if config.model.task == "sequence_classification":
@@ -63,16 +64,39 @@ def score(model, rows: list[dict], config: RunConfig, tokenizer, num_labels: int
             gold = batch.pop("labels")
             predictions += model(**batch).logits.argmax(dim=-1).tolist()
             labels += gold.tolist()
-        matrix = metrics.confusion_matrix(labels, predictions, num_labels)
+        matrix = metrics.confusion_matrix(labels, predictions, len(label_names))
         return {"accuracy": metrics.accuracy(matrix), "macro_f1": metrics.macro_f1(matrix), "confusion_matrix": matrix}
     loss, tokens = _lm_loss(model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], collate, size)
     scores: dict[str, Any] = {"perplexity": metrics.perplexity(loss, tokens), "tokens": tokens}
+    template = TEMPLATES[config.prompt.template]
+    if template.labelled:
+        predictions = _verbalizer_predictions(model, rows, tokenizer, template, label_names)
+        matrix = metrics.confusion_matrix([r["class_label"] for r in rows], predictions, len(label_names))
+        scores.update(accuracy=metrics.accuracy(matrix), macro_f1=metrics.macro_f1(matrix), confusion_matrix=matrix)
     wanted = [m for m in config.eval.metrics if m in GENERATION_METRICS]
     if wanted:
         generated, references = _generate(model, rows[: config.eval.generate_rows], tokenizer, config.eval.max_new_tokens)
         scores.update({m: GENERATION_METRICS[m](generated, references) for m in wanted})
         scores["samples"] = [{"generated": g, "reference": r} for g, r in list(zip(generated, references))[:5]]
     return scores
+
+
+def _verbalizer_predictions(model, rows: list[dict], tokenizer, template, label_names: list[str]) -> list[int]:
+    """For each row, the label whose best verbalizer word has the highest log-likelihood after the prompt."""
+    predictions = []
+    for row in rows:
+        prompt_ids = row["input_ids"][: row["labels"].count(IGNORE_INDEX)]
+        prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        words = [(label, continuation_ids(tokenizer, prompt, prompt_ids, word)) for label, name in enumerate(label_names) for word in template.verbalizer[name]]
+        batch = Collator(tokenizer.pad_token_id, "causal_lm")([{"input_ids": prompt_ids + ids, "labels": prompt_ids + ids} for _, ids in words])
+        log_probs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().log_softmax(dim=-1)
+        best: dict[int, float] = {}
+        for i, (label, ids) in enumerate(words):
+            positions = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(ids))
+            value = sum(log_probs[i, p, t].item() for p, t in zip(positions, ids))
+            best[label] = max(best.get(label, float("-inf")), value)
+        predictions.append(max(best, key=best.get))
+    return predictions
 
 
 def _lm_loss(model, rows: list[dict], collate: Collator, size: int) -> tuple[float, int]:

@@ -36,7 +36,8 @@ def build_prompts(config: RunConfig, data_dir: str | Path, out_dir: str | Path) 
         counts: Counter = Counter()
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as handle:
             for row in read_split(data_dir, split):
-                prompt, target = template.render(row)
+                label_name = data_card["label_names"][row["label"]] if template.labelled else None
+                prompt, target = template.render(row, label_name)
                 encoded = _encode(config, tokenizer, prompt, target, row, counts)
                 if encoded is None:
                     continue
@@ -69,15 +70,24 @@ def _encode(config: RunConfig, tokenizer, prompt: str, target: str, row: dict, c
             ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
         return {"input_ids": ids, "labels": row["label"], "source": row["source"]}
     prompt_ids = tokenizer(prompt)["input_ids"] if prompt else [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    target_ids = continuation_ids(tokenizer, prompt, prompt_ids, target) + [tokenizer.eos_token_id]
     if len(prompt_ids) + len(target_ids) > max_length:
         counts["dropped_too_long"] += 1  # cutting would remove (part of) the answer the model must learn
         return None
-    return {
-        "input_ids": prompt_ids + target_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
-        "source": row["source"],
-    }
+    encoded = {"input_ids": prompt_ids + target_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids, "source": row["source"]}
+    if "label" in row:
+        encoded["class_label"] = row["label"]
+    return encoded
+
+
+def continuation_ids(tokenizer, prompt: str, prompt_ids: list[int], text: str) -> list[int]:
+    """Token ids of `text` as it continues `prompt`. Tokenized together, so a word such as " great"
+    gets the ids it has after the prompt (SentencePiece merges the leading space differently alone)."""
+    if prompt:
+        joint = tokenizer(prompt + text)["input_ids"]
+        if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+            return joint[len(prompt_ids) :]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _bucket(n_tokens: int, width: int = 16) -> str:

@@ -62,14 +62,9 @@ def _print_summary(config, summary: dict) -> None:
 
 
 def cmd_compile(args) -> int:
-    from kfp import compiler
+    from kftune.pipelines.kftune_pipeline import compile_pipeline
 
-    from kftune.config import config_to_dict
-    from kftune.pipelines.kftune_pipeline import kftune_pipeline
-
-    config = _load(args)
-    compiler.Compiler().compile(kftune_pipeline, args.output, pipeline_parameters={"config": config_to_dict(config)})
-    print(f"wrote {args.output}")
+    print(f"wrote {compile_pipeline(_load(args), args.output)}")
     return 0
 
 

@@ -13,19 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from kftune.errors import KftuneError
+from kftune.kube.settings import ClusterSection
 from kftune.methods import METHODS, MethodConfig, method_supports_task
 from kftune.prompts.templates import TEMPLATES, template_fields
+from kftune.section import Section
 
 Task = Literal["sequence_classification", "causal_lm"]
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, not silently ignored typos."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class ModelSection(Section):
@@ -137,6 +133,8 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    """Where and how the compiled pipeline runs on Kubernetes; `kftune run` ignores it."""
 
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:

@@ -3,13 +3,19 @@ follower's loop against a fake API. The live Kubernetes calls (KubernetesRayJobA
 
 from __future__ import annotations
 
+import json
+import shlex
+from pathlib import Path
+
 import jsonschema
 import pytest
 import yaml
 
 from kftune.config import parse_config
 from kftune.errors import KftuneError
-from kftune.kube.rayjob import CONFIG_ENV, build_rayjob, outcome, rayjob_name, run_rayjob
+from kftune.kube.rayjob import CONFIG_ENV, build_rayjob, outcome, rayjob_name, run_rayjob, train_on_rayjob
+from kftune.local import on_this_machine
+from kftune.train import TRAIN_LOG_FILE
 
 from conftest import CLUSTER
 from kube_schema import validate_custom_resource
@@ -19,7 +25,7 @@ RAYJOB = {"nodes": 2, "worker": {"cpu": "16", "memory": "128Gi", "gpus": 4}, "tt
 
 def manifest(make_config, cluster=None, run_name="kftune-run-20261123-060000"):
     config = parse_config(make_config(cluster=cluster or {}))
-    return build_rayjob(config, run_name, "/data/run/prompts", "/data/run/model")
+    return build_rayjob(config, run_name, "/data/kftune-runs/run")
 
 
 @pytest.mark.parametrize("cluster", [{}, {**CLUSTER, "rayjob": RAYJOB}, {"rayjob": {**RAYJOB, "shutdown_after_finishes": False, "worker": {"gpus": 0}}}])
@@ -46,15 +52,19 @@ def test_worker_group_is_sized_from_the_config_and_the_trainer_sees_one_worker_p
     head = spec["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"] == {"num-cpus": "0"} and "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["requests"]
     assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"], spec["activeDeadlineSeconds"]) == (True, 300, 7200)
-    assert spec["entrypoint"].startswith("python -m kftune.train --prompts /data/run/prompts --model /data/run/model")
+    assert spec["entrypoint"] == "python -m kftune.train --work-dir /data/kftune-runs/run --run-name kftune-run-20261123-060000"
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     trainer_config = parse_config(yaml.safe_load(env[CONFIG_ENV]))
-    assert (trainer_config.train.workers, trainer_config.train.use_gpu) == (8, True)
+    assert (trainer_config.train.workers, trainer_config.train.use_gpu, trainer_config.cluster.rayjob.enabled) == (8, True, False)
     assert job["metadata"]["namespace"] == "ml"
 
 
-def test_worker_count_must_split_the_batch(make_config):
-    with pytest.raises(KftuneError, match="cluster.rayjob.nodes: 3 nodes x 1 GPUs = 3 Ray workers"):
+def test_an_enabled_rayjob_needs_the_volume_and_a_batch_its_workers_split(make_config):
+    with pytest.raises(KftuneError, match="cluster.volume: required with cluster.rayjob.enabled"):
+        parse_config(make_config(cluster={"rayjob": {"enabled": True}}))
+    with pytest.raises(KftuneError, match="cluster.rayjob.nodes: 3 nodes give 3 Ray workers"):
+        parse_config(make_config(cluster={"rayjob": {"enabled": True, "nodes": 3}, "volume": {"claim": "data"}}))
+    with pytest.raises(KftuneError, match="train.batch_size: 16 does not split evenly over train.workers=3"):
         manifest(make_config, {"rayjob": {"nodes": 3}})
 
 
@@ -118,3 +128,31 @@ def test_follower_reports_the_rayjobs_own_reason_and_keeps_it_when_asked(make_co
     with pytest.raises(KftuneError, match=r"RayJob kubeflow/.* failed: Failed \(AppFailed\), Ray job FAILED: CUDA out of memory"):
         run_rayjob(manifest(make_config), api, delete_after=False, echo=lambda line: None, sleep=lambda s: None)
     assert not api.deleted
+
+
+class TrainingFakeRayJobApi(FakeRayJobApi):
+    """Also does what the RayJob's trainer would: reads prompts/ and writes model/ in the work folder."""
+
+    def create(self, manifest):
+        super().create(manifest)
+        work = Path(shlex.split(manifest["spec"]["entrypoint"])[4])
+        assert (work / "prompts" / "meta.json").is_file()
+        (work / "model").mkdir()
+        (work / "model" / TRAIN_LOG_FILE).write_text(json.dumps({"steps": 4}))
+
+
+def test_train_step_stages_prompts_on_the_volume_and_brings_the_model_back(make_config, tmp_path):
+    cluster = {"volume": {"claim": "data", "mount_path": str(tmp_path / "volume")}, "rayjob": {"enabled": True, "delete_after_follow": True}}
+    config = parse_config(make_config(cluster=cluster))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "meta.json").write_text("{}")
+    api = TrainingFakeRayJobApi([{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    log = train_on_rayjob(config, prompts, tmp_path / "artifact", "Run 1", api=api, echo=lambda line: None)
+    assert log == {"steps": 4} and (tmp_path / "artifact" / TRAIN_LOG_FILE).is_file()
+    assert api.created["metadata"]["name"] == "run-1" and api.deleted
+
+
+def test_kftune_run_trains_on_this_machine_even_with_a_rayjob_configured(make_config):
+    config = parse_config(make_config(cluster={"volume": {"claim": "data"}, "rayjob": {"enabled": True}}))
+    assert not on_this_machine(config).cluster.rayjob.enabled and on_this_machine(config).cluster.volume.claim == "data"

@@ -152,6 +152,12 @@ class RunConfig(Section):
             raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
         if self.train.batch_size % self.train.workers:
             raise _FieldError("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}")
+        rayjob = self.cluster.rayjob
+        if rayjob.enabled and self.cluster.volume is None:
+            raise _FieldError("cluster.volume", "required with cluster.rayjob.enabled: the RayJob's pods read prompts and write the model there")
+        if rayjob.enabled and self.train.batch_size % rayjob.ray_workers():
+            raise _FieldError("cluster.rayjob.nodes", f"{rayjob.nodes} nodes give {rayjob.ray_workers()} Ray workers (one per GPU), "
+                                                      f"which do not split train.batch_size={self.train.batch_size} evenly")
         if self.registry.gate.metric not in self.eval.metrics:
             raise _FieldError("registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}")
         return self

@@ -12,18 +12,20 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
-from kftune.config import RunConfig, config_to_dict
+from kftune.config import RunConfig, config_to_dict, parse_config
 from kftune.errors import KftuneError
 from kftune.kube.settings import ClusterSection, Placement, Resources
-from kftune.train import WORKER_ENV
+from kftune.train import TRAIN_LOG_FILE, WORKER_ENV
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 MAX_NAME = 47  # KubeRay derives longer names (cluster, submitter Job) from it and rejects 48+
@@ -39,24 +41,21 @@ def rayjob_name(run_name: str) -> str:
 
 
 def sized_for_rayjob(config: RunConfig) -> RunConfig:
-    """The config the trainer sees on the cluster: one Ray Train worker per GPU of the worker group."""
+    """The config the trainer sees on the cluster: one Ray Train worker per GPU of the worker group, no second RayJob."""
     rayjob = config.cluster.rayjob
-    workers = rayjob.nodes * max(rayjob.worker.gpus, 1)
-    if config.train.batch_size % workers:
-        raise KftuneError(f"cluster.rayjob.nodes: {rayjob.nodes} nodes x {rayjob.worker.gpus} GPUs = {workers} Ray workers, "
-                          f"which do not split train.batch_size={config.train.batch_size} evenly")
-    train = config.train.model_copy(update={"workers": workers, "use_gpu": rayjob.worker.gpus > 0})
-    return config.model_copy(update={"train": train})
+    train = config.train.model_copy(update={"workers": rayjob.ray_workers(), "use_gpu": rayjob.worker.gpus > 0})
+    cluster = config.cluster.model_copy(update={"rayjob": rayjob.model_copy(update={"enabled": False})})
+    return parse_config(config_to_dict(config.model_copy(update={"train": train, "cluster": cluster})), source="cluster.rayjob")
 
 
-def build_rayjob(config: RunConfig, run_name: str, prompts_dir: str, model_dir: str) -> dict[str, Any]:
-    """The RayJob manifest. `prompts_dir` and `model_dir` must be on `cluster.volume`, which every pod mounts."""
+def build_rayjob(config: RunConfig, run_name: str, work_dir: str) -> dict[str, Any]:
+    """The RayJob manifest. `work_dir` (prompts/ in, model/ out, Ray Train's storage) must be on `cluster.volume`, which every pod mounts."""
     from kftune.components.images import TRAINER_IMAGE
 
     cluster, rayjob = config.cluster, config.cluster.rayjob
     image = rayjob.image or TRAINER_IMAGE
     name = rayjob_name(run_name)
-    entrypoint = shlex.join(["python", "-m", "kftune.train", "--prompts", prompts_dir, "--model", model_dir, "--run-name", name])
+    entrypoint = shlex.join(["python", "-m", "kftune.train", "--work-dir", work_dir, "--run-name", name])
     env = {**WORKER_ENV, CONFIG_ENV: json.dumps(config_to_dict(sized_for_rayjob(config)))}
     spec: dict[str, Any] = {
         "entrypoint": entrypoint,
@@ -206,3 +205,15 @@ def run_rayjob(manifest: dict[str, Any], api: RayJobApi, *, delete_after: bool, 
         raise KftuneError(f"RayJob {namespace}/{name} failed: {result.summary}")
     echo(f"kftune: RayJob {name}: {result.summary}")
     return result
+
+
+def train_on_rayjob(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, run_name: str,
+                    api: RayJobApi | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The pipeline's train step on a cluster: stage the prompts on the shared volume, run the RayJob,
+    copy the trained Model folder back into the step's artifact. Returns the train log."""
+    work = Path(config.cluster.volume.mount_path) / "kftune-runs" / rayjob_name(run_name)
+    shutil.copytree(prompts_dir, work / "prompts", dirs_exist_ok=True)
+    manifest = build_rayjob(config, run_name, str(work))
+    run_rayjob(manifest, api or KubernetesRayJobApi(), delete_after=config.cluster.rayjob.delete_after_follow, echo=echo)
+    shutil.copytree(work / "model", model_dir, dirs_exist_ok=True)
+    return json.loads((Path(model_dir) / TRAIN_LOG_FILE).read_text())

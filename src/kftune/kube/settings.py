@@ -60,6 +60,8 @@ class SecretEnv(Section):
 class RayJobSection(Section):
     """A KubeRay RayJob for training on several GPU nodes (see `kftune.kube.rayjob`)."""
 
+    enabled: bool = False
+    """The pipeline's train step hands training to a RayJob (needs `cluster.volume`, ReadWriteMany for several nodes)."""
     image: str | None = None
     """Empty: the trainer image of this kftune version."""
     nodes: int = Field(default=1, ge=1)
@@ -74,6 +76,10 @@ class RayJobSection(Section):
     """The RayJob fails when it runs longer than this."""
     delete_after_follow: bool = False
     """`kftune` deletes the RayJob object once it has followed it to the end."""
+
+    def ray_workers(self) -> int:
+        """Ray Train workers on the cluster: one per GPU (one per node without GPUs)."""
+        return self.nodes * max(self.worker.gpus, 1)
 
 
 class ClusterSection(Section):

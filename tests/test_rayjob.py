@@ -102,7 +102,8 @@ class FakeRayJobApi:
         self.statuses, self.created, self.deleted = list(statuses), None, False
 
     def create(self, manifest):
-        self.created = manifest
+        existed, self.created = self.created is not None, manifest
+        return not existed
 
     def status(self, namespace, name):
         return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
@@ -120,7 +121,15 @@ def test_follower_streams_the_log_and_succeeds(make_config):
     lines = []
     result = run_rayjob(manifest(make_config), api, delete_after=True, echo=lines.append, sleep=lambda s: None)
     assert result.succeeded and api.deleted
+    assert lines[0].startswith("kftune: created RayJob kubeflow/kftune-run-")
     assert "train [#####] 4/4 100%" in lines and lines[-1].endswith("Complete, Ray job SUCCEEDED")
+
+
+def test_a_retried_step_follows_the_rayjob_that_already_exists(make_config):
+    job, api, lines = manifest(make_config), FakeRayJobApi([{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]), []
+    api.created = job
+    assert run_rayjob(job, api, delete_after=False, echo=lines.append, sleep=lambda s: None).succeeded
+    assert lines[0].startswith("kftune: following the existing RayJob")
 
 
 def test_follower_reports_the_rayjobs_own_reason_and_keeps_it_when_asked(make_config):
@@ -134,11 +143,12 @@ class TrainingFakeRayJobApi(FakeRayJobApi):
     """Also does what the RayJob's trainer would: reads prompts/ and writes model/ in the work folder."""
 
     def create(self, manifest):
-        super().create(manifest)
+        created = super().create(manifest)
         work = Path(shlex.split(manifest["spec"]["entrypoint"])[4])
         assert (work / "prompts" / "meta.json").is_file()
         (work / "model").mkdir()
         (work / "model" / TRAIN_LOG_FILE).write_text(json.dumps({"steps": 4}))
+        return created
 
 
 def test_train_step_stages_prompts_on_the_volume_and_brings_the_model_back(make_config, tmp_path):

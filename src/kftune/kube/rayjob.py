@@ -3,8 +3,9 @@
 `build_rayjob` turns a run config into the manifest: a CPU head that runs no training, one GPU
 worker group of `cluster.rayjob.nodes` pods, and an entrypoint that runs kftune's trainer
 (`python -m kftune.train`) with the config in its runtime env; Ray Train then starts one worker
-per GPU. `run_rayjob` creates it, streams the submitter's log, maps the final status to an
-outcome and raises with the RayJob's own reason when it failed.
+per GPU. `run_rayjob` creates it (or, for a retried step, follows the one already there), streams
+the submitter's log, maps the final status to an outcome and raises with the RayJob's own reason
+when it failed. `train_on_rayjob` is the pipeline's train step around it.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def outcome(status: dict[str, Any] | None) -> Outcome:
 class RayJobApi(Protocol):
     """The Kubernetes calls `run_rayjob` needs; `KubernetesRayJobApi` makes them with the kubernetes client."""
 
-    def create(self, manifest: dict[str, Any]) -> None: ...
+    def create(self, manifest: dict[str, Any]) -> bool:
+        """False when a RayJob of that name already exists (a retried step follows it)."""
     def status(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def submitter_log(self, namespace: str, name: str) -> Iterable[str] | None: ...
     def delete(self, namespace: str, name: str) -> None: ...
@@ -158,7 +160,15 @@ class KubernetesRayJobApi:
         self.objects, self.core = client.CustomObjectsApi(), client.CoreV1Api()
 
     def create(self, manifest):
-        self.objects.create_namespaced_custom_object(GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest)
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.objects.create_namespaced_custom_object(GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest)
+        except ApiException as exc:
+            if exc.status != 409:  # 409 Conflict: AlreadyExists
+                raise
+            return False
+        return True
 
     def status(self, namespace, name):
         return self.objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status")
@@ -180,8 +190,7 @@ def run_rayjob(manifest: dict[str, Any], api: RayJobApi, *, delete_after: bool, 
                echo: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep) -> Outcome:
     """Create the RayJob, stream its log, wait for a terminal status; raises KftuneError when it failed."""
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-    api.create(manifest)
-    echo(f"kftune: created RayJob {namespace}/{name}")
+    echo(f"kftune: {'created' if api.create(manifest) else 'following the existing'} RayJob {namespace}/{name}")
     streamed, last = False, None
     try:
         while True:

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= examples/sst2-minilm-lora.yaml
 
-.PHONY: setup run test bench compile clean
+.PHONY: setup run test bench compile chart-pipeline clean
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,7 @@ run: setup
 	$(VENV)/bin/kftune run $(CONFIG)
 
 test: setup
+	bash scripts/install-helm.sh || echo "helm not installed: the chart tests will skip"
 	$(PY) -m pytest -q
 
 bench: setup
@@ -19,6 +20,10 @@ bench: setup
 
 compile: setup
 	$(VENV)/bin/kftune compile $(CONFIG) -o pipeline.yaml
+
+# The compiled pipeline the Helm chart ships (tests/test_chart.py fails when it is stale).
+chart-pipeline: setup
+	$(VENV)/bin/kftune compile charts/kftune/files/run-config.yaml -o charts/kftune/files/pipeline.yaml
 
 clean:
 	rm -rf runs pipeline.yaml

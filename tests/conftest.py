@@ -62,3 +62,18 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+# A cluster section that touches every kfp-kubernetes setting (a GPU train step included).
+CLUSTER = {
+    "namespace": "ml",
+    "steps": {"resources": {"cpu": "2", "memory": "8Gi"}, "node_selector": {"pool": "cpu"}},
+    "train": {
+        "resources": {"cpu": "8", "memory": "64Gi", "gpus": 2},
+        "node_selector": {"pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+    "volume": {"claim": "kftune-data", "mount_path": "/data"},
+    "mlflow_secret": {"name": "mlflow-credentials", "env": {"password": "MLFLOW_TRACKING_PASSWORD"}},
+    "image_pull_secrets": ["ghcr"],
+}

@@ -32,6 +32,10 @@ def test_set_overrides_nested_fields_with_yaml_types():
         ("eval.metrics=[accuracy]", None),
         ("train.batch_size=33", "train.batch_size: 33 does not split evenly over train.workers=2"),
         ("model.task=causal_lm", "method.name|prompt.template"),
+        ("cluster.train.resources.memory=lots", "cluster.train.resources.memory: String should match pattern"),
+        ("cluster.train.tolerations=[{effect: Sometimes}]", "cluster.train.tolerations.0.effect: Input should be"),
+        ("cluster.volume.claim=Data_Volume", "cluster.volume.claim: String should match pattern"),
+        ("cluster.rayjob.nodes=0", "cluster.rayjob.nodes: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_fields_are_named_with_their_dotted_path(override, expected):

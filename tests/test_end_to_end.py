@@ -17,10 +17,13 @@ from kftune.models import load_tuned_model
 from kftune.prompts.build import read_meta, read_prompts
 from kftune.train.loop import PROBE_FILE, PROBE_ROWS, probe_outputs
 
+from conftest import CLUSTER
+
 
 @pytest.mark.slow
 def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tmp_path):
-    config = make_config(train={"workers": 2, "batch_size": 16, "max_steps": 4, "lr": 5e-3})
+    # The cluster section (GPUs, PVC, secrets, node selectors) must be a no-op for the local runner.
+    config = make_config(train={"workers": 2, "batch_size": 16, "max_steps": 4, "lr": 5e-3}, cluster=CLUSTER)
     del config["registry"]["tracking_uri"], config["registry"]["artifact_location"]  # the default: sqlite in --out
     out = tmp_path / "run"
     done = subprocess.run(

@@ -1,10 +1,11 @@
-"""`kftune` command line: run | compile | validate | methods | promote | rollback."""
+"""`kftune` command line: run | compile | submit | schedule | validate | methods | promote | rollback."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from kftune.errors import KftuneError
@@ -62,14 +63,67 @@ def _print_summary(config, summary: dict) -> None:
 
 
 def cmd_compile(args) -> int:
-    from kfp import compiler
+    from kftune.pipelines.kftune_pipeline import compile_pipeline
 
-    from kftune.config import config_to_dict
-    from kftune.pipelines.kftune_pipeline import kftune_pipeline
+    print(f"wrote {compile_pipeline(_load(args), args.output)}")
+    return 0
 
-    config = _load(args)
-    compiler.Compiler().compile(kftune_pipeline, args.output, pipeline_parameters={"config": config_to_dict(config)})
-    print(f"wrote {args.output}")
+
+def cmd_submit(args) -> int:
+    from kftune.kube.kfp_server import submit
+
+    def start_run(client, package, config, params):
+        run_name = args.run_name or f"{config.registry.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return f"started run {submit(client, package, args.experiment, run_name, params, args.namespace, args.service_account)}"
+
+    return _publish(args, start_run)
+
+
+def cmd_schedule(args) -> int:
+    from kftune.kube.kfp_server import kfp_cron, schedule
+
+    cron = kfp_cron(args.cron)  # a bad expression fails before anything is compiled or uploaded
+
+    def create_recurring_run(client, package, config, params):
+        job = args.name or f"kftune-{config.registry.model_name}"
+        return f"recurring run {job} ({cron}): {schedule(client, package, args.experiment, job, cron, params, args.namespace, args.service_account)}"
+
+    return _publish(args, create_recurring_run)
+
+
+def _pipeline_source(args, scratch: Path):
+    """(package, config, run parameters). A run config is compiled; a compiled package (the Helm chart's)
+    is sent as it is, and --set then overrides its default config, passed as the run's `config` parameter."""
+    from kftune.config import apply_overrides, config_to_dict, parse_config
+    from kftune.kube.kfp_server import package_default_config
+    from kftune.pipelines.kftune_pipeline import compile_pipeline
+
+    default = package_default_config(Path(args.config))
+    if default is None:
+        config = _load(args)
+        return Path(compile_pipeline(config, args.package or str(scratch / "pipeline.yaml"))), config, None
+    config = parse_config(apply_overrides(default, args.set or []), source=f"{args.config} with --set")
+    return Path(args.config), config, ({"config": config_to_dict(config)} if args.set else None)
+
+
+def _publish(args, action) -> int:
+    """Resolve the package, then run `action(client, package, config, params)` unless --dry-run."""
+    import tempfile
+
+    from kftune.kube.kfp_server import connect, version_name
+
+    with tempfile.TemporaryDirectory() as scratch:
+        package, config, params = _pipeline_source(args, Path(scratch))
+        print(f"kftune: pipeline kftune version {version_name(package)}" + (", run config overridden by --set" if params else ""))
+        if args.dry_run:
+            print(f"kftune: --dry-run: nothing sent to {args.host}")
+            return 0
+        try:
+            print(f"kftune: {action(connect(args.host, args.namespace), package, config, params)} on {args.host}")
+        except Exception as exc:  # urllib3 / kfp_server_api errors: name the server, not a traceback
+            if type(exc).__module__.split(".")[0] not in ("urllib3", "kfp_server_api"):
+                raise
+            raise KftuneError(f"Kubeflow Pipelines at {args.host}: {exc}") from None
     return 0
 
 
@@ -107,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kftune", description="Fine-tune language models through one Kubeflow pipeline.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+    def with_config(name: str, help_text: str, config_help: str = "run config (YAML)") -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("config", help="run config (YAML)")
+        sub.add_argument("config", help=config_help)
         sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.lr=5e-4 (repeatable)")
         return sub
 
@@ -119,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     compile_ = with_config("compile", "compile the pipeline to KFP IR YAML with this config as default")
     compile_.add_argument("-o", "--output", default="pipeline.yaml")
     compile_.set_defaults(func=cmd_compile)
+    def kfp_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = with_config(name, help_text, "run config (YAML), or a pipeline package from `kftune compile` (--set then overrides its config)")
+        sub.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
+        sub.add_argument("--experiment", default="kftune", help="KFP experiment (created when missing)")
+        sub.add_argument("--namespace", help="KFP namespace (multi-user Kubeflow)")
+        sub.add_argument("--service-account", help="ServiceAccount the pipeline's pods run as (KFP's default when empty)")
+        sub.add_argument("--package", help="also keep the compiled pipeline here (when CONFIG is a run config)")
+        sub.add_argument("--dry-run", action="store_true", help="compile and name the version; contact no server")
+        return sub
+
+    submit_ = kfp_command("submit", "upload the pipeline as a new version and start a run on Kubeflow Pipelines")
+    submit_.add_argument("--run-name", help="default: <model name>-<UTC time>")
+    submit_.set_defaults(func=cmd_submit)
+    schedule_ = kfp_command("schedule", "upload the pipeline and create or replace a recurring run")
+    schedule_.add_argument("--cron", required=True, help="5-field cron, UTC, e.g. '0 3 * * *'")
+    schedule_.add_argument("--name", help="recurring run name (default: kftune-<model name>)")
+    schedule_.set_defaults(func=cmd_schedule)
     with_config("validate", "check a config and print it with every default filled in").set_defaults(func=cmd_validate)
     commands.add_parser("methods", help="list the fine-tuning methods").set_defaults(func=cmd_methods)
 

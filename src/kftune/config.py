@@ -13,20 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from kftune.errors import KftuneError
+from kftune.kube.settings import ClusterSection
 from kftune.methods import METHODS, MethodConfig, method_supports_task
 from kftune.models import PACKAGED_MODELS
 from kftune.prompts.templates import TEMPLATES, template_fields
+from kftune.section import Section
 
 Task = Literal["sequence_classification", "causal_lm"]
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, not silently ignored typos."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class ModelSection(Section):
@@ -138,6 +134,8 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    """Where and how the compiled pipeline runs on Kubernetes; `kftune run` ignores it."""
 
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
@@ -155,6 +153,12 @@ class RunConfig(Section):
             raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
         if self.train.batch_size % self.train.workers:
             raise _FieldError("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}")
+        rayjob = self.cluster.rayjob
+        if rayjob.enabled and self.cluster.volume is None:
+            raise _FieldError("cluster.volume", "required with cluster.rayjob.enabled: the RayJob's pods read prompts and write the model there")
+        if rayjob.enabled and self.train.batch_size % rayjob.ray_workers():
+            raise _FieldError("cluster.rayjob.nodes", f"{rayjob.nodes} nodes give {rayjob.ray_workers()} Ray workers (one per GPU), "
+                                                      f"which do not split train.batch_size={self.train.batch_size} evenly")
         if self.registry.gate.metric not in self.eval.metrics:
             raise _FieldError("registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}")
         return self

@@ -29,6 +29,12 @@ def with_local_registry(config: RunConfig, out_dir: Path) -> RunConfig:
     return config.model_copy(update={"registry": registry})
 
 
+def on_this_machine(config: RunConfig) -> RunConfig:
+    """Train here even when the config hands training to a RayJob on a cluster."""
+    rayjob = config.cluster.rayjob.model_copy(update={"enabled": False})
+    return config.model_copy(update={"cluster": config.cluster.model_copy(update={"rayjob": rayjob})})
+
+
 def preflight(config: RunConfig) -> None:
     """Fail before any step starts: model folder and weights, data file, columns, splits."""
     from kftune.data.prepare import prepare
@@ -42,7 +48,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     """Execute the DAG; returns the register step's summary plus wall time and output locations."""
     from kfp import local
 
-    from kftune.pipelines.kftune_pipeline import kftune_pipeline
+    from kftune.pipelines.kftune_pipeline import build_pipeline
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +59,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "pipeline"))
     try:
-        task = kftune_pipeline(config=config_to_dict(config))
+        task = build_pipeline(config.cluster)(config=config_to_dict(on_this_machine(config)))  # cluster settings: no-ops here
     except RuntimeError as exc:
         raise KftuneError(f"the pipeline failed: {exc} (the failing step's log is above)") from None
     summary_path = Path(task.outputs["Output"].path)

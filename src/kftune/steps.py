@@ -38,10 +38,15 @@ def build_prompts(config: dict[str, Any], dataset_dir: str, prompts_dir: str, pr
 
 
 def train(config: dict[str, Any], prompts_dir: str, model_dir: str, run_name: str) -> dict[str, Any]:
-    from kftune.train.launch import run_training
+    run_config = _config(config)
+    if run_config.cluster.rayjob.enabled:  # on Kubernetes: a KubeRay RayJob trains on GPU nodes; this pod follows it
+        from kftune.kube.rayjob import train_on_rayjob
 
-    storage = tempfile.mkdtemp(prefix="kftune-ray-")
-    log = run_training(_config(config), prompts_dir, model_dir, storage, run_name)
+        log = train_on_rayjob(run_config, prompts_dir, model_dir, run_name)
+    else:
+        from kftune.train.launch import run_training
+
+        log = run_training(run_config, prompts_dir, model_dir, tempfile.mkdtemp(prefix="kftune-ray-"), run_name)
     return {k: log[k] for k in ("steps", "seconds", "seconds_per_step", "trainable_parameters", "final_loss")}
 
 

@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from kftune.config import RunConfig, config_to_dict
+from kftune.train import WORKER_ENV
 from kftune.train.loop import TRAIN_LOG_FILE, train_worker
 
-# Worker processes inherit these: quiet tokenizers' fork warning, keep HF offline (nothing is downloaded).
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # plain prints: progress lines once, not twice
 
 
 def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, storage_dir: str | Path, run_name: str) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from kftune.config import RunConfig, config_to_dict
 from kftune.methods import apply_method, trainable_parameters
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
+from kftune.train import TRAIN_LOG_FILE
 from kftune.train.progress import ProgressLine
 
-TRAIN_LOG_FILE = "train_log.json"
 PROBE_FILE = "probe.json"
 PROBE_ROWS = 16
 LOSS_POINTS = 200  # the loss curve kept in train_log.json is averaged down to about this many points

@@ -1,0 +1,228 @@
+"""Training on a Kubernetes cluster as a KubeRay RayJob (ray.io/v1).
+
+`build_rayjob` turns a run config into the manifest: a CPU head that runs no training, one GPU
+worker group of `cluster.rayjob.nodes` pods, and an entrypoint that runs kftune's trainer
+(`python -m kftune.train`) with the config in its runtime env; Ray Train then starts one worker
+per GPU. `run_rayjob` creates it (or, for a retried step, follows the one already there), streams
+the submitter's log, maps the final status to an outcome and raises with the RayJob's own reason
+when it failed. `train_on_rayjob` is the pipeline's train step around it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from kftune.config import RunConfig, config_to_dict, parse_config
+from kftune.errors import KftuneError
+from kftune.kube.settings import ClusterSection, Placement, Resources
+from kftune.train import TRAIN_LOG_FILE, WORKER_ENV
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+MAX_NAME = 47  # KubeRay derives longer names (cluster, submitter Job) from it and rejects 48+
+CONFIG_ENV = "KFTUNE_CONFIG"
+
+
+def rayjob_name(run_name: str) -> str:
+    """A valid RayJob name from a pipeline run name: lowercase DNS label, at most 47 characters."""
+    name = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-")[:MAX_NAME].rstrip("-")
+    if not name:
+        raise KftuneError(f"cannot derive a RayJob name from run name {run_name!r}")
+    return name
+
+
+def sized_for_rayjob(config: RunConfig) -> RunConfig:
+    """The config the trainer sees on the cluster: one Ray Train worker per GPU of the worker group, no second RayJob."""
+    rayjob = config.cluster.rayjob
+    train = config.train.model_copy(update={"workers": rayjob.ray_workers(), "use_gpu": rayjob.worker.gpus > 0})
+    cluster = config.cluster.model_copy(update={"rayjob": rayjob.model_copy(update={"enabled": False})})
+    return parse_config(config_to_dict(config.model_copy(update={"train": train, "cluster": cluster})), source="cluster.rayjob")
+
+
+def build_rayjob(config: RunConfig, run_name: str, work_dir: str) -> dict[str, Any]:
+    """The RayJob manifest. `work_dir` (prompts/ in, model/ out, Ray Train's storage) must be on `cluster.volume`, which every pod mounts."""
+    from kftune.components.images import TRAINER_IMAGE
+
+    cluster, rayjob = config.cluster, config.cluster.rayjob
+    image = rayjob.image or TRAINER_IMAGE
+    name = rayjob_name(run_name)
+    entrypoint = shlex.join(["python", "-m", "kftune.train", "--work-dir", work_dir, "--run-name", name])
+    env = {**WORKER_ENV, CONFIG_ENV: json.dumps(config_to_dict(sized_for_rayjob(config)))}
+    spec: dict[str, Any] = {
+        "entrypoint": entrypoint,
+        "runtimeEnvYAML": yaml.safe_dump({"env_vars": env}),
+        "shutdownAfterJobFinishes": rayjob.shutdown_after_finishes,
+        "rayClusterSpec": {
+            "rayVersion": version("ray"),
+            "headGroupSpec": {
+                "rayStartParams": {"num-cpus": "0"},  # the head schedules; training happens on the GPU workers
+                "template": _pod_template("ray-head", image, rayjob.head, cluster.steps, cluster),
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": "gpu-workers",
+                    "replicas": rayjob.nodes,
+                    "minReplicas": rayjob.nodes,
+                    "maxReplicas": rayjob.nodes,
+                    "rayStartParams": {},
+                    "template": _pod_template("ray-worker", image, rayjob.worker, cluster.train, cluster),
+                }
+            ],
+        },
+    }
+    if rayjob.shutdown_after_finishes:
+        spec["ttlSecondsAfterFinished"] = rayjob.ttl_seconds_after_finished
+    if rayjob.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = rayjob.active_deadline_seconds
+    labels = {"app.kubernetes.io/name": "kftune", "app.kubernetes.io/component": "train"}
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob", "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels}, "spec": spec}
+
+
+def _pod_template(container: str, image: str, resources: Resources, placement: Placement, cluster: ClusterSection) -> dict[str, Any]:
+    requests = {"cpu": resources.cpu, "memory": resources.memory}
+    limits = {"memory": resources.memory}
+    if resources.gpus:
+        requests[resources.accelerator] = limits[resources.accelerator] = str(resources.gpus)
+    main: dict[str, Any] = {"name": container, "image": image, "resources": {"requests": requests, "limits": limits},
+                            "securityContext": {"allowPrivilegeEscalation": False}}
+    pod: dict[str, Any] = {"containers": [main]}
+    if cluster.volume:
+        main["volumeMounts"] = [{"name": "data", "mountPath": cluster.volume.mount_path}]
+        pod["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": cluster.volume.claim}}]
+    if placement.node_selector:
+        pod["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        pod["tolerations"] = [t.model_dump(exclude_none=True) for t in placement.tolerations]
+    if cluster.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": secret} for secret in cluster.image_pull_secrets]
+    return {"spec": pod}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finished: bool
+    succeeded: bool
+    summary: str
+
+
+TERMINAL_DEPLOYMENT = {"Complete", "Failed", "ValidationFailed"}
+
+
+def outcome(status: dict[str, Any] | None) -> Outcome:
+    """Map a RayJob's status to finished / succeeded, with its own words (reason, message) for failures.
+
+    KubeRay reports two things: jobDeploymentStatus (its lifecycle: Initializing .. Complete, Failed,
+    ValidationFailed) and jobStatus (Ray's: PENDING .. SUCCEEDED, FAILED, STOPPED). Only Complete
+    with SUCCEEDED is a success.
+    """
+    status = status or {}
+    deployment = status.get("jobDeploymentStatus") or "New"
+    job = status.get("jobStatus") or "PENDING"
+    if deployment not in TERMINAL_DEPLOYMENT:
+        return Outcome(False, False, f"{deployment}, Ray job {job}")
+    if deployment == "Complete" and job == "SUCCEEDED":
+        return Outcome(True, True, "Complete, Ray job SUCCEEDED")
+    reason = status.get("reason") or "no reason given"
+    message = status.get("message") or "no message"
+    return Outcome(True, False, f"{deployment} ({reason}), Ray job {job}: {message}")
+
+
+class RayJobApi(Protocol):
+    """The Kubernetes calls `run_rayjob` needs; `KubernetesRayJobApi` makes them with the kubernetes client."""
+
+    def create(self, manifest: dict[str, Any]) -> bool:
+        """False when a RayJob of that name already exists (a retried step follows it)."""
+    def status(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def submitter_log(self, namespace: str, name: str) -> Iterable[str] | None: ...
+    def delete(self, namespace: str, name: str) -> None: ...
+
+
+class KubernetesRayJobApi:
+    """RayJobs through the Kubernetes API (in-cluster service account, else ~/.kube/config)."""
+
+    def __init__(self) -> None:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        self.objects, self.core = client.CustomObjectsApi(), client.CoreV1Api()
+
+    def create(self, manifest):
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.objects.create_namespaced_custom_object(GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest)
+        except ApiException as exc:
+            if exc.status != 409:  # 409 Conflict: AlreadyExists
+                raise
+            return False
+        return True
+
+    def status(self, namespace, name):
+        return self.objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status")
+
+    def submitter_log(self, namespace, name):
+        """The submitter pod's log (`ray job submit` tails the job's driver output), followed to its end."""
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+        running = [pod for pod in pods if pod.status.phase in ("Running", "Succeeded", "Failed")]
+        if not running:
+            return None
+        stream = self.core.read_namespaced_pod_log(running[-1].metadata.name, namespace, follow=True, _preload_content=False)
+        return (line.decode(errors="replace").rstrip("\n") for line in stream.stream())
+
+    def delete(self, namespace, name):
+        self.objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def run_rayjob(manifest: dict[str, Any], api: RayJobApi, *, delete_after: bool, poll_seconds: float = 10.0,
+               echo: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep) -> Outcome:
+    """Create the RayJob, stream its log, wait for a terminal status; raises KftuneError when it failed."""
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    echo(f"kftune: {'created' if api.create(manifest) else 'following the existing'} RayJob {namespace}/{name}")
+    streamed, last = False, None
+    try:
+        while True:
+            result = outcome(api.status(namespace, name))
+            if result.finished:
+                break
+            if result.summary != last:
+                echo(f"kftune: RayJob {name}: {result.summary}")
+                last = result.summary
+            log = None if streamed else api.submitter_log(namespace, name)
+            if log is not None:
+                for line in log:
+                    echo(line)
+                streamed = True
+            else:
+                sleep(poll_seconds)
+    finally:
+        if delete_after:
+            api.delete(namespace, name)
+    if not result.succeeded:
+        raise KftuneError(f"RayJob {namespace}/{name} failed: {result.summary}")
+    echo(f"kftune: RayJob {name}: {result.summary}")
+    return result
+
+
+def train_on_rayjob(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, run_name: str,
+                    api: RayJobApi | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The pipeline's train step on a cluster: stage the prompts on the shared volume, run the RayJob,
+    copy the trained Model folder back into the step's artifact. Returns the train log."""
+    work = Path(config.cluster.volume.mount_path) / "kftune-runs" / rayjob_name(run_name)
+    shutil.copytree(prompts_dir, work / "prompts", dirs_exist_ok=True)
+    manifest = build_rayjob(config, run_name, str(work))
+    run_rayjob(manifest, api or KubernetesRayJobApi(), delete_after=config.cluster.rayjob.delete_after_follow, echo=echo)
+    shutil.copytree(work / "model", model_dir, dirs_exist_ok=True)
+    return json.loads((Path(model_dir) / TRAIN_LOG_FILE).read_text())

@@ -1,0 +1,95 @@
+"""The `cluster` section of a run config: what `kftune compile` writes into the pipeline for
+Kubernetes (resources, placement, volumes, secrets) and how a RayJob is sized. Plain data, read
+at compile time; `kftune run` on this machine ignores it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints
+
+from kftune.section import Section
+
+Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")]
+"""A Kubernetes resource quantity: `500m`, `2`, `16Gi`."""
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)]
+"""A Kubernetes object name (DNS subdomain)."""
+
+
+class Resources(Section):
+    cpu: Quantity = "1"
+    """Requested, not limited: a CPU limit only throttles."""
+    memory: Quantity = "4Gi"
+    """Requested and used as the limit: a step that outgrows it is OOM-killed instead of starving its node."""
+    gpus: int = Field(default=0, ge=0)
+    accelerator: str = "nvidia.com/gpu"
+    """The extended resource name GPUs are requested under."""
+
+
+class Toleration(Section):
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class Placement(Section):
+    """Resources and scheduling of one kind of pod."""
+
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class VolumeClaim(Section):
+    claim: Name
+    """An existing PersistentVolumeClaim in the pipeline's namespace (data files, model cache)."""
+    mount_path: str = Field(default="/data", pattern=r"^/")
+
+
+class SecretEnv(Section):
+    name: Name
+    """A Secret in the pipeline's namespace."""
+    env: dict[str, str] = Field(
+        default_factory=lambda: {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+                                 "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+    )
+    """Secret key -> environment variable of the steps that talk to MLflow."""
+
+
+class RayJobSection(Section):
+    """A KubeRay RayJob for training on several GPU nodes (see `kftune.kube.rayjob`)."""
+
+    enabled: bool = False
+    """The pipeline's train step hands training to a RayJob (needs `cluster.volume`, ReadWriteMany for several nodes)."""
+    image: str | None = None
+    """Empty: the trainer image of this kftune version."""
+    nodes: int = Field(default=1, ge=1)
+    """Worker pods; Ray Train runs `gpus_per_node` workers on each."""
+    worker: Resources = Field(default_factory=lambda: Resources(cpu="8", memory="64Gi", gpus=1))
+    head: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="8Gi"))
+    shutdown_after_finishes: bool = True
+    """Delete the RayCluster when the job ends (GPU nodes are expensive to leave idle)."""
+    ttl_seconds_after_finished: int = Field(default=600, ge=0)
+    """Seconds the finished cluster (and its logs) lives before KubeRay deletes it."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """The RayJob fails when it runs longer than this."""
+    delete_after_follow: bool = False
+    """`kftune` deletes the RayJob object once it has followed it to the end."""
+
+    def ray_workers(self) -> int:
+        """Ray Train workers on the cluster: one per GPU (one per node without GPUs)."""
+        return self.nodes * max(self.worker.gpus, 1)
+
+
+class ClusterSection(Section):
+    namespace: Name = "kubeflow"
+    steps: Placement = Field(default_factory=Placement)
+    """prepare_data, build_prompts, evaluate, register."""
+    train: Placement = Field(default_factory=lambda: Placement(resources=Resources(cpu="4", memory="16Gi")))
+    volume: VolumeClaim | None = None
+    """Mounted into every step."""
+    mlflow_secret: SecretEnv | None = None
+    """Credentials for the MLflow server and its artifact store, as env vars of the register step."""
+    image_pull_secrets: list[Name] = Field(default_factory=list)
+    rayjob: RayJobSection = Field(default_factory=RayJobSection)

@@ -49,6 +49,7 @@ def score(model, rows: list[dict], config: RunConfig, pad_token_id: int, num_lab
     for start in range(0, len(rows), size):
         batch = collate(rows[start : start + size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = logits[:, -batch["labels"].shape[1] :]  # prompt-learning methods prepend virtual tokens
         targets = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         total_loss += loss.item()

@@ -75,7 +75,7 @@ def cmd_validate(args) -> int:
 
 def cmd_methods(args) -> int:
     """Each method with its description and tasks; with --model, what it trains on that model
-    (applied with default options, or the example options where a method needs some)."""
+    (applied with default options, or the example values below where an option is required)."""
     from kftune.methods import METHODS
 
     width = max(map(len, METHODS))
@@ -86,6 +86,7 @@ def cmd_methods(args) -> int:
     from kftune.methods import apply_method, trainable_parameters
     from kftune.models import load_base_model, resolve_model_path
 
+    required_options = {"freeze_bottom": {"layers": 2}, "train_top": {"layers": 2}, "layer_range": {"start": 1, "end": 3}, "gradual_unfreeze": {"every_steps": 100}}
     path = resolve_model_path(args.model)
     print(f"{'method':<{width}}  {'trainable':>12}  {'%':>7}  ({args.task} on {path})")
     for name, spec in sorted(METHODS.items()):
@@ -93,21 +94,13 @@ def cmd_methods(args) -> int:
             print(f"{name:<{width}}  {'-':>12}  {'-':>7}  not for {args.task}")
             continue
         try:
-            model = apply_method(load_base_model(path, args.task, 2, 0), spec.options.model_validate(EXAMPLE_OPTIONS.get(name, {})), args.task)
+            model = apply_method(load_base_model(path, args.task, 2, 0), spec.options.model_validate(required_options.get(name, {})), args.task)
         except KftuneError as exc:
             print(f"{name:<{width}}  {'-':>12}  {'-':>7}  {exc}")
             continue
         trainable, total = trainable_parameters(model)
         print(f"{name:<{width}}  {trainable:>12,}  {100 * trainable / total:>6.2f}%  {spec.description}")
     return 0
-
-
-EXAMPLE_OPTIONS = {  # options `kftune methods --model` applies where a method has required ones
-    "freeze_bottom": {"layers": 2},
-    "train_top": {"layers": 2},
-    "layer_range": {"start": 1, "end": 3},
-    "gradual_unfreeze": {"every_steps": 100},
-}
 
 
 def build_parser() -> argparse.ArgumentParser:

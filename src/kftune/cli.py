@@ -149,11 +149,32 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_methods(args) -> int:
+    """Each method with its description and tasks; with --model, what it trains on that model
+    (applied with default options, or the example values below where an option is required)."""
     from kftune.methods import METHODS
 
     width = max(map(len, METHODS))
+    if not args.model:
+        for name, spec in sorted(METHODS.items()):
+            print(f"{name:<{width}}  {spec.description}  [{', '.join(spec.tasks)}]")
+        return 0
+    from kftune.methods import apply_method, trainable_parameters
+    from kftune.models import load_base_model, resolve_model_path
+
+    required_options = {"freeze_bottom": {"layers": 2}, "train_top": {"layers": 2}, "layer_range": {"start": 1, "end": 3}, "gradual_unfreeze": {"every_steps": 100}}
+    path = resolve_model_path(args.model)
+    print(f"{'method':<{width}}  {'trainable':>12}  {'%':>7}  ({args.task} on {path})")
     for name, spec in sorted(METHODS.items()):
-        print(f"{name:<{width}}  {spec.description}  [{', '.join(spec.tasks)}]")
+        if args.task not in spec.tasks:
+            print(f"{name:<{width}}  {'-':>12}  {'-':>7}  not for {args.task}")
+            continue
+        try:
+            model = apply_method(load_base_model(path, args.task, 2, 0), spec.options.model_validate(required_options.get(name, {})), args.task)
+        except KftuneError as exc:
+            print(f"{name:<{width}}  {'-':>12}  {'-':>7}  {exc}")
+            continue
+        trainable, total = trainable_parameters(model)
+        print(f"{name:<{width}}  {trainable:>12,}  {100 * trainable / total:>6.2f}%  {spec.description}")
     return 0
 
 
@@ -191,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_.add_argument("--name", help="recurring run name (default: kftune-<model name>)")
     schedule_.set_defaults(func=cmd_schedule)
     with_config("validate", "check a config and print it with every default filled in").set_defaults(func=cmd_validate)
-    commands.add_parser("methods", help="list the fine-tuning methods").set_defaults(func=cmd_methods)
+    methods = commands.add_parser("methods", help="list the fine-tuning methods; with --model, what each trains on it")
+    methods.add_argument("--model", help="a packaged alias or model folder: print trainable parameters and % per method")
+    methods.add_argument("--task", default="sequence_classification", choices=["sequence_classification", "causal_lm"], help="the task head to load with --model")
+    methods.set_defaults(func=cmd_methods)
 
     def registry_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)

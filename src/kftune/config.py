@@ -70,6 +70,9 @@ class TrainSection(Section):
     """Fraction of the steps spent warming the learning rate up from zero."""
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    layer_lr_decay: float | None = Field(default=None, gt=0, le=1)
+    """Discriminative fine-tuning: each block below the top one gets lr times this factor once more
+    (full and freezing methods)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
     workers: int = Field(default=2, ge=1)
@@ -147,6 +150,12 @@ class RunConfig(Section):
             raise _FieldError("prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}")
         if not method_supports_task(self.method, task):
             raise _FieldError("method.name", f"method {self.method.name!r} does not support task {task}")
+        method = METHODS[self.method.name]
+        if self.train.layer_lr_decay is not None and not method.layer_lr_decay:
+            raise _FieldError("train.layer_lr_decay", f"applies to methods that train whole layers ({', '.join(n for n, m in METHODS.items() if m.layer_lr_decay)}), not {method.name}")
+        problem = method.check_config(self) if method.check_config else None
+        if problem:
+            raise _FieldError(*problem)
         allowed = CLASSIFICATION_METRICS if task == "sequence_classification" else LM_METRICS | (CLASSIFICATION_METRICS if template.labelled else set())
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:

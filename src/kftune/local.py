@@ -36,11 +36,13 @@ def on_this_machine(config: RunConfig) -> RunConfig:
 
 
 def preflight(config: RunConfig) -> None:
-    """Fail before any step starts: model folder and weights, data file, columns, splits."""
+    """Fail before any step starts: model folder and weights, the method against the model's
+    architecture, data file, columns, splits."""
     from kftune.data.prepare import prepare
+    from kftune.methods import check_method_fits_model
     from kftune.models import resolve_model_path
 
-    resolve_model_path(config.model.name_or_path)
+    check_method_fits_model(config.method, resolve_model_path(config.model.name_or_path))
     prepare(config)
 
 

@@ -65,18 +65,19 @@ def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: i
 
 
 def load_tuned_model(model_dir: str | Path):
-    """Base model plus adapter (or the full tuned model) from a kftune Model artifact folder."""
+    """The tuned model from a kftune Model artifact folder, read back in the format its method saved
+    (whole model, PEFT adapter or trained parameters; see kftune.methods.artifacts)."""
+    from kftune.methods import METHODS
+
     model_dir = Path(model_dir)
     config = json.loads((model_dir / TUNED_CONFIG_FILE).read_text())
-    task = config["model"]["task"]
-    if (model_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
+    task, num_labels, seed = config["model"]["task"], config["model"].get("num_labels"), config["train"]["seed"]
+    spec = METHODS[config["method"]["name"]]
 
-        base = load_base_model(resolve_model_path(config["model"]["name_or_path"]), task, config["model"].get("num_labels"), config["train"]["seed"])
-        model = PeftModel.from_pretrained(base, str(model_dir))
-    else:
-        model = load_base_model(model_dir, task, config["model"].get("num_labels"), config["train"]["seed"])
-    return model.eval()
+    def load_base(path: str | Path | None = None):
+        return load_base_model(path or resolve_model_path(config["model"]["name_or_path"]), task, num_labels, seed)
+
+    return spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base).eval()
 
 
 def merge_adapter(model_dir: str | Path, out_dir: str | Path) -> Path:

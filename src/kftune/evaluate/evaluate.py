@@ -105,6 +105,7 @@ def _lm_loss(model, rows: list[dict], collate: Collator, size: int) -> tuple[flo
     for start in range(0, len(rows), size):
         batch = collate(rows[start : start + size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = logits[:, -batch["labels"].shape[1] :]  # prompt-learning methods prepend virtual tokens
         targets = batch["labels"][:, 1:]
         total_loss += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
         total_tokens += int((targets != IGNORE_INDEX).sum())

@@ -1,11 +1,15 @@
 """Fine-tuning methods selectable by name (`method.name` in the run config)."""
 
+from __future__ import annotations
+
 from typing import Annotated, Union
 
 from pydantic import Field
 
-from kftune.methods import freezing, full, lora  # noqa: F401  (each module registers its methods)
-from kftune.methods.base import METHODS, MethodOptions, MethodSpec, trainable_parameters
+from kftune.errors import KftuneError
+from kftune.methods import adapters, freezing, full, ia3, layer_prompt, lora, prompt_learning, selective  # noqa: F401  (each module registers its methods)
+from kftune.methods.base import METHODS, MethodOptions, MethodSpec
+from kftune.methods.layers import parameter_positions
 
 MethodConfig = Annotated[Union[tuple(spec.options for spec in METHODS.values())], Field(discriminator="name")]
 
@@ -14,9 +18,63 @@ def method_supports_task(options: MethodOptions, task: str) -> bool:
     return task in METHODS[options.name].tasks
 
 
+def architecture_problem(options: MethodOptions, model_config) -> str | None:
+    """Why a model with this `config.json` cannot take the method (a message naming the field), or None."""
+    check = METHODS[options.name].check
+    return check(model_config, options) if check else None
+
+
+def check_method_fits_model(options: MethodOptions, model_path) -> None:
+    """Fail before training when the model's architecture cannot take the method."""
+    from transformers import AutoConfig
+
+    problem = architecture_problem(options, AutoConfig.from_pretrained(str(model_path)))
+    if problem:
+        raise KftuneError(problem)
+
+
 def apply_method(model, options: MethodOptions, task: str):
     """Apply a registered method; returns the model to train (possibly a PEFT wrapper)."""
+    problem = architecture_problem(options, model.config)
+    if problem:
+        raise KftuneError(problem)
     return METHODS[options.name].apply(model, options, task)
 
 
-__all__ = ["METHODS", "MethodConfig", "MethodOptions", "MethodSpec", "apply_method", "method_supports_task", "trainable_parameters"]
+def optimizer_parameter_groups(model, options: MethodOptions, lr: float, layer_lr_decay: float | None = None) -> list[dict]:
+    """AdamW parameter groups over every parameter the method may train. With `layer_lr_decay` d,
+    a parameter `k` blocks below the top block gets lr * d**k (discriminative fine-tuning, seed 001
+    §3.5): the top block and what sits above it get lr, the embeddings lr * d**blocks."""
+    may_train = METHODS[options.name].may_train
+    parameters = may_train(model, options) if may_train else [p for p in model.parameters() if p.requires_grad]
+    if layer_lr_decay is None:
+        return [{"params": parameters, "lr": lr}]
+    chosen = {id(p) for p in parameters}
+    positions, blocks = parameter_positions(model)
+    groups: dict[int, list] = {}
+    for name, parameter in model.named_parameters():
+        if id(parameter) in chosen:
+            groups.setdefault(max(0, blocks - 1 - positions[name]), []).append(parameter)
+    return [{"params": group, "lr": lr * layer_lr_decay**depth} for depth, group in sorted(groups.items())]
+
+
+def on_step(model, options: MethodOptions, step: int) -> list[str] | None:
+    """Let the method act after optimizer step `step`; returns the layers it unfroze, if any."""
+    hook = METHODS[options.name].on_step
+    return hook(model, options, step) if hook else None
+
+
+def save_tuned_model(model, options: MethodOptions, out) -> None:
+    METHODS[options.name].artifact.save(model, options, out)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a gradient-masked parameter counts its unmasked entries."""
+    trainable = sum(int(p.gradient_mask.sum()) if hasattr(p, "gradient_mask") else p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "METHODS", "MethodConfig", "MethodOptions", "MethodSpec", "apply_method", "architecture_problem", "check_method_fits_model",
+    "method_supports_task", "on_step", "optimizer_parameter_groups", "save_tuned_model", "trainable_parameters",
+]

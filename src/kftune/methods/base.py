@@ -1,12 +1,28 @@
 """The method registry: a name, an options schema and an `apply(model, options, task)` that leaves
-exactly the intended parameters trainable. Method modules register themselves on import."""
+exactly the intended parameters trainable. Method modules register themselves on import.
+
+Besides `apply`, a method may declare:
+- `artifact`: how the tuned model is saved and reloaded (whole model, PEFT adapter, or only the
+  trained parameters of a hand-written method); see `kftune.methods.artifacts`.
+- `check(model_config, options)`: why this model's architecture cannot take the method (or None);
+  run before any pipeline step starts, with the model's `config.json` only.
+- `check_config(config)`: a (field, message) problem with the rest of the run config, or None.
+- `may_train(model, options)`: every parameter that may ever train, when that is more than the
+  ones trainable after `apply` (gradual unfreezing); the optimizer is built over these.
+- `on_step(model, options, step)`: called after every optimizer step; returns the names of the
+  layers it just unfroze (logged by the training loop) or None.
+- `layer_lr_decay`: whether `train.layer_lr_decay` applies (methods that train whole layers).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from kftune.methods.artifacts import Artifact
 
 TASKS = ("sequence_classification", "causal_lm")
 
@@ -25,25 +41,49 @@ class MethodSpec:
     apply: Callable
     description: str
     tasks: tuple[str, ...]
-    saves_adapter: bool
-    """True when the artifact is a PEFT adapter (only the trained weights) rather than a whole model."""
+    artifact: Artifact
+    check: Callable | None = None
+    check_config: Callable | None = None
+    may_train: Callable | None = None
+    on_step: Callable | None = None
+    layer_lr_decay: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(options: type[MethodOptions], description: str, tasks: tuple[str, ...] = TASKS, saves_adapter: bool = False):
+def register(options: type[MethodOptions], description: str, tasks: tuple[str, ...] = TASKS, artifact: Artifact | None = None, **hooks):
+    """Register the decorated `apply` under `options`' name; `hooks` are the optional MethodSpec fields."""
+    from kftune.methods.artifacts import WHOLE_MODEL
+
     name = options.model_fields["name"].default
 
     def decorator(apply: Callable) -> Callable:
-        METHODS[name] = MethodSpec(name, options, apply, description, tasks, saves_adapter)
+        METHODS[name] = MethodSpec(name, options, apply, description, tasks, artifact or WHOLE_MODEL, **hooks)
         return apply
 
     return decorator
 
 
-def trainable_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+def task_head_names(model) -> set[str]:
+    """Parameters outside the pretrained body (`classifier`, `score`, `lm_head`): the task head."""
+    body = model.base_model_prefix + "."
+    return {name for name, _ in model.named_parameters() if not name.startswith(body)}
+
+
+def with_task_head(model, names: set[str], task: str) -> set[str]:
+    """`names` plus the classification head, which is new and always trains; an LM head is pretrained and does not."""
+    return names | task_head_names(model) if task == "sequence_classification" else names
+
+
+def train_only(model, names: set[str]):
+    """Make exactly `names` trainable."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in names)
+    return model
+
+
+def peft_task_type(task: str):
+    import peft
+
+    return peft.TaskType.SEQ_CLS if task == "sequence_classification" else peft.TaskType.CAUSAL_LM

@@ -1,10 +1,17 @@
-"""LoRA (Hu et al. 2021) and its DoRA / rsLoRA variants, through `peft`."""
+"""LoRA (Hu et al. 2021) and its DoRA / rsLoRA variants, through `peft`.
 
+With `merge: true` the artifact is the base model with the low-rank updates folded into its
+weights (`merge_and_unload`): a plain Hugging Face model, no peft needed to serve it."""
+
+from __future__ import annotations
+
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from kftune.methods.base import MethodOptions, register
+from kftune.methods.artifacts import PEFT_ADAPTER, WHOLE_MODEL, Artifact
+from kftune.methods.base import MethodOptions, peft_task_type, register
 
 
 class LoraOptions(MethodOptions):
@@ -16,15 +23,34 @@ class LoraOptions(MethodOptions):
     """None: peft's default for the architecture (query/value on BERT, q_proj/v_proj on Llama)."""
     use_dora: bool = False
     use_rslora: bool = False
+    merge: bool = False
+    """Save the merged model (base weights + updates) instead of the adapter."""
 
 
-@register(LoraOptions, "Low-rank updates on chosen linear layers; the task head trains too.", saves_adapter=True)
+def merged_model(model):
+    """The base model with the LoRA updates folded in; the trained PeftModel itself is left intact."""
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def save_lora(model, options: LoraOptions, out: Path) -> None:
+    if options.merge:
+        WHOLE_MODEL.save(merged_model(model), options, out)
+    else:
+        PEFT_ADAPTER.save(model, options, out)
+
+
+def load_lora(model_dir: Path, options: LoraOptions, task: str, load_base):
+    return (WHOLE_MODEL if options.merge else PEFT_ADAPTER).load(model_dir, options, task, load_base)
+
+
+@register(LoraOptions, "Low-rank updates on chosen linear layers; the task head trains too.", artifact=Artifact(save_lora, load_lora))
 def apply(model, options: LoraOptions, task: str):
     import peft
 
-    task_type = peft.TaskType.SEQ_CLS if task == "sequence_classification" else peft.TaskType.CAUSAL_LM
     config = peft.LoraConfig(
-        task_type=task_type,
+        task_type=peft_task_type(task),
         r=options.r,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kftune.config import RunConfig, config_to_dict
-from kftune.methods import apply_method, trainable_parameters
+from kftune.methods import apply_method, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
 from kftune.train import TRAIN_LOG_FILE
@@ -79,8 +79,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    # Over every parameter the method may ever train (gradual unfreezing turns more on later; AdamW
+    # skips those without a gradient), in layer-wise learning-rate groups when asked for.
+    groups = optimizer_parameter_groups(unwrap(model), config.method, config.train.lr, config.train.layer_lr_decay)
+    parameters = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
     scheduler = get_scheduler(config.train.schedule, optimizer, int(config.train.warmup * total_steps), total_steps)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
@@ -107,6 +110,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
 
             step += 1
+            unfrozen = on_step(unwrap(model), config.method, step)
+            if unfrozen and rank == 0:
+                print(f"train: step {step}: unfroze {', '.join(unfrozen)}", flush=True)
             tokens += int(batch["attention_mask"].sum())
             losses.append(loss.item())
             if progress:
@@ -133,21 +139,21 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as out:
         checkpoint = None
         if rank == 0:
-            _save_artifact(model, model_path, resolved, log, prompts_dir, Path(out), task)
+            _save_artifact(model, config, model_path, resolved, log, prompts_dir, Path(out))
             checkpoint = ray.train.Checkpoint.from_directory(out)
         ray.train.report({"final_loss": log["final_loss"], "steps": step}, checkpoint=checkpoint)
 
 
-def _save_artifact(model, model_path: Path, resolved: dict, log: dict, prompts_dir: str, out: Path, task: str) -> None:
-    """Adapter or full weights (safetensors), tokenizer, resolved config, train log, probe predictions."""
-    unwrapped = model.module if hasattr(model, "module") else model
-    unwrapped.save_pretrained(str(out), safe_serialization=True)
+def _save_artifact(model, config: RunConfig, model_path: Path, resolved: dict, log: dict, prompts_dir: str, out: Path) -> None:
+    """The method's artifact (see kftune.methods.artifacts), tokenizer, resolved config, train log, probe predictions."""
+    unwrapped = unwrap(model)
+    save_tuned_model(unwrapped, config.method, out)
     load_tokenizer(model_path).save_pretrained(str(out))
     (out / TUNED_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
     (out / TRAIN_LOG_FILE).write_text(json.dumps(log, indent=2))
     (out / LABELS_FILE).write_text(json.dumps(read_meta(prompts_dir)["label_names"]))
     probe_rows = read_prompts(prompts_dir, "test")[:PROBE_ROWS]
-    probe = {"sources": [r["source"] for r in probe_rows], "outputs": probe_outputs(unwrapped, probe_rows, read_meta(prompts_dir)["pad_token_id"], task)}
+    probe = {"sources": [r["source"] for r in probe_rows], "outputs": probe_outputs(unwrapped, probe_rows, read_meta(prompts_dir)["pad_token_id"], config.model.task)}
     (out / PROBE_FILE).write_text(json.dumps(probe))
 
 
@@ -165,10 +171,16 @@ def probe_outputs(model, rows: list[dict], pad_token_id: int, task: str) -> list
         outputs = model(**batch).logits.float().tolist()
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = logits[:, -batch["labels"].shape[1] :]  # prompt-learning methods prepend virtual tokens
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
         outputs = [[v] for v in loss.sum(dim=1).tolist()]
     model.train(was_training)
     return outputs
+
+
+def unwrap(model):
+    """The model inside a DDP wrapper."""
+    return model.module if hasattr(model, "module") else model
 
 
 def _downsample(values: list[float]) -> list[float]:

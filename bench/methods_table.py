@@ -1,0 +1,112 @@
+"""Every method on MiniLM-L6 + SST-2 with the same budget: the first 2,000 training rows, 1 epoch,
+batch 32, max_length 64, one Ray worker with 2 CPUs; scored on the 872-sentence SST-2 dev set.
+
+    python bench/methods_table.py [ROW ...]    # all rows, or the named ones
+
+Runs the pipeline's step functions in one process (data prepared and tokenized once, Ray started
+once; MLflow registration skipped), so the per-method cost is training plus evaluation. Prints a
+Markdown table (for docs/methods.md) and appends one JSON line per row to
+bench/results/methods.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "sst2-minilm-lora.yaml"
+BUDGET = ["data.max_rows=2000", "train.epochs=1", "train.batch_size=32", "prompt.max_length=64", "train.workers=1", "train.cpus_per_worker=2", "eval.compare_base=false"]
+
+# row: (method, learning rate); learning rates are each family's usual range, not tuned here
+ROWS = {
+    "full": ("{name: full}", 5e-5),
+    "full + layer_lr_decay 0.8": ("{name: full}", 5e-5),
+    "head_only": ("{name: head_only}", 1e-3),
+    "freeze_bottom 3": ("{name: freeze_bottom, layers: 3}", 1e-4),
+    "train_top 2": ("{name: train_top, layers: 2}", 1e-4),
+    "layer_range 2-3": ("{name: layer_range, start: 2, end: 4}", 1e-4),
+    "gradual_unfreeze (1, every 10)": ("{name: gradual_unfreeze, start_layers: 1, every_steps: 10}", 1e-4),
+    "attention_only": ("{name: attention_only}", 1e-4),
+    "attention_only heads 0-5": ("{name: attention_only, heads: [0, 1, 2, 3, 4, 5]}", 2e-4),
+    "bitfit": ("{name: bitfit}", 1e-3),
+    "subnetwork 5%": ("{name: subnetwork, fraction: 0.05}", 5e-4),
+    "lora r8 q,v": ("{name: lora, r: 8, target_modules: [query, value]}", 1e-3),
+    "dora r8 q,v": ("{name: lora, r: 8, target_modules: [query, value], use_dora: true}", 1e-3),
+    "ia3": ("{name: ia3}", 1e-2),
+    "prefix_tuning 20": ("{name: prefix_tuning, virtual_tokens: 20}", 1e-2),
+    "prompt_tuning 20 text": ("{name: prompt_tuning, virtual_tokens: 20, init: text, init_text: 'the sentiment of this review is'}", 3e-2),
+    "p_tuning 20": ("{name: p_tuning, virtual_tokens: 20}", 1e-2),
+    "adapter houlsby /16": ("{name: adapter, placement: houlsby}", 1e-3),
+    "adapter pfeiffer /16": ("{name: adapter, placement: pfeiffer}", 1e-3),
+    "layer_prompt": ("{name: layer_prompt}", 1e-2),
+}
+EXTRA = {"full + layer_lr_decay 0.8": ["train.layer_lr_decay=0.8"]}
+
+
+def weights_megabytes(model_dir: Path) -> float:
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e6
+
+
+def run_row(row: str, prompts_dir: Path, work: Path) -> dict:
+    from kftune import steps
+    from kftune.config import config_to_dict, load_config
+
+    method, lr = ROWS[row]
+    config = config_to_dict(load_config(CONFIG, BUDGET + [f"method={method}", f"train.lr={lr}"] + EXTRA.get(row, [])))
+    model_dir = work / "model"
+    train = steps.train(config, str(prompts_dir), str(model_dir), run_name=f"bench-{abs(hash(row))}")
+    steps.evaluate(config, str(prompts_dir), str(model_dir), str(work / "evaluation"), str(work / "report.html"))
+    evaluation = json.loads((work / "evaluation" / steps.EVALUATION_FILE).read_text())
+    log = json.loads((model_dir / "train_log.json").read_text())
+    return {
+        "row": row,
+        "method": method,
+        "lr": lr,
+        "dev_accuracy": evaluation["tuned"]["accuracy"],
+        "trainable": train["trainable_parameters"],
+        "trainable_percent": 100 * train["trainable_parameters"] / log["total_parameters"],
+        "train_seconds": train["seconds"],
+        "steps": train["steps"],
+        "artifact_mb": weights_megabytes(model_dir),
+    }
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| method | lr | dev accuracy | trainable | trainable % | train time (s) | weights saved (MB) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['row']} | {r['lr']:g} | {r['dev_accuracy']:.4f} | {r['trainable']:,} | {r['trainable_percent']:.3f} | {r['train_seconds']:.1f} | {r['artifact_mb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(names: list[str]) -> None:
+    from kftune import steps
+    from kftune.config import config_to_dict, load_config
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows = names or list(ROWS)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = config_to_dict(load_config(CONFIG, BUDGET))
+        steps.prepare_data(base, str(work / "dataset"), str(work / "card.md"))
+        steps.build_prompts(base, str(work / "dataset"), str(work / "prompts"), str(work / "preview.html"))
+        for row in rows:
+            print(f"== {row}", flush=True)
+            result = run_row(row, work / "prompts", work / "run")
+            print(json.dumps(result), flush=True)
+            results.append(result)
+            record = result | {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "budget": BUDGET}
+            (REPO / "bench" / "results").mkdir(exist_ok=True)
+            with open(REPO / "bench" / "results" / "methods.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

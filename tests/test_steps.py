@@ -48,16 +48,11 @@ def test_prepare_build_train_evaluate_register_on_stories260k(make_config, tmp_p
     summary = steps.register(config, d["data"], d["model"], d["evaluation"], str(tmp_path / "report.html"), "run-1")
     assert summary["registered"]["version"] == 1 and summary["registered"]["promoted"]
 
-    # registry.log_merged: the version holds full weights (LoRA merged), and serves without the base model.
-    merged = {**config, "registry": {**config["registry"], "log_merged": True}}
-    summary = steps.register(merged, d["data"], d["model"], d["evaluation"], str(tmp_path / "report.html"), "run-2")
+    # Serving: the registered pyfunc continues a prompt the way training taught it.
     mlflow.set_tracking_uri(config["registry"]["tracking_uri"])
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/tiny/{summary['registered']['version']}", dst_path=str(tmp_path / "dl")))
-        served = mlflow.pyfunc.load_model(f"models:/tiny/{summary['registered']['version']}")
+        served = mlflow.pyfunc.load_model("models:/tiny@champion")
     finally:
         mlflow.set_tracking_uri(None)
-    folder = next((local / "artifacts").glob("*/kftune_config.json")).parent
-    assert (folder / "model.safetensors").is_file() and not (folder / "adapter_model.safetensors").exists()
     generated = served.predict(pd.DataFrame({"prompt": ["Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nWhat did Lily see in story 3?\n\n### Response:\n"]}))
     assert generated["generated"][0].startswith("Lily saw")

@@ -113,8 +113,6 @@ class RegistrySection(Section):
     """HTTP retries against a tracking server, with exponential backoff, before the step fails."""
     backoff_seconds: int = Field(default=1, ge=0)
     """Base of the exponential backoff between retries (MLflow waits backoff * 2**attempt seconds)."""
-    log_merged: bool = False
-    """Register merged full weights instead of the adapter (LoRA-family methods): no peft needed to serve."""
 
 
 class _FieldError(ValueError):

@@ -79,19 +79,3 @@ def load_tuned_model(model_dir: str | Path):
 
     return spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base).eval()
 
-
-def merge_adapter(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """A full-weights copy of a tuned artifact (LoRA merged into the base); other files copied as they are."""
-    import shutil
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not (model_dir / "adapter_config.json").is_file():
-        return model_dir
-    model = load_tuned_model(model_dir)
-    if not hasattr(model, "merge_and_unload"):
-        raise KftuneError(f"registry.log_merged: the adapter in {model_dir} cannot be merged into the base weights")
-    model.merge_and_unload().save_pretrained(str(out_dir), safe_serialization=True)
-    for path in model_dir.iterdir():
-        if path.is_file() and not path.name.startswith("adapter_") and not (out_dir / path.name).exists():
-            shutil.copy2(path, out_dir / path.name)
-    return out_dir

@@ -90,9 +90,5 @@ def register(
         "kftune.version": __version__,
         "kftune.run_name": f"{run_config.registry.model_name}-{pipeline_run_id}",
     }
-    if run_config.registry.log_merged:
-        from kftune.models import merge_adapter
-
-        model_dir = merge_adapter(model_dir, tempfile.mkdtemp(prefix="kftune-merged-"))
     registered = register_model(run_config, model_dir, evaluation, train_log, [report, card_path], lineage)
     return {"registered": registered, "evaluation": evaluation, "train": {k: v for k, v in train_log.items() if k != "loss_curve"}}

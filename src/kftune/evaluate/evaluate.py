@@ -19,7 +19,7 @@ from kftune.evaluate import metrics
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts
 from kftune.prompts.templates import TEMPLATES
-from kftune.train.loop import Collator
+from kftune.train.loop import Collator, next_token_losses
 
 GENERAL_TEXT = Path(__file__).with_name("data") / "general_text.txt"
 GENERATION_METRICS = {"exact_match": metrics.exact_match, "rouge_l": metrics.rouge_l, "bleu": metrics.bleu}
@@ -88,12 +88,10 @@ def _verbalizer_predictions(model, rows: list[dict], tokenizer, template, label_
         prompt_ids = row["input_ids"][: row["labels"].count(IGNORE_INDEX)]
         prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
         words = [(label, continuation_ids(tokenizer, prompt, prompt_ids, word)) for label, name in enumerate(label_names) for word in template.verbalizer[name]]
-        batch = Collator(tokenizer.pad_token_id, "causal_lm")([{"input_ids": prompt_ids + ids, "labels": prompt_ids + ids} for _, ids in words])
-        log_probs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().log_softmax(dim=-1)
+        candidates = [{"input_ids": prompt_ids + ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + ids} for _, ids in words]
+        log_likelihoods = (-next_token_losses(model, Collator(tokenizer.pad_token_id, "causal_lm")(candidates)).sum(dim=1)).tolist()
         best: dict[int, float] = {}
-        for i, (label, ids) in enumerate(words):
-            positions = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(ids))
-            value = sum(log_probs[i, p, t].item() for p, t in zip(positions, ids))
+        for (label, _), value in zip(words, log_likelihoods):
             best[label] = max(best.get(label, float("-inf")), value)
         predictions.append(max(best, key=best.get))
     return predictions
@@ -104,11 +102,8 @@ def _lm_loss(model, rows: list[dict], collate: Collator, size: int) -> tuple[flo
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(rows), size):
         batch = collate(rows[start : start + size])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        logits = logits[:, -batch["labels"].shape[1] :]  # prompt-learning methods prepend virtual tokens
-        targets = batch["labels"][:, 1:]
-        total_loss += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
-        total_tokens += int((targets != IGNORE_INDEX).sum())
+        total_loss += next_token_losses(model, batch).sum().item()
+        total_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return total_loss, total_tokens
 
 

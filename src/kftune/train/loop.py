@@ -50,6 +50,14 @@ class Collator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-position loss of predicting each labelled token from the ones before it (0 where the label
+    is -100): the one causal-LM loss that evaluation and the reload probe share."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logits = logits[:, -batch["labels"].shape[1] :]  # prompt-learning methods prepend virtual tokens
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -170,10 +178,7 @@ def probe_outputs(model, rows: list[dict], pad_token_id: int, task: str) -> list
         batch.pop("labels")
         outputs = model(**batch).logits.float().tolist()
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        logits = logits[:, -batch["labels"].shape[1] :]  # prompt-learning methods prepend virtual tokens
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
-        outputs = [[v] for v in loss.sum(dim=1).tolist()]
+        outputs = [[v] for v in next_token_losses(model, batch).sum(dim=1).tolist()]
     model.train(was_training)
     return outputs
 

@@ -34,7 +34,7 @@ def test_every_method_family_has_an_example():
     ("sections", "expected"),
     [
         ({"model": {"task": "causal_lm"}, "prompt": {"template": "text"}, "eval": {"metrics": ["perplexity"]}, "registry": {"gate": {"metric": "perplexity"}}, "method": {"name": "head_only"}}, "method.name: method 'head_only' does not support task causal_lm"),
-        ({"method": {"name": "gradual_unfreeze", "every_steps": 10}, "train": {"workers": 2, "batch_size": 16}}, "train.workers: gradual_unfreeze changes which parameters train"),
+        ({"method": {"name": "gradual_unfreeze", "every_steps": 10}, "train": {"deepspeed": {"stage": 1}}}, "train.deepspeed.stage: method gradual_unfreeze does not work under ZeRO stage 1"),
         ({"method": {"name": "subnetwork"}, "train": {"weight_decay": 0.01}}, "train.weight_decay: subnetwork masks gradients"),
         ({"method": {"name": "attention_only", "heads": [0]}, "train": {"weight_decay": 0.01}}, "train.weight_decay: attention_only masks gradients"),
         ({"method": {"name": "lora"}, "train": {"layer_lr_decay": 0.8}}, "train.layer_lr_decay: applies to methods that train whole layers"),
@@ -71,6 +71,15 @@ def test_architecture_mismatches_fail_before_training(options, model_config, exp
         from kftune.methods import architecture_problem
 
         assert architecture_problem(method, model_config).startswith(expected)
+
+
+def test_validate_checks_the_method_against_the_model(make_config, write_config, capsys):
+    bitfit_on_llama = make_config(model={"name_or_path": str(STORIES), "task": "causal_lm"}, prompt={"template": "text"}, method={"name": "bitfit"},
+                                  eval={"metrics": ["perplexity"]}, registry={"gate": {"metric": "perplexity"}})
+    path = write_config(bitfit_on_llama)
+    assert main(["validate", str(path)]) == 2
+    assert "method.name: bitfit trains bias terms and this llama model has none" in capsys.readouterr().err
+    assert main(["validate", "--schema-only", str(path)]) == 0  # for models that only exist on the cluster
 
 
 def tiny_llama_classifier():

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from kftune.methods import apply_method, on_step, optimizer_parameter_groups, save_tuned_model
+from kftune.methods import apply_method, calibrate_method, on_step, optimizer_parameter_groups, save_tuned_model
 from kftune.methods.base import METHODS
 from kftune.models import TUNED_CONFIG_FILE, load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
 
@@ -47,6 +47,7 @@ CASES = {
     "attention_heads": ({"name": "attention_only", "heads": [1, 6]}, 1e-3, {"minilm": r"attention\.(self\.(query|key|value)|output\.dense)\.weight|attention\.self\.(query|key|value)\.bias|" + HEAD, "stories": r"self_attn\.[qkvo]_proj\."}),
     "bitfit": ({"name": "bitfit"}, 1e-3, {"minilm": r"\.bias$|" + HEAD, "stories": None}),
     "subnetwork": ({"name": "subnetwork", "fraction": 0.1}, 1e-3, {"minilm": MINILM_LAYER + r".*weight$(?<!LayerNorm\.weight)|" + HEAD, "stories": STORIES_LAYER + r".*proj\.weight$"}),
+    "subnetwork_gradient": ({"name": "subnetwork", "fraction": 0.1, "score": "gradient"}, 1e-3, {"minilm": MINILM_LAYER + r".*weight$(?<!LayerNorm\.weight)|" + HEAD, "stories": STORIES_LAYER + r".*proj\.weight$"}),
     "lora": ({"name": "lora", "r": 4}, 1e-3, {"minilm": r"lora_|modules_to_save", "stories": r"lora_"}),
     "lora_merged": ({"name": "lora", "r": 4, "merge": True, "use_rslora": True}, 1e-3, {"minilm": r"lora_|modules_to_save", "stories": r"lora_"}),
     "dora": ({"name": "lora", "r": 4, "use_dora": True}, 1e-3, {"minilm": r"lora_|modules_to_save", "stories": r"lora_"}),
@@ -89,6 +90,7 @@ def test_method_trains_exactly_its_parameters_and_reloads(case, family, families
     path, task, num_labels, batch = families[family]
     options = METHODS[options_data["name"]].options.model_validate(options_data)
     model = apply_method(load_base_model(path, task, num_labels, 0), options, task).eval()  # eval: no dropout noise
+    calibrate_method(model, options, lambda rows: model(**{k: v[:rows] for k, v in batch.items()}).loss)
     intended = {name for name, _ in model.named_parameters() if re.search(expected[family], name)}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(optimizer_parameter_groups(model, options, lr), lr=lr, weight_decay=0.0)
@@ -114,3 +116,20 @@ def test_method_trains_exactly_its_parameters_and_reloads(case, family, families
     save_tuned_model(model, options, tmp_path)
     (tmp_path / TUNED_CONFIG_FILE).write_text(json.dumps({"model": {"name_or_path": str(path), "task": task, "num_labels": num_labels}, "train": {"seed": 0}, "method": options.model_dump()}))
     torch.testing.assert_close(outputs(load_tuned_model(tmp_path), batch, task), outputs(model, batch, task), atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_scored_subnetwork_keeps_the_entries_with_the_largest_squared_task_gradient(families):
+    path, task, num_labels, batch = families["stories"]
+    options = METHODS["subnetwork"].options.model_validate({"name": "subnetwork", "fraction": 0.05, "score": "gradient", "score_rows": 2})
+    reference = load_base_model(path, task, num_labels, 0)
+    reference(**{k: v[:2] for k, v in batch.items()}).loss.backward()
+    model = apply_method(load_base_model(path, task, num_labels, 0), options, task)
+    calibrate_method(model, options, lambda rows: model(**{k: v[:rows] for k, v in batch.items()}).loss)
+    name = "model.layers.2.mlp.up_proj.weight"
+    mask = dict(model.named_parameters())[name].gradient_mask
+    scores = dict(reference.named_parameters())[name].grad ** 2
+    assert mask.sum() == round(0.05 * mask.numel())
+    assert scores[mask].min() >= scores[~mask].max()  # exactly the top entries by squared gradient
+    magnitude = dict(reference.named_parameters())[name].detach().abs()
+    assert not torch.equal(mask, magnitude >= magnitude.flatten().topk(int(mask.sum())).values[-1])  # not the magnitude mask
+    assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradient behind

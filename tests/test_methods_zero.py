@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 
 import pytest
 import torch
 
 from kftune.config import TrainSection
 from kftune.errors import KftuneError
-from kftune.methods import METHODS, apply_method, optimizer_parameter_groups
+from kftune.methods import METHODS, apply_method, calibrate_method, optimizer_parameter_groups
 from kftune.methods.base import MethodOptions
 from kftune.models import load_base_model
 from kftune.train.engines import DeepSpeedEngine
@@ -27,7 +28,10 @@ STORY_CASES = {name: case for name, case in CASES.items() if case[2]["stories"] 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
     """DeepSpeed needs torch.distributed: a world of one over gloo."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    with socket.socket() as probe:  # a free port: another job on the machine may hold any fixed one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     yield
     torch.distributed.destroy_process_group()
@@ -48,6 +52,7 @@ def test_method_trains_under_zero(case, stage, families):
     before = {n: p.detach().clone() for n, p in build(options).named_parameters()}
     train = TrainSection(batch_size=len(batch["input_ids"]), workers=1, lr=lr, max_grad_norm=None, deepspeed={"stage": stage})
     model = build(options)
+    calibrate_method(model, options, lambda rows: summed_loss(model, {k: v[:rows] for k, v in batch.items()}, "causal_lm"))
     engine = DeepSpeedEngine(model, optimizer_parameter_groups(model, options, lr), train, total_steps=3, world=1, device=torch.device("cpu"))
     losses = []
     for _ in range(3):

@@ -42,6 +42,9 @@ def test_versions_aliases_and_gate(make_config, model_dir):
     assert version.tags["kftune.pipeline_run_id"] == "0.805" and "kept champion" in version.tags["kftune.gate"]
     run = client.get_run(version.run_id)
     assert run.data.metrics["tuned_accuracy"] == 0.805 and run.data.params["method.r"] == "4"
+    loss = client.get_metric_history(run.info.run_id, "train_loss")  # the train log's history, at its real steps
+    assert [(m.step, m.value) for m in loss] == [(10, 0.7), (20, 0.5)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train_tokens_per_second")] == [900.0, 950.0]
     files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
     assert {"model/MLmodel", "model/artifacts"} <= files  # logged as a pyfunc that wraps the Model folder
 

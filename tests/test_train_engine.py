@@ -28,12 +28,15 @@ from conftest import EXAMPLES, STORIES
 STEPS = 30  # inside the first epoch, where every global batch is full for both splits of it
 
 
-def config(tmp_path: Path, **train) -> dict:
+LORA = {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def config(tmp_path: Path, method: dict = LORA, **train) -> dict:
     return config_to_dict(parse_config({
         "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
         "data": {"path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"), "columns": {"text": "sentence"}, "max_rows": 400, "split": {"test": 0.1}},
         "prompt": {"template": "text", "max_length": 48},
-        "method": {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"},
+        "method": method,
         "train": {"batch_size": 8, "max_steps": STEPS, "lr": 5e-3, "workers": 2, "log_every_steps": 10, **train},
         "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
         "registry": {"model_name": "engine", "gate": {"metric": "perplexity"}, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
@@ -74,13 +77,14 @@ def runs(tmp_path_factory, prompts) -> dict[str, Path]:
     return train
 
 
-def adapter(model_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(model_dir / "adapter_model.safetensors"))
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor the artifact saved (adapter, trained parameters or whole model)."""
+    return {k: v for path in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(path)).items()}
 
 
 def assert_same_weights(a: Path, b: Path, atol: float) -> None:
-    first, second = adapter(a), adapter(b)
-    assert first.keys() == second.keys()
+    first, second = weights(a), weights(b)
+    assert first and first.keys() == second.keys()
     worst = max((first[k] - second[k]).abs().max().item() for k in first)
     assert worst < atol, f"largest difference {worst}"
 
@@ -97,6 +101,14 @@ def test_two_workers_make_the_same_update_as_one_worker_with_twice_the_accumulat
     assert_same_weights(two, one, atol=1e-4)
     losses = [r["loss"] for r in log(two)["history"]]
     assert losses[-1] < losses[0] * 0.9, losses
+
+
+def test_gradual_unfreezing_keeps_workers_in_step_as_layers_join(runs):
+    """DDP only averages gradients of parameters trainable when it wrapped the model; each unfreezing re-wraps it."""
+    method = {"name": "gradual_unfreeze", "start_layers": 1, "every_steps": 10}
+    two = runs("unfreeze2", method=method, lr=1e-3)
+    one = runs("unfreeze1x2", method=method, lr=1e-3, workers=1, gradient_accumulation=2)
+    assert_same_weights(two, one, atol=1e-4)
 
 
 def test_zero3_trains_the_same_weights_and_consolidates_to_a_normal_adapter(runs, prompts):

@@ -131,3 +131,23 @@ def test_gradient_checkpointing_recomputes_to_the_same_gradients(make_config, st
     expected, got = gradients(plain, story_batch), gradients(checkpointed, story_batch)
     assert expected.keys() == got.keys()
     assert all(torch.allclose(expected[n], got[n], atol=1e-6) for n in expected)
+
+
+def test_a_batch_that_cannot_fit_the_gpu_is_refused_with_the_numbers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kftune.train.memory import GIB, check_fits, estimate_bytes
+
+    with torch.device("meta"):  # Llama-3.2-1B's shape, no memory
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                             num_key_value_heads=8, vocab_size=128256))
+    full = TrainSection(batch_size=8, workers=1, precision="bf16", deepspeed={"stage": 2})
+    parts = estimate_bytes(model, full, 2048, 1, "causal_lm")
+    assert parts["weights"] / GIB == pytest.approx(2 * 1.498e9 / GIB, rel=0.01)  # 1.5 B parameters in bf16 (untied embeddings)
+    assert parts["optimizer"] == 6 * parts["weights"]  # fp32 master + two moments
+    with pytest.raises(KftuneError, match=r"train\.batch_size: a micro-batch of 8 rows x 2048 tokens needs about .* GiB per GPU .*the GPU has 40\.0 GiB"):
+        check_fits(model, full, 2048, 1, "causal_lm", 40 * GIB)
+    smaller = TrainSection(batch_size=8, workers=1, gradient_accumulation=4, precision="bf16", gradient_checkpointing=True, deepspeed={"stage": 2})
+    check_fits(model, smaller, 2048, 1, "causal_lm", 40 * GIB)
+    zero3 = TrainSection(batch_size=8, workers=8, precision="bf16", deepspeed={"stage": 3})
+    assert estimate_bytes(model, zero3, 2048, 8, "causal_lm")["weights"] == parts["weights"] / 8

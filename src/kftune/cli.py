@@ -129,8 +129,12 @@ def _publish(args, action) -> int:
 
 def cmd_validate(args) -> int:
     from kftune.config import config_to_dict
+    from kftune.local import preflight
 
-    print(json.dumps(config_to_dict(_load(args)), indent=2))
+    config = _load(args)
+    if not args.schema_only:  # the model's architecture against the method, and the data, as `kftune run` checks them
+        preflight(config)
+    print(json.dumps(config_to_dict(config), indent=2))
     return 0
 
 
@@ -211,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_.add_argument("--cron", required=True, help="5-field cron, UTC, e.g. '0 3 * * *'")
     schedule_.add_argument("--name", help="recurring run name (default: kftune-<model name>)")
     schedule_.set_defaults(func=cmd_schedule)
-    with_config("validate", "check a config and print it with every default filled in").set_defaults(func=cmd_validate)
+    validate = with_config("validate", "check a config (and, unless --schema-only, its model and data) and print it with every default filled in")
+    validate.add_argument("--schema-only", action="store_true", help="only the config itself: for models and data that live on the cluster")
+    validate.set_defaults(func=cmd_validate)
     methods = commands.add_parser("methods", help="list the fine-tuning methods; with --model, what each trains on it")
     methods.add_argument("--model", help="a packaged alias or model folder: print trainable parameters and % per method")
     methods.add_argument("--task", default="sequence_classification", choices=["sequence_classification", "causal_lm"], help="the task head to load with --model")

@@ -58,6 +58,13 @@ def optimizer_parameter_groups(model, options: MethodOptions, lr: float, layer_l
     return [{"params": group, "lr": lr * layer_lr_decay**depth} for depth, group in sorted(groups.items())]
 
 
+def calibrate_method(model, options: MethodOptions, loss_on_first) -> None:
+    """Let a method that chooses parameters from the task's gradients see them (see MethodSpec.calibrate)."""
+    hook = METHODS[options.name].calibrate
+    if hook:
+        hook(model, options, loss_on_first)
+
+
 def on_step(model, options: MethodOptions, step: int) -> list[str] | None:
     """Let the method act after optimizer step `step`; returns the layers it unfroze, if any."""
     hook = METHODS[options.name].on_step
@@ -75,6 +82,6 @@ def trainable_parameters(model) -> tuple[int, int]:
 
 
 __all__ = [
-    "METHODS", "MethodConfig", "MethodOptions", "MethodSpec", "apply_method", "architecture_problem", "check_method_fits_model",
+    "METHODS", "MethodConfig", "MethodOptions", "MethodSpec", "apply_method", "architecture_problem", "calibrate_method", "check_method_fits_model",
     "method_supports_task", "on_step", "optimizer_parameter_groups", "save_tuned_model", "trainable_parameters",
 ]

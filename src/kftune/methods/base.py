@@ -9,6 +9,9 @@ Besides `apply`, a method may declare:
 - `check_config(config)`: a (field, message) problem with the rest of the run config, or None.
 - `may_train(model, options)`: every parameter that may ever train, when that is more than the
   ones trainable after `apply` (gradual unfreezing); the optimizer is built over these.
+- `calibrate(model, options, loss_on_first)`: called once after `apply`, before training, for methods
+  that pick their parameters from the task's gradients; `loss_on_first(n)` is the summed loss on
+  the first n training rows, the same rows in every worker.
 - `on_step(model, options, step)`: called after every optimizer step; returns the names of the
   layers it just unfroze (logged by the training loop) or None.
 - `layer_lr_decay`: whether `train.layer_lr_decay` applies (methods that train whole layers).
@@ -46,6 +49,7 @@ class MethodSpec:
     check: Callable | None = None
     check_config: Callable | None = None
     may_train: Callable | None = None
+    calibrate: Callable | None = None
     on_step: Callable | None = None
     layer_lr_decay: bool = False
     zero_stages: tuple[int, ...] = (0, 1, 2, 3)

@@ -126,17 +126,10 @@ def unfreeze_on_step(model, options: GradualUnfreezeOptions, step: int) -> list[
     return [position_name(model, lowest)]
 
 
-def check_single_worker(config) -> tuple[str, str] | None:
-    if config.train.workers > 1:
-        return "train.workers", "gradual_unfreeze changes which parameters train during the run, and DDP fixes that set when it wraps the model; use workers: 1"
-    return None
-
-
 @register(
     GradualUnfreezeOptions,
     "Start with the top blocks, unfreeze one more block every `every_steps` steps (ULMFiT-style).",
     check=lambda model_config, options: check_layer_count(options.start_layers, "method.start_layers", model_config),
-    check_config=check_single_worker,
     may_train=lambda model, options: list(model.parameters()),
     on_step=unfreeze_on_step,
     zero_stages=(),

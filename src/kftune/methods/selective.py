@@ -3,8 +3,9 @@
 - `attention_only` (seed 004 §3.2.3 attention-head fine-tuning): the attention projections;
   `heads` narrows updates to chosen heads with gradient masks.
 - `bitfit` (Ben Zaken et al. 2021): bias terms only.
-- `subnetwork` (seed 004 §3.2.2): a magnitude mask picks a fraction of each block weight matrix;
-  the other entries get zero gradient.
+- `subnetwork` (seed 004 §3.2.2): a mask picks a fraction of each block weight matrix, by weight
+  magnitude or by the task's squared gradients (Fisher information) on a few training rows; the
+  other entries get zero gradient.
 
 Hand-written: peft has no head-level or entry-level masking. Masked entries stay bit-identical
 under AdamW because their gradient is exactly zero and weight decay is required to be 0.
@@ -107,21 +108,46 @@ def apply_bitfit(model, options: BitFitOptions, task: str):
 class SubnetworkOptions(MethodOptions):
     name: Literal["subnetwork"] = "subnetwork"
     fraction: float = Field(default=0.05, gt=0.0, le=1.0)
-    """Share of each block weight matrix that trains: its largest-magnitude entries."""
+    """Share of each block weight matrix that trains."""
+    score: Literal["magnitude", "gradient"] = "magnitude"
+    """Which entries: the largest weights, or those with the largest squared gradient on the task's
+    first `score_rows` training rows (a Fisher-information mask, Sung et al. 2021)."""
+    score_rows: int = Field(default=64, ge=1)
+
+
+def block_matrices(model) -> dict[str, torch.nn.Parameter]:
+    prefix, _ = transformer_blocks(model)
+    return {name: p for name, p in model.named_parameters() if name.startswith(prefix + ".") and p.dim() == 2}
+
+
+def keep_top(parameter: torch.nn.Parameter, scores: torch.Tensor, fraction: float) -> None:
+    flat = scores.flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.topk(max(1, round(fraction * flat.numel()))).indices] = True
+    mask_gradient(parameter, mask.view_as(parameter))
+
+
+def choose_by_gradient(model, options: SubnetworkOptions, loss_on_first) -> None:
+    if options.score != "gradient":
+        return
+    matrices = block_matrices(model)
+    model.zero_grad(set_to_none=True)
+    loss_on_first(options.score_rows).backward()
+    for parameter in matrices.values():
+        keep_top(parameter, parameter.grad.detach().float() ** 2, options.fraction)
+    model.zero_grad(set_to_none=True)
 
 
 @register(
     SubnetworkOptions,
-    "Train a magnitude-selected fraction of every block weight matrix; other entries get zero gradient.",
+    "Train a fraction of every block weight matrix chosen by weight magnitude or task gradient; other entries get zero gradient.",
     check_config=check_no_weight_decay,
+    calibrate=choose_by_gradient,
 )
 def apply_subnetwork(model, options: SubnetworkOptions, task: str):
-    prefix, _ = transformer_blocks(model)
-    matrices = {name: p for name, p in model.named_parameters() if name.startswith(prefix + ".") and p.dim() == 2}
+    matrices = block_matrices(model)
     train_only(model, with_task_head(model, set(matrices), task))
-    for parameter in matrices.values():
-        flat = parameter.detach().abs().flatten()
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[flat.topk(max(1, round(options.fraction * flat.numel()))).indices] = True
-        mask_gradient(parameter, mask.view_as(parameter))
+    if options.score == "magnitude":
+        for parameter in matrices.values():
+            keep_top(parameter, parameter.detach().abs(), options.fraction)
     return model

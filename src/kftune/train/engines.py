@@ -83,6 +83,12 @@ class DDPEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
 
+    def trainable_set_changed(self) -> None:
+        """DDP hooks the parameters that were trainable when it wrapped the model: after gradual
+        unfreezing turns more on, wrap again so their gradients are averaged across workers too."""
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=[self.device] if self.device.type == "cuda" else None)
+
     def save(self, directory: Path, rank: int) -> None:
         """Rank 0 writes the trained parameters with optimizer, schedule and scaler state (DDP keeps them identical on every worker)."""
         if rank == 0:
@@ -156,6 +162,9 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
+
+    def trainable_set_changed(self) -> None:
+        raise KftuneError("DeepSpeed cannot change the trained parameter set mid-run (config validation refuses such methods)")
 
     def save(self, directory: Path, rank: int) -> None:
         """Every worker writes its shard of the ZeRO state; Ray Train gathers them into one checkpoint."""

@@ -21,12 +21,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kftune.config import RunConfig, config_to_dict
-from kftune.methods import apply_method, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
+from kftune.methods import apply_method, calibrate_method, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
 from kftune.train.engines import make_engine
+from kftune.train.memory import check_fits
 from kftune.train.progress import ProgressLine
 
 PROBE_FILE = "probe.json"
@@ -88,14 +89,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     meta = read_meta(prompts_dir)
     num_labels = len(meta["label_names"]) or None
     model = build_model(config, num_labels, for_training=True)
+    rows = read_prompts(prompts_dir, "train")
+    collate = Collator(meta["pad_token_id"], task)
+    calibrate_method(model, config.method, lambda n: summed_loss(model, collate(rows[:n]), task))  # the same rows in every worker
     trainable, total = trainable_parameters(model)
     if settings.compile:
         model.compile()  # in place: parameter names (and so the saved artifact) stay as they are
 
     # Data: each worker reads its shard; an optimizer step takes `gradient_accumulation` micro-batches from it.
-    rows = read_prompts(prompts_dir, "train")
     sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
-    loader = DataLoader(rows, batch_size=settings.micro_batch(world), sampler=sampler, collate_fn=Collator(meta["pad_token_id"], task))
+    loader = DataLoader(rows, batch_size=settings.micro_batch(world), sampler=sampler, collate_fn=collate,
+                        generator=torch.Generator())  # not the global RNG: a resumed run's dropout must draw what the uninterrupted one drew
     steps_per_epoch = len(loader) // settings.gradient_accumulation
     total_steps = min(settings.epochs * steps_per_epoch, settings.max_steps or steps_per_epoch * settings.epochs)
 
@@ -103,6 +107,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # skips those without a gradient), in layer-wise learning-rate groups when asked for.
     groups = optimizer_parameter_groups(model, config.method, settings.lr, settings.layer_lr_decay)
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        check_fits(model, settings, config.prompt.max_length, world, task, torch.cuda.get_device_properties(device).total_memory)
     engine = make_engine(model, groups, settings, total_steps, world, device)
 
     step, history, seconds_before, resumed_at = 0, [], 0.0, []
@@ -111,8 +117,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             state = load_trainer_state(Path(directory), rank, identity, world)
             engine.load(Path(directory))
         step, history, seconds_before, resumed_at = state["step"], state["history"], state["seconds"], state["resumed_at"] + [state["step"]]
-        for past in range(1, step + 1):  # gradual unfreezing: the layers unfrozen so far
-            on_step(engine.module, config.method, past)
+        if any([on_step(engine.module, config.method, past) for past in range(1, step + 1)]):  # gradual unfreezing so far
+            engine.trainable_set_changed()
         if rank == 0:
             print(f"train: resumed at step {step}/{total_steps} from {checkpoint.path}", flush=True)
 
@@ -136,8 +142,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 interval_tokens += int(batch["attention_mask"].sum())
             step += 1
             unfrozen = on_step(engine.module, config.method, step)
-            if unfrozen and rank == 0:
-                print(f"train: step {step}: unfroze {', '.join(unfrozen)}", flush=True)
+            if unfrozen:
+                engine.trainable_set_changed()
+                if rank == 0:
+                    print(f"train: step {step}: unfroze {', '.join(unfrozen)}", flush=True)
 
             every = settings.checkpoint.every_steps
             checkpoint_now = every and step % every == 0 and step < total_steps

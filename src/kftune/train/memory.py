@@ -1,0 +1,53 @@
+"""Will the run fit its GPUs? A coarse per-GPU estimate checked when a GPU worker starts, so a batch
+that cannot fit fails at once with the numbers and the knobs, not after minutes with a CUDA OOM.
+
+Model states follow the ZeRO paper (weights, gradients and Adam state, each partitioned from its
+stage on); activations follow Korthikanti et al. 2022 (34 x sequence x micro-batch x hidden bytes
+per layer in 16-bit, attention scores left out as SDPA/flash attention do not keep them; with
+activation checkpointing only each layer's input stays, plus one layer being recomputed); a causal
+LM adds its fp32 logits and their gradient.
+"""
+
+from __future__ import annotations
+
+from kftune.config import TrainSection
+from kftune.errors import KftuneError
+
+GIB = 2**30
+
+
+def estimate_bytes(model, train: TrainSection, sequence: int, world: int, task: str) -> dict[str, float]:
+    """Bytes per GPU by kind: weights, gradients, optimizer, activations, logits."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stage = train.deepspeed.stage if train.deepspeed else 0
+    half = train.precision in ("bf16", "fp16")
+    weight_bytes = 2 if half and train.deepspeed else 4  # DDP autocast keeps fp32 weights
+    # Adam: two fp32 moments, plus an fp32 master copy when DeepSpeed trains 16-bit weights.
+    optimizer_bytes = 0 if train.deepspeed and train.deepspeed.offload_optimizer else 8 + (4 if weight_bytes == 2 else 0)
+    config = model.config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    micro = train.micro_batch(world)
+    activation_scale = 1 if half else 2  # the 34 bytes are for 16-bit activations
+    per_layer = 34 * sequence * micro * hidden * activation_scale
+    kept = 2 * sequence * micro * hidden * activation_scale * layers + per_layer if train.gradient_checkpointing else per_layer * layers
+    return {
+        "weights": total * weight_bytes / (world if stage == 3 else 1),
+        "gradients": trainable * weight_bytes / (world if stage >= 2 else 1),
+        "optimizer": trainable * optimizer_bytes / (world if stage >= 1 else 1),
+        "activations": kept,
+        "logits": micro * sequence * config.vocab_size * 4 * 2 if task == "causal_lm" else 0,
+    }
+
+
+def check_fits(model, train: TrainSection, sequence: int, world: int, task: str, capacity_bytes: int) -> None:
+    parts = estimate_bytes(model, train, sequence, world, task)
+    needed = sum(parts.values())
+    if needed > capacity_bytes:
+        detail = ", ".join(f"{kind} {value / GIB:.1f}" for kind, value in parts.items())
+        raise KftuneError(
+            f"train.batch_size: a micro-batch of {train.micro_batch(world)} rows x {sequence} tokens needs about "
+            f"{needed / GIB:.1f} GiB per GPU ({detail}); the GPU has {capacity_bytes / GIB:.1f} GiB. Lower train.batch_size, "
+            "raise train.gradient_accumulation, lower prompt.max_length, or turn on train.gradient_checkpointing or a higher "
+            "train.deepspeed.stage"
+        )

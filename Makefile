@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= examples/sst2-minilm-lora.yaml
 
-.PHONY: setup run test bench compile chart-pipeline k8s-e2e clean
+.PHONY: setup run test bench compile chart-pipeline k8s-e2e images clean
 
 setup:
 	bash scripts/setup.sh
@@ -31,6 +31,11 @@ k8s-e2e: setup
 	bash scripts/install-helm.sh
 	bash scripts/kube-apiserver.sh build
 	$(PY) -m pytest -v -rs tests/test_kube_apiserver.py
+
+# The step image built by podman from local stand-ins for its registry bases (debootstrap, uv's PyPI wheel) and
+# a local package index: no image registry needed (docs/kubernetes.md). Needs root, podman, debootstrap.
+images:
+	bash scripts/build-images.sh
 
 clean:
 	rm -rf runs pipeline.yaml

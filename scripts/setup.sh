@@ -14,6 +14,9 @@ if [ -n "$torch_wheel" ]; then torch_spec=("$torch_wheel"); else torch_spec=(tor
 
 # --compile-bytecode: every pipeline step is a fresh interpreter; without .pyc files each one
 # re-parses torch/transformers/ray (PYTHONDONTWRITEBYTECODE is common in containers and CI).
-uv pip install --quiet --python "$VENV/bin/python" --compile-bytecode \
+# DeepSpeed ships as source only: DS_BUILD_OPS=0 skips compiling its C++/CUDA ops (CPU runs need none),
+# and it must see the torch being installed, hence no build isolation for it.
+DS_BUILD_OPS=0 uv pip install --quiet --python "$VENV/bin/python" --compile-bytecode \
+    --no-build-isolation-package deepspeed \
     --constraint requirements/lock.txt "${torch_spec[@]}" -e ".[test]"
 echo "kftune installed in $VENV"

@@ -42,7 +42,7 @@ def test_method_through_train_and_evaluate_steps(make_config, stories_lines, met
         data={"path": str(stories_lines), "columns": {}, "split": {"test": 0.2}},
         prompt={"template": "text", "max_length": 64},
         method=method,
-        train={"batch_size": 8, "epochs": 3, "max_steps": 8, "lr": 5e-3, "workers": 1, **train},
+        train={"batch_size": 8, "epochs": 3, "max_steps": 8, "lr": 5e-3, "workers": 1, "log_every_steps": 2, **train},
         eval={"metrics": ["perplexity"]},
         registry={"gate": {"metric": "perplexity"}},
     )
@@ -50,8 +50,8 @@ def test_method_through_train_and_evaluate_steps(make_config, stories_lines, met
     steps.prepare_data(config, d["data"], str(tmp_path / "card.md"))
     steps.build_prompts(config, d["data"], d["prompts"], str(tmp_path / "preview.html"))
     assert steps.train(config, d["prompts"], d["model"], f"methods-{method['name']}")["steps"] == 8
-    curve = json.loads((Path(d["model"]) / TRAIN_LOG_FILE).read_text())["loss_curve"]
-    assert curve[-1] < curve[0], curve
+    history = json.loads((Path(d["model"]) / TRAIN_LOG_FILE).read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"], history
 
     scores = steps.evaluate(config, d["prompts"], d["model"], d["evaluation"], str(tmp_path / "report.html"))
     assert scores["tuned_perplexity"] < scores["base_perplexity"], scores

@@ -52,7 +52,7 @@ def test_worker_group_is_sized_from_the_config_and_the_trainer_sees_one_worker_p
     head = spec["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"] == {"num-cpus": "0"} and "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["requests"]
     assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"], spec["activeDeadlineSeconds"]) == (True, 300, 7200)
-    assert spec["entrypoint"] == "python -m kftune.train --work-dir /data/kftune-runs/run --run-name kftune-run-20261123-060000"
+    assert spec["entrypoint"] == "python -m kftune.train --work-dir /data/kftune-runs/run"
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     trainer_config = parse_config(yaml.safe_load(env[CONFIG_ENV]))
     assert (trainer_config.train.workers, trainer_config.train.use_gpu, trainer_config.cluster.rayjob.enabled) == (8, True, False)

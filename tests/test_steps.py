@@ -24,7 +24,7 @@ def test_prepare_build_train_evaluate_register_on_stories260k(make_config, tmp_p
         data={"path": str(source), "columns": {}, "split": {"test": 0.2}},
         prompt={"template": "alpaca", "max_length": 160},
         method={"name": "lora", "r": 8, "target_modules": "all-linear"},
-        train={"batch_size": 8, "epochs": 3, "max_steps": 12, "lr": 2e-2, "workers": 1},
+        train={"batch_size": 8, "epochs": 3, "max_steps": 12, "lr": 2e-2, "workers": 1, "log_every_steps": 3},
         eval={"metrics": ["perplexity", "exact_match", "rouge_l", "bleu"], "max_new_tokens": 12},
         registry={"gate": {"metric": "perplexity"}},
     )
@@ -35,8 +35,8 @@ def test_prepare_build_train_evaluate_register_on_stories260k(make_config, tmp_p
 
     trained = steps.train(config, d["prompts"], d["model"], "steps-test")
     assert trained["steps"] == 12
-    curve = json.loads((Path(d["model"]) / TRAIN_LOG_FILE).read_text())["loss_curve"]
-    assert curve[-1] < curve[0] * 0.8, curve
+    history = json.loads((Path(d["model"]) / TRAIN_LOG_FILE).read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"] * 0.8, history
 
     scores = steps.evaluate(config, d["prompts"], d["model"], d["evaluation"], str(tmp_path / "report.html"))
     assert scores["tuned_perplexity"] < scores["base_perplexity"], scores

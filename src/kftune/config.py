@@ -21,6 +21,7 @@ from kftune.methods import METHODS, MethodConfig, method_supports_task
 from kftune.models import PACKAGED_MODELS
 from kftune.prompts.templates import TEMPLATES, template_fields
 from kftune.section import Section
+from kftune.train.support import engine_problem
 
 Task = Literal["sequence_classification", "causal_lm"]
 
@@ -58,26 +59,72 @@ class PromptSection(Section):
     max_length: int = Field(default=128, ge=8)
 
 
+class DeepSpeedSection(Section):
+    """Train under a DeepSpeed engine instead of plain DDP (`kftune.train.engines`)."""
+
+    stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 replicates everything, 1 partitions optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and its step) in CPU memory; stage >= 1."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory between uses; stage 3."""
+    config_file: str | None = None
+    """A DeepSpeed JSON whose keys override the generated config (batch sizes and precision stay ours)."""
+
+
+class CheckpointSection(Section):
+    storage: str | None = None
+    """Where Ray Train keeps checkpoints: a local or PVC directory, or an `s3://` URI. A restarted run
+    with the same config, data and storage resumes from its latest checkpoint. Empty: a temporary
+    directory, so nothing survives the step."""
+    every_steps: int = Field(default=0, ge=0)
+    """Save the full training state every this many optimizer steps; 0: only the final model."""
+    keep: int = Field(default=2, ge=1)
+    """How many of the newest checkpoints to keep."""
+    max_failures: int = Field(default=0, ge=-1)
+    """Worker-group restarts Ray Train may make (preemption, a lost node) before the step fails; -1: no limit."""
+
+
 class TrainSection(Section):
     epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     """Stop after this many optimizer steps (overrides epochs when smaller)."""
     batch_size: int = Field(default=32, ge=1)
-    """Global batch: split evenly across workers."""
+    """Global batch per optimizer step: workers x micro-batch x gradient_accumulation."""
+    gradient_accumulation: int = Field(default=1, ge=1)
+    """Micro-batches each worker adds up before an optimizer step."""
     lr: float = Field(default=1e-3, gt=0)
-    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    schedule: Literal["constant", "linear", "cosine", "cyclical"] = "linear"
     warmup: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Fraction of the steps spent warming the learning rate up from zero."""
+    cycle_steps: int | None = Field(default=None, ge=2)
+    """Cyclical schedule (seed 002 §3.3): steps per triangle from lr * cycle_floor up to lr and back;
+    empty: a quarter of the run."""
+    cycle_floor: float = Field(default=0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     layer_lr_decay: float | None = Field(default=None, gt=0, le=1)
     """Discriminative fine-tuning: each block below the top one gets lr times this factor once more
     (full and freezing methods)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    compile: bool = False
+    """Run the model under torch.compile."""
+    deepspeed: DeepSpeedSection | None = None
+    """Empty: DDP (gloo on CPU, NCCL on GPUs)."""
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    log_every_steps: int = Field(default=10, ge=1)
+    """Rank 0 records loss, learning rate, tokens/s and GPU memory this often; registered with the
+    model as MLflow step metrics."""
     seed: int = 0
     workers: int = Field(default=2, ge=1)
     cpus_per_worker: int = Field(default=1, ge=1)
     use_gpu: bool = False
+
+    def micro_batch(self, workers: int | None = None) -> int:
+        """Rows one worker puts through the model per forward pass."""
+        return self.batch_size // ((workers or self.workers) * self.gradient_accumulation)
 
 
 class EvalSection(Section):
@@ -158,12 +205,16 @@ class RunConfig(Section):
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
             raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
-        if self.train.batch_size % self.train.workers:
-            raise _FieldError("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}")
+        if self.train.batch_size % (self.train.workers * self.train.gradient_accumulation):
+            raise _FieldError("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}"
+                                                  f" x train.gradient_accumulation={self.train.gradient_accumulation}")
+        problem = engine_problem(self)
+        if problem:
+            raise _FieldError(*problem)
         rayjob = self.cluster.rayjob
         if rayjob.enabled and self.cluster.volume is None:
             raise _FieldError("cluster.volume", "required with cluster.rayjob.enabled: the RayJob's pods read prompts and write the model there")
-        if rayjob.enabled and self.train.batch_size % rayjob.ray_workers():
+        if rayjob.enabled and self.train.batch_size % (rayjob.ray_workers() * self.train.gradient_accumulation):
             raise _FieldError("cluster.rayjob.nodes", f"{rayjob.nodes} nodes give {rayjob.ray_workers()} Ray workers (one per GPU), "
                                                       f"which do not split train.batch_size={self.train.batch_size} evenly")
         if self.registry.gate.metric not in self.eval.metrics:

@@ -46,7 +46,8 @@ def train(config: dict[str, Any], prompts_dir: str, model_dir: str, run_name: st
     else:
         from kftune.train.launch import run_training
 
-        log = run_training(run_config, prompts_dir, model_dir, tempfile.mkdtemp(prefix="kftune-ray-"), run_name)
+        with tempfile.TemporaryDirectory(prefix="kftune-ray-") as scratch:  # checkpoints, unless train.checkpoint.storage keeps them
+            log = run_training(run_config, prompts_dir, model_dir, scratch)
     return {k: log[k] for k in ("steps", "seconds", "seconds_per_step", "trainable_parameters", "final_loss")}
 
 
@@ -91,4 +92,4 @@ def register(
         "kftune.run_name": f"{run_config.registry.model_name}-{pipeline_run_id}",
     }
     registered = register_model(run_config, model_dir, evaluation, train_log, [report, card_path], lineage)
-    return {"registered": registered, "evaluation": evaluation, "train": {k: v for k, v in train_log.items() if k != "loss_curve"}}
+    return {"registered": registered, "evaluation": evaluation, "train": {k: v for k, v in train_log.items() if k != "history"}}

@@ -72,7 +72,7 @@ def render_report(run_name: str, evaluation: dict[str, Any], train_log: dict[str
         f"<p>test split: {evaluation['rows']} rows · trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
         f" · {train_log['steps']} steps in {train_log['seconds']} s ({train_log['seconds_per_step']} s/step, {train_log['workers']} workers)</p>"
         f"<h3>Base vs tuned</h3>{_bars(evaluation, metric_names)}"
-        f"<h3>Training loss</h3>{_loss_svg(train_log['loss_curve'])}"
+        f"<h3>Training loss</h3>{_loss_svg([record['loss'] for record in train_log['history']])}"
         f"{_forgetting(evaluation)}{_samples(evaluation)}"
         f"{_confusion(evaluation, 'tuned')}{_confusion(evaluation, 'base')}"
         "</body></html>"

@@ -56,7 +56,7 @@ def build_rayjob(config: RunConfig, run_name: str, work_dir: str) -> dict[str, A
     cluster, rayjob = config.cluster, config.cluster.rayjob
     image = rayjob.image or TRAINER_IMAGE
     name = rayjob_name(run_name)
-    entrypoint = shlex.join(["python", "-m", "kftune.train", "--work-dir", work_dir, "--run-name", name])
+    entrypoint = shlex.join(["python", "-m", "kftune.train", "--work-dir", work_dir])
     env = {**WORKER_ENV, CONFIG_ENV: json.dumps(config_to_dict(sized_for_rayjob(config)))}
     spec: dict[str, Any] = {
         "entrypoint": entrypoint,

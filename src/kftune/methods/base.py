@@ -12,6 +12,7 @@ Besides `apply`, a method may declare:
 - `on_step(model, options, step)`: called after every optimizer step; returns the names of the
   layers it just unfroze (logged by the training loop) or None.
 - `layer_lr_decay`: whether `train.layer_lr_decay` applies (methods that train whole layers).
+- `zero_stages`: the DeepSpeed ZeRO stages the method works under, and `zero_note` saying why not the others.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class MethodSpec:
     may_train: Callable | None = None
     on_step: Callable | None = None
     layer_lr_decay: bool = False
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    zero_note: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {}

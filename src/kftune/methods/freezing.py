@@ -139,6 +139,8 @@ def check_single_worker(config) -> tuple[str, str] | None:
     check_config=check_single_worker,
     may_train=lambda model, options: list(model.parameters()),
     on_step=unfreeze_on_step,
+    zero_stages=(),
+    zero_note="DeepSpeed fixes the trained parameter set when it builds its optimizer; train without train.deepspeed",
     **LAYER_WISE,
 )
 def apply_gradual_unfreeze(model, options: GradualUnfreezeOptions, task: str):

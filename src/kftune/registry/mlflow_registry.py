@@ -108,8 +108,8 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
                 mlflow.log_metrics({f"{kind}_{m}": v for m, v in evaluation[kind].items() if isinstance(v, (int, float))})
         mlflow.log_metrics({k: train_log[k] for k in ("final_loss", "seconds", "seconds_per_step", "trainable_parameters")})
         now = int(time.time() * 1000)
-        curve = [Metric("train_loss", loss, now, step) for step, loss in enumerate(train_log["loss_curve"])]
-        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=curve)  # one request, not one per point
+        per_step = [Metric(f"train_{key}", value, now, record["step"]) for record in train_log["history"] for key, value in record.items() if key != "step"]
+        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=per_step)  # one request, not one per point
         mlflow.set_tags(lineage)
         for path in attachments:
             mlflow.log_artifact(str(path))

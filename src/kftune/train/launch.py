@@ -1,28 +1,39 @@
 """The train step's driver: start (or join) Ray, run `train_worker` under Ray Train's TorchTrainer,
-and copy the final checkpoint into the Model artifact folder."""
+and copy the final checkpoint into the Model artifact folder.
+
+Ray Train names the run after its identity (`kftune.train.checkpoints.run_identity`), so with a
+persistent `train.checkpoint.storage` a restarted step finds and resumes its own checkpoints.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from kftune.config import RunConfig, config_to_dict
 from kftune.train import WORKER_ENV
+from kftune.train.checkpoints import check_writable, run_identity
 from kftune.train.loop import TRAIN_LOG_FILE, train_worker
 
 
-
-def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, storage_dir: str | Path, run_name: str) -> dict[str, Any]:
-    """Train with `config.train.workers` Ray workers; returns the train log (steps, timings, loss curve)."""
+def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, default_storage: str | Path) -> dict[str, Any]:
+    """Train with `config.train.workers` Ray workers; returns the train log (steps, timings, loss history).
+    Checkpoints go to `train.checkpoint.storage`, or to `default_storage` when that is empty."""
     import ray
-    from ray.train import LoggingConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     settings = config.train
+    storage = settings.checkpoint.storage or str(Path(default_storage).resolve())
+    check_writable(storage)
+    identity = run_identity(config, prompts_dir)
+    run_name = f"{config.registry.model_name}-{identity[:16]}"
+    _say_what_storage_holds(storage, run_name, config.registry.model_name)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")  # set on a cluster (KubeRay); empty: start Ray in-process
         local_cpus = None if address else max(os.cpu_count() or 1, settings.workers * settings.cpus_per_worker)
@@ -30,7 +41,7 @@ def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Pa
                  runtime_env={"env_vars": WORKER_ENV})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config_to_dict(config), "prompts_dir": str(Path(prompts_dir).resolve())},
+        train_loop_config={"config": config_to_dict(config), "prompts_dir": str(Path(prompts_dir).resolve()), "identity": identity},
         scaling_config=ScalingConfig(
             num_workers=settings.workers,
             use_gpu=settings.use_gpu,
@@ -38,7 +49,9 @@ def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Pa
         ),
         run_config=RayRunConfig(
             name=run_name,
-            storage_path=str(Path(storage_dir).resolve()),
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=settings.checkpoint.max_failures),
             logging_config=LoggingConfig(log_level="ERROR"),  # Ray Train's own INFO/WARNING chatter; our progress lines still print
         ),
     )
@@ -48,3 +61,15 @@ def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Pa
         shutil.rmtree(model_dir)
     result.checkpoint.to_directory(str(model_dir))
     return json.loads((model_dir / TRAIN_LOG_FILE).read_text())
+
+
+def _say_what_storage_holds(storage: str, run_name: str, model_name: str) -> None:
+    """A fresh start next to other runs' checkpoints is announced, never silent."""
+    if "://" in storage or not Path(storage).is_dir():
+        return
+    runs = {p.name for p in Path(storage).iterdir() if p.is_dir() and p.name.startswith(f"{model_name}-")}
+    if run_name in runs:
+        print(f"train: resuming run {run_name} from {storage}", flush=True)
+    elif runs:
+        print(f"train: starting run {run_name} fresh; {storage} also holds {len(runs)} other run(s) of {model_name} "
+              f"({', '.join(sorted(runs)[:3])}) with a different config or data", flush=True)

@@ -1,12 +1,16 @@
-"""One training worker, top to bottom: model, method, data, optimizer, steps, save.
+"""One training worker, top to bottom: resume, model, method, data, engine, steps, checkpoints, save.
 
-Ray Train runs `train_worker` once per worker; `ray.train.torch.prepare_model` wraps the model in
-DDP (gloo on CPU, NCCL on GPU). Rank 0 prints progress and writes the Model artifact; it reports
-once, at the end, because every `ray.train.report` is a synchronisation point that costs seconds.
+Ray Train runs `train_worker` once per worker. The engine (`kftune.train.engines`) is plain DDP
+(gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO. Each optimizer step takes `gradient_accumulation`
+micro-batches per worker and minimises the mean loss over the items (rows, or labelled tokens) of
+the whole global batch, so the result does not depend on how the batch is split. Workers talk to
+Ray Train only at checkpoints and at the end: every `ray.train.report` is a synchronisation point
+that costs seconds.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -21,11 +25,12 @@ from kftune.methods import apply_method, on_step, optimizer_parameter_groups, sa
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
 from kftune.train import TRAIN_LOG_FILE
+from kftune.train.checkpoints import load_trainer_state, save_trainer_state
+from kftune.train.engines import make_engine
 from kftune.train.progress import ProgressLine
 
 PROBE_FILE = "probe.json"
 PROBE_ROWS = 16
-LOSS_POINTS = 200  # the loss curve kept in train_log.json is averaged down to about this many points
 
 
 class Collator:
@@ -61,75 +66,95 @@ def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from transformers import get_scheduler
 
     config = RunConfig.model_validate(loop_config["config"])
-    prompts_dir = loop_config["prompts_dir"]
+    prompts_dir, identity = loop_config["prompts_dir"], loop_config["identity"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(config.train.cpus_per_worker)
-    device = ray.train.torch.get_device()
-    task = config.model.task
+    settings, task = config.train, config.model.task
+    torch.set_num_threads(settings.cpus_per_worker)
+
+    # A restarted run picks up its latest checkpoint; one that already finished hands its model back.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            if (Path(directory) / TRAIN_LOG_FILE).is_file():
+                if rank == 0:
+                    print("train: this run already finished; reusing its model", flush=True)
+                ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
+                return
 
     # Model and method: the same seeded base in every worker, then exactly the method's parameters trainable.
     meta = read_meta(prompts_dir)
     num_labels = len(meta["label_names"]) or None
-    model_path = resolve_model_path(config.model.name_or_path)
-    model = apply_method(load_base_model(model_path, task, num_labels, config.train.seed), config.method, task)
+    model = build_model(config, num_labels, for_training=True)
     trainable, total = trainable_parameters(model)
-    model = ray.train.torch.prepare_model(model)
+    if settings.compile:
+        model.compile()  # in place: parameter names (and so the saved artifact) stay as they are
 
-    # Data: each worker reads its shard; the global batch is split evenly.
+    # Data: each worker reads its shard; an optimizer step takes `gradient_accumulation` micro-batches from it.
     rows = read_prompts(prompts_dir, "train")
-    sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed)
-    loader = DataLoader(rows, batch_size=config.train.batch_size // world, sampler=sampler, collate_fn=Collator(meta["pad_token_id"], task))
-    total_steps = config.train.epochs * len(loader)
-    if config.train.max_steps:
-        total_steps = min(total_steps, config.train.max_steps)
+    sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
+    loader = DataLoader(rows, batch_size=settings.micro_batch(world), sampler=sampler, collate_fn=Collator(meta["pad_token_id"], task))
+    steps_per_epoch = len(loader) // settings.gradient_accumulation
+    total_steps = min(settings.epochs * steps_per_epoch, settings.max_steps or steps_per_epoch * settings.epochs)
 
     # Over every parameter the method may ever train (gradual unfreezing turns more on later; AdamW
     # skips those without a gradient), in layer-wise learning-rate groups when asked for.
-    groups = optimizer_parameter_groups(unwrap(model), config.method, config.train.lr, config.train.layer_lr_decay)
-    parameters = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
-    scheduler = get_scheduler(config.train.schedule, optimizer, int(config.train.warmup * total_steps), total_steps)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
+    groups = optimizer_parameter_groups(model, config.method, settings.lr, settings.layer_lr_decay)
+    device = ray.train.torch.get_device()
+    engine = make_engine(model, groups, settings, total_steps, world, device)
 
-    progress = ProgressLine(total_steps) if rank == 0 else None
-    losses: list[float] = []
-    tokens = 0
-    step = 0
-    started = time.perf_counter()
-    model.train()
-    for epoch in range(config.train.epochs):
+    step, history, seconds_before, resumed_at = 0, [], 0.0, []
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_trainer_state(Path(directory), rank, identity, world)
+            engine.load(Path(directory))
+        step, history, seconds_before, resumed_at = state["step"], state["history"], state["seconds"], state["resumed_at"] + [state["step"]]
+        for past in range(1, step + 1):  # gradual unfreezing: the layers unfrozen so far
+            on_step(engine.module, config.method, past)
+        if rank == 0:
+            print(f"train: resumed at step {step}/{total_steps} from {checkpoint.path}", flush=True)
+
+    progress = ProgressLine(total_steps, start_step=step) if rank == 0 else None
+    interval_loss = torch.zeros((), device=device)
+    interval_tokens, interval_started, started = 0, time.perf_counter(), time.perf_counter()
+    engine.model.train()
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss = model(**batch).loss
-            scaler.scale(loss).backward()
-            if config.train.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, config.train.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        batches = itertools.islice(iter(loader), done_in_epoch * settings.gradient_accumulation, None)
+        for _ in range(done_in_epoch, steps_per_epoch):
+            micro_batches = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(batches, settings.gradient_accumulation)]
+            items = _all_reduce_sum(sum(_loss_items(b, task) for b in micro_batches).float())
+            for batch in micro_batches:
+                with engine.micro_step():
+                    loss_share = summed_loss(engine.model, batch, task) / items
+                    engine.backward(loss_share)
+                engine.step()
+                interval_loss += loss_share.detach().float()
+                interval_tokens += int(batch["attention_mask"].sum())
             step += 1
-            unfrozen = on_step(unwrap(model), config.method, step)
+            unfrozen = on_step(engine.module, config.method, step)
             if unfrozen and rank == 0:
                 print(f"train: step {step}: unfroze {', '.join(unfrozen)}", flush=True)
-            tokens += int(batch["attention_mask"].sum())
-            losses.append(loss.item())
-            if progress:
-                progress.update(step, sum(losses[-20:]) / len(losses[-20:]))
+
+            every = settings.checkpoint.every_steps
+            checkpoint_now = every and step % every == 0 and step < total_steps
+            if step % settings.log_every_steps == 0 or step == total_steps or checkpoint_now:  # a checkpoint closes the interval
+                mean_loss = _all_reduce_sum(interval_loss).item() / (step - (history[-1]["step"] if history else 0))
+                elapsed = time.perf_counter() - interval_started
+                history.append(_record(step, mean_loss, engine.lr(), interval_tokens * world / elapsed, device))
+                interval_loss.zero_()
+                interval_tokens, interval_started = 0, time.perf_counter()
+            if progress and history:
+                progress.update(step, history[-1]["loss"])
+            if checkpoint_now:
+                _save_checkpoint(engine, rank, {"identity": identity, "workers": world, "step": step, "history": history, "resumed_at": resumed_at,
+                                                "seconds": seconds_before + time.perf_counter() - started})
             if step >= total_steps:
                 break
-        if step >= total_steps:
-            break
-    seconds = time.perf_counter() - started
+    seconds = seconds_before + time.perf_counter() - started
 
     resolved = config_to_dict(config)
     resolved["model"]["num_labels"] = num_labels
@@ -137,31 +162,74 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         "steps": step,
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(step, 1), 4),
-        "tokens_per_second_per_worker": round(tokens / seconds, 1),
         "workers": world,
+        "engine": f"deepspeed-zero{settings.deepspeed.stage}" if settings.deepspeed else "ddp",
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-        "loss_curve": _downsample(losses),
+        "final_loss": history[-1]["loss"] if history else None,
+        "history": history,
+        "resumed_at_steps": resumed_at,
     }
+    trained = engine.consolidated(lambda: build_model(config, num_labels, for_training=False), rank)  # collective under ZeRO-3
     with tempfile.TemporaryDirectory() as out:
-        checkpoint = None
         if rank == 0:
-            _save_artifact(model, config, model_path, resolved, log, prompts_dir, Path(out))
-            checkpoint = ray.train.Checkpoint.from_directory(out)
-        ray.train.report({"final_loss": log["final_loss"], "steps": step}, checkpoint=checkpoint)
+            _save_artifact(trained, config, resolved, log, prompts_dir, Path(out))
+        ray.train.report({"final_loss": log["final_loss"], "steps": step}, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None)
 
 
-def _save_artifact(model, config: RunConfig, model_path: Path, resolved: dict, log: dict, prompts_dir: str, out: Path) -> None:
+def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
+    """The seeded base model with the method applied; the same in every worker and in every rebuild."""
+    base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, config.train.seed)
+    if for_training and config.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_method(base, config.method, config.model.task)
+
+
+def summed_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The batch's loss summed over its items: rows for classification, labelled tokens for a causal LM."""
+    if task == "sequence_classification":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    return next_token_losses(model, batch).sum()
+
+
+def _loss_items(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    if task == "sequence_classification":
+        return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(value)
+    return value
+
+
+def _record(step: int, loss: float, lr: float, tokens_per_second: float, device: torch.device) -> dict[str, float]:
+    record = {"step": step, "loss": round(loss, 5), "lr": lr, "tokens_per_second": round(tokens_per_second, 1)}
+    if device.type == "cuda":
+        record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return record
+
+
+def _save_checkpoint(engine, rank: int, state: dict[str, Any]) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save(Path(directory), rank)
+        save_trainer_state(Path(directory), rank, state)
+        ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _save_artifact(model, config: RunConfig, resolved: dict, log: dict, prompts_dir: str, out: Path) -> None:
     """The method's artifact (see kftune.methods.artifacts), tokenizer, resolved config, train log, probe predictions."""
-    unwrapped = unwrap(model)
-    save_tuned_model(unwrapped, config.method, out)
-    load_tokenizer(model_path).save_pretrained(str(out))
+    save_tuned_model(model, config.method, out)
+    load_tokenizer(resolve_model_path(config.model.name_or_path)).save_pretrained(str(out))
     (out / TUNED_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
     (out / TRAIN_LOG_FILE).write_text(json.dumps(log, indent=2))
     (out / LABELS_FILE).write_text(json.dumps(read_meta(prompts_dir)["label_names"]))
     probe_rows = read_prompts(prompts_dir, "test")[:PROBE_ROWS]
-    probe = {"sources": [r["source"] for r in probe_rows], "outputs": probe_outputs(unwrapped, probe_rows, read_meta(prompts_dir)["pad_token_id"], config.model.task)}
+    probe = {"sources": [r["source"] for r in probe_rows], "outputs": probe_outputs(model, probe_rows, read_meta(prompts_dir)["pad_token_id"], config.model.task)}
     (out / PROBE_FILE).write_text(json.dumps(probe))
 
 
@@ -181,13 +249,3 @@ def probe_outputs(model, rows: list[dict], pad_token_id: int, task: str) -> list
         outputs = [[v] for v in next_token_losses(model, batch).sum(dim=1).tolist()]
     model.train(was_training)
     return outputs
-
-
-def unwrap(model):
-    """The model inside a DDP wrapper."""
-    return model.module if hasattr(model, "module") else model
-
-
-def _downsample(values: list[float]) -> list[float]:
-    stride = max(1, len(values) // LOSS_POINTS)
-    return [round(sum(values[i : i + stride]) / len(values[i : i + stride]), 5) for i in range(0, len(values), stride)]

@@ -8,8 +8,8 @@ import time
 
 
 class ProgressLine:
-    def __init__(self, total: int, label: str = "train", every_seconds: float = 5.0, width: int = 24):
-        self.total, self.label, self.every, self.width = total, label, every_seconds, width
+    def __init__(self, total: int, label: str = "train", every_seconds: float = 5.0, width: int = 24, start_step: int = 0):
+        self.total, self.label, self.every, self.width, self.start_step = total, label, every_seconds, width, start_step
         self.start = time.perf_counter()
         self.last_print = 0.0
 
@@ -19,7 +19,7 @@ class ProgressLine:
             return
         self.last_print = now
         elapsed = now - self.start
-        rate = step / elapsed if elapsed > 0 else 0.0
+        rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else 0.0
         filled = self.width * step // self.total
         bar = "#" * filled + "-" * (self.width - filled)

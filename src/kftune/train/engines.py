@@ -1,0 +1,195 @@
+"""The optimizer half of a training step, for plain DDP and for DeepSpeed ZeRO, behind one interface.
+
+The loop hands an engine each micro-batch's share of the global mean loss (summed item losses over
+the item count of the whole global batch); the engine turns it into gradients summed over
+micro-batches and workers, steps the optimizer at accumulation boundaries (clipping, loss scaling,
+schedule), and saves or restores its own state. So 2 workers and 1 worker with twice the
+accumulation make the same update.
+
+    with engine.micro_step():
+        engine.backward(loss_share)
+    engine.step()          # an optimizer step only at the accumulation boundary
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from kftune.config import TrainSection
+from kftune.errors import KftuneError
+from kftune.train.schedules import lr_multiplier
+
+DDP_STATE_FILE = "optimizer_state.pt"
+DEEPSPEED_TAG = "deepspeed"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_engine(model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device):
+    """`model` carries the method (trainable parameters chosen); `groups` are its optimizer parameter groups."""
+    engine = DeepSpeedEngine if train.deepspeed else DDPEngine
+    return engine(model, groups, train, total_steps, world, device)
+
+
+def _adamw(groups: list[dict], train: TrainSection, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda" or None)
+
+
+class DDPEngine:
+    """torch DDP (via Ray Train's prepare_model), AdamW, autocast, GradScaler for fp16."""
+
+    def __init__(self, model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device):
+        import ray.train.torch
+
+        self.train, self.world, self.device = train, world, device
+        self.model = ray.train.torch.prepare_model(model)
+        self.module = model
+        self.parameters = [p for group in groups for p in group["params"]]
+        self.optimizer = _adamw(groups, train, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
+        self.micro_steps = 0
+
+    def at_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.train.gradient_accumulation == 0
+
+    @contextlib.contextmanager
+    def micro_step(self):
+        """Forward and backward of one micro-batch: autocast, and no gradient all-reduce until the last one."""
+        sync = contextlib.nullcontext() if self.at_boundary() or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        dtype = AUTOCAST_DTYPES.get(self.train.precision)
+        with sync, torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            yield
+
+    def backward(self, loss_share: torch.Tensor) -> None:
+        self.scaler.scale(loss_share * self.world).backward()  # DDP averages over workers; we want the sum
+
+    def step(self) -> bool:
+        boundary = self.at_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return False
+        if self.train.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.train.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[-1]
+
+    def save(self, directory: Path, rank: int) -> None:
+        """Rank 0 writes the trained parameters with optimizer, schedule and scaler state (DDP keeps them identical on every worker)."""
+        if rank == 0:
+            chosen = {id(p) for p in self.parameters}
+            torch.save({
+                "parameters": {n: p.detach().cpu() for n, p in self.module.named_parameters() if id(p) in chosen},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            }, directory / DDP_STATE_FILE)
+
+    def load(self, directory: Path) -> None:
+        path = directory / DDP_STATE_FILE
+        if not path.is_file():
+            raise KftuneError(f"{path}: missing; this checkpoint was not written by the DDP engine (was train.deepspeed set?)")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        own = dict(self.module.named_parameters())
+        missing = sorted(set(state["parameters"]) - set(own))
+        if missing:
+            raise KftuneError(f"{path}: parameters {missing[:3]} are not in this model; the checkpoint belongs to another model or method")
+        with torch.no_grad():
+            for name, value in state["parameters"].items():
+                own[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def consolidated(self, build_model, rank: int):
+        """The trained model as a plain module (DDP replicas are whole and identical)."""
+        return self.module
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine for ZeRO stages 0-3. On CPU it gets torch's AdamW, so no C++ op is compiled."""
+
+    def __init__(self, model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device):
+        import deepspeed
+
+        from kftune.train.deepspeed_config import deepspeed_config
+
+        self.train, self.world, self.device = train, world, device
+        if device.type == "cpu":
+            _skip_shm_op()
+        settings = train.deepspeed
+        # With CPU offload on GPUs DeepSpeed's own CPU Adam (prebuilt in the trainer image) is much faster than torch's.
+        own_optimizer = settings.offload_optimizer and device.type == "cuda"
+        optimizer = None if own_optimizer else _adamw(groups, train, device)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=groups if own_optimizer else None,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(train, total_steps)),
+            config=deepspeed_config(train, world),
+            dist_init_required=False,
+        )
+        self.model = self.engine
+        self.module = self.engine.module
+
+    @contextlib.contextmanager
+    def micro_step(self):
+        yield  # DeepSpeed holds the reduction itself and casts the model to bf16/fp16 when asked
+
+    def backward(self, loss_share: torch.Tensor) -> None:
+        # DeepSpeed divides by the accumulation steps and averages over workers; undo both to get the sum.
+        self.engine.backward(loss_share * self.world * self.train.gradient_accumulation)
+
+    def step(self) -> bool:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[-1]
+
+    def save(self, directory: Path, rank: int) -> None:
+        """Every worker writes its shard of the ZeRO state; Ray Train gathers them into one checkpoint."""
+        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+
+    def load(self, directory: Path) -> None:
+        if not (directory / DEEPSPEED_TAG).is_dir():
+            raise KftuneError(f"{directory / DEEPSPEED_TAG}: missing; this checkpoint was not written by the DeepSpeed engine")
+        loaded, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False)
+        if loaded is None:
+            raise KftuneError(f"{directory / DEEPSPEED_TAG}: DeepSpeed could not load this checkpoint")
+
+    def consolidated(self, build_model, rank: int):
+        """On rank 0, a fresh plain model (`build_model()`) holding the trained parameters gathered
+        from every worker's ZeRO shards, in fp32; None elsewhere. Collective: every worker calls it.
+        A plain module is what the artifact, the probe and a later reload all see."""
+        import deepspeed
+
+        trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+            state = {n: p.detach().float().cpu().clone() for n, p in trainable} if rank == 0 else None
+        if rank != 0:
+            return None
+        model = build_model()
+        own = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+        return model
+
+
+def _skip_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use (30-150 s);
+    gloo's all-reduce is fine for CPU runs, so mark the op unavailable."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

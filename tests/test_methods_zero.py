@@ -1,0 +1,75 @@
+"""Every method under DeepSpeed ZeRO-2 and ZeRO-3 (one CPU process over gloo) on stories260K: the
+method's parameters train, masked entries stay put, and the weights gathered from the ZeRO shards
+are the ones the loss was computed with. Methods a stage cannot take are refused by config validation."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from kftune.config import TrainSection
+from kftune.errors import KftuneError
+from kftune.methods import METHODS, apply_method, optimizer_parameter_groups
+from kftune.methods.base import MethodOptions
+from kftune.models import load_base_model
+from kftune.train.engines import DeepSpeedEngine
+from kftune.train.loop import summed_loss
+
+from conftest import STORIES
+from test_methods_matrix import CASES, families  # noqa: F401  (families is a fixture)
+
+STORY_CASES = {name: case for name, case in CASES.items() if case[2]["stories"] is not None}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    """DeepSpeed needs torch.distributed: a world of one over gloo."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def build(options: MethodOptions):
+    return apply_method(load_base_model(STORIES, "causal_lm", None, seed=0), options, "causal_lm")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("case", sorted(STORY_CASES))
+def test_method_trains_under_zero(case, stage, families):
+    raw, lr, patterns = STORY_CASES[case]
+    options = METHODS[raw["name"]].options.model_validate(raw)
+    if stage not in METHODS[options.name].zero_stages:
+        pytest.skip(f"{options.name} is refused under ZeRO-{stage} (see test_unsupported_stage_is_refused)")
+    batch = families["stories"][3]
+    before = {n: p.detach().clone() for n, p in build(options).named_parameters()}
+    train = TrainSection(batch_size=len(batch["input_ids"]), workers=1, lr=lr, max_grad_norm=None, deepspeed={"stage": stage})
+    model = build(options)
+    engine = DeepSpeedEngine(model, optimizer_parameter_groups(model, options, lr), train, total_steps=3, world=1, device=torch.device("cpu"))
+    losses = []
+    for _ in range(3):
+        loss = summed_loss(engine.model, batch, "causal_lm") / (batch["labels"][:, 1:] != -100).sum()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+    trained = engine.consolidated(lambda: build(options), rank=0)
+    after = dict(trained.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    intended = {n for n in before if re.search(patterns["stories"], n)}
+    assert changed and changed <= intended, sorted(changed - intended)[:5]
+    for name, parameter in model.named_parameters():
+        if hasattr(parameter, "gradient_mask"):  # attention heads, subnetwork: masked entries never move
+            masked = ~parameter.gradient_mask.bool()
+            assert torch.equal(after[name].detach()[masked], before[name][masked]), name
+
+
+def test_unsupported_stage_is_refused(make_config):
+    from kftune.config import parse_config
+
+    with pytest.raises(KftuneError, match=r"train\.deepspeed\.stage: method gradual_unfreeze does not work under ZeRO stage 2"):
+        parse_config(make_config(method={"name": "gradual_unfreeze", "start_layers": 1, "every_steps": 2}, train={"deepspeed": {"stage": 2}}))

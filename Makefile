@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= examples/sst2-minilm-lora.yaml
 
-.PHONY: setup run test bench compile chart-pipeline clean
+.PHONY: setup run test bench compile chart-pipeline k8s-e2e images clean
 
 setup:
 	bash scripts/setup.sh
@@ -24,6 +24,18 @@ compile: setup
 # The compiled pipeline the Helm chart ships (tests/test_chart.py fails when it is stale).
 chart-pipeline: setup
 	$(VENV)/bin/kftune compile charts/kftune/files/run-config.yaml -o charts/kftune/files/pipeline.yaml
+
+# The chart installed on a real API server (kube-apiserver 1.20 + etcd, built from Debian's sources and cached in
+# .cache/k8s on the first run, ~6 min), its RBAC checked, RayJobs created and followed through it (docs/kubernetes.md).
+k8s-e2e: setup
+	bash scripts/install-helm.sh
+	bash scripts/kube-apiserver.sh build
+	$(PY) -m pytest -v -rs tests/test_kube_apiserver.py
+
+# The step image built by podman from local stand-ins for its registry bases (debootstrap, uv's PyPI wheel) and
+# a local package index: no image registry needed (docs/kubernetes.md). Needs root, podman, debootstrap.
+images:
+	bash scripts/build-images.sh
 
 clean:
 	rm -rf runs pipeline.yaml

@@ -1,8 +1,9 @@
 """The kftune DAG: prepare_data -> build_prompts -> train -> evaluate -> register.
 
-`kftune run` executes it locally with kfp.local; `kftune compile` writes it as KFP IR YAML with
-the run config as the default of its one parameter, `config`, and the config's `cluster` section
-applied to every task (resources, node selectors, tolerations, volume, secrets).
+`kftune run` executes it locally with kfp.local; `kftune compile` writes it as KFP IR YAML. Its
+parameters: `config` (the run config) and the placement of each kind of step pod (CPU/memory
+requests, node selector, tolerations of `steps` and `train`, the PVC `volume_claim`), all defaulting
+to the compiled config's values, so each run can override them (`kftune.kube.tasks`).
 """
 
 from kfp import dsl
@@ -10,43 +11,50 @@ from kfp.dsl import Artifact
 
 from kftune.components import build_prompts, evaluate, prepare_data, register, train
 from kftune.kube.settings import ClusterSection
-from kftune.kube.tasks import configure_task
+from kftune.kube.tasks import configure_task, placement_arguments
 
 
 def build_pipeline(cluster: ClusterSection):
-    """The pipeline function with `cluster` baked into its tasks (KFP task settings are compile-time)."""
-
-    def step(task):
-        return configure_task(task, cluster.steps, cluster)
+    """The pipeline function; `cluster` fixes what KFP cannot take per run (GPUs, mount path, secrets)."""
 
     @dsl.pipeline(name="kftune", description="Fine-tune a language model and register it in MLflow.")
-    def kftune_pipeline(config: dict) -> Artifact:
+    def kftune_pipeline(config: dict, steps_cpu: str, steps_memory: str, steps_node_selector: dict, steps_tolerations: list,
+                        train_cpu: str, train_memory: str, train_node_selector: dict, train_tolerations: list,
+                        volume_claim: str) -> Artifact:
+        names = placement_arguments(cluster)
+        placement = {name: value for name, value in locals().items() if name in names}  # the channels, by parameter name
+
+        def step(task, group="steps", **options):
+            return configure_task(task, group, cluster, placement, **options)
+
         data = step(prepare_data(config=config).set_display_name("prepare data"))
         prompts = step(build_prompts(config=config, dataset=data.outputs["dataset"]).set_display_name("build prompts"))
-        model = configure_task(
-            train(config=config, prompts=prompts.outputs["prompts"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER).set_display_name("train"),
-            cluster.train, cluster,
-        )
+        model = step(train(config=config, prompts=prompts.outputs["prompts"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                           volume_claim=volume_claim).set_display_name("train"), "train")
         scores = step(evaluate(config=config, prompts=prompts.outputs["prompts"], model=model.outputs["model"]).set_display_name("evaluate"))
-        registered = register(
+        registered = step(register(
             config=config,
             dataset=data.outputs["dataset"],
             model=model.outputs["model"],
             evaluation=scores.outputs["evaluation"],
             report=scores.outputs["report"],
             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        ).set_display_name("register")
-        configure_task(registered, cluster.steps, cluster, uses_mlflow=True)
+        ).set_display_name("register"), uses_mlflow=True)
         return registered.outputs["summary"]
 
     return kftune_pipeline
 
 
-def compile_pipeline(config, output: str) -> str:
-    """Write the KFP IR for a validated RunConfig: its cluster settings applied, itself the `config` default."""
-    from kfp import compiler
-
+def pipeline_arguments(config) -> dict:
+    """Every pipeline parameter's value for a validated RunConfig: the compiled defaults, and a run's arguments."""
     from kftune.config import config_to_dict
 
-    compiler.Compiler().compile(build_pipeline(config.cluster), output, pipeline_parameters={"config": config_to_dict(config)})
+    return {"config": config_to_dict(config), **placement_arguments(config.cluster)}
+
+
+def compile_pipeline(config, output: str) -> str:
+    """Write the KFP IR for a validated RunConfig, its values the parameters' defaults."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(config.cluster), output, pipeline_parameters=pipeline_arguments(config))
     return output

@@ -1,6 +1,7 @@
 """charts/kftune: helm lint, helm template with default and other values, every rendered object
 validated offline against the Kubernetes API schema (kubernetes-validate, strict), the publish Job's
-command accepted by kftune, and the shipped pipeline current. No API server: installing is untested."""
+command accepted by kftune, and the shipped pipeline current. Installing on a real API server:
+tests/test_kube_apiserver.py (`make k8s-e2e`)."""
 
 from __future__ import annotations
 

@@ -119,16 +119,18 @@ def test_schedule_replaces_the_recurring_run_of_the_same_name(package, tmp_path)
     assert list(client.recurring) == ["kftune-sst2"]
     recurring_id, cron = client.recurring["kftune-sst2"]
     assert cron == "0 0 4 * * *" and recurring_id.endswith(client.versions["p-kftune"][version_name(changed)])
-    assert yaml.safe_load(changed.read_text())["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]["train"]["lr"] == 5e-4
+    assert next(yaml.safe_load_all(changed.read_text()))["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]["train"]["lr"] == 5e-4
 
 
 def test_a_compiled_package_is_sent_as_is_and_set_overrides_become_the_run_parameter(package, monkeypatch, capsys):
     client = FakeKfpClient()
     monkeypatch.setattr("kftune.kube.kfp_server.connect", lambda host, namespace: client)
-    assert main(["schedule", str(package), "--host", "http://kfp", "--cron", "0 3 * * *", "--set", "train.lr=5e-4", "--set", "registry.tracking_uri=http://mlflow:5000"]) == 0
+    assert main(["schedule", str(package), "--host", "http://kfp", "--cron", "0 3 * * *", "--set", "train.lr=5e-4", "--set", "registry.tracking_uri=http://mlflow:5000",
+                 "--set", "cluster.train.resources.cpu=6"]) == 0
     assert version_name(package) in client.versions["p-kftune"], "the package itself is the uploaded version"
     sent = client.scheduled_params["config"]
     assert (sent["train"]["lr"], sent["registry"]["tracking_uri"], sent["train"]["workers"]) == (5e-4, "http://mlflow:5000", 2)
+    assert client.scheduled_params["train_cpu"] == "6", "a --set placement reaches its pipeline parameter too"
     assert "recurring run kftune-sst2-sentiment (0 0 3 * * *)" in capsys.readouterr().out
     assert main(["submit", str(package), "--host", "http://kfp", "--set", "train.lrr=1"]) == 2
     assert "train.lrr: unknown key" in capsys.readouterr().err

@@ -93,17 +93,17 @@ def cmd_schedule(args) -> int:
 
 def _pipeline_source(args, scratch: Path):
     """(package, config, run parameters). A run config is compiled; a compiled package (the Helm chart's)
-    is sent as it is, and --set then overrides its default config, passed as the run's `config` parameter."""
-    from kftune.config import apply_overrides, config_to_dict, parse_config
+    is sent as it is, and --set then overrides its default config, passed as the run's parameters (`config` and placement)."""
+    from kftune.config import apply_overrides, parse_config
     from kftune.kube.kfp_server import package_default_config
-    from kftune.pipelines.kftune_pipeline import compile_pipeline
+    from kftune.pipelines.kftune_pipeline import compile_pipeline, pipeline_arguments
 
     default = package_default_config(Path(args.config))
     if default is None:
         config = _load(args)
         return Path(compile_pipeline(config, args.package or str(scratch / "pipeline.yaml"))), config, None
     config = parse_config(apply_overrides(default, args.set or []), source=f"{args.config} with --set")
-    return Path(args.config), config, ({"config": config_to_dict(config)} if args.set else None)
+    return Path(args.config), config, (pipeline_arguments(config) if args.set else None)
 
 
 def _publish(args, action) -> int:

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kftune.config import RunConfig, config_to_dict
+from kftune.config import RunConfig
 from kftune.errors import KftuneError
 
 STEP_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "RAY_DEDUP_LOGS": "0"}
@@ -50,7 +50,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     """Execute the DAG; returns the register step's summary plus wall time and output locations."""
     from kfp import local
 
-    from kftune.pipelines.kftune_pipeline import build_pipeline
+    from kftune.pipelines.kftune_pipeline import build_pipeline, pipeline_arguments
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "pipeline"))
     try:
-        task = build_pipeline(config.cluster)(config=config_to_dict(on_this_machine(config)))  # cluster settings: no-ops here
+        task = build_pipeline(config.cluster)(**pipeline_arguments(on_this_machine(config)))  # cluster settings: no-ops here
     except RuntimeError as exc:
         raise KftuneError(f"the pipeline failed: {exc} (the failing step's log is above)") from None
     summary_path = Path(task.outputs["Output"].path)

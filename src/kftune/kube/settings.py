@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import BeforeValidator, Field, StringConstraints
 
 from kftune.section import Section
 
-Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")]
-"""A Kubernetes resource quantity: `500m`, `2`, `16Gi`."""
+Quantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v),
+                     StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")]
+"""A Kubernetes resource quantity: `500m`, `2`, `16Gi` (a YAML number such as `cpu: 8` is read as its text)."""
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)]
 """A Kubernetes object name (DNS subdomain)."""
 
@@ -93,3 +94,11 @@ class ClusterSection(Section):
     """Credentials for the MLflow server and its artifact store, as env vars of the register step."""
     image_pull_secrets: list[Name] = Field(default_factory=list)
     rayjob: RayJobSection = Field(default_factory=RayJobSection)
+
+
+def with_volume_claim(config: dict, claim: str) -> dict:
+    """The run config (as a dict) with `cluster.volume.claim` set to `claim`, when it has a volume and `claim` is not empty."""
+    cluster = config.get("cluster") or {}
+    if not claim or not cluster.get("volume"):
+        return config
+    return {**config, "cluster": {**cluster, "volume": {**cluster["volume"], "claim": claim}}}

@@ -1,26 +1,49 @@
-"""Apply the `cluster` settings to a pipeline task at compile time: resources, placement, the data
-volume, pull secrets and the MLflow credentials Secret (kfp-kubernetes). The local runner ignores
-all of them, so `kftune run` uses the same DAG."""
+"""Apply the `cluster` settings to a pipeline task (kfp-kubernetes). Requests, node selectors,
+tolerations and the volume's claim come from per-run pipeline parameters, whose defaults are the
+config's values (`placement_arguments`), so a run started from the Kubeflow UI can move a step to
+other nodes or another PVC without recompiling; the GPU count, the mount path, pull secrets and the
+MLflow Secret stay compile-time. The local runner ignores all of them, so `kftune run` uses the same DAG."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
-from kftune.kube.settings import ClusterSection, Placement
+from kftune.kube.settings import ClusterSection
+
+GROUPS = ("steps", "train")
+"""The two kinds of step pod: the CPU steps and train."""
 
 
-def configure_task(task: PipelineTask, placement: Placement, cluster: ClusterSection, *, uses_mlflow: bool = False) -> PipelineTask:
-    resources = placement.resources
-    task.set_cpu_request(resources.cpu).set_memory_request(resources.memory).set_memory_limit(resources.memory)
+def placement_arguments(cluster: ClusterSection) -> dict[str, Any]:
+    """The pipeline's placement parameters and their values from a cluster section."""
+    arguments: dict[str, Any] = {}
+    for group in GROUPS:
+        placement = getattr(cluster, group)
+        arguments |= {
+            f"{group}_cpu": placement.resources.cpu,
+            f"{group}_memory": placement.resources.memory,
+            f"{group}_node_selector": dict(placement.node_selector),
+            f"{group}_tolerations": [t.model_dump(exclude_none=True) for t in placement.tolerations],
+        }
+    arguments["volume_claim"] = cluster.volume.claim if cluster.volume else ""
+    return arguments
+
+
+def configure_task(task: PipelineTask, group: str, cluster: ClusterSection, parameters: dict[str, Any], *,
+                   uses_mlflow: bool = False) -> PipelineTask:
+    """`parameters` holds the pipeline's channels named as in `placement_arguments`; `group` is "steps" or "train"."""
+    memory = parameters[f"{group}_memory"]
+    task.set_cpu_request(parameters[f"{group}_cpu"]).set_memory_request(memory).set_memory_limit(memory)
+    resources = getattr(cluster, group).resources
     if resources.gpus:
         task.set_accelerator_type(resources.accelerator).set_accelerator_limit(resources.gpus)
-    for label, value in placement.node_selector.items():
-        kubernetes.add_node_selector(task, label_key=label, label_value=value)
-    for toleration in placement.tolerations:
-        kubernetes.add_toleration(task, **toleration.model_dump(exclude_none=True))
+    kubernetes.add_node_selector_json(task, parameters[f"{group}_node_selector"])
+    kubernetes.add_toleration_json(task, parameters[f"{group}_tolerations"])
     if cluster.volume:
-        kubernetes.mount_pvc(task, pvc_name=cluster.volume.claim, mount_path=cluster.volume.mount_path)
+        kubernetes.mount_pvc(task, pvc_name=parameters["volume_claim"], mount_path=cluster.volume.mount_path)
     if cluster.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
     if uses_mlflow and cluster.mlflow_secret:

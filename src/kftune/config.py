@@ -19,16 +19,16 @@ from kftune.errors import KftuneError
 from kftune.kube.settings import ClusterSection
 from kftune.methods import METHODS, MethodConfig, method_supports_task
 from kftune.models import PACKAGED_MODELS
-from kftune.prompts.templates import TEMPLATES, template_fields
+from kftune.prompts.templates import get_template
 from kftune.section import Section
 from kftune.train.support import engine_problem
 
-Task = Literal["sequence_classification", "causal_lm"]
+Task = Literal["sequence_classification", "causal_lm", "masked_lm"]
 
 
 class ModelSection(Section):
     name_or_path: str = "minilm-l6"
-    """A packaged model alias (see `kftune.models.PACKAGED_MODELS`) or a local directory in HF format."""
+    """A packaged model alias (see `kftune.models.PACKAGED_MODELS`), a local directory in HF format, or a GGUF file."""
     task: Task = "sequence_classification"
     num_labels: int | None = Field(default=None, ge=2)
     """For classification; inferred from the training labels when left empty."""
@@ -56,7 +56,12 @@ class DataSection(Section):
 
 class PromptSection(Section):
     template: str = "plain"
+    """A packaged template name (src/kftune/prompts/templates/) or the path of a user's YAML template file."""
     max_length: int = Field(default=128, ge=8)
+    few_shot: int = Field(default=0, ge=0)
+    """In-context demonstrations before each prompt, drawn (seeded, stratified by label) from the train split only."""
+    packing: bool = False
+    """Pack short training rows into max_length rows; examples never attend to each other."""
 
 
 class DeepSpeedSection(Section):
@@ -171,6 +176,7 @@ class _FieldError(ValueError):
 
 
 CLASSIFICATION_METRICS = {"accuracy", "macro_f1"}
+PROMPT_LEARNING = {"prefix_tuning", "prompt_tuning", "p_tuning"}  # virtual tokens would cross packed examples
 LM_METRICS = {"perplexity", "exact_match", "rouge_l", "bleu"}
 
 
@@ -188,11 +194,16 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
         task = self.model.task
-        if self.prompt.template not in TEMPLATES:
-            raise _FieldError("prompt.template", f"unknown template {self.prompt.template!r}; choose from: {', '.join(sorted(TEMPLATES))}")
-        template = TEMPLATES[self.prompt.template]
+        try:
+            template = get_template(self.prompt.template)
+        except KftuneError as exc:
+            raise _FieldError("prompt.template", str(exc).removeprefix("prompt.template: ")) from None
         if task not in template.tasks:
             raise _FieldError("prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}")
+        if self.prompt.few_shot and (task != "causal_lm" or template.conversation):
+            raise _FieldError("prompt.few_shot", "in-context demonstrations need a causal LM and a template that renders one row at a time")
+        if self.prompt.packing and (task != "causal_lm" or self.method.name in PROMPT_LEARNING):
+            raise _FieldError("prompt.packing", f"packs causal-LM rows for methods that add no virtual tokens (not {task} with {self.method.name})")
         if not method_supports_task(self.method, task):
             raise _FieldError("method.name", f"method {self.method.name!r} does not support task {task}")
         method = METHODS[self.method.name]
@@ -201,7 +212,7 @@ class RunConfig(Section):
         problem = method.check_config(self) if method.check_config else None
         if problem:
             raise _FieldError(*problem)
-        allowed = CLASSIFICATION_METRICS if task == "sequence_classification" else LM_METRICS | (CLASSIFICATION_METRICS if template.labelled else set())
+        allowed = CLASSIFICATION_METRICS if task != "causal_lm" else LM_METRICS | (CLASSIFICATION_METRICS if template.labelled else set())
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
             raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
@@ -226,13 +237,13 @@ class RunConfig(Section):
         return self.data.columns.get(field, field)
 
     def required_fields(self) -> list[str]:
-        fields = template_fields(self.prompt.template)
+        fields = get_template(self.prompt.template).fields
         return fields + (["label"] if self.has_labels else [])
 
     @property
     def has_labels(self) -> bool:
         """Classification data: a task head, or a causal LM scoring a verbalizer's words."""
-        return self.model.task == "sequence_classification" or TEMPLATES[self.prompt.template].labelled
+        return self.model.task == "sequence_classification" or get_template(self.prompt.template).labelled
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: two runs with the same config share it (a lineage tag)."""
@@ -286,6 +297,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not isinstance(data, dict):
         raise KftuneError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
     data = apply_overrides(data, overrides)
+    prompt = data.get("prompt")
+    if isinstance(prompt, dict) and Path(str(prompt.get("template", ""))).suffix in (".yaml", ".yml"):
+        prompt["template"] = _resolve_path(prompt["template"], path.parent)  # validation reads the file
     config = parse_config(data, str(path), _key_lines(text))
     return _resolve_relative_paths(config, path.parent)
 
@@ -330,22 +344,23 @@ def _key_lines(text: str) -> dict[str, int]:
 def _resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
     """Make local data and model paths absolute (pipeline steps run elsewhere); relative ones may be
     relative to the file. Packaged model aliases and remote URIs stay as they are."""
-
-    def resolve(value: str) -> str:
-        if "://" in value or Path(value).is_absolute():
-            return value
-        for candidate in (Path(value), base / value):
-            if candidate.exists():
-                return str(candidate.resolve())
-        return value
-
-    data = config.data.model_copy(update={"path": resolve(config.data.path)})
+    data = config.data.model_copy(update={"path": _resolve_path(config.data.path, base)})
     if isinstance(data.split.test, str):
-        data = data.model_copy(update={"split": data.split.model_copy(update={"test": resolve(data.split.test)})})
+        data = data.model_copy(update={"split": data.split.model_copy(update={"test": _resolve_path(data.split.test, base)})})
     model = config.model
     if model.name_or_path not in PACKAGED_MODELS:
-        model = model.model_copy(update={"name_or_path": resolve(model.name_or_path)})
+        model = model.model_copy(update={"name_or_path": _resolve_path(model.name_or_path, base)})
     return config.model_copy(update={"data": data, "model": model})
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    """A local path made absolute, relative to the working directory or else to `base`; URIs stay."""
+    if "://" in value or Path(value).is_absolute():
+        return value
+    for candidate in (Path(value), base / value):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

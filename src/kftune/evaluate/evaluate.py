@@ -17,8 +17,8 @@ import torch
 from kftune.config import RunConfig
 from kftune.evaluate import metrics
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
-from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts
-from kftune.prompts.templates import TEMPLATES
+from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts, single_token_id
+from kftune.prompts.templates import Template, get_template
 from kftune.train.loop import Collator, next_token_losses
 
 GENERAL_TEXT = Path(__file__).with_name("data") / "general_text.txt"
@@ -66,12 +66,14 @@ def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: li
             labels += gold.tolist()
         matrix = metrics.confusion_matrix(labels, predictions, len(label_names))
         return {"accuracy": metrics.accuracy(matrix), "macro_f1": metrics.macro_f1(matrix), "confusion_matrix": matrix}
-    loss, tokens = _lm_loss(model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], collate, size)
-    scores: dict[str, Any] = {"perplexity": metrics.perplexity(loss, tokens), "tokens": tokens}
-    template = TEMPLATES[config.prompt.template]
+    template = get_template(config.prompt.template)
+    scores: dict[str, Any] = {}
+    if config.model.task == "causal_lm":
+        loss, tokens = _lm_loss(model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], collate, size)
+        scores.update(perplexity=metrics.perplexity(loss, tokens), tokens=tokens)
     if template.labelled:
-        predictions = _verbalizer_predictions(model, rows, tokenizer, template, label_names)
-        matrix = metrics.confusion_matrix([r["class_label"] for r in rows], predictions, len(label_names))
+        gold, predictions = label_predictions(model, rows, tokenizer, template, label_names, config.model.task, size)
+        matrix = metrics.confusion_matrix(gold, predictions, len(label_names))
         scores.update(accuracy=metrics.accuracy(matrix), macro_f1=metrics.macro_f1(matrix), confusion_matrix=matrix)
     wanted = [m for m in config.eval.metrics if m in GENERATION_METRICS]
     if wanted:
@@ -81,20 +83,51 @@ def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: li
     return scores
 
 
-def _verbalizer_predictions(model, rows: list[dict], tokenizer, template, label_names: list[str]) -> list[int]:
-    """For each row, the label whose best verbalizer word has the highest log-likelihood after the prompt."""
-    predictions = []
-    for row in rows:
-        prompt_ids = row["input_ids"][: row["labels"].count(IGNORE_INDEX)]
-        prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        words = [(label, continuation_ids(tokenizer, prompt, prompt_ids, word)) for label, name in enumerate(label_names) for word in template.verbalizer[name]]
-        candidates = [{"input_ids": prompt_ids + ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + ids} for _, ids in words]
-        log_likelihoods = (-next_token_losses(model, Collator(tokenizer.pad_token_id, "causal_lm")(candidates)).sum(dim=1)).tolist()
-        best: dict[int, float] = {}
-        for (label, _), value in zip(words, log_likelihoods):
-            best[label] = max(best.get(label, float("-inf")), value)
-        predictions.append(max(best, key=best.get))
-    return predictions
+def label_predictions(model, rows: list[dict], tokenizer, template: Template, label_names: list[str], task: str,
+                      batch_size: int) -> tuple[list[int], list[int]]:
+    """(gold, predicted) class ids by the template's words. PET: the label whose best word scores highest
+    (after the prompt, or at the [MASK] slot). Entailment: per example, the label whose hypothesis has the
+    largest log p(yes) - log p(no)."""
+    if template.hypotheses is None:
+        best = word_scores(model, rows, tokenizer, [template.verbalizer[name] for name in label_names], task, batch_size)
+        return [r["class_label"] for r in rows], [max(range(len(label_names)), key=s.__getitem__) for s in best]
+    best = word_scores(model, rows, tokenizer, [template.answers["yes"], template.answers["no"]], task, batch_size)
+    belief: dict[int, dict[int, float]] = {}
+    gold: dict[int, int] = {}
+    for row, (yes, no) in zip(rows, best):
+        belief.setdefault(row["group"], {})[row["hypothesis_label"]] = yes - no
+        gold[row["group"]] = row["class_label"]
+    return [gold[g] for g in belief], [max(b, key=b.get) for b in belief.values()]
+
+
+@torch.no_grad()
+def word_scores(model, rows: list[dict], tokenizer, word_lists: list[list[str]], task: str, batch_size: int) -> list[list[float]]:
+    """Per row, per word list: the best log-likelihood of one of its words where the answer goes (after the
+    prompt, the -100-labelled prefix, for causal LMs; at the [MASK] slot for masked LMs). One forward per
+    batch of rows scores every single-token word; a longer word (causal LMs only) gets its own candidate."""
+    collate = Collator(tokenizer.pad_token_id, "causal_lm")
+    results = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        if task == "masked_lm":
+            inputs = [r["input_ids"] for r in chunk]
+            slots = [r["input_ids"].index(tokenizer.mask_token_id) for r in chunk]
+            shared = [[[single_token_id(tokenizer, w)] for w in ws] for ws in word_lists]
+            words = [shared] * len(chunk)
+        else:
+            inputs = [r["input_ids"][: r["labels"].count(IGNORE_INDEX)] for r in chunk]
+            slots = [len(ids) - 1 for ids in inputs]
+            prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in inputs]
+            words = [[[continuation_ids(tokenizer, p, ids, w) for w in ws] for ws in word_lists] for p, ids in zip(prompts, inputs)]
+        batch = collate([{"input_ids": ids, "labels": ids} for ids in inputs])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, -batch["input_ids"].shape[1] :].float()  # prompt-learning methods prepend virtual tokens
+        log_probs = torch.log_softmax(logits[torch.arange(len(chunk)), torch.tensor(slots)], dim=-1)
+        for i, row_words in enumerate(words):
+            longer = [{"input_ids": inputs[i] + ids, "labels": [IGNORE_INDEX] * len(inputs[i]) + ids} for ws in row_words for ids in ws if len(ids) > 1]
+            longer_scores = iter((-next_token_losses(model, collate(longer)).sum(dim=1)).tolist() if longer else [])
+            results.append([max(log_probs[i, ids[0]].item() if len(ids) == 1 else next(longer_scores) for ids in ws) for ws in row_words])
+    return results
 
 
 def _lm_loss(model, rows: list[dict], collate: Collator, size: int) -> tuple[float, int]:

@@ -28,7 +28,10 @@ def check_method_fits_model(options: MethodOptions, model_path) -> None:
     """Fail before training when the model's architecture cannot take the method."""
     from transformers import AutoConfig
 
-    problem = architecture_problem(options, AutoConfig.from_pretrained(str(model_path)))
+    from kftune.models import pretrained_args
+
+    folder, gguf = pretrained_args(model_path)
+    problem = architecture_problem(options, AutoConfig.from_pretrained(folder, **gguf))
     if problem:
         raise KftuneError(problem)
 

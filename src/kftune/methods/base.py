@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from kftune.methods.artifacts import Artifact
 
 TASKS = ("sequence_classification", "causal_lm")
+WITH_MASKED_LM = TASKS + ("masked_lm",)  # methods that work on any module tree (PET through an MLM head)
 
 
 class MethodOptions(BaseModel):
@@ -93,4 +94,5 @@ def train_only(model, names: set[str]):
 def peft_task_type(task: str):
     import peft
 
-    return peft.TaskType.SEQ_CLS if task == "sequence_classification" else peft.TaskType.CAUSAL_LM
+    # masked LMs have no PEFT task type: the plain PeftModel passes inputs and labels through
+    return {"sequence_classification": peft.TaskType.SEQ_CLS, "causal_lm": peft.TaskType.CAUSAL_LM}.get(task)

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from kftune.methods.artifacts import PEFT_ADAPTER, WHOLE_MODEL, Artifact
-from kftune.methods.base import MethodOptions, peft_task_type, register
+from kftune.methods.base import WITH_MASKED_LM, MethodOptions, peft_task_type, register
 
 
 class LoraOptions(MethodOptions):
@@ -45,7 +45,7 @@ def load_lora(model_dir: Path, options: LoraOptions, task: str, load_base):
     return (WHOLE_MODEL if options.merge else PEFT_ADAPTER).load(model_dir, options, task, load_base)
 
 
-@register(LoraOptions, "Low-rank updates on chosen linear layers; the task head trains too.", artifact=Artifact(save_lora, load_lora))
+@register(LoraOptions, "Low-rank updates on chosen linear layers; the task head trains too.", WITH_MASKED_LM, artifact=Artifact(save_lora, load_lora))
 def apply(model, options: LoraOptions, task: str):
     import peft
 

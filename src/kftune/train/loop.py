@@ -24,6 +24,7 @@ from kftune.config import RunConfig, config_to_dict
 from kftune.methods import apply_method, calibrate_method, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
+from kftune.prompts.packing import batch_tokens, make_collator
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
 from kftune.train.engines import make_engine
@@ -58,10 +59,20 @@ class Collator:
 
 def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-position loss of predicting each labelled token from the ones before it (0 where the label
-    is -100): the one causal-LM loss that evaluation and the reload probe share."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    is -100): the one causal-LM loss that training, evaluation and the reload probe share."""
+    packed = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # restarting per packed example
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **packed).logits.float()
     logits = logits[:, -batch["labels"].shape[1] :]  # prompt-learning methods prepend virtual tokens
     return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def token_losses(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Per-position loss at the labelled positions (0 elsewhere): the next token for a causal LM, the
+    word at the [MASK] slot itself for a masked LM."""
+    if task != "masked_lm":
+        return next_token_losses(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -90,7 +101,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     num_labels = len(meta["label_names"]) or None
     model = build_model(config, num_labels, for_training=True)
     rows = read_prompts(prompts_dir, "train")
-    collate = Collator(meta["pad_token_id"], task)
+    collate = make_collator(meta, task, model)  # packed rows when build_prompts packed them
     calibrate_method(model, config.method, lambda n: summed_loss(model, collate(rows[:n]), task))  # the same rows in every worker
     trainable, total = trainable_parameters(model)
     if settings.compile:
@@ -139,7 +150,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     engine.backward(loss_share)
                 engine.step()
                 interval_loss += loss_share.detach().float()
-                interval_tokens += int(batch["attention_mask"].sum())
+                interval_tokens += batch_tokens(batch)
             step += 1
             unfrozen = on_step(engine.module, config.method, step)
             if unfrozen:
@@ -194,17 +205,18 @@ def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
 
 
 def summed_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """The batch's loss summed over its items: rows for classification, labelled tokens for a causal LM."""
+    """The batch's loss summed over its items: rows for classification, labelled tokens for a language model."""
     if task == "sequence_classification":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-    return next_token_losses(model, batch).sum()
+    return token_losses(model, batch, task).sum()
 
 
 def _loss_items(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     if task == "sequence_classification":
         return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    predicted = batch["labels"] if task == "masked_lm" else batch["labels"][:, 1:]  # nothing predicts a causal LM's first token
+    return (predicted != IGNORE_INDEX).sum()
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -243,8 +255,8 @@ def _save_artifact(model, config: RunConfig, resolved: dict, log: dict, prompts_
 
 @torch.no_grad()
 def probe_outputs(model, rows: list[dict], pad_token_id: int, task: str) -> list[list[float]]:
-    """Logits (classification) or per-token loss sums (causal LM) on a few test rows: the reference a
-    reloaded artifact must reproduce."""
+    """Logits (classification) or per-row loss sums (language models) on a few test rows: the reference
+    a reloaded artifact must reproduce."""
     was_training = model.training
     model.eval()
     batch = Collator(pad_token_id, task)(rows)
@@ -254,6 +266,6 @@ def probe_outputs(model, rows: list[dict], pad_token_id: int, task: str) -> list
         batch.pop("labels")
         outputs = model(**batch).logits.float().tolist()
     else:
-        outputs = [[v] for v in next_token_losses(model, batch).sum(dim=1).tolist()]
+        outputs = [[v] for v in token_losses(model, batch, task).sum(dim=1).tolist()]
     model.train(was_training)
     return outputs

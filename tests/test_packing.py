@@ -1,0 +1,89 @@
+"""Packing on the real tiny Llama stories260K: a packed batch has the loss of the unpacked one, with the
+block-diagonal 4D mask and with the position-ids-only (variable-length) path."""
+
+import json
+
+import pytest
+import torch
+
+from kftune.config import parse_config
+from kftune.data.prepare import prepare, write_prepared
+from kftune.models import load_base_model
+from kftune.prompts.build import build_prompts, preview_html, read_prompts
+from kftune.prompts.packing import PackedCollator, batch_tokens, block_diagonal_mask, make_collator, pack_rows
+from kftune.train.loop import Collator
+
+from conftest import STORIES
+
+
+@pytest.fixture(scope="module")
+def packed_build(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packing")
+    source = folder / "alpaca.jsonl"
+    records = [{"instruction": f"Name animal number {i}.", "input": "", "output": "A cat." if i % 2 else "A big brown dog."} for i in range(40)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = parse_config({
+        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+        "data": {"path": str(source), "split": {"test": 0.1}},
+        "prompt": {"template": "alpaca", "max_length": 256, "packing": True},
+        "method": {"name": "lora", "r": 4},
+        "eval": {"metrics": ["perplexity"]},
+        "registry": {"model_name": "packing", "gate": {"metric": "perplexity"}},
+    })
+    write_prepared(prepare(config), folder / "data")
+    meta = build_prompts(config, folder / "data", folder / "prompts")
+    unpacked = folder / "unpacked"
+    build_prompts(config.model_copy(update={"prompt": config.prompt.model_copy(update={"packing": False})}), folder / "data", unpacked)
+    return meta, read_prompts(folder / "prompts", "train"), read_prompts(unpacked, "train")
+
+
+def test_packing_keeps_every_example_and_restarts_positions(packed_build):
+    meta, packed, unpacked = packed_build
+    assert sum(len(r["sources"]) for r in packed) == len(unpacked) == meta["packing"]["examples"] == 36
+    assert len(packed) == meta["packing"]["rows"] < len(unpacked) and all(len(r["input_ids"]) <= 256 for r in packed)
+    by_source = {r["source"]: r for r in unpacked}
+    for row in packed:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        pieces = [row["input_ids"][a:b] for a, b in zip(starts, starts[1:] + [len(row["input_ids"])])]
+        assert pieces == [by_source[s]["input_ids"] for s in row["sources"]]
+    assert f"{meta['packing']['examples']} training examples in {meta['packing']['rows']} rows" in preview_html(meta)
+
+
+def test_block_diagonal_mask_keeps_attention_inside_each_example():
+    mask = block_diagonal_mask(torch.tensor([[0, 1, 2, 0, 1, 0, 0]]))[0, 0] == 0  # two examples, then two pads
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    assert batch_tokens({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0]])}) == 5
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["4d-mask", "position-ids"])
+def test_packed_batches_give_the_unpacked_loss(packed_build, varlen):
+    meta, packed, unpacked = packed_build
+    model = load_base_model(STORIES, "causal_lm", None, 0).eval()
+    collate = make_collator(meta, "causal_lm", model)
+    assert isinstance(collate, PackedCollator) and not collate.varlen
+    with torch.no_grad():
+        expected = model(**Collator(meta["pad_token_id"], "causal_lm")(unpacked)).loss.item()
+        batch = PackedCollator(meta["pad_token_id"], varlen=varlen)(packed)
+        assert ("attention_mask" in batch) != varlen
+        got = model(**batch).loss.item()
+        single = model(**PackedCollator(meta["pad_token_id"], varlen=varlen)(packed[:1])).loss.item()
+        crossing = model(input_ids=batch["input_ids"][:1], labels=batch["labels"][:1]).loss.item()  # no mask, no position reset
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert abs(crossing - single) > 1e-3  # attending across examples would change the loss: the test can fail
+    assert batch_tokens(batch) == sum(len(r["input_ids"]) for r in unpacked)
+
+
+def test_pack_rows_statistics():
+    rows = [{"input_ids": [1] * n, "labels": [1] * n, "source": str(n)} for n in (6, 5, 4, 3, 2)]
+    packed, stats = pack_rows(rows, 8)
+    assert [r["sources"] for r in packed] == [["6", "2"], ["5", "3"], ["4"]]
+    assert stats == {"examples": 5, "rows": 3, "examples_per_row": 1.67, "fill": 0.8333, "padding_saved": 0.8}

@@ -13,6 +13,7 @@ run: setup
 
 test: setup
 	bash scripts/install-helm.sh || echo "helm not installed: the chart tests will skip"
+	bash scripts/kube-apiserver.sh build || echo "no kube-apiserver: tests/test_kube_apiserver.py will skip"
 	$(PY) -m pytest -q
 
 bench: setup

@@ -80,6 +80,15 @@ def test_unwritable_storage_is_refused_before_anything_starts(tmp_path):
     assert (tmp_path / "fine" / "nested").is_dir()
 
 
+def test_storage_is_handed_to_ray_as_a_uri_or_an_absolute_path(tmp_path, monkeypatch):
+    from kftune.train.launch import storage_location
+
+    monkeypatch.chdir(tmp_path)
+    assert storage_location("./checkpoints", "/unused") == str(tmp_path / "checkpoints")  # Ray rejects './checkpoints'
+    assert storage_location("s3://bucket/runs?scheme=http", "/unused") == "s3://bucket/runs?scheme=http"
+    assert storage_location(None, tmp_path / "scratch") == str(tmp_path / "scratch")
+
+
 def test_checkpoints_of_another_run_or_corrupt_ones_are_errors_not_fresh_starts(tmp_path):
     save_trainer_state(tmp_path, 0, {"identity": "a" * 64, "workers": 2, "step": 10, "history": [], "resumed_at": [], "seconds": 1.0})
     assert load_trainer_state(tmp_path, 0, "a" * 64, 2)["step"] == 10

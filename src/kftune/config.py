@@ -79,9 +79,10 @@ class DeepSpeedSection(Section):
 
 class CheckpointSection(Section):
     storage: str | None = None
-    """Where Ray Train keeps checkpoints: a local or PVC directory, or an `s3://` URI. A restarted run
-    with the same config, data and storage resumes from its latest checkpoint. Empty: a temporary
-    directory, so nothing survives the step."""
+    """Where Ray Train keeps checkpoints: a local or PVC directory (a relative one is taken from the
+    train step's working directory, which for `kftune run` is where it was started), or an `s3://`
+    URI. A restarted run with the same config, data and storage resumes from its latest checkpoint.
+    Empty: a temporary directory, so nothing survives the step."""
     every_steps: int = Field(default=0, ge=0)
     """Save the full training state every this many optimizer steps; 0: only the final model."""
     keep: int = Field(default=2, ge=1)

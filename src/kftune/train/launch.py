@@ -29,7 +29,7 @@ def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Pa
     from ray.train.torch import TorchTrainer
 
     settings = config.train
-    storage = settings.checkpoint.storage or str(Path(default_storage).resolve())
+    storage = storage_location(settings.checkpoint.storage, default_storage)
     check_writable(storage)
     identity = run_identity(config, prompts_dir)
     run_name = f"{config.registry.model_name}-{identity[:16]}"
@@ -61,6 +61,13 @@ def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Pa
         shutil.rmtree(model_dir)
     result.checkpoint.to_directory(str(model_dir))
     return json.loads((model_dir / TRAIN_LOG_FILE).read_text())
+
+
+def storage_location(configured: str | None, default: str | Path) -> str:
+    """Where Ray Train keeps the checkpoints, as it needs it: a URI, or an absolute path (a relative
+    one is taken from the step's working directory)."""
+    storage = configured or str(default)
+    return storage if "://" in storage else str(Path(storage).resolve())
 
 
 def _say_what_storage_holds(storage: str, run_name: str, model_name: str) -> None:

@@ -8,10 +8,11 @@ import torch
 
 from kftune.config import parse_config
 from kftune.data.prepare import prepare, write_prepared
-from kftune.models import load_base_model
 from kftune.prompts.build import build_prompts, preview_html, read_prompts
-from kftune.prompts.packing import PackedCollator, batch_tokens, block_diagonal_mask, make_collator, pack_rows
-from kftune.train.loop import Collator
+from kftune.prompts.collate import Collator, PackedCollator, batch_tokens, block_diagonal_mask, make_collator, uses_varlen_attention
+from kftune.prompts.packing import pack_rows
+
+from kftune.train.loop import build_model, summed_loss
 
 from conftest import STORIES
 
@@ -34,11 +35,11 @@ def packed_build(tmp_path_factory):
     meta = build_prompts(config, folder / "data", folder / "prompts")
     unpacked = folder / "unpacked"
     build_prompts(config.model_copy(update={"prompt": config.prompt.model_copy(update={"packing": False})}), folder / "data", unpacked)
-    return meta, read_prompts(folder / "prompts", "train"), read_prompts(unpacked, "train")
+    return config, meta, read_prompts(folder / "prompts", "train"), read_prompts(unpacked, "train")
 
 
 def test_packing_keeps_every_example_and_restarts_positions(packed_build):
-    meta, packed, unpacked = packed_build
+    _, meta, packed, unpacked = packed_build
     assert sum(len(r["sources"]) for r in packed) == len(unpacked) == meta["packing"]["examples"] == 36
     assert len(packed) == meta["packing"]["rows"] < len(unpacked) and all(len(r["input_ids"]) <= 256 for r in packed)
     by_source = {r["source"]: r for r in unpacked}
@@ -66,10 +67,10 @@ def test_block_diagonal_mask_keeps_attention_inside_each_example():
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["4d-mask", "position-ids"])
 def test_packed_batches_give_the_unpacked_loss(packed_build, varlen):
-    meta, packed, unpacked = packed_build
-    model = load_base_model(STORIES, "causal_lm", None, 0).eval()
-    collate = make_collator(meta, "causal_lm", model)
-    assert isinstance(collate, PackedCollator) and not collate.varlen
+    config, meta, packed, unpacked = packed_build
+    model = build_model(config, None, for_training=True).eval()  # as the train worker builds it (LoRA starts as the identity)
+    collate = make_collator(meta, "causal_lm", varlen=uses_varlen_attention(model))
+    assert isinstance(collate, PackedCollator) and not collate.varlen  # eager/SDPA on CPU: the 4D mask
     with torch.no_grad():
         expected = model(**Collator(meta["pad_token_id"], "causal_lm")(unpacked)).loss.item()
         batch = PackedCollator(meta["pad_token_id"], varlen=varlen)(packed)
@@ -77,7 +78,11 @@ def test_packed_batches_give_the_unpacked_loss(packed_build, varlen):
         got = model(**batch).loss.item()
         single = model(**PackedCollator(meta["pad_token_id"], varlen=varlen)(packed[:1])).loss.item()
         crossing = model(input_ids=batch["input_ids"][:1], labels=batch["labels"][:1]).loss.item()  # no mask, no position reset
+        # the training loop's own loss (summed over labelled tokens, position ids passed on) agrees too
+        summed_unpacked = summed_loss(model, Collator(meta["pad_token_id"], "causal_lm")(unpacked), "causal_lm").item()
+        summed_packed = summed_loss(model, batch, "causal_lm").item()
     assert got == pytest.approx(expected, rel=1e-4)
+    assert summed_packed == pytest.approx(summed_unpacked, rel=1e-4)
     assert abs(crossing - single) > 1e-3  # attending across examples would change the loss: the test can fail
     assert batch_tokens(batch) == sum(len(r["input_ids"]) for r in unpacked)
 

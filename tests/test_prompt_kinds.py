@@ -224,11 +224,11 @@ def test_chinese_examples_prepare_and_build(example, tmp_path):
 def test_masked_lm_prompt_based_fine_tuning_trains_the_slot_and_reloads(make_config, random_mlm, tmp_path):
     from kftune.methods import apply_method, save_tuned_model
     from kftune.models import TUNED_CONFIG_FILE, load_tuned_model
-    from kftune.prompts.packing import make_collator
+    from kftune.prompts.collate import make_collator
 
     config, meta = mlm_build(make_config, random_mlm, tmp_path)
     model = apply_method(load_base_model(random_mlm, "masked_lm", None, 0), config.method, "masked_lm")
-    batch = make_collator(meta, "masked_lm", model)(read_prompts(tmp_path / "prompts", "train")[:16])
+    batch = make_collator(meta, "masked_lm")(read_prompts(tmp_path / "prompts", "train")[:16])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(5):

@@ -177,7 +177,6 @@ class _FieldError(ValueError):
 
 
 CLASSIFICATION_METRICS = {"accuracy", "macro_f1"}
-PROMPT_LEARNING = {"prefix_tuning", "prompt_tuning", "p_tuning"}  # virtual tokens would cross packed examples
 LM_METRICS = {"perplexity", "exact_match", "rouge_l", "bleu"}
 
 
@@ -203,7 +202,7 @@ class RunConfig(Section):
             raise _FieldError("prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}")
         if self.prompt.few_shot and (task != "causal_lm" or template.conversation):
             raise _FieldError("prompt.few_shot", "in-context demonstrations need a causal LM and a template that renders one row at a time")
-        if self.prompt.packing and (task != "causal_lm" or self.method.name in PROMPT_LEARNING):
+        if self.prompt.packing and (task != "causal_lm" or not METHODS[self.method.name].packs):
             raise _FieldError("prompt.packing", f"packs causal-LM rows for methods that add no virtual tokens (not {task} with {self.method.name})")
         if not method_supports_task(self.method, task):
             raise _FieldError("method.name", f"method {self.method.name!r} does not support task {task}")

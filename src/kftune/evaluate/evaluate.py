@@ -19,7 +19,8 @@ from kftune.evaluate import metrics
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts, single_token_id
 from kftune.prompts.templates import Template, get_template
-from kftune.train.loop import Collator, next_token_losses
+from kftune.prompts.collate import Collator
+from kftune.train.loop import next_token_losses
 
 GENERAL_TEXT = Path(__file__).with_name("data") / "general_text.txt"
 GENERATION_METRICS = {"exact_match": metrics.exact_match, "rouge_l": metrics.rouge_l, "bleu": metrics.bleu}

@@ -16,6 +16,8 @@ Besides `apply`, a method may declare:
   layers it just unfroze (logged by the training loop) or None.
 - `layer_lr_decay`: whether `train.layer_lr_decay` applies (methods that train whole layers).
 - `zero_stages`: the DeepSpeed ZeRO stages the method works under, and `zero_note` saying why not the others.
+- `packs`: whether packed rows (`prompt.packing`) work; not for methods that prepend virtual tokens,
+  which every packed example would then attend to.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class MethodSpec:
     layer_lr_decay: bool = False
     zero_stages: tuple[int, ...] = (0, 1, 2, 3)
     zero_note: str = ""
+    packs: bool = True
 
 
 METHODS: dict[str, MethodSpec] = {}

@@ -35,7 +35,7 @@ class PrefixTuningOptions(PromptLearningOptions):
     projection_size: int = Field(default=128, ge=1)
 
 
-@register(PrefixTuningOptions, "Trained key/value prefixes in every attention layer (peft prefix tuning).", artifact=PEFT_ADAPTER)
+@register(PrefixTuningOptions, "Trained key/value prefixes in every attention layer (peft prefix tuning).", artifact=PEFT_ADAPTER, packs=False)
 def apply_prefix_tuning(model, options: PrefixTuningOptions, task: str):
     import peft
 
@@ -55,7 +55,7 @@ class PromptTuningOptions(PromptLearningOptions):
         return self
 
 
-@register(PromptTuningOptions, "Trained soft-prompt embeddings prepended to the input (peft prompt tuning).", artifact=PEFT_ADAPTER)
+@register(PromptTuningOptions, "Trained soft-prompt embeddings prepended to the input (peft prompt tuning).", artifact=PEFT_ADAPTER, packs=False)
 def apply_prompt_tuning(model, options: PromptTuningOptions, task: str):
     import peft
 
@@ -73,7 +73,7 @@ class PTuningOptions(PromptLearningOptions):
     encoder_size: int = Field(default=128, ge=1)
 
 
-@register(PTuningOptions, "Virtual-token embeddings produced by a trained prompt encoder (peft P-tuning).", artifact=PEFT_ADAPTER)
+@register(PTuningOptions, "Virtual-token embeddings produced by a trained prompt encoder (peft P-tuning).", artifact=PEFT_ADAPTER, packs=False)
 def apply_p_tuning(model, options: PTuningOptions, task: str):
     import peft
 

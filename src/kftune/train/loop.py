@@ -24,7 +24,7 @@ from kftune.config import RunConfig, config_to_dict
 from kftune.methods import apply_method, calibrate_method, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
-from kftune.prompts.packing import batch_tokens, make_collator
+from kftune.prompts.collate import Collator, batch_tokens, make_collator, uses_varlen_attention
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
 from kftune.train.engines import make_engine
@@ -35,33 +35,12 @@ PROBE_FILE = "probe.json"
 PROBE_ROWS = 16
 
 
-class Collator:
-    """Pads a batch to its longest row (not to max_length): short SST-2 rows train ~2x faster."""
-
-    def __init__(self, pad_token_id: int, task: str):
-        self.pad, self.task = pad_token_id, task
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
-            mask[i, : len(row["input_ids"])] = 1
-        if self.task == "sequence_classification":
-            labels = torch.tensor([r["labels"] for r in rows])
-        else:
-            labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-            for i, row in enumerate(rows):
-                labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-position loss of predicting each labelled token from the ones before it (0 where the label
     is -100): the one causal-LM loss that training, evaluation and the reload probe share."""
-    packed = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # restarting per packed example
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **packed).logits.float()
+    # Packed rows bring position ids that restart per example, and a block-diagonal mask or (varlen path) none.
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    logits = model(**inputs).logits.float()
     logits = logits[:, -batch["labels"].shape[1] :]  # prompt-learning methods prepend virtual tokens
     return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
 
@@ -101,7 +80,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     num_labels = len(meta["label_names"]) or None
     model = build_model(config, num_labels, for_training=True)
     rows = read_prompts(prompts_dir, "train")
-    collate = make_collator(meta, task, model)  # packed rows when build_prompts packed them
+    collate = make_collator(meta, task, varlen=uses_varlen_attention(model))  # packed rows when build_prompts packed them
     calibrate_method(model, config.method, lambda n: summed_loss(model, collate(rows[:n]), task))  # the same rows in every worker
     trainable, total = trainable_parameters(model)
     if settings.compile:
@@ -142,7 +121,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         sampler.set_epoch(epoch)
         batches = itertools.islice(iter(loader), done_in_epoch * settings.gradient_accumulation, None)
         for _ in range(done_in_epoch, steps_per_epoch):
-            micro_batches = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(batches, settings.gradient_accumulation)]
+            micro_batches = list(itertools.islice(batches, settings.gradient_accumulation))
+            interval_tokens += sum(batch_tokens(b) for b in micro_batches)  # counted on the host: no device sync
+            micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
             items = _all_reduce_sum(sum(_loss_items(b, task) for b in micro_batches).float())
             for batch in micro_batches:
                 with engine.micro_step():
@@ -150,7 +131,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     engine.backward(loss_share)
                 engine.step()
                 interval_loss += loss_share.detach().float()
-                interval_tokens += batch_tokens(batch)
             step += 1
             unfrozen = on_step(engine.module, config.method, step)
             if unfrozen:
@@ -192,7 +172,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     trained = engine.consolidated(lambda: build_model(config, num_labels, for_training=False), rank)  # collective under ZeRO-3
     with tempfile.TemporaryDirectory() as out:
         if rank == 0:
-            _save_artifact(trained, config, resolved, log, prompts_dir, Path(out))
+            _save_artifact(trained, config, resolved, log, meta, prompts_dir, Path(out))
         ray.train.report({"final_loss": log["final_loss"], "steps": step}, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None)
 
 
@@ -201,6 +181,8 @@ def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
     base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, config.train.seed)
     if for_training and config.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if for_training and config.prompt.packing:
+        base.config.use_cache = False  # transformers finds packed examples' boundaries only when no KV cache is passed
     return apply_method(base, config.method, config.model.task)
 
 
@@ -241,15 +223,15 @@ def _save_checkpoint(engine, rank: int, state: dict[str, Any]) -> None:
         ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _save_artifact(model, config: RunConfig, resolved: dict, log: dict, prompts_dir: str, out: Path) -> None:
+def _save_artifact(model, config: RunConfig, resolved: dict, log: dict, meta: dict, prompts_dir: str, out: Path) -> None:
     """The method's artifact (see kftune.methods.artifacts), tokenizer, resolved config, train log, probe predictions."""
     save_tuned_model(model, config.method, out)
     load_tokenizer(resolve_model_path(config.model.name_or_path)).save_pretrained(str(out))
     (out / TUNED_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
     (out / TRAIN_LOG_FILE).write_text(json.dumps(log, indent=2))
-    (out / LABELS_FILE).write_text(json.dumps(read_meta(prompts_dir)["label_names"]))
+    (out / LABELS_FILE).write_text(json.dumps(meta["label_names"]))
     probe_rows = read_prompts(prompts_dir, "test")[:PROBE_ROWS]
-    probe = {"sources": [r["source"] for r in probe_rows], "outputs": probe_outputs(model, probe_rows, read_meta(prompts_dir)["pad_token_id"], config.model.task)}
+    probe = {"sources": [r["source"] for r in probe_rows], "outputs": probe_outputs(model, probe_rows, meta["pad_token_id"], config.model.task)}
     (out / PROBE_FILE).write_text(json.dumps(probe))
 
 

@@ -56,7 +56,7 @@ def kftune_step(model):
     """Ours: the method registry's LoRA and the training loop's loss, exactly as a worker runs them."""
     from kftune.methods import apply_method
     from kftune.methods.lora import LoraOptions
-    from kftune.train.loop import summed_loss
+    from kftune.train.losses import summed_loss
 
     model = apply_method(model, LoraOptions(r=16, alpha=32, target_modules="all-linear"), "causal_lm")
 

@@ -17,7 +17,7 @@ from kftune.methods import METHODS, apply_method, calibrate_method, optimizer_pa
 from kftune.methods.base import MethodOptions
 from kftune.models import load_base_model
 from kftune.train.engines import DeepSpeedEngine
-from kftune.train.loop import summed_loss
+from kftune.train.losses import summed_loss
 
 from conftest import STORIES
 from test_methods_matrix import CASES, families  # noqa: F401  (families is a fixture)

@@ -12,7 +12,8 @@ from kftune.prompts.build import build_prompts, preview_html, read_prompts
 from kftune.prompts.collate import Collator, PackedCollator, batch_tokens, block_diagonal_mask, make_collator, uses_varlen_attention
 from kftune.prompts.packing import pack_rows
 
-from kftune.train.loop import build_model, summed_loss
+from kftune.train.loop import build_model
+from kftune.train.losses import summed_loss
 
 from conftest import STORIES
 

@@ -58,3 +58,24 @@ def test_lower_is_better_for_perplexity(make_config, model_dir):
     assert not register(config, model_dir, 25.0, "perplexity")["promoted"]
     assert register(config, model_dir, 15.0, "perplexity")["promoted"]
     mlflow.set_tracking_uri(None)
+
+
+def test_a_registration_that_loses_the_alias_race_sets_it_again(make_config, model_dir, monkeypatch):
+    """Two registrations at once: MLflow's store can answer the second alias insert with a UNIQUE-constraint
+    error (seen under load in test_registry_server.py); the alias is then set again and points at the new version."""
+    from mlflow.exceptions import MlflowException
+
+    config = parse_config(make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy"}}))
+    register(config, model_dir, 0.80)
+    real, calls = MlflowClient.set_registered_model_alias, []
+
+    def lose_the_race_once(self, name, alias, version):
+        calls.append((alias, version))
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name, registered_model_aliases.alias")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", lose_the_race_once)
+    second = register(config, model_dir, 0.70)
+    assert [(alias, str(version)) for alias, version in calls[:2]] == [("challenger", "2")] * 2
+    assert second["aliases"] == ["challenger"] and not second["promoted"]

@@ -3,6 +3,7 @@ schedules, storage and checkpoint errors, gradient checkpointing and torch.compi
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 
@@ -13,7 +14,8 @@ from kftune.config import TrainSection, parse_config
 from kftune.errors import KftuneError
 from kftune.train.checkpoints import check_writable, load_trainer_state, run_identity, save_trainer_state
 from kftune.train.deepspeed_config import deepspeed_config
-from kftune.train.loop import build_model, summed_loss
+from kftune.train.loop import build_model
+from kftune.train.losses import summed_loss
 from kftune.train.schedules import lr_multiplier
 
 from conftest import STORIES
@@ -132,14 +134,25 @@ def story_batch():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def test_gradient_checkpointing_recomputes_to_the_same_gradients(make_config, story_batch):
+@pytest.mark.parametrize("every", [1, 2])
+def test_gradient_checkpointing_recomputes_to_the_same_gradients(make_config, story_batch, every):
     plain = build_model(stories_config(make_config), None, for_training=True)
-    checkpointed = build_model(stories_config(make_config, gradient_checkpointing=True), None, for_training=True)
-    assert checkpointed.base_model.model.is_gradient_checkpointing and not plain.base_model.model.is_gradient_checkpointing
+    checkpointed = build_model(stories_config(make_config, gradient_checkpointing=True, gradient_checkpointing_every=every), None, for_training=True)
+    assert checkpointed.base_model.model.is_activation_checkpointing and not plain.base_model.model.is_activation_checkpointing
+    calls = collections.Counter()
+    for index, layer in enumerate(checkpointed.base_model.model.model.layers):
+        layer.self_attn.register_forward_hook(lambda *_, index=index: calls.update([index]))
     checkpointed.train(), plain.train()
     expected, got = gradients(plain, story_batch), gradients(checkpointed, story_batch)
     assert expected.keys() == got.keys()
     assert all(torch.allclose(expected[n], got[n], atol=1e-6) for n in expected)
+    recomputed = {index for index, count in calls.items() if count == 2}  # forward, then again in the backward pass
+    assert recomputed == set(range(0, len(calls), every)) and set(calls.values()) <= {1, 2}
+
+
+def test_selective_checkpointing_needs_checkpointing(make_config):
+    with pytest.raises(KftuneError, match=r"train\.gradient_checkpointing_every: selects the layers to recompute; set train\.gradient_checkpointing: true"):
+        stories_config(make_config, gradient_checkpointing_every=2)
 
 
 def test_a_batch_that_cannot_fit_the_gpu_is_refused_with_the_numbers():
@@ -154,9 +167,13 @@ def test_a_batch_that_cannot_fit_the_gpu_is_refused_with_the_numbers():
     parts = estimate_bytes(model, full, 2048, 1, "causal_lm")
     assert parts["weights"] / GIB == pytest.approx(2 * 1.498e9 / GIB, rel=0.01)  # 1.5 B parameters in bf16 (untied embeddings)
     assert parts["optimizer"] == 6 * parts["weights"]  # fp32 master + two moments
-    with pytest.raises(KftuneError, match=r"train\.batch_size: a micro-batch of 8 rows x 2048 tokens needs about .* GiB per GPU .*the GPU has 40\.0 GiB"):
-        check_fits(model, full, 2048, 1, "causal_lm", 40 * GIB)
+    assert parts["logits"] == 2 * 4 * 2**26  # one chunk of fp32 logits and their gradient, not 8 x 2048 x 128256
+    with pytest.raises(KftuneError, match=r"train\.batch_size: a micro-batch of 8 rows x 2048 tokens needs about .* GiB per GPU .*the GPU has 36\.0 GiB"):
+        check_fits(model, full, 2048, 1, "causal_lm", 36 * GIB)
     smaller = TrainSection(batch_size=8, workers=1, gradient_accumulation=4, precision="bf16", gradient_checkpointing=True, deepspeed={"stage": 2})
-    check_fits(model, smaller, 2048, 1, "causal_lm", 40 * GIB)
+    check_fits(model, smaller, 2048, 1, "causal_lm", 36 * GIB)
+    every_other = TrainSection(batch_size=8, workers=1, precision="bf16", gradient_checkpointing=True, gradient_checkpointing_every=2, deepspeed={"stage": 2})
+    checkpointed = {k: estimate_bytes(model, t, 2048, 1, "causal_lm")["activations"] for k, t in (("all", full.model_copy(update={"gradient_checkpointing": True})), ("half", every_other), ("none", full))}
+    assert checkpointed["all"] < checkpointed["half"] < checkpointed["none"]
     zero3 = TrainSection(batch_size=8, workers=8, precision="bf16", deepspeed={"stage": 3})
     assert estimate_bytes(model, zero3, 2048, 8, "causal_lm")["weights"] == parts["weights"] / 8

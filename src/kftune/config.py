@@ -115,6 +115,9 @@ class TrainSection(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    gradient_checkpointing_every: int = Field(default=1, ge=1)
+    """Selective checkpointing: recompute only every k-th decoder layer, the others keep their
+    activations; memory the GPU would leave unused buys back speed. 1: every layer."""
     compile: bool = False
     """Run the model under torch.compile."""
     deepspeed: DeepSpeedSection | None = None
@@ -216,6 +219,8 @@ class RunConfig(Section):
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
             raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
+        if self.train.gradient_checkpointing_every > 1 and not self.train.gradient_checkpointing:
+            raise _FieldError("train.gradient_checkpointing_every", "selects the layers to recompute; set train.gradient_checkpointing: true too")
         if self.train.batch_size % (self.train.workers * self.train.gradient_accumulation):
             raise _FieldError("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}"
                                                   f" x train.gradient_accumulation={self.train.gradient_accumulation}")

@@ -20,7 +20,7 @@ from kftune.models import load_base_model, load_tokenizer, load_tuned_model, res
 from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts, single_token_id
 from kftune.prompts.templates import Template, get_template
 from kftune.prompts.collate import Collator
-from kftune.train.loop import next_token_losses
+from kftune.train.losses import next_token_losses
 
 GENERAL_TEXT = Path(__file__).with_name("data") / "general_text.txt"
 GENERATION_METRICS = {"exact_match": metrics.exact_match, "rouge_l": metrics.rouge_l, "bleu": metrics.bleu}

@@ -78,7 +78,7 @@ def register_model(
         version = _create_version(registry.model_name, model_uri, {
             **lineage, GATE_METRIC_TAG: f"{gate.metric}={evaluation['tuned'][gate.metric]}", SPLIT_TAG: evaluation.get("split_sha256", ""),
         })
-        client.set_registered_model_alias(registry.model_name, CHALLENGER, version.version)
+        _set_alias(client, registry.model_name, CHALLENGER, version.version)
         promoted, reason = _gate(client, registry.model_name, gate.metric, gate.margin, evaluation["tuned"][gate.metric], evaluation.get("split_sha256", ""))
         if promoted:
             _move_champion(client, registry.model_name, version.version, f"gate: {reason}")
@@ -165,6 +165,24 @@ def _gate(client, name: str, metric: str, margin: float, value: float, split_sha
     return passed, f"{verdict}: {metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} (margin {margin})"
 
 
+def _set_alias(client, name: str, alias: str, version: str, attempts: int = 5) -> None:
+    """Point `alias` at `version`. MLflow's SQL store looks the alias up, then inserts it: two registrations
+    at once can both insert, and the loser gets a UNIQUE-constraint error; by then the row exists, so
+    setting it again updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            message = str(exc).lower()
+            lost_the_race = "unique constraint" in message or "duplicate entry" in message  # sqlite and postgres; mysql
+            if not lost_the_race or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
 def _champion_or_none(client, name: str):
     from mlflow.exceptions import MlflowException
 
@@ -179,7 +197,7 @@ def _champion_or_none(client, name: str):
 def _move_champion(client, name: str, version: str, reason: str) -> str | None:
     """Point `champion` at `version`, recording when, from which version and why on that version."""
     previous = _champion_or_none(client, name)
-    client.set_registered_model_alias(name, CHAMPION, str(version))
+    _set_alias(client, name, CHAMPION, str(version))
     audit = {
         PROMOTED_FROM_TAG: str(previous.version) if previous else "",
         "kftune.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -228,7 +246,7 @@ def rollback(tracking_uri: str | None, name: str, reason: str) -> str:
     previous = champion.tags.get(PROMOTED_FROM_TAG)
     if not previous:
         raise KftuneError(f"{name} v{champion.version} was the first champion; there is nothing to roll back to")
-    client.set_registered_model_alias(name, CHAMPION, previous)
+    _set_alias(client, name, CHAMPION, previous)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     client.set_model_version_tag(name, champion.version, "kftune.rolled_back_at", stamp)
     client.set_model_version_tag(name, champion.version, "kftune.rolled_back_why", reason)

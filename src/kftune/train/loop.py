@@ -23,35 +23,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from kftune.config import RunConfig, config_to_dict
 from kftune.methods import apply_method, calibrate_method, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
-from kftune.prompts.build import IGNORE_INDEX, read_meta, read_prompts
+from kftune.prompts.build import read_meta, read_prompts
 from kftune.prompts.collate import Collator, batch_tokens, make_collator, uses_varlen_attention
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
 from kftune.train.engines import make_engine
+from kftune.train.losses import loss_items, summed_loss, token_losses
 from kftune.train.memory import check_fits
 from kftune.train.progress import ProgressLine
 
 PROBE_FILE = "probe.json"
 PROBE_ROWS = 16
-
-
-def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-position loss of predicting each labelled token from the ones before it (0 where the label
-    is -100): the one causal-LM loss that training, evaluation and the reload probe share."""
-    # Packed rows bring position ids that restart per example, and a block-diagonal mask or (varlen path) none.
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-    logits = model(**inputs).logits.float()
-    logits = logits[:, -batch["labels"].shape[1] :]  # prompt-learning methods prepend virtual tokens
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
-
-
-def token_losses(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """Per-position loss at the labelled positions (0 elsewhere): the next token for a causal LM, the
-    word at the [MASK] slot itself for a masked LM."""
-    if task != "masked_lm":
-        return next_token_losses(model, batch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -124,7 +106,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             micro_batches = list(itertools.islice(batches, settings.gradient_accumulation))
             interval_tokens += sum(batch_tokens(b) for b in micro_batches)  # counted on the host: no device sync
             micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
-            items = _all_reduce_sum(sum(_loss_items(b, task) for b in micro_batches).float())
+            items = _all_reduce_sum(sum(loss_items(b, task) for b in micro_batches).float())
             for batch in micro_batches:
                 with engine.micro_step():
                     loss_share = summed_loss(engine.model, batch, task) / items
@@ -180,25 +162,10 @@ def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
     """The seeded base model with the method applied; the same in every worker and in every rebuild."""
     base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, config.train.seed)
     if for_training and config.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=config.train.gradient_checkpointing_every)
     if for_training and config.prompt.packing:
         base.config.use_cache = False  # transformers finds packed examples' boundaries only when no KV cache is passed
     return apply_method(base, config.method, config.model.task)
-
-
-def summed_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """The batch's loss summed over its items: rows for classification, labelled tokens for a language model."""
-    if task == "sequence_classification":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-    return token_losses(model, batch, task).sum()
-
-
-def _loss_items(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    if task == "sequence_classification":
-        return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
-    predicted = batch["labels"] if task == "masked_lm" else batch["labels"][:, 1:]  # nothing predicts a causal LM's first token
-    return (predicted != IGNORE_INDEX).sum()
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

@@ -4,14 +4,17 @@ that cannot fit fails at once with the numbers and the knobs, not after minutes 
 Model states follow the ZeRO paper (weights, gradients and Adam state, each partitioned from its
 stage on); activations follow Korthikanti et al. 2022 (34 x sequence x micro-batch x hidden bytes
 per layer in 16-bit, attention scores left out as SDPA/flash attention do not keep them; with
-activation checkpointing only each layer's input stays, plus one layer being recomputed); a causal
-LM adds its fp32 logits and their gradient.
+activation checkpointing only each recomputed layer's input stays, plus one layer being recomputed);
+a causal LM adds its fp32 logits and their gradient, or one chunk of them when its loss goes through
+the output layer in chunks.
 """
 
 from __future__ import annotations
 
 from kftune.config import TrainSection
 from kftune.errors import KftuneError
+from kftune.train.linear_cross_entropy import CHUNK_LOGITS
+from kftune.train.losses import plain_output_head
 
 GIB = 2**30
 
@@ -30,13 +33,17 @@ def estimate_bytes(model, train: TrainSection, sequence: int, world: int, task: 
     micro = train.micro_batch(world)
     activation_scale = 1 if half else 2  # the 34 bytes are for 16-bit activations
     per_layer = 34 * sequence * micro * hidden * activation_scale
-    kept = 2 * sequence * micro * hidden * activation_scale * layers + per_layer if train.gradient_checkpointing else per_layer * layers
+    layer_input = 2 * sequence * micro * hidden * activation_scale
+    recomputed = -(-layers // train.gradient_checkpointing_every) if train.gradient_checkpointing else 0
+    kept = recomputed * layer_input + (layers - recomputed) * per_layer + (per_layer if recomputed else 0)
+    # fp32 logits and their gradient: all of them, or one chunk when the loss goes through the head in chunks
+    logits = 0 if task != "causal_lm" else 2 * 4 * (CHUNK_LOGITS if plain_output_head(model) else micro * sequence * config.vocab_size)
     return {
         "weights": total * weight_bytes / (world if stage == 3 else 1),
         "gradients": trainable * weight_bytes / (world if stage >= 2 else 1),
         "optimizer": trainable * optimizer_bytes / (world if stage >= 1 else 1),
         "activations": kept,
-        "logits": micro * sequence * config.vocab_size * 4 * 2 if task == "causal_lm" else 0,
+        "logits": logits,
     }
 
 
@@ -48,6 +55,6 @@ def check_fits(model, train: TrainSection, sequence: int, world: int, task: str,
         raise KftuneError(
             f"train.batch_size: a micro-batch of {train.micro_batch(world)} rows x {sequence} tokens needs about "
             f"{needed / GIB:.1f} GiB per GPU ({detail}); the GPU has {capacity_bytes / GIB:.1f} GiB. Lower train.batch_size, "
-            "raise train.gradient_accumulation, lower prompt.max_length, or turn on train.gradient_checkpointing or a higher "
+            "raise train.gradient_accumulation, lower prompt.max_length, turn on train.gradient_checkpointing (every layer), or use a higher "
             "train.deepspeed.stage"
         )

@@ -1,0 +1,83 @@
+"""The losses training, evaluation and the reload probe share.
+
+Causal LMs of the plain-head families never materialise their full logits: the loss goes from the
+last hidden states through the output layer a chunk at a time (`kftune.train.linear_cross_entropy`),
+and only at the positions that predict a labelled token, so response-only data also skips the
+prompt's positions. Other families, masked LMs and classifiers take the model's own logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kftune.prompts.build import IGNORE_INDEX
+from kftune.train.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_sum
+
+PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+"""Model families whose logits are exactly `lm_head(last hidden state)`, with no soft-capping or
+scaling after it, so their loss may go through the head chunk by chunk."""
+
+
+def plain_output_head(model) -> torch.nn.Linear | None:
+    """The output layer when the causal-LM loss can skip the full logits: a plain Linear of a plain-head
+    family, whole on this worker (a ZeRO-3 shard is not; neither is a head the method wrapped)."""
+    inner = getattr(model, "module", model)  # under DDP or a DeepSpeed engine
+    head = inner.get_output_embeddings()
+    if inner.config.model_type in PLAIN_HEAD_FAMILIES and type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id"):
+        return head
+    return None
+
+
+def _causal_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Packed rows bring position ids that restart per example, and a block-diagonal mask or (varlen path) none."""
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+
+
+def _predicting_hidden_states(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden states at the positions whose next token is labelled, and those tokens; the
+    model itself projects only its final position onto the vocabulary."""
+    labels = batch["labels"]
+    hidden = model(**_causal_inputs(batch), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    predicting = labels[:, 1:] != IGNORE_INDEX
+    return hidden[:, -labels.shape[1] : -1][predicting], labels[:, 1:][predicting]  # prompt-learning methods prepend virtual tokens
+
+
+def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-position loss of predicting each labelled token from the ones before it (0 where the label
+    is -100): the one causal-LM loss that training, evaluation and the reload probe share."""
+    labels = batch["labels"]
+    if head := plain_output_head(model):
+        losses = torch.zeros(labels[:, 1:].shape, dtype=torch.float32, device=labels.device)
+        hidden, targets = _predicting_hidden_states(model, batch)
+        losses[labels[:, 1:] != IGNORE_INDEX] = linear_cross_entropy(hidden, head, targets)
+        return losses
+    logits = model(**_causal_inputs(batch)).logits.float()[:, -labels.shape[1] :]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def token_losses(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Per-position loss at the labelled positions (0 elsewhere): the next token for a causal LM, the
+    word at the [MASK] slot itself for a masked LM."""
+    if task != "masked_lm":
+        return next_token_losses(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def summed_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The batch's loss summed over its items: rows for classification, labelled tokens for a language model."""
+    if task == "sequence_classification":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    if task == "causal_lm" and (head := plain_output_head(model)):
+        hidden, targets = _predicting_hidden_states(model, batch)
+        return linear_cross_entropy_sum(hidden, head, targets)
+    return token_losses(model, batch, task).sum()
+
+
+def loss_items(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """How many items `summed_loss` adds up: the batch's rows or labelled tokens."""
+    if task == "sequence_classification":
+        return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
+    predicted = batch["labels"] if task == "masked_lm" else batch["labels"][:, 1:]  # nothing predicts a causal LM's first token
+    return (predicted != IGNORE_INDEX).sum()

@@ -1,0 +1,102 @@
+"""The causal-LM loss without full logits: the chunked linear cross-entropy gives the loss and the
+gradients of the plain computation (logits, then cross-entropy), for every method that trains a
+causal LM, and families whose logits are more than `lm_head(hidden)` keep the plain computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+import kftune.train.linear_cross_entropy as chunked
+from kftune.methods import METHODS, apply_method, calibrate_method
+from kftune.models import load_base_model
+from kftune.train.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_sum
+from kftune.train.losses import next_token_losses, plain_output_head, summed_loss
+
+from conftest import STORIES
+from test_methods_matrix import CASES, families  # noqa: F401  (families is a fixture)
+
+STORY_CASES = {name: case for name, case in CASES.items() if case[2]["stories"] is not None}
+
+
+def plain_summed_loss(model, batch) -> torch.Tensor:
+    """The reference: every position's fp32 logits, then cross-entropy over the labelled ones."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logits = logits[:, -batch["labels"].shape[1] :]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="sum")
+
+
+def gradients(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_loss_and_gradients_match_full_logits(monkeypatch, dtype, with_bias):
+    monkeypatch.setattr(chunked, "CHUNK_LOGITS", 50 * 8)  # 8 rows a chunk: 37 rows take five chunks, the last one short
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=with_bias, dtype=dtype)
+    hidden = torch.randn(37, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    reference = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+    expected = torch.autograd.grad(3 * reference.sum(), [hidden, *head.parameters()])
+    total = linear_cross_entropy_sum(hidden, head, targets)
+    got = torch.autograd.grad(3 * total, [hidden, *head.parameters()])
+
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # relative to the largest entry
+    assert abs(total.item() - reference.sum().item()) <= tolerance * reference.sum().item()
+    assert torch.allclose(linear_cross_entropy(hidden, head, targets), reference.detach(), rtol=tolerance, atol=tolerance)
+    for want, have in zip(expected, got, strict=True):
+        assert have.dtype == want.dtype
+        assert (have - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_no_gradient_work_outside_autograd():
+    head = torch.nn.Linear(8, 20)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    with torch.no_grad():
+        total = linear_cross_entropy_sum(hidden, head, torch.randint(0, 20, (5,)))
+    assert total.grad_fn is None
+
+
+@pytest.mark.parametrize("response_only", [False, True])
+@pytest.mark.parametrize("case", sorted(STORY_CASES))
+def test_every_method_gets_the_plain_loss_and_gradients(case, response_only, families):
+    raw = STORY_CASES[case][0]
+    options = METHODS[raw["name"]].options.model_validate(raw)
+    batch = dict(families["stories"][3])
+    if response_only:  # the first five tokens are the prompt
+        batch["labels"] = batch["labels"].clone()
+        batch["labels"][:, :5] = -100
+    model = apply_method(load_base_model(STORIES, "causal_lm", None, seed=0), options, "causal_lm")
+    calibrate_method(model, options, lambda rows: summed_loss(model, {k: v[:rows] for k, v in batch.items()}, "causal_lm"))
+    model.eval()  # no dropout: the two computations must see the same network
+    assert plain_output_head(model) is not None, "stories260K is a Llama: its loss must skip the full logits"
+
+    expected_loss = plain_summed_loss(model, batch)
+    expected = gradients(model, expected_loss)
+    loss = summed_loss(model, batch, "causal_lm")
+    got = gradients(model, loss)
+
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert got.keys() == expected.keys() and got
+    for name, want in expected.items():  # fp32 sums in another order: relative to the largest entry
+        assert (got[name] - want).abs().max() <= 1e-4 * want.abs().max(), name
+    with torch.no_grad():
+        per_position = next_token_losses(model, batch)
+    assert per_position.sum().item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert torch.all(per_position[batch["labels"][:, 1:] == -100] == 0)
+
+
+def test_a_soft_capped_family_keeps_its_own_logits():
+    """Gemma 2 soft-caps its logits after the head: going through the head alone would change the loss."""
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=8, final_logit_softcapping=2.0)).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    assert plain_output_head(model) is None
+    assert summed_loss(model, batch, "causal_lm").item() == pytest.approx(plain_summed_loss(model, batch).item(), rel=1e-6)

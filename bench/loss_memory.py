@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from gpu_throughput import hf_peft_step, kftune_step, make_model
+from gpu_throughput import hf_peft, kftune_lora, make_model, train_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=128256, seq=1024, batch=4)
-SIDES = {"hf_peft": hf_peft_step, "kftune": kftune_step}
+SIDES = {"hf_peft": hf_peft, "kftune": kftune_lora}
 
 
 def resident_bytes() -> int:
@@ -38,20 +38,17 @@ def resident_bytes() -> int:
 
 def run_side(name: str, steps: int) -> dict:
     """One side's steps in this process: seconds per step and peak memory above the start."""
-    model, step = SIDES[name](make_model(SHAPE, torch.device("cpu"), torch.float32))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = torch.device("cpu")
     ids = torch.randint(0, SHAPE["vocab_size"], (SHAPE["batch"], SHAPE["seq"]), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    before = resident_bytes()
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = step(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    seconds = (time.perf_counter() - started) / steps
+    with SIDES[name](make_model(SHAPE, device, torch.float32), train_settings("lora", SHAPE, device), device) as step:
+        before = resident_bytes()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        seconds = (time.perf_counter() - started) / steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"name": name, "seconds_per_step": round(seconds, 2), "peak_extra_gib": round((peak - before) / 2**30, 2), "loss": round(loss.item(), 4)}
+    return {"name": name, "seconds_per_step": round(seconds, 2), "peak_extra_gib": round((peak - before) / 2**30, 2)}
 
 
 def main() -> int:
@@ -68,7 +65,7 @@ def main() -> int:
     for name in SIDES:
         child = subprocess.run([sys.executable, __file__, "--side", name, "--steps", str(args.steps)], capture_output=True, text=True, check=True)
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
-        print(f"{name:<10} {results[-1]['seconds_per_step']:>7.2f} s/step   peak +{results[-1]['peak_extra_gib']:.2f} GiB   loss {results[-1]['loss']}", flush=True)
+        print(f"{name:<10} {results[-1]['seconds_per_step']:>7.2f} s/step   peak +{results[-1]['peak_extra_gib']:.2f} GiB", flush=True)
     peer, ours = results
     memory_ratio = peer["peak_extra_gib"] / ours["peak_extra_gib"]
     speed_ratio = peer["seconds_per_step"] / ours["seconds_per_step"]

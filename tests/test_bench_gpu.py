@@ -1,4 +1,5 @@
-"""bench/gpu_throughput.py: skips cleanly without a GPU, and its harness runs end to end (tiny model, CPU)."""
+"""bench/gpu_throughput.py: skips cleanly without a GPU, and its harness runs end to end for both
+methods (tiny model, CPU): LoRA against PEFT, full fine-tuning under ZeRO-2 against HF + DeepSpeed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def test_without_a_gpu_the_speed_bar_says_so_and_skips():
     assert "no CUDA GPU here" in done.stdout and "skipped" in done.stdout
 
 
-def test_the_harness_compares_kftune_with_the_peer_on_a_tiny_model():
-    done = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--steps", "2", "--no-save"], capture_output=True, text=True, check=True)
-    assert "hf_peft_eager" in done.stdout and "kftune / best peer (hf_peft_eager):" in done.stdout, done.stdout
+@pytest.mark.parametrize("method, peer, ours", [("lora", "hf_peft_eager", "kftune"), ("full", "hf_deepspeed_zero2", "kftune_zero2")])
+def test_the_harness_compares_kftune_with_the_peer_on_a_tiny_model(method, peer, ours):
+    command = [sys.executable, SCRIPT, "--shape", "tiny", "--method", method, "--steps", "2", "--no-save"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    names = [line.split()[0] for line in done.stdout.splitlines() if "tokens/s" in line]
+    assert names == [peer, ours], done.stdout
+    assert f"kftune / best peer ({peer}):" in done.stdout, done.stdout

@@ -33,7 +33,8 @@ def make_engine(model, groups: list[dict], train: TrainSection, total_steps: int
     return engine(model, groups, train, total_steps, world, device)
 
 
-def _adamw(groups: list[dict], train: TrainSection, device: torch.device) -> torch.optim.AdamW:
+def torch_adamw(groups: list[dict], train: TrainSection, device: torch.device) -> torch.optim.AdamW:
+    """torch's AdamW (fused on GPUs); public because bench/gpu_throughput.py hands its DeepSpeed peer the same one."""
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda" or None)
 
 
@@ -47,7 +48,7 @@ class DDPEngine:
         self.model = ray.train.torch.prepare_model(model)
         self.module = model
         self.parameters = [p for group in groups for p in group["params"]]
-        self.optimizer = _adamw(groups, train, self.device)
+        self.optimizer = torch_adamw(groups, train, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         self.micro_steps = 0
@@ -131,11 +132,11 @@ class DeepSpeedEngine:
 
         self.train, self.world, self.device = train, world, device
         if device.type == "cpu":
-            _skip_shm_op()
+            skip_shm_op()
         settings = train.deepspeed
         # With CPU offload on GPUs DeepSpeed's own CPU Adam (prebuilt in the trainer image) is much faster than torch's.
         own_optimizer = settings.offload_optimizer and device.type == "cuda"
-        optimizer = None if own_optimizer else _adamw(groups, train, device)
+        optimizer = None if own_optimizer else torch_adamw(groups, train, device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -196,7 +197,7 @@ class DeepSpeedEngine:
         return model
 
 
-def _skip_shm_op() -> None:
+def skip_shm_op() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use (30-150 s);
     gloo's all-reduce is fine for CPU runs, so mark the op unavailable."""
     import deepspeed.ops

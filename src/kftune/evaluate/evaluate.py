@@ -69,7 +69,7 @@ def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: li
         return {"accuracy": metrics.accuracy(matrix), "macro_f1": metrics.macro_f1(matrix), "confusion_matrix": matrix}
     template = get_template(config.prompt.template)
     scores: dict[str, Any] = {}
-    if config.model.task == "causal_lm":
+    if "perplexity" in config.eval.metrics:  # a pass over every test row: only when asked for
         loss, tokens = _lm_loss(model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], collate, size)
         scores.update(perplexity=metrics.perplexity(loss, tokens), tokens=tokens)
     if template.labelled:

@@ -64,6 +64,23 @@ def write_config(tmp_path):
     return write
 
 
+@pytest.fixture(scope="session")
+def random_mlm(tmp_path_factory):
+    """A random-init BERT masked LM (no real small MLM is available offline) with MiniLM's real tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from kftune.models import load_tokenizer, resolve_model_path
+
+    folder = tmp_path_factory.mktemp("mlm")
+    tokenizer = load_tokenizer(resolve_model_path("minilm-l6"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 # A cluster section that touches every kfp-kubernetes setting (a GPU train step included).
 CLUSTER = {
     "namespace": "ml",

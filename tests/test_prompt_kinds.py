@@ -129,22 +129,6 @@ def test_entailment_builds_one_row_per_hypothesis_and_picks_the_most_entailed(ma
     assert predicted == [int(margins[g + 1] > margins[g]) for g in (0, 2, 4)]
 
 
-@pytest.fixture(scope="module")
-def random_mlm(tmp_path_factory):
-    """A random-init BERT masked LM (no real small MLM is available offline) with MiniLM's real tokenizer."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    from kftune.models import resolve_model_path
-
-    folder = tmp_path_factory.mktemp("mlm")
-    tokenizer = load_tokenizer(resolve_model_path("minilm-l6"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    BertForMaskedLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def mlm_build(make_config, model, tmp_path):
     """A PET masked-LM config on the tiny SST-2 slice, prepared and built into tmp_path/prompts."""
     config = parse_config(make_config(

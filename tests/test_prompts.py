@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from kftune.config import parse_config
 from kftune.data.prepare import prepare, write_prepared
 from kftune.models import load_tokenizer, resolve_model_path
@@ -130,9 +132,35 @@ def test_pet_targets_are_the_label_words_and_scoring_matches_the_lm_loss(make_co
         assert label == max(best, key=best.get)
 
 
-def test_verbalizer_must_cover_every_label(make_config, tmp_path):
-    import pytest
+def test_perplexity_is_computed_only_when_listed(make_config, tmp_path, monkeypatch):
+    import math
 
+    import torch
+
+    from kftune.evaluate import evaluate
+    from kftune.models import load_base_model
+
+    config = pet_config(make_config)  # eval.metrics lists perplexity
+    write_prepared(prepare(config), tmp_path / "data")
+    build_prompts(config, tmp_path / "data", tmp_path / "prompts")
+    rows = read_prompts(tmp_path / "prompts", "test")[:8]
+    model, tokenizer = load_base_model(STORIES, "causal_lm", None, 0).eval(), load_tokenizer(STORIES)
+    passes = []
+    lm_loss = evaluate._lm_loss
+    monkeypatch.setattr(evaluate, "_lm_loss", lambda *args: passes.append(args) or lm_loss(*args))
+    asked = evaluate.score(model, rows, config, tokenizer, ["0", "1"])
+    unlisted = config.model_copy(update={"eval": config.eval.model_copy(update={"metrics": ["accuracy", "macro_f1"]})})
+    not_asked = evaluate.score(model, rows, unlisted, tokenizer, ["0", "1"])
+    assert len(passes) == 1 and {"perplexity", "tokens"}.isdisjoint(not_asked)
+    assert not_asked["accuracy"] == asked["accuracy"]
+    with torch.no_grad():  # independently: the mean next-token loss over the target tokens (label word + EOS)
+        counts = [sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in rows]
+        losses = [model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss.item() for r in rows]
+    assert asked["tokens"] == sum(counts)
+    assert asked["perplexity"] == pytest.approx(math.exp(sum(l * n for l, n in zip(losses, counts)) / sum(counts)), rel=1e-5)
+
+
+def test_verbalizer_must_cover_every_label(make_config, tmp_path):
     from kftune.errors import KftuneError
 
     source = tmp_path / "three.jsonl"

@@ -140,6 +140,9 @@ class EvalSection(Section):
     metrics: list[Literal["accuracy", "macro_f1", "perplexity", "exact_match", "rouge_l", "bleu"]] = Field(
         default_factory=lambda: ["accuracy", "macro_f1"]
     )
+    """What the test split is scored by. Classification (a head, or a causal or masked LM through a
+    verbalizer): accuracy, macro_f1, from one pass. Causal LM: perplexity on the target tokens and, on
+    greedy generations, exact_match, rouge_l, bleu: each costs a pass, made only when listed."""
     compare_base: bool = True
     batch_size: int = Field(default=64, ge=1)
     forgetting: bool = True

@@ -89,8 +89,7 @@ def _clean(config: RunConfig, table: Table, dropped: dict[str, list[str]]) -> li
             column = config.columns_for(name)
             if column not in record.values:
                 raise KftuneError(f"{where}: missing column {column!r}")
-            value = record.values[column]
-            row[name] = value.strip() if isinstance(value, str) else value
+            row[name] = field_value(record.values[column])
         texts = [str(row[n]) for n in fields + optional if n != "label" and row[n] is not None]
         if any(row[n] in (None, "") for n in fields):
             dropped["empty field"].append(where)
@@ -107,6 +106,11 @@ def _clean(config: RunConfig, table: Table, dropped: dict[str, list[str]]) -> li
         row["_order"] = len(rows)
         rows.append(row)
     return rows
+
+
+def field_value(value: Any) -> Any:
+    """A data value as the template reads it (prepare and serving alike): text stripped."""
+    return value.strip() if isinstance(value, str) else value
 
 
 def _check_not_empty(config: RunConfig, splits: dict[str, list], n_rows: int) -> None:

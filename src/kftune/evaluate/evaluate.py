@@ -8,6 +8,7 @@ it is representation similarity: the mean cosine between base and tuned sentence
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -56,20 +57,15 @@ def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) 
 
 @torch.no_grad()
 def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: list[str]) -> dict[str, Any]:
-    collate = Collator(tokenizer.pad_token_id, config.model.task)
     size = config.eval.batch_size
     if config.model.task == "sequence_classification":
-        labels, predictions = [], []
-        for start in range(0, len(rows), size):
-            batch = collate(rows[start : start + size])
-            gold = batch.pop("labels")
-            predictions += model(**batch).logits.argmax(dim=-1).tolist()
-            labels += gold.tolist()
-        matrix = metrics.confusion_matrix(labels, predictions, len(label_names))
+        predictions = class_logits(model, rows, tokenizer.pad_token_id, size).argmax(dim=-1).tolist()
+        matrix = metrics.confusion_matrix([r["labels"] for r in rows], predictions, len(label_names))
         return {"accuracy": metrics.accuracy(matrix), "macro_f1": metrics.macro_f1(matrix), "confusion_matrix": matrix}
     template = get_template(config.prompt.template)
     scores: dict[str, Any] = {}
-    if config.model.task == "causal_lm":
+    if "perplexity" in config.eval.metrics:  # a pass over every test row: only when asked for
+        collate = Collator(tokenizer.pad_token_id, config.model.task)
         loss, tokens = _lm_loss(model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], collate, size)
         scores.update(perplexity=metrics.perplexity(loss, tokens), tokens=tokens)
     if template.labelled:
@@ -78,27 +74,43 @@ def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: li
         scores.update(accuracy=metrics.accuracy(matrix), macro_f1=metrics.macro_f1(matrix), confusion_matrix=matrix)
     wanted = [m for m in config.eval.metrics if m in GENERATION_METRICS]
     if wanted:
-        generated, references = _generate(model, rows[: config.eval.generate_rows], tokenizer, config.eval.max_new_tokens)
+        generated, references = generate(model, rows[: config.eval.generate_rows], tokenizer, config.eval.max_new_tokens)
         scores.update({m: GENERATION_METRICS[m](generated, references) for m in wanted})
         scores["samples"] = [{"generated": g, "reference": r} for g, r in list(zip(generated, references))[:5]]
     return scores
 
 
+@torch.no_grad()
+def class_logits(model, rows: list[dict], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """The classification head's logits for encoded rows (evaluation and serving)."""
+    collate = Collator(pad_token_id, "sequence_classification")
+    logits = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate([{"input_ids": r["input_ids"], "labels": 0} for r in rows[start : start + batch_size]])
+        logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float())
+    return torch.cat(logits)
+
+
 def label_predictions(model, rows: list[dict], tokenizer, template: Template, label_names: list[str], task: str,
                       batch_size: int) -> tuple[list[int], list[int]]:
-    """(gold, predicted) class ids by the template's words. PET: the label whose best word scores highest
-    (after the prompt, or at the [MASK] slot). Entailment: per example, the label whose hypothesis has the
-    largest log p(yes) - log p(no)."""
+    """(gold, predicted) class ids by the template's words: per example, the label that scores highest."""
+    scores = label_scores(model, rows, tokenizer, template, label_names, task, batch_size)
+    gold = {row.get("group", i): row["class_label"] for i, row in enumerate(rows)}  # one per example
+    return list(gold.values()), [max(range(len(label_names)), key=s.__getitem__) for s in scores]
+
+
+def label_scores(model, rows: list[dict], tokenizer, template: Template, label_names: list[str], task: str,
+                 batch_size: int) -> list[list[float]]:
+    """Per example, per label (evaluation and serving): PET, the log-likelihood of the label's best word
+    (after the prompt, or at the [MASK] slot); entailment, log p(yes) - log p(no) for the label's
+    hypothesis (rows of one example share its `group`; a dropped hypothesis row scores -inf)."""
     if template.hypotheses is None:
-        best = word_scores(model, rows, tokenizer, [template.verbalizer[name] for name in label_names], task, batch_size)
-        return [r["class_label"] for r in rows], [max(range(len(label_names)), key=s.__getitem__) for s in best]
-    best = word_scores(model, rows, tokenizer, [template.answers["yes"], template.answers["no"]], task, batch_size)
-    belief: dict[int, dict[int, float]] = {}
-    gold: dict[int, int] = {}
-    for row, (yes, no) in zip(rows, best):
-        belief.setdefault(row["group"], {})[row["hypothesis_label"]] = yes - no
-        gold[row["group"]] = row["class_label"]
-    return [gold[g] for g in belief], [max(b, key=b.get) for b in belief.values()]
+        return word_scores(model, rows, tokenizer, [template.verbalizer[name] for name in label_names], task, batch_size)
+    answers = word_scores(model, rows, tokenizer, [template.answers["yes"], template.answers["no"]], task, batch_size)
+    margins: dict[int, list[float]] = {}
+    for row, (yes, no) in zip(rows, answers):
+        margins.setdefault(row["group"], [-math.inf] * len(label_names))[row["hypothesis_label"]] = yes - no
+    return list(margins.values())
 
 
 @torch.no_grad()
@@ -141,8 +153,9 @@ def _lm_loss(model, rows: list[dict], collate: Collator, size: int) -> tuple[flo
     return total_loss, total_tokens
 
 
-def _generate(model, rows: list[dict], tokenizer, max_new_tokens: int) -> tuple[list[str], list[str]]:
-    """Greedy continuations of each row's prompt (its -100-labelled prefix) and the reference answers."""
+def generate(model, rows: list[dict], tokenizer, max_new_tokens: int) -> tuple[list[str], list[str]]:
+    """Greedy continuations of each row's prompt (its -100-labelled prefix) and the reference answers
+    (evaluation and serving)."""
     generated, references = [], []
     for row in rows:
         prompt_length = row["labels"].count(IGNORE_INDEX)

@@ -43,11 +43,9 @@ def build_prompts(config: RunConfig, data_dir: str | Path, out_dir: str | Path) 
         encoded_rows = []
         for index, row in enumerate(read_split(data_dir, split)):
             label = label_names[row["label"]] if template.labelled else None
-            # entailment: one row per label's hypothesis, grouped so evaluation picks the best one
-            hypotheses = label_names if template.hypotheses is not None else [None]
-            for hypothesis in hypotheses:
-                segments = template.render(row, label, demos.for_row(split, index, row), tokenizer, hypothesis)
-                encoded = encode(config.model.task, tokenizer, segments, config.prompt.max_length, template, counts)
+            examples = encode_example(config.model.task, template, tokenizer, config.prompt.max_length, label_names, index, row,
+                                      counts, label, demos.for_row(split, index, row))
+            for segments, encoded in examples:
                 if encoded is None:
                     continue
                 encoded["source"] = row["source"]
@@ -55,8 +53,6 @@ def build_prompts(config: RunConfig, data_dir: str | Path, out_dir: str | Path) 
                     encoded["labels"] = row["label"]
                 if template.labelled:
                     encoded["class_label"] = row["label"]
-                if hypothesis is not None:
-                    encoded.update(group=index, hypothesis_label=label_names.index(hypothesis))
                 encoded_rows.append(encoded)
                 counts["rows"] += 1
                 counts[f"tokens_{_bucket(len(encoded['input_ids']))}"] += 1
@@ -110,6 +106,21 @@ class Demonstrations:
             chosen += rng.sample(pool, min(count, len(pool)))
         rng.shuffle(chosen)  # no fixed label order right before the query
         return [{**r, "label_name": self.label_names[r["label"]] if self.label_names else None} for r in chosen]
+
+
+def encode_example(task: str, template: Template, tokenizer, max_length: int, label_names: list[str], index: int, row: dict[str, Any],
+                   counts: Counter, label: str | None = None, demos: list[dict[str, Any]] = ()) -> list[tuple[list[Segment], dict | None]]:
+    """One example's rendered segments and encoded row (None: too long, counted); build_prompts and serving share it.
+    Entailment gives one row per label's hypothesis, grouped by `index` so scoring picks the best one."""
+    hypotheses = label_names if template.hypotheses is not None else [None]
+    examples = []
+    for hypothesis in hypotheses:
+        segments = template.render(row, label, demos, tokenizer, hypothesis)
+        encoded = encode(task, tokenizer, segments, max_length, template, counts)
+        if encoded is not None and hypothesis is not None:
+            encoded.update(group=index, hypothesis_label=label_names.index(hypothesis))
+        examples.append((segments, encoded))
+    return examples
 
 
 def encode(task: str, tokenizer, segments: list[Segment], max_length: int, template: Template, counts: Counter) -> dict | None:

@@ -252,11 +252,18 @@ PACKAGED = {p.stem: p for p in sorted(TEMPLATE_DIR.glob("*.yaml"))}
 @functools.cache
 def get_template(name_or_path: str) -> Template:
     """A packaged template by name, or a user's YAML file by path."""
+    path = template_file(name_or_path)
+    return _load(path, name_or_path if name_or_path in PACKAGED else str(path))
+
+
+def template_file(name_or_path: str) -> Path:
+    """The YAML file behind a template name or path: the registered model carries it, so serving renders
+    rows with the very template the run trained with."""
     if name_or_path in PACKAGED:
-        return _load(PACKAGED[name_or_path], name_or_path)
+        return PACKAGED[name_or_path]
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise KftuneError(f"prompt.template: template file {path} does not exist")
-        return _load(path, str(path))
+        return path
     raise KftuneError(f"prompt.template: unknown template {name_or_path!r}; choose from: {', '.join(PACKAGED)}, or give a path to a .yaml file")

@@ -99,7 +99,8 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from kftune.registry.pyfunc_model import MODEL_ARTIFACT, TunedModel
+    from kftune.prompts.templates import template_file
+    from kftune.registry.pyfunc_model import MODEL_ARTIFACT, TEMPLATE_ARTIFACT, TunedModel
 
     with mlflow.start_run(experiment_id=_experiment_id(config), run_name=lineage.get("kftune.run_name")):
         mlflow.log_params(_flatten(config_to_dict(config)))
@@ -116,7 +117,7 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=TunedModel(),
-            artifacts={MODEL_ARTIFACT: str(model_dir)},
+            artifacts={MODEL_ARTIFACT: str(model_dir), TEMPLATE_ARTIFACT: str(template_file(config.prompt.template))},
             pip_requirements=[f"kftune=={__version__}"],
         )
     return info.model_uri

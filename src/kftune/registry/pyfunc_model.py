@@ -1,53 +1,89 @@
 """The registered model as an MLflow pyfunc: serving loads `models:/NAME@champion` and predicts.
 
-The logged artifact is kftune's Model folder (an adapter plus the recorded base-model reference, or
-full weights); `load_context` rebuilds base + adapter with `kftune.models.load_tuned_model`.
-Input is a DataFrame with a `text` column (classification) or a `prompt` column (causal LM).
+The logged artifacts are kftune's Model folder (an adapter plus the recorded base-model reference, or
+full weights) and the run's template file; `load_context` rebuilds base + adapter with
+`kftune.models.load_tuned_model`. Classifiers (a head, or a causal or masked LM through a verbalizer or
+entailment hypotheses) take the data's raw rows: they are rendered, encoded and scored by the code of
+the build_prompts and evaluate steps, so a served label is the one evaluation counted. Other causal
+LMs take a `prompt` column and continue it as evaluation does.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import mlflow.pyfunc
 
 MODEL_ARTIFACT = "kftune_model"
-MAX_NEW_TOKENS = 64
+TEMPLATE_ARTIFACT = "kftune_template"
 
 
 class TunedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_tokenizer, load_tuned_model
+        from kftune.prompts.templates import get_template
 
         folder = Path(context.artifacts[MODEL_ARTIFACT])
         self.config = json.loads((folder / TUNED_CONFIG_FILE).read_text())
         self.labels = json.loads((folder / LABELS_FILE).read_text()) if (folder / LABELS_FILE).is_file() else []
+        self.template = get_template(context.artifacts[TEMPLATE_ARTIFACT])
         self.model = load_tuned_model(folder)
         self.tokenizer = load_tokenizer(folder)
 
     def predict(self, context, model_input, params=None):
+        """Classifiers: `label` and, for a head, its probability `score`, for a verbalizer or hypotheses the
+        per-label `scores` that evaluation compares. Other causal LMs: `generated`."""
         import pandas as pd
-        import torch
 
-        task = self.config["model"]["task"]
-        max_length = self.config["prompt"]["max_length"]
-        column = "text" if task == "sequence_classification" else "prompt"
-        if column not in model_input.columns:
-            raise ValueError(f"input needs a {column!r} column (got {list(model_input.columns)})")
-        texts = model_input[column].astype(str).tolist()
-        with torch.no_grad():
-            if task == "sequence_classification":
-                batch = self.tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-                probabilities = self.model(**batch).logits.softmax(dim=-1)
-                ids = probabilities.argmax(dim=-1).tolist()
-                return pd.DataFrame({
-                    "label": [self.labels[i] if self.labels else i for i in ids],
-                    "score": probabilities.max(dim=-1).values.tolist(),
-                })
-            outputs = []
-            for text in texts:  # one at a time: no padding side effects on greedy decoding
-                batch = self.tokenizer(text, return_tensors="pt")
-                generated = self.model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-                outputs.append(self.tokenizer.decode(generated[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
-            return pd.DataFrame({"generated": outputs})
+        from kftune.evaluate.evaluate import class_logits, generate, label_scores
+        from kftune.prompts.packing import IGNORE_INDEX
+
+        task, size = self.config["model"]["task"], self.config["eval"]["batch_size"]
+        if task != "sequence_classification" and not self.template.labelled:
+            if "prompt" not in model_input.columns:
+                raise ValueError(f"input needs a column 'prompt'; it has {list(model_input.columns)}")
+            prompts = [self.tokenizer(str(text))["input_ids"] for text in model_input["prompt"]]
+            rows = [{"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)} for ids in prompts]
+            return pd.DataFrame({"generated": generate(self.model, rows, self.tokenizer, self.config["eval"]["max_new_tokens"])[0]})
+        rows = self._encode(model_input)
+        if task == "sequence_classification":
+            probabilities = class_logits(self.model, rows, self.tokenizer.pad_token_id, size).softmax(dim=-1)
+            best = probabilities.max(dim=-1)
+            return pd.DataFrame({"label": [self.labels[i] if self.labels else i for i in best.indices.tolist()], "score": best.values.tolist()})
+        scores = label_scores(self.model, rows, self.tokenizer, self.template, self.labels, task, size)
+        return pd.DataFrame({"label": [self.labels[s.index(max(s))] for s in scores], "scores": [dict(zip(self.labels, s)) for s in scores]})
+
+    def _encode(self, frame) -> list[dict]:
+        """Raw rows as build_prompts encodes a test row: each template field read from its data column."""
+        from kftune.data.prepare import field_value
+        from kftune.prompts.build import encode_example
+
+        if self.config["prompt"]["few_shot"]:
+            raise ValueError(f"this model was trained and evaluated with prompt.few_shot={self.config['prompt']['few_shot']} "
+                             "demonstrations from its train split, which serving does not have; it would not predict what evaluation measured")
+        columns = self._columns(frame, self.template.fields, self.template.optional)
+        task, max_length = self.config["model"]["task"], self.config["prompt"]["max_length"]
+        rows, too_long = [], []
+        for index, record in enumerate(frame.to_dict("records")):
+            row = {name: field_value(record[column]) for name, column in columns.items()}
+            examples = encode_example(task, self.template, self.tokenizer, max_length, self.labels, index, row, Counter())
+            if any(encoded is None for _, encoded in examples):
+                too_long.append(index)
+            rows += [encoded for _, encoded in examples]
+        if too_long:
+            raise ValueError(f"rows {too_long} are longer than prompt.max_length={max_length} tokens once rendered; "
+                             "evaluation drops such rows, so they have no prediction to serve")
+        return rows
+
+    def _columns(self, frame, fields: list[str], optional: list[str]) -> dict[str, str]:
+        """Template field -> its input column: the data column `data.columns` maps it to, else one named
+        after the field. A missing required one is named, with the columns the input has."""
+        mapped = self.config["data"].get("columns", {})
+        candidates = {name: list(dict.fromkeys((mapped.get(name, name), name))) for name in [*fields, *optional]}
+        found = {name: next((c for c in names if c in frame.columns), None) for name, names in candidates.items()}
+        missing = [" or ".join(map(repr, candidates[name])) for name in fields if found[name] is None]
+        if missing:
+            raise ValueError(f"input needs column(s) {', '.join(missing)}; it has {list(frame.columns)}")
+        return {name: column for name, column in found.items() if column is not None}

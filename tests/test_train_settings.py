@@ -155,6 +155,12 @@ def test_selective_checkpointing_needs_checkpointing(make_config):
         stories_config(make_config, gradient_checkpointing_every=2)
 
 
+def test_flash_and_flex_attention_are_for_gpu_runs(make_config):
+    with pytest.raises(KftuneError, match=r"model\.attn_implementation: flex_attention trains only on GPUs .*set train\.use_gpu: true or use sdpa"):
+        parse_config(make_config(model={"attn_implementation": "flex_attention"}))
+    assert parse_config(make_config(model={"attn_implementation": "flash_attention_2"}, train={"use_gpu": True})).model.attn_implementation == "flash_attention_2"
+
+
 def test_a_batch_that_cannot_fit_the_gpu_is_refused_with_the_numbers():
     from transformers import LlamaConfig, LlamaForCausalLM
 

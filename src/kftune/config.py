@@ -32,6 +32,10 @@ class ModelSection(Section):
     task: Task = "sequence_classification"
     num_labels: int | None = Field(default=None, ge=2)
     """For classification; inferred from the training labels when left empty."""
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = None
+    """transformers' attention kernel; empty: its default (SDPA). With `prompt.packing`, flash and flex
+    attention take packed examples as variable-length sequences (no mask is built); the others get a
+    block-diagonal mask. flash_attention_* needs the flash-attn package and a GPU."""
 
 
 class SplitSection(Section):
@@ -222,6 +226,9 @@ class RunConfig(Section):
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
             raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
+        if self.model.attn_implementation in ("flex_attention", "flash_attention_2", "flash_attention_3") and not self.train.use_gpu:
+            raise _FieldError("model.attn_implementation", f"{self.model.attn_implementation} trains only on GPUs (torch has no CPU backward "
+                                                           "for it); set train.use_gpu: true or use sdpa")
         if self.train.gradient_checkpointing_every > 1 and not self.train.gradient_checkpointing:
             raise _FieldError("train.gradient_checkpointing_every", "selects the layers to recompute; set train.gradient_checkpointing: true too")
         if self.train.batch_size % (self.train.workers * self.train.gradient_accumulation):

@@ -73,22 +73,25 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: int):
+def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: int, attn_implementation: str | None = None):
     """The pretrained model with its task head. Seeded, so a new classification head starts from the
     same weights in training and in the base-model evaluation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    folder, gguf = pretrained_args(path)
+    folder, options = pretrained_args(path)
+    options["dtype"] = torch.float32
+    if attn_implementation:
+        options["attn_implementation"] = attn_implementation
     if task == "sequence_classification":
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=torch.float32, **gguf)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **options)
         if model.config.pad_token_id is None:  # decoders find the last real token through it
             model.config.pad_token_id = load_tokenizer(path).pad_token_id
         return model
     if task == "masked_lm":
-        return AutoModelForMaskedLM.from_pretrained(folder, dtype=torch.float32, **gguf)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf)
+        return AutoModelForMaskedLM.from_pretrained(folder, **options)
+    return AutoModelForCausalLM.from_pretrained(folder, **options)
 
 
 def load_tuned_model(model_dir: str | Path):
@@ -102,7 +105,8 @@ def load_tuned_model(model_dir: str | Path):
     spec = METHODS[config["method"]["name"]]
 
     def load_base(path: str | Path | None = None):
-        return load_base_model(path or resolve_model_path(config["model"]["name_or_path"]), task, num_labels, seed)
+        return load_base_model(path or resolve_model_path(config["model"]["name_or_path"]), task, num_labels, seed,
+                               config["model"].get("attn_implementation"))
 
     return spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base).eval()
 

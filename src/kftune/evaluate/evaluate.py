@@ -42,7 +42,7 @@ def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) 
     tokenizer = load_tokenizer(base_path)
     models = {"tuned": load_tuned_model(model_dir)}
     if config.eval.compare_base or config.eval.forgetting:
-        models["base"] = load_base_model(base_path, config.model.task, num_labels, config.train.seed).eval()
+        models["base"] = load_base_model(base_path, config.model.task, num_labels, config.train.seed, config.model.attn_implementation).eval()
     for name, model in models.items():
         if name == "base" and not config.eval.compare_base:
             continue

@@ -34,13 +34,18 @@ class Collator:
 
 
 class PackedCollator:
-    """Pads packed rows to the longest in the batch. Padding positions get position id 0 each, so each
-    is a one-token segment of its own: no query row of the mask is empty (an all-masked row gives NaN)."""
+    """Packed rows as one batch. With a mask: padded to the longest row, padding positions get position
+    id 0 each, so each is a one-token segment of its own (no query row of the mask is empty: an
+    all-masked row gives NaN). Variable-length (`varlen`): the rows laid end to end as a single row
+    with no padding and no mask, the form transformers' flash-attention path takes as a list of
+    sequences (it looks for example boundaries only in a batch of one row)."""
 
     def __init__(self, pad_token_id: int, varlen: bool = False):
         self.pad, self.varlen = pad_token_id, varlen
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.varlen:
+            return {key: torch.tensor([[value for row in rows for value in row[key]]]) for key in ("input_ids", "labels", "position_ids")}
         longest = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
         labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
@@ -50,10 +55,7 @@ class PackedCollator:
             ids[i, :n] = torch.tensor(row["input_ids"])
             labels[i, :n] = torch.tensor(row["labels"])
             positions[i, :n] = torch.tensor(row["position_ids"])
-        batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
-        if not self.varlen:
-            batch["attention_mask"] = block_diagonal_mask(positions)
-        return batch
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": block_diagonal_mask(positions)}
 
 
 def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -79,8 +81,10 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def uses_varlen_attention(model) -> bool:
-    """Flash-attention models run packed rows through varlen kernels, found from the position ids."""
-    return "flash" in str(getattr(model.config, "_attn_implementation", ""))
+    """Flash- and flex-attention models take packed examples as variable-length sequences, found from
+    the position ids (flash: a varlen kernel; flex: a block mask that skips other examples' blocks)."""
+    implementation = str(getattr(model.config, "_attn_implementation", ""))
+    return implementation.startswith("flash") or implementation == "flex_attention"
 
 
 def make_collator(meta: dict[str, Any], task: str, varlen: bool = False):

@@ -4,8 +4,9 @@ Short rows (SST-2 phrases, one-line instructions) waste most of a padded batch. 
 `position_ids` that restart at 0 for every example, so each example sees the positions it would see
 alone. Attention stays inside each example in one of two ways:
 - a block-diagonal causal 4D mask (any attention implementation, CPU included);
-- the variable-length path: with flash attention, transformers finds the example boundaries from the
-  position ids and runs a varlen kernel; no mask is built at all.
+- the variable-length path (`model.attn_implementation` flash or flex attention): the batch's rows
+  laid end to end as one row, and transformers finds the example boundaries from the position ids
+  (flash: a varlen kernel; flex: a block mask that skips other examples' blocks); no dense mask.
 The first label of every example is -100: unpacked, nothing predicts an example's first token either,
 so a packed batch has the same loss as the unpacked one. The batches themselves are made in
 `kftune.prompts.collate`.

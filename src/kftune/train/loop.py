@@ -160,7 +160,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
     """The seeded base model with the method applied; the same in every worker and in every rebuild."""
-    base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, config.train.seed)
+    base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, config.train.seed,
+                           config.model.attn_implementation)
     if for_training and config.train.gradient_checkpointing:
         base.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=config.train.gradient_checkpointing_every)
     if for_training and config.prompt.packing:

@@ -19,7 +19,7 @@ from kftune.models import load_base_model, load_tokenizer, load_tuned_model, res
 from kftune.prompts.build import build_prompts, read_meta, read_prompts
 from kftune.prompts.templates import get_template
 from kftune.registry.mlflow_registry import register_model
-from kftune.train.loop import _save_artifact
+from kftune.train.loop import save_artifact
 
 from conftest import STORIES
 
@@ -39,7 +39,7 @@ def registered(config, tmp_path, evaluation=None):
             torch.nn.init.normal_(parameter, std=0.2)
     resolved = json.loads(config.model_dump_json(exclude_none=True))
     resolved["model"]["num_labels"] = len(meta["label_names"]) or None
-    _save_artifact(model.eval(), config, resolved, TRAIN_LOG, meta, str(tmp_path / "prompts"), tmp_path / "model")
+    save_artifact(model.eval(), config, resolved, TRAIN_LOG, meta, str(tmp_path / "prompts"), tmp_path / "model")
     evaluation = evaluation or evaluate(config, tmp_path / "prompts", tmp_path / "model")
     register_model(config, tmp_path / "model", evaluation, TRAIN_LOG, [], {"kftune.pipeline_run_id": "run-1"})
     mlflow.set_tracking_uri(config.registry.tracking_uri)

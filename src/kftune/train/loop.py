@@ -154,7 +154,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     trained = engine.consolidated(lambda: build_model(config, num_labels, for_training=False), rank)  # collective under ZeRO-3
     with tempfile.TemporaryDirectory() as out:
         if rank == 0:
-            _save_artifact(trained, config, resolved, log, meta, prompts_dir, Path(out))
+            save_artifact(trained, config, resolved, log, meta, prompts_dir, Path(out))
         ray.train.report({"final_loss": log["final_loss"], "steps": step}, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None)
 
 
@@ -191,7 +191,7 @@ def _save_checkpoint(engine, rank: int, state: dict[str, Any]) -> None:
         ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _save_artifact(model, config: RunConfig, resolved: dict, log: dict, meta: dict, prompts_dir: str, out: Path) -> None:
+def save_artifact(model, config: RunConfig, resolved: dict, log: dict, meta: dict, prompts_dir: str, out: Path) -> None:
     """The method's artifact (see kftune.methods.artifacts), tokenizer, resolved config, train log, probe predictions."""
     save_tuned_model(model, config.method, out)
     load_tokenizer(resolve_model_path(config.model.name_or_path)).save_pretrained(str(out))

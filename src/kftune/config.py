@@ -116,7 +116,7 @@ class TrainSection(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
-    """Run the model under torch.compile."""
+    """Run the model under torch.compile (in place; under DeepSpeed through its engine's compile)."""
     deepspeed: DeepSpeedSection | None = None
     """Empty: DDP (gloo on CPU, NCCL on GPUs)."""
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)

@@ -28,7 +28,6 @@ from conftest import STORIES
         ({"deepspeed": {"stage": 2, "offload_params": True}}, r"train\.deepspeed\.offload_params: offloading parameters needs ZeRO stage 3"),
         ({"deepspeed": {"stage": 0, "offload_optimizer": True}}, r"train\.deepspeed\.offload_optimizer: .*stage 1 or higher"),
         ({"deepspeed": {"stage": 4}}, r"train\.deepspeed\.stage: Input should be 0, 1, 2 or 3"),
-        ({"deepspeed": {"stage": 2}, "compile": True}, r"train\.compile: torch\.compile is not wired into the DeepSpeed engine"),
         ({"batch_size": 16, "workers": 2, "gradient_accumulation": 3}, r"train\.batch_size: 16 does not split evenly over train\.workers=2 x train\.gradient_accumulation=3"),
         ({"schedule": "cyclical", "cycle_steps": 1}, r"train\.cycle_steps: Input should be greater than or equal to 2"),
     ],
@@ -36,6 +35,10 @@ from conftest import STORIES
 def test_combinations_that_cannot_work_are_refused_naming_the_field(make_config, train, expected):
     with pytest.raises(KftuneError, match=expected):
         parse_config(make_config(train=train))
+
+
+def test_compile_goes_with_either_engine(make_config):
+    assert parse_config(make_config(train={"deepspeed": {"stage": 3}, "compile": True})).train.compile
 
 
 def test_deepspeed_config_comes_from_the_run_config_and_a_user_file_extends_it(tmp_path):

@@ -123,7 +123,7 @@ class TrainSection(Section):
     """Selective checkpointing: recompute only every k-th decoder layer, the others keep their
     activations; memory the GPU would leave unused buys back speed. 1: every layer."""
     compile: bool = False
-    """Run the model under torch.compile."""
+    """Run the model under torch.compile (in place; under DeepSpeed through its engine's compile)."""
     deepspeed: DeepSpeedSection | None = None
     """Empty: DDP (gloo on CPU, NCCL on GPUs)."""
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)

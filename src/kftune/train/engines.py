@@ -29,8 +29,10 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def make_engine(model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device):
     """`model` carries the method (trainable parameters chosen); `groups` are its optimizer parameter groups."""
-    engine = DeepSpeedEngine if train.deepspeed else DDPEngine
-    return engine(model, groups, train, total_steps, world, device)
+    engine = (DeepSpeedEngine if train.deepspeed else DDPEngine)(model, groups, train, total_steps, world, device)
+    if train.compile:
+        engine.compile()
+    return engine
 
 
 def torch_adamw(groups: list[dict], train: TrainSection, device: torch.device) -> torch.optim.AdamW:
@@ -52,6 +54,11 @@ class DDPEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         self.micro_steps = 0
+
+    def compile(self) -> None:
+        """torch.compile on the wrapped module, in place: parameter names (and so the saved artifact) stay
+        as they are, and a re-wrap after gradual unfreezing keeps the compiled module."""
+        self.module.compile()
 
     def at_boundary(self) -> bool:
         return (self.micro_steps + 1) % self.train.gradient_accumulation == 0
@@ -147,6 +154,11 @@ class DeepSpeedEngine:
         )
         self.model = self.engine
         self.module = self.engine.module
+
+    def compile(self) -> None:
+        """DeepSpeed's own compile rather than torch's on the module: it compiles the module in place with
+        the accelerator's backend and turns off its NVTX ranges, which would break the graphs."""
+        self.engine.compile()
 
     @contextlib.contextmanager
     def micro_step(self):

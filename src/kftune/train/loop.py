@@ -65,8 +65,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     collate = make_collator(meta, task, varlen=uses_varlen_attention(model))  # packed rows when build_prompts packed them
     calibrate_method(model, config.method, lambda n: summed_loss(model, collate(rows[:n]), task))  # the same rows in every worker
     trainable, total = trainable_parameters(model)
-    if settings.compile:
-        model.compile()  # in place: parameter names (and so the saved artifact) stay as they are
 
     # Data: each worker reads its shard; an optimizer step takes `gradient_accumulation` micro-batches from it.
     sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
@@ -81,7 +79,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         check_fits(model, settings, config.prompt.max_length, world, task, torch.cuda.get_device_properties(device).total_memory)
-    engine = make_engine(model, groups, settings, total_steps, world, device)
+    engine = make_engine(model, groups, settings, total_steps, world, device)  # compiles the model when train.compile asks
 
     step, history, seconds_before, resumed_at = 0, [], 0.0, []
     if checkpoint:

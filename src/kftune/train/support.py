@@ -13,8 +13,6 @@ def engine_problem(config) -> tuple[str, str] | None:
     deepspeed = train.deepspeed
     if deepspeed is None:
         return None
-    if train.compile:
-        return "train.compile", "torch.compile is not wired into the DeepSpeed engine; drop train.compile or train.deepspeed"
     if deepspeed.stage not in method.zero_stages:
         allowed = ", ".join(map(str, method.zero_stages)) or "none"
         return "train.deepspeed.stage", f"method {method.name} does not work under ZeRO stage {deepspeed.stage} (supported stages: {allowed}); {method.zero_note}"

@@ -6,6 +6,7 @@ offload trains the same weights, torch.compile gives the same loss history."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -19,7 +20,7 @@ from kftune.methods import METHODS, apply_method, calibrate_method, optimizer_pa
 from kftune.methods.base import MethodOptions
 from kftune.models import load_base_model
 from kftune.train.engines import make_engine
-from kftune.train.losses import summed_loss
+from kftune.train.losses import plain_output_head, summed_loss
 
 from conftest import STORIES
 from test_methods_matrix import CASES, families  # noqa: F401  (families is a fixture)
@@ -126,3 +127,38 @@ def test_compiled_engine_has_the_same_loss_history(stage, families):
     assert counters["stats"]["unique_graphs"] > graphs  # the forward really ran compiled
     expected, _ = lora_under_zero(batch, deepspeed={"stage": stage})
     assert losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_zero3_gathers_a_frozen_head_for_the_chunked_loss(families, tmp_path):
+    """Under ZeRO-3 the output layer is a shard: a frozen one (LoRA) is gathered for the chunked loss,
+    which equals the full-logits loss; a trained one (full fine-tuning) keeps the model's own logits.
+    (test_method_trains_under_zero trains every method through these paths.)"""
+    batch = families["stories"][3]
+    lora = METHODS["lora"].options.model_validate({"name": "lora", "r": 4})
+    every_parameter_partitioned = tmp_path / "ds.json"  # by default ZeRO-3 keeps parameters this small whole
+    every_parameter_partitioned.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    train = TrainSection(batch_size=len(batch["input_ids"]), workers=1, lr=1e-2, max_grad_norm=None,
+                         deepspeed={"stage": 3, "config_file": str(every_parameter_partitioned)})
+    model = build(lora)
+    engine = make_engine(model, optimizer_parameter_groups(model, lora, train.lr), train, total_steps=1, world=1, device=torch.device("cpu"))
+    try:
+        head = plain_output_head(engine.model)
+        assert head is not None and head.weight.numel() == 0  # a shard
+        chunked = summed_loss(engine.model, batch, "causal_lm")
+        logits = engine.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        plain = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="sum")
+        assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
+        assert head.weight.numel() == 0  # partitioned again after the loss
+        before = [p.ds_tensor.clone() for p in engine.module.parameters() if p.requires_grad]
+        engine.backward(chunked)  # the gradients came from the gathered weights; none are needed now
+        engine.step()
+        assert any(not torch.equal(b, p.ds_tensor) for b, p in zip(before, (p for p in engine.module.parameters() if p.requires_grad)))
+    finally:
+        engine.engine.destroy()
+    full = METHODS["full"].options.model_validate({"name": "full"})
+    model = build(full)
+    engine = make_engine(model, optimizer_parameter_groups(model, full, train.lr), train, total_steps=1, world=1, device=torch.device("cpu"))
+    try:
+        assert plain_output_head(engine.model) is None
+    finally:
+        engine.engine.destroy()

@@ -8,6 +8,8 @@ prompt's positions. Other families, masked LMs and classifiers take the model's 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from kftune.prompts.build import IGNORE_INDEX
@@ -20,12 +22,29 @@ scaling after it, so their loss may go through the head chunk by chunk."""
 
 def plain_output_head(model) -> torch.nn.Linear | None:
     """The output layer when the causal-LM loss can skip the full logits: a plain Linear of a plain-head
-    family, whole on this worker (a ZeRO-3 shard is not; neither is a head the method wrapped)."""
+    family that the method did not wrap, and either whole on this worker or frozen (a ZeRO-3 shard of
+    a frozen head is gathered for the loss, see `_whole`; a trained one would need its gradient
+    partitioned back, so it keeps the model's logits)."""
     inner = getattr(model, "module", model)  # under DDP or a DeepSpeed engine
     head = inner.get_output_embeddings()
-    if inner.config.model_type in PLAIN_HEAD_FAMILIES and type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id"):
-        return head
-    return None
+    if inner.config.model_type not in PLAIN_HEAD_FAMILIES or type(head) is not torch.nn.Linear:
+        return None
+    if hasattr(head.weight, "ds_id") and any(p.requires_grad for p in head.parameters()):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def _whole(head: torch.nn.Linear):
+    """The head's full weights for the duration of the loss: a ZeRO-3 shard is gathered and partitioned
+    again after. The loss keeps no reference to them: its gradients are computed in the forward pass."""
+    if not hasattr(head.weight, "ds_id"):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(head.parameters())):
+        yield
 
 
 def _causal_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,7 +68,8 @@ def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if head := plain_output_head(model):
         losses = torch.zeros(labels[:, 1:].shape, dtype=torch.float32, device=labels.device)
         hidden, targets = _predicting_hidden_states(model, batch)
-        losses[labels[:, 1:] != IGNORE_INDEX] = linear_cross_entropy(hidden, head, targets)
+        with _whole(head):
+            losses[labels[:, 1:] != IGNORE_INDEX] = linear_cross_entropy(hidden, head, targets)
         return losses
     logits = model(**_causal_inputs(batch)).logits.float()[:, -labels.shape[1] :]
     return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
@@ -71,7 +91,8 @@ def summed_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tenso
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
     if task == "causal_lm" and (head := plain_output_head(model)):
         hidden, targets = _predicting_hidden_states(model, batch)
-        return linear_cross_entropy_sum(hidden, head, targets)
+        with _whole(head):
+            return linear_cross_entropy_sum(hidden, head, targets)
     return token_losses(model, batch, task).sum()
 
 

@@ -6,6 +6,9 @@ vocab 128256), bf16, sequence 2048, micro-batch 8.
     python bench/gpu_throughput.py --method full    # full fine-tuning under ZeRO-2 vs transformers + DeepSpeed ZeRO-2
     python bench/gpu_throughput.py --shape tiny     # the same harness on CPU with a tiny fp32 model (smoke test)
 
+Ours can also run as a run config would set it: `--compile` (train.compile) and `--checkpoint-every K`
+(activation checkpointing in every K-th decoder layer); the peers always run as stated.
+
 Targets: lora, our tokens/s >= 1.5x the best peer's at <= 25 GiB peak; full, >= 1.3x HF + DeepSpeed
 ZeRO-2's (the issue quotes 39.2k tokens/s at 66.4 GiB for it). Without a GPU (and without --shape
 tiny) it says so and exits 0. Results are appended to bench/results/gpu_throughput.jsonl with the
@@ -47,14 +50,16 @@ def make_model(shape: dict, device: torch.device, dtype: torch.dtype):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def train_settings(method: str, shape: dict, device: torch.device):
+def train_settings(method: str, shape: dict, device: torch.device, compile_ours: bool = False, checkpoint_every: int = 0):
     """The run config's train section both sides read (lr, clipping, precision): one worker, one
-    micro-batch a step, a constant learning rate; full fine-tuning under ZeRO-2."""
+    micro-batch a step, a constant learning rate; full fine-tuning under ZeRO-2. `train.compile` and
+    activation checkpointing (every k-th layer) are read by ours only: the peers run as the issue states them."""
     from kftune.config import DeepSpeedSection, TrainSection
 
     return TrainSection(batch_size=shape["batch"], workers=1, lr=1e-4, schedule="constant", use_gpu=device.type == "cuda",
                         precision="bf16" if device.type == "cuda" else "fp32",  # CPU: fp32 like the tiny model (fp16 is GPU-only)
-                        deepspeed=DeepSpeedSection(stage=2) if method == "full" else None)
+                        deepspeed=DeepSpeedSection(stage=2) if method == "full" else None, compile=compile_ours,
+                        gradient_checkpointing=checkpoint_every > 0, gradient_checkpointing_every=max(checkpoint_every, 1))
 
 
 def init_process_group(device: torch.device) -> None:
@@ -109,8 +114,12 @@ def kftune_lora(model, settings, device: torch.device):
     """Ours: the method registry's LoRA and the training loop's loss, exactly as a worker runs them."""
     from kftune.methods import apply_method
     from kftune.methods.lora import LoraOptions
+    from kftune.train.loop import checkpoint_activations
 
+    checkpoint_activations(model, settings)
     model = apply_method(model, LoraOptions(r=16, alpha=32, target_modules="all-linear"), "causal_lm")
+    if settings.compile:
+        model.compile()  # as the DDP engine does for train.compile
     yield adamw_step(model, functools.partial(loop_loss, model), settings, device)
 
 
@@ -151,8 +160,10 @@ def kftune_zero2(model, settings, device: torch.device):
     from kftune.methods import apply_method, optimizer_parameter_groups
     from kftune.methods.full import FullOptions
     from kftune.train.engines import make_engine
+    from kftune.train.loop import checkpoint_activations
 
     options = FullOptions()
+    checkpoint_activations(model, settings)
     model = apply_method(model, options, "causal_lm")
     groups = optimizer_parameter_groups(model, options, settings.lr, settings.layer_lr_decay)
     engine = make_engine(model, groups, settings, total_steps=1, world=1, device=device)  # constant schedule: steps do not matter
@@ -212,6 +223,9 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument("--method", choices=sorted(TARGETS), default="lora")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="ours under train.compile")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                        help="ours with activation checkpointing in every K-th decoder layer (train.gradient_checkpointing_every); 0: off")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results")
     args = parser.parse_args()
     if not torch.cuda.is_available() and args.shape != "tiny":
@@ -220,7 +234,7 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = SHAPES[args.shape]
-    settings = train_settings(args.method, shape, device)
+    settings = train_settings(args.method, shape, device, args.compile, args.checkpoint_every)
     if settings.deepspeed:
         init_process_group(device)
     *peers, ours = [measure(name, contender, shape, settings, device, dtype, args.steps) for name, contender in contenders(args.method, device)]

@@ -22,7 +22,7 @@ def test_without_a_gpu_the_speed_bar_says_so_and_skips():
 
 @pytest.mark.parametrize("method, peer, ours", [("lora", "hf_peft_eager", "kftune"), ("full", "hf_deepspeed_zero2", "kftune_zero2")])
 def test_the_harness_compares_kftune_with_the_peer_on_a_tiny_model(method, peer, ours):
-    command = [sys.executable, SCRIPT, "--shape", "tiny", "--method", method, "--steps", "2", "--no-save"]
+    command = [sys.executable, SCRIPT, "--shape", "tiny", "--method", method, "--steps", "2", "--checkpoint-every", "2", "--no-save"]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     names = [line.split()[0] for line in done.stdout.splitlines() if "tokens/s" in line]
     assert names == [peer, ours], done.stdout

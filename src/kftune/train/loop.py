@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from kftune.config import RunConfig, config_to_dict
+from kftune.config import RunConfig, TrainSection, config_to_dict
 from kftune.methods import apply_method, calibrate_method, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
 from kftune.prompts.build import read_meta, read_prompts
@@ -160,11 +160,17 @@ def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
     """The seeded base model with the method applied; the same in every worker and in every rebuild."""
     base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, config.train.seed,
                            config.model.attn_implementation)
-    if for_training and config.train.gradient_checkpointing:
-        base.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=config.train.gradient_checkpointing_every)
+    if for_training:
+        checkpoint_activations(base, config.train)
     if for_training and config.prompt.packing:
         base.config.use_cache = False  # transformers finds packed examples' boundaries only when no KV cache is passed
     return apply_method(base, config.method, config.model.task)
+
+
+def checkpoint_activations(model, train: TrainSection) -> None:
+    """Recompute activations in the backward pass, in every `gradient_checkpointing_every`-th decoder layer, when the run asks."""
+    if train.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=train.gradient_checkpointing_every)
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,10 @@ from kftune.train.support import engine_problem
 Task = Literal["sequence_classification", "causal_lm", "masked_lm"]
 
 
+VARLEN_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+"""Attention kernels that take packed examples as variable-length sequences; all train on GPUs only."""
+
+
 class ModelSection(Section):
     name_or_path: str = "minilm-l6"
     """A packaged model alias (see `kftune.models.PACKAGED_MODELS`), a local directory in HF format, or a GGUF file."""
@@ -226,7 +230,7 @@ class RunConfig(Section):
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
             raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
-        if self.model.attn_implementation in ("flex_attention", "flash_attention_2", "flash_attention_3") and not self.train.use_gpu:
+        if self.model.attn_implementation in VARLEN_ATTENTION and not self.train.use_gpu:
             raise _FieldError("model.attn_implementation", f"{self.model.attn_implementation} trains only on GPUs (torch has no CPU backward "
                                                            "for it); set train.use_gpu: true or use sdpa")
         if self.train.gradient_checkpointing_every > 1 and not self.train.gradient_checkpointing:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kftune.config import VARLEN_ATTENTION
 from kftune.prompts.packing import IGNORE_INDEX
 
 
@@ -83,8 +84,7 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 def uses_varlen_attention(model) -> bool:
     """Flash- and flex-attention models take packed examples as variable-length sequences, found from
     the position ids (flash: a varlen kernel; flex: a block mask that skips other examples' blocks)."""
-    implementation = str(getattr(model.config, "_attn_implementation", ""))
-    return implementation.startswith("flash") or implementation == "flex_attention"
+    return getattr(model.config, "_attn_implementation", None) in VARLEN_ATTENTION
 
 
 def make_collator(meta: dict[str, Any], task: str, varlen: bool = False):

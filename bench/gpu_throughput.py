@@ -6,13 +6,18 @@ vocab 128256), bf16, sequence 2048, micro-batch 8.
     python bench/gpu_throughput.py --method full    # full fine-tuning under ZeRO-2 vs transformers + DeepSpeed ZeRO-2
     python bench/gpu_throughput.py --shape tiny     # the same harness on CPU with a tiny fp32 model (smoke test)
 
-Ours can also run as a run config would set it: `--compile` (train.compile) and `--checkpoint-every K`
-(activation checkpointing in every K-th decoder layer); the peers always run as stated.
+Ours runs in each variant `--ours` lists, as a run config would set it: `eager`, `compile`
+(train.compile), `ckpt=K` (activation checkpointing in every K-th decoder layer), joined with `+`
+(`compile+ckpt=4`); the peers always run as stated. The ratio is taken for our fastest variant within
+the memory target. `--profile FILE` then runs that variant a few steps under torch.profiler and writes
+the top kernels by device time and the memory peak.
 
 Targets: lora, our tokens/s >= 1.5x the best peer's at <= 25 GiB peak; full, >= 1.3x HF + DeepSpeed
-ZeRO-2's (the issue quotes 39.2k tokens/s at 66.4 GiB for it). Without a GPU (and without --shape
-tiny) it says so and exits 0. Results are appended to bench/results/gpu_throughput.jsonl with the
-exact command and the method.
+ZeRO-2's (the issue quotes 39.2k tokens/s at 66.4 GiB for it). Each record carries tokens/s, peak
+memory and MFU: model FLOPs (PaLM's count, appendix B: 6N + 12·L·d·T per token for full training,
+4N + 12·L·d·T when the frozen weights get no gradient) over the bf16 matrix rate measured on this
+device in the same run. Without a GPU (and without --shape tiny) it says so and exits 0. Results are
+appended to bench/results/gpu_throughput.jsonl (or --results) with the exact command and the method.
 """
 
 from __future__ import annotations
@@ -43,23 +48,67 @@ TARGETS = {"lora": (1.5, 25.0), "full": (1.3, None)}  # method: (our tokens/s ov
 
 
 def make_model(shape: dict, device: torch.device, dtype: torch.dtype):
+    """Random-initialised on the device itself (a 1B model initialises in seconds there, minutes on the host)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("seq", "batch")}, max_position_embeddings=shape["seq"])
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    with device:
+        return LlamaForCausalLM(config).to(dtype=dtype)
 
 
-def train_settings(method: str, shape: dict, device: torch.device, compile_ours: bool = False, checkpoint_every: int = 0):
+def parse_variant(text: str) -> tuple[bool, int]:
+    """`eager`, `compile`, `ckpt=K` or a `+`-joined mix: (train.compile, checkpoint every K-th layer or 0)."""
+    compiled, every = False, 0
+    for part in text.split("+"):
+        if part == "compile":
+            compiled = True
+        elif part.startswith("ckpt=") and part[5:].isdigit() and int(part[5:]) > 0:
+            every = int(part[5:])
+        elif part != "eager":
+            raise argparse.ArgumentTypeError(f"--ours: unknown variant part {part!r} (eager, compile, ckpt=K, joined with +)")
+    return compiled, every
+
+
+def train_settings(method: str, shape: dict, device: torch.device, variant: str = "eager"):
     """The run config's train section both sides read (lr, clipping, precision): one worker, one
     micro-batch a step, a constant learning rate; full fine-tuning under ZeRO-2. `train.compile` and
     activation checkpointing (every k-th layer) are read by ours only: the peers run as the issue states them."""
     from kftune.config import DeepSpeedSection, TrainSection
 
+    compiled, every = parse_variant(variant)
     return TrainSection(batch_size=shape["batch"], workers=1, lr=1e-4, schedule="constant", use_gpu=device.type == "cuda",
                         precision="bf16" if device.type == "cuda" else "fp32",  # CPU: fp32 like the tiny model (fp16 is GPU-only)
-                        deepspeed=DeepSpeedSection(stage=2) if method == "full" else None, compile=compile_ours,
-                        gradient_checkpointing=checkpoint_every > 0, gradient_checkpointing_every=max(checkpoint_every, 1))
+                        deepspeed=DeepSpeedSection(stage=2) if method == "full" else None, compile=compiled,
+                        gradient_checkpointing=every > 0, gradient_checkpointing_every=max(every, 1))
+
+
+def model_flops_per_token(shape: dict, method: str) -> float:
+    """PaLM's model FLOPs per token (Chowdhery et al. 2022, appendix B): 6N + 12·L·d·T for training every
+    weight, where N counts the matrix parameters (the embedding lookup is no product); with frozen weights
+    their gradient (2N) is never computed, so 4N. LoRA's own products are under 1% and left out."""
+    d, layers, inner, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
+    kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    matrices = layers * (2 * d * d + 2 * d * kv + 3 * d * inner) + d * vocab
+    return (6 if method == "full" else 4) * matrices + 12 * layers * d * shape["seq"]
+
+
+def matmul_rate(device: torch.device) -> float | None:
+    """The bf16 matrix rate this device reaches (FLOP/s; 8192^3 products on random data, median of 10), the MFU denominator."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / sorted(times)[len(times) // 2]
 
 
 def init_process_group(device: torch.device) -> None:
@@ -179,13 +228,15 @@ def kftune_zero2(model, settings, device: torch.device):
         engine.model.destroy()
 
 
-def contenders(method: str, device: torch.device) -> list[tuple[str, object]]:
-    """(name, contender) pairs, the peers first and ours last; torch.compile's peer only on GPUs,
-    where it pays for its compile time."""
+def peers(method: str, device: torch.device) -> list[tuple[str, object]]:
+    """(name, contender) pairs; torch.compile's peer only on GPUs, where it pays for its compile time."""
     if method == "full":
-        return [("hf_deepspeed_zero2", hf_deepspeed), ("kftune_zero2", kftune_zero2)]
+        return [("hf_deepspeed_zero2", hf_deepspeed)]
     compiled = [("hf_peft_compile", functools.partial(hf_peft, compiled=True))] if device.type == "cuda" else []
-    return [("hf_peft_eager", hf_peft), *compiled, ("kftune", kftune_lora)]
+    return [("hf_peft_eager", hf_peft), *compiled]
+
+
+OURS = {"lora": ("kftune", kftune_lora), "full": ("kftune_zero2", kftune_zero2)}
 
 
 def timed(step, batch: dict, count: int, device: torch.device) -> float:
@@ -197,25 +248,63 @@ def timed(step, batch: dict, count: int, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def measure(name: str, contender, shape: dict, settings, device: torch.device, dtype: torch.dtype, steps: int) -> dict:
-    """Tokens/s over `steps` whole training steps (forward, backward, update) after two warm-up steps,
-    and the peak GPU memory; the contender's engine is torn down and its memory released before the next is built."""
+def random_batch(shape: dict, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=generator).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def release(device: torch.device) -> None:
+    gc.collect()  # DeepSpeed's engines sit in reference cycles
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(name: str, contender, shape: dict, settings, device: torch.device, dtype: torch.dtype, steps: int,
+            flops_per_token: float, rate: float | None) -> dict:
+    """Tokens/s over `steps` whole training steps (forward, backward, update) after two warm-up steps,
+    the peak GPU memory and MFU; the contender's engine is torn down and its memory released before the next is built."""
+    batch = random_batch(shape, device)
+    started = time.perf_counter()
     with contender(make_model(shape, device, dtype), settings, device) as step:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timed(step, batch, 2, device)  # warm-up (and compilation)
-        record = {"name": name, "tokens_per_second": round(shape["batch"] * shape["seq"] * steps / timed(step, batch, steps, device), 1)}
+        warm_seconds = time.perf_counter() - started
+        tokens_per_second = shape["batch"] * shape["seq"] * steps / timed(step, batch, steps, device)
+        record = {"name": name, "tokens_per_second": round(tokens_per_second, 1), "setup_and_warmup_seconds": round(warm_seconds, 1)}
         if device.type == "cuda":
             record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if rate:
+            record["mfu"] = round(tokens_per_second * flops_per_token / rate, 4)
     del step  # its closure holds the model and optimizer
-    gc.collect()  # DeepSpeed's engines sit in reference cycles
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    print(f"{name:<22} {record['tokens_per_second']:>10.1f} tokens/s   peak {record.get('peak_gib', '-')} GiB", flush=True)
+    release(device)
+    print(f"{name:<28} {record['tokens_per_second']:>10.1f} tokens/s   peak {record.get('peak_gib', '-')} GiB   "
+          f"MFU {record.get('mfu', '-')}   (setup + 2 warm-up steps {warm_seconds:.0f} s)", flush=True)
     return record
+
+
+def profile(contender, shape: dict, settings, device: torch.device, dtype: torch.dtype, path: Path) -> None:
+    """Three steps of `contender` under torch.profiler: the top operators by device (or host) time and the memory peak."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    batch = random_batch(shape, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with contender(make_model(shape, device, dtype), settings, device) as step:
+        timed(step, batch, 2, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch_profile(activities=activities, profile_memory=True) as prof:
+            timed(step, batch, 3, device)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"
+        path.write_text(f"{path.stem}: 3 steps, shape {shape}, settings {settings.model_dump(exclude_defaults=True)}\n"
+                        f"peak allocated over the profiled steps: {peak}\n\n{table}\n")
+    del step
+    release(device)
+    print(f"profile written to {path}", flush=True)
 
 
 def main() -> int:
@@ -223,30 +312,61 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument("--method", choices=sorted(TARGETS), default="lora")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--compile", action="store_true", help="ours under train.compile")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                        help="ours with activation checkpointing in every K-th decoder layer (train.gradient_checkpointing_every); 0: off")
-    parser.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results")
+    parser.add_argument("--ours", nargs="+", default=["eager"], metavar="VARIANT",
+                        help="our variants: eager, compile, ckpt=K (activation checkpointing every K-th layer), joined with + (compile+ckpt=2)")
+    parser.add_argument("--profile", type=Path, metavar="FILE", help="profile one of our variants and write the summary here")
+    parser.add_argument("--profile-variant", metavar="VARIANT", help="the variant --profile runs (default: the one the ratio is taken for)")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "gpu_throughput.jsonl", help="the JSONL file records are appended to")
+    parser.add_argument("--no-save", action="store_true", help="print only; do not append a record")
     args = parser.parse_args()
+    for variant in args.ours + ([args.profile_variant] if args.profile_variant else []):
+        try:
+            parse_variant(variant)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
     if not torch.cuda.is_available() and args.shape != "tiny":
         print("gpu_throughput: no CUDA GPU here; the speed bar needs one (an H100), so this benchmark is skipped.")
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = SHAPES[args.shape]
-    settings = train_settings(args.method, shape, device, args.compile, args.checkpoint_every)
-    if settings.deepspeed:
+    flops, rate = model_flops_per_token(shape, args.method), matmul_rate(device)
+    if rate:
+        print(f"bf16 matrix rate measured on {torch.cuda.get_device_name(device)}: {rate / 1e12:.0f} TFLOP/s", flush=True)
+    if args.method == "full":
         init_process_group(device)
-    *peers, ours = [measure(name, contender, shape, settings, device, dtype, args.steps) for name, contender in contenders(args.method, device)]
-    best = max(peers, key=lambda r: r["tokens_per_second"])
-    ratio = ours["tokens_per_second"] / best["tokens_per_second"]
+    peer_settings = train_settings(args.method, shape, device)
+    measured = [measure(name, contender, shape, peer_settings, device, dtype, args.steps, flops, rate) for name, contender in peers(args.method, device)]
+    ours_name, ours_contender = OURS[args.method]
+    for variant in args.ours:
+        record = measure(f"{ours_name}[{variant}]", ours_contender, shape, train_settings(args.method, shape, device, variant), device, dtype,
+                         args.steps, flops, rate)
+        measured.append({**record, "variant": variant, "ours": True})
     target_ratio, target_gib = TARGETS[args.method]
-    print(f"kftune / best peer ({best['name']}): {ratio:.2f}x (target >= {target_ratio}x{f' at <= {target_gib} GiB' if target_gib else ''})")
+    best = max((r for r in measured if not r.get("ours")), key=lambda r: r["tokens_per_second"])
+    fitting = [r for r in measured if r.get("ours") and (target_gib is None or r.get("peak_gib", 0) <= target_gib)]
+    ours = max(fitting or [r for r in measured if r.get("ours")], key=lambda r: r["tokens_per_second"])
+    ratio = ours["tokens_per_second"] / best["tokens_per_second"]
+    fastest = max((r for r in measured if r.get("ours")), key=lambda r: r["tokens_per_second"])
+    within = "" if target_gib is None else f", {ours.get('peak_gib', '-')} GiB (target <= {target_gib} GiB{'' if fitting else ': no variant fits'})"
+    met = ratio >= target_ratio and (target_gib is None or bool(fitting))
+    print(f"{ours['name']} / best peer ({best['name']}): {ratio:.2f}x (target >= {target_ratio}x){within}: "
+          f"{'met' if met else 'NOT met'}", flush=True)
+    if fastest is not ours:
+        print(f"fastest of ours regardless of memory: {fastest['name']} {fastest['tokens_per_second'] / best['tokens_per_second']:.2f}x "
+              f"at {fastest.get('peak_gib', '-')} GiB", flush=True)
+    if args.profile:
+        variant = args.profile_variant or ours["variant"]
+        profile(ours_contender, shape, train_settings(args.method, shape, device, variant), device, dtype, args.profile)
     if not args.no_save:
         record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                  "shape": args.shape, "method": args.method, "steps": args.steps, "results": [*peers, ours], "ratio": round(ratio, 3)}
-        with open(REPO / "bench" / "results" / "gpu_throughput.jsonl", "a") as handle:
+                  "torch": torch.__version__, "shape": args.shape, "method": args.method, "steps": args.steps,
+                  "bf16_matmul_tflops": round(rate / 1e12, 1) if rate else None, "model_flops_per_token": flops,
+                  "results": measured, "ours": ours["name"], "best_peer": best["name"], "ratio": round(ratio, 3), "met": met,
+                  "fastest_ours_ratio": round(fastest["tokens_per_second"] / best["tokens_per_second"], 3)}
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results, "a") as handle:
             handle.write(json.dumps(record) + "\n")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

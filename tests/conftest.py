@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,64 @@ CLUSTER = {
     "mlflow_secret": {"name": "mlflow-credentials", "env": {"password": "MLFLOW_TRACKING_PASSWORD"}},
     "image_pull_secrets": ["ghcr"],
 }
+
+
+@contextlib.contextmanager
+def process_group(backend: str):
+    """torch.distributed as a world of one (DeepSpeed needs one even alone), on a free port: another
+    job on the machine may hold any fixed one."""
+    import torch
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group(backend, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def build_on_stories(options):
+    """stories260K (seed 0) with a method applied, as training builds it."""
+    from kftune.methods import apply_method
+    from kftune.models import load_base_model
+
+    return apply_method(load_base_model(STORIES, "causal_lm", None, seed=0), options, "causal_lm")
+
+
+def train_under_zero(model, options, batch: dict, train, steps: int = 3, device: str = "cpu"):
+    """The losses of `steps` optimizer steps on `batch` under the engine `train` asks for, and the
+    consolidated model (gathered to the host)."""
+    import torch
+
+    from kftune.methods import optimizer_parameter_groups
+    from kftune.train.engines import make_engine
+    from kftune.train.losses import summed_loss
+
+    device = torch.device(device)
+    engine = make_engine(model, optimizer_parameter_groups(model, options, train.lr), train, total_steps=steps, world=1, device=device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    losses = []
+    try:
+        for _ in range(steps):
+            loss = summed_loss(engine.model, batch, "causal_lm") / (batch["labels"][:, 1:] != -100).sum()
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        trained = engine.consolidated(lambda: build_on_stories(options), rank=0)
+    finally:
+        engine.engine.destroy()  # each engine otherwise keeps ~2 GB of address space, and forks (Ray) then fail
+    return losses, trained
+
+
+def lora_under_zero(batch: dict, device: str = "cpu", **settings) -> tuple[list[float], dict]:
+    """Losses and trained LoRA weights (r=4, all linear layers) of three steps under the train `settings`."""
+    from kftune.config import TrainSection
+    from kftune.methods import METHODS
+
+    lora = METHODS["lora"].options.model_validate({"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"})
+    train = TrainSection(batch_size=len(batch["input_ids"]), workers=1, lr=5e-3, use_gpu=device != "cpu", **settings)
+    losses, trained = train_under_zero(build_on_stories(lora), lora, batch, train, device=device)
+    return losses, {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}

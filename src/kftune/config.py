@@ -160,6 +160,10 @@ class EvalSection(Section):
     generate_rows: int = Field(default=64, ge=1)
     """Causal LM: test rows decoded greedily for exact_match / rouge_l / bleu."""
     max_new_tokens: int = Field(default=64, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the evaluate step scores: auto takes the step's GPU when it has one; cuda without one is an error."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """The dtype the scored models run in: auto is fp32 on the CPU and bf16 on GPUs (fp16 on those without bf16)."""
 
 
 class GateSection(Section):

@@ -3,28 +3,80 @@ forgetting on general text.
 
 Forgetting is perplexity on general text for causal LMs; for classifiers (which have no LM head)
 it is representation similarity: the mean cosine between base and tuned sentence embeddings.
+
+The scoring functions run wherever the model's parameters are (`eval.device`, `eval.precision`
+place it); serving calls the same ones. Inside `evaluate`, each pass over the rows prints a progress line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kftune.config import RunConfig
+from kftune.config import EvalSection, RunConfig
+from kftune.errors import KftuneError
 from kftune.evaluate import metrics
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts, single_token_id
 from kftune.prompts.templates import Template, get_template
 from kftune.prompts.collate import Collator
 from kftune.train.losses import next_token_losses
+from kftune.train.progress import ProgressLine
 
 GENERAL_TEXT = Path(__file__).with_name("data") / "general_text.txt"
 GENERATION_METRICS = {"exact_match": metrics.exact_match, "rouge_l": metrics.rouge_l, "bleu": metrics.bleu}
+_PROGRESS_LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("evaluation_progress", default=None)
+
+
+def placement(settings: EvalSection) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype `eval.device` and `eval.precision` ask for, on this machine."""
+    has_gpu = torch.cuda.is_available()
+    if settings.device == "cuda" and not has_gpu:
+        raise KftuneError("eval.device: cuda, but this step sees no CUDA GPU (give the evaluate step a GPU, or use auto or cpu)")
+    device = torch.device("cuda" if settings.device == "cuda" or (settings.device == "auto" and has_gpu) else "cpu")
+    precision = settings.precision
+    if precision == "auto":
+        precision = "fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type == "cpu":
+        raise KftuneError("eval.precision: fp16 needs a GPU; on the CPU use fp32 or bf16")
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def on_device(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch moved to where the model runs."""
+    device = model_device(model)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def progress(label: str):
+    """Inside, each pass over rows prints a progress line under `label` (evaluate's passes; serving prints none)."""
+    token = _PROGRESS_LABEL.set(label)
+    try:
+        yield
+    finally:
+        _PROGRESS_LABEL.reset(token)
+
+
+def batched(rows: list, size: int) -> Iterator[list]:
+    label = _PROGRESS_LABEL.get()
+    line = ProgressLine(len(rows), label=label, unit="rows") if label and rows else None
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+        if line:
+            line.update(min(start + size, len(rows)))
 
 
 def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) -> dict[str, Any]:
@@ -38,20 +90,25 @@ def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) 
         "split_sha256": hashlib.sha256((Path(prompts_dir) / "test.jsonl").read_bytes()).hexdigest(),
         "label_names": meta["label_names"],
     }
+    device, dtype = placement(config.eval)
+    result["device"], result["dtype"] = str(device), str(dtype).removeprefix("torch.")
     base_path = resolve_model_path(config.model.name_or_path)
     tokenizer = load_tokenizer(base_path)
-    models = {"tuned": load_tuned_model(model_dir)}
+    models = {"tuned": load_tuned_model(model_dir).to(device=device, dtype=dtype)}
     if config.eval.compare_base or config.eval.forgetting:
-        models["base"] = load_base_model(base_path, config.model.task, num_labels, config.train.seed, config.model.attn_implementation).eval()
+        base = load_base_model(base_path, config.model.task, num_labels, config.train.seed, config.model.attn_implementation)
+        models["base"] = base.to(device=device, dtype=dtype).eval()
     for name, model in models.items():
         if name == "base" and not config.eval.compare_base:
             continue
         started = time.perf_counter()
-        result[name] = score(model, rows, config, tokenizer, meta["label_names"])
+        with progress(f"evaluate {name}"):
+            result[name] = score(model, rows, config, tokenizer, meta["label_names"])
         result[name]["seconds"] = round(time.perf_counter() - started, 2)
     if config.eval.forgetting:
         lines = _general_text(config, tokenizer)
-        result["forgetting"] = forgetting(models["base"], models["tuned"], lines, config, tokenizer.pad_token_id)
+        with progress("evaluate forgetting"):
+            result["forgetting"] = forgetting(models["base"], models["tuned"], lines, config, tokenizer.pad_token_id)
     return result
 
 
@@ -74,7 +131,7 @@ def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: li
         scores.update(accuracy=metrics.accuracy(matrix), macro_f1=metrics.macro_f1(matrix), confusion_matrix=matrix)
     wanted = [m for m in config.eval.metrics if m in GENERATION_METRICS]
     if wanted:
-        generated, references = generate(model, rows[: config.eval.generate_rows], tokenizer, config.eval.max_new_tokens)
+        generated, references = generate(model, rows[: config.eval.generate_rows], tokenizer, config.eval.max_new_tokens, size)
         scores.update({m: GENERATION_METRICS[m](generated, references) for m in wanted})
         scores["samples"] = [{"generated": g, "reference": r} for g, r in list(zip(generated, references))[:5]]
     return scores
@@ -85,9 +142,9 @@ def class_logits(model, rows: list[dict], pad_token_id: int, batch_size: int) ->
     """The classification head's logits for encoded rows (evaluation and serving)."""
     collate = Collator(pad_token_id, "sequence_classification")
     logits = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate([{"input_ids": r["input_ids"], "labels": 0} for r in rows[start : start + batch_size]])
-        logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float())
+    for chunk in batched(rows, batch_size):
+        batch = on_device(model, collate([{"input_ids": r["input_ids"], "labels": 0} for r in chunk]))
+        logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu())
     return torch.cat(logits)
 
 
@@ -120,8 +177,7 @@ def word_scores(model, rows: list[dict], tokenizer, word_lists: list[list[str]],
     batch of rows scores every single-token word; a longer word (causal LMs only) gets its own candidate."""
     collate = Collator(tokenizer.pad_token_id, "causal_lm")
     results = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    for chunk in batched(rows, batch_size):
         if task == "masked_lm":
             inputs = [r["input_ids"] for r in chunk]
             slots = [r["input_ids"].index(tokenizer.mask_token_id) for r in chunk]
@@ -132,13 +188,13 @@ def word_scores(model, rows: list[dict], tokenizer, word_lists: list[list[str]],
             slots = [len(ids) - 1 for ids in inputs]
             prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in inputs]
             words = [[[continuation_ids(tokenizer, p, ids, w) for w in ws] for ws in word_lists] for p, ids in zip(prompts, inputs)]
-        batch = collate([{"input_ids": ids, "labels": ids} for ids in inputs])
+        batch = on_device(model, collate([{"input_ids": ids, "labels": ids} for ids in inputs]))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, -batch["input_ids"].shape[1] :].float()  # prompt-learning methods prepend virtual tokens
-        log_probs = torch.log_softmax(logits[torch.arange(len(chunk)), torch.tensor(slots)], dim=-1)
+        log_probs = torch.log_softmax(logits[torch.arange(len(chunk)), torch.tensor(slots)], dim=-1).cpu()
         for i, row_words in enumerate(words):
             longer = [{"input_ids": inputs[i] + ids, "labels": [IGNORE_INDEX] * len(inputs[i]) + ids} for ws in row_words for ids in ws if len(ids) > 1]
-            longer_scores = iter((-next_token_losses(model, collate(longer)).sum(dim=1)).tolist() if longer else [])
+            longer_scores = iter((-next_token_losses(model, on_device(model, collate(longer))).sum(dim=1)).tolist() if longer else [])
             results.append([max(log_probs[i, ids[0]].item() if len(ids) == 1 else next(longer_scores) for ids in ws) for ws in row_words])
     return results
 
@@ -146,24 +202,29 @@ def word_scores(model, rows: list[dict], tokenizer, word_lists: list[list[str]],
 def _lm_loss(model, rows: list[dict], collate: Collator, size: int) -> tuple[float, int]:
     """Summed next-token loss over labelled positions, and their count."""
     total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(rows), size):
-        batch = collate(rows[start : start + size])
+    for chunk in batched(rows, size):
+        batch = on_device(model, collate(chunk))
         total_loss += next_token_losses(model, batch).sum().item()
         total_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return total_loss, total_tokens
 
 
-def generate(model, rows: list[dict], tokenizer, max_new_tokens: int) -> tuple[list[str], list[str]]:
+@torch.no_grad()
+def generate(model, rows: list[dict], tokenizer, max_new_tokens: int, batch_size: int = 16) -> tuple[list[str], list[str]]:
     """Greedy continuations of each row's prompt (its -100-labelled prefix) and the reference answers
-    (evaluation and serving)."""
+    (evaluation and serving): a batch of prompts at a time, padded on the left so every row continues
+    from its last prompt token, with the KV cache (training runs may have switched it off in the config)."""
     generated, references = [], []
-    for row in rows:
-        prompt_length = row["labels"].count(IGNORE_INDEX)
-        prompt = torch.tensor([row["input_ids"][:prompt_length]])
-        output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        generated.append(tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip())
-        references.append(tokenizer.decode(row["input_ids"][prompt_length:], skip_special_tokens=True).strip())
+    device = model_device(model)
+    for chunk in batched(rows, batch_size):
+        prompts = [row["input_ids"][: row["labels"].count(IGNORE_INDEX)] for row in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        generated += [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+        references += [tokenizer.decode(row["input_ids"][len(p) :], skip_special_tokens=True).strip() for row, p in zip(chunk, prompts)]
     return generated, references
 
 
@@ -183,8 +244,8 @@ def forgetting(base, tuned, lines: list[list[int]], config: RunConfig, pad_token
         return {"metric": "general_perplexity", "base": before, "tuned": after, "change": after - before}
     similarities = []
     collate = Collator(pad_token_id, "sequence_classification")
-    for start in range(0, len(lines), config.eval.batch_size):
-        batch = collate([{"input_ids": ids, "labels": 0} for ids in lines[start : start + config.eval.batch_size]])
+    for chunk in batched(lines, config.eval.batch_size):
+        batch = on_device(tuned, collate([{"input_ids": ids, "labels": 0} for ids in chunk]))
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = []
         for model in (base, tuned):

@@ -41,14 +41,13 @@ def torch_adamw(groups: list[dict], train: TrainSection, device: torch.device) -
 
 
 class DDPEngine:
-    """torch DDP (via Ray Train's prepare_model), AdamW, autocast, GradScaler for fp16."""
+    """torch DDP across workers (over whatever process group the launcher set up: Ray Train's, or a
+    plain torch.distributed one), AdamW, autocast, GradScaler for fp16."""
 
     def __init__(self, model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device):
-        import ray.train.torch
-
         self.train, self.world, self.device = train, world, device
-        self.model = ray.train.torch.prepare_model(model)
-        self.module = model
+        self.module = model.to(device)
+        self.model = self._replicated()
         self.parameters = [p for group in groups for p in group["params"]]
         self.optimizer = torch_adamw(groups, train, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(train, total_steps))
@@ -91,11 +90,16 @@ class DDPEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[-1]
 
+    def _replicated(self):
+        """The module under DDP when there are several workers (as Ray Train's prepare_model does), else itself."""
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return self.module
+        return torch.nn.parallel.DistributedDataParallel(self.module, device_ids=[self.device] if self.device.type == "cuda" else None)
+
     def trainable_set_changed(self) -> None:
         """DDP hooks the parameters that were trainable when it wrapped the model: after gradual
         unfreezing turns more on, wrap again so their gradients are averaged across workers too."""
-        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
-            self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.model = self._replicated()
 
     def save(self, directory: Path, rank: int) -> None:
         """Rank 0 writes the trained parameters with optimizer, schedule and scaler state (DDP keeps them identical on every worker)."""
@@ -130,7 +134,9 @@ class DDPEngine:
 
 
 class DeepSpeedEngine:
-    """A DeepSpeed engine for ZeRO stages 0-3. On CPU it gets torch's AdamW, so no C++ op is compiled."""
+    """A DeepSpeed engine for ZeRO stages 0-3. It gets torch's AdamW, or DeepSpeed's CPU Adam (a C++ op,
+    built at install time or on first use) when the optimizer state is offloaded to the CPU: that is the
+    op the offloaded step runs on, GPUs or not, and several times faster there than torch's."""
 
     def __init__(self, model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device):
         import deepspeed
@@ -140,14 +146,15 @@ class DeepSpeedEngine:
         self.train, self.world, self.device = train, world, device
         if device.type == "cpu":
             skip_shm_op()
-        settings = train.deepspeed
-        # With CPU offload on GPUs DeepSpeed's own CPU Adam (prebuilt in the trainer image) is much faster than torch's.
-        own_optimizer = settings.offload_optimizer and device.type == "cuda"
-        optimizer = None if own_optimizer else torch_adamw(groups, train, device)
+        if train.deepspeed.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=train.lr, weight_decay=train.weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch_adamw(groups, train, device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            model_parameters=groups if own_optimizer else None,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(train, total_steps)),
             config=deepspeed_config(train, world),
             dist_init_required=False,

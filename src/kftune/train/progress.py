@@ -8,12 +8,13 @@ import time
 
 
 class ProgressLine:
-    def __init__(self, total: int, label: str = "train", every_seconds: float = 5.0, width: int = 24, start_step: int = 0):
-        self.total, self.label, self.every, self.width, self.start_step = total, label, every_seconds, width, start_step
+    def __init__(self, total: int, label: str = "train", every_seconds: float = 5.0, width: int = 24, start_step: int = 0,
+                 unit: str = "step"):
+        self.total, self.label, self.every, self.width, self.start_step, self.unit = total, label, every_seconds, width, start_step, unit
         self.start = time.perf_counter()
         self.last_print = 0.0
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float | None = None) -> None:
         now = time.perf_counter()
         if step < self.total and now - self.last_print < self.every:
             return
@@ -25,7 +26,7 @@ class ProgressLine:
         bar = "#" * filled + "-" * (self.width - filled)
         print(
             f"{self.label} [{bar}] {step:>{len(str(self.total))}}/{self.total} {100 * step // self.total:3d}%"
-            f"  loss {loss:.4f}  {rate:.2f} step/s  eta {int(eta) // 60}m{int(eta) % 60:02d}s",
+            f"{f'  loss {loss:.4f}' if loss is not None else ''}  {rate:.2f} {self.unit}/s  eta {int(eta) // 60}m{int(eta) % 60:02d}s",
             file=sys.stdout,
             flush=True,
         )

@@ -1,9 +1,13 @@
 """Bad input stops `kftune run` before any step, with one message naming the file or field,
 and leaves no MLflow version behind."""
 
+from pathlib import Path
+
 import pytest
 
 from kftune.cli import main
+
+GBK_REVIEWS = str(Path(__file__).parent / "fixtures" / "chnsenticorp_htl_gbk_40.csv")
 
 
 @pytest.mark.parametrize(
@@ -15,6 +19,18 @@ from kftune.cli import main
         ({"method": {"name": "loraa"}}, "method.name: unknown method 'loraa'"),
         ({"model": {"name_or_path": "WEIGHTLESS"}}, "has no weights"),
         ({"model": {"name_or_path": "/no/such/model"}}, "model.name_or_path: '/no/such/model' is not a directory"),
+        # the method built on the model's architecture (meta device): the field, and what the model offers
+        ({"method": {"name": "lora", "target_modules": ["q_proj"]}},
+         "method.target_modules: ['q_proj'] does not fit the bert model at"),
+        ({"method": {"name": "lora", "target_modules": ["q_proj"]}},
+         "the model (bert, 6 layers) has linear layers named: classifier, dense, key, query, value"),
+        ({"method": {"name": "layer_range", "start": 2, "end": 9}}, "method.end: 9 but the model has 6 layers"),
+        ({"method": {"name": "attention_only", "heads": [12]}}, "method.heads: [12] out of range; the model has 12 heads"),
+        # the data: one class, an unclosed quote, an encoding
+        ({"data": {"path": "ONE_LABEL"}}, "data.path: every row of the train split has label '1'"),
+        ({"data": {"path": "UNCLOSED_QUOTE", "columns": {}}}, "bad.csv:3: a quoted field starts on this line and never closes"),
+        ({"data": {"path": GBK_REVIEWS, "columns": {"text": "review"}, "split": {"test": 0.25}}},
+         "chnsenticorp_htl_gbk_40.csv:2: not valid utf-8 text"),
     ],
 )
 def test_bad_input_fails_before_training(make_config, write_config, tmp_path, capsys, change, expected):
@@ -23,6 +39,14 @@ def test_bad_input_fails_before_training(make_config, write_config, tmp_path, ca
         weightless.mkdir()
         (weightless / "config.json").write_text("{}")
         change = {"model": {"name_or_path": str(weightless)}}
+    files = {
+        "ONE_LABEL": "sentence\tlabel\n" + "".join(f"review {i}\t1\n" for i in range(20)),
+        "UNCLOSED_QUOTE": 'text,label\ngood,1\n"bad movie,0\nfine,1\nawful,0\n',
+    }
+    if change.get("data", {}).get("path") in files:
+        data_file = tmp_path / ("bad.csv" if change["data"]["path"] == "UNCLOSED_QUOTE" else "train.tsv")
+        data_file.write_text(files[change["data"]["path"]])
+        change = {"data": {**change["data"], "path": str(data_file), "split": {"test": 0.25}}}
     config = make_config(**change)
     if change.get("method"):
         config["method"] = change["method"]

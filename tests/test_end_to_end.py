@@ -87,5 +87,5 @@ def test_a_failing_step_reports_its_root_cause_then_its_log(make_config, tmp_pat
     first, second = str(failure.value).splitlines()
     assert first.startswith("step train failed: NoMatchingPeftModuleError: No modules were targeted for adaptation")
     assert second == f"  log: {log}"
-    assert "Traceback" in log.read_text() and "TrainingFailedError" in log.read_text()
+    assert "Traceback" in log.read_text() and "WorkerGroupError" in log.read_text()
     assert "Got executor_input" in capsys.readouterr().out  # -v: every step's log, live

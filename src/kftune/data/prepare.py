@@ -67,7 +67,7 @@ def prepare(config: RunConfig) -> PreparedData:
     splits = {"train": train, "validation": validation, "test": test}
     _check_not_empty(config, splits, len(rows))
 
-    warnings = _shared_rows_warnings(config, splits)
+    warnings = _shared_rows_warnings(splits)
     label_names: list[str] = []
     if config.has_labels:
         label_names = _encode_labels(config, splits)
@@ -160,7 +160,7 @@ def _inputs(row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(value) for name, value in row.items() if name not in ("label", "source", "_order"))
 
 
-def _shared_rows_warnings(config: RunConfig, splits: dict[str, list[dict[str, Any]]]) -> list[str]:
+def _shared_rows_warnings(splits: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Test rows whose inputs also occur in training: a warning with their count, an error above
     MAX_SHARED_TEST_SHARE of the test split (the score would measure memory, not generalisation)."""
     seen = {_inputs(row) for row in splits["train"]}

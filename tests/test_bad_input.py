@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import STORIES
 from kftune.cli import main
 
 GBK_REVIEWS = str(Path(__file__).parent / "fixtures" / "chnsenticorp_htl_gbk_40.csv")
+LLAMA = {"model": {"name_or_path": str(STORIES), "task": "causal_lm"}, "prompt": {"template": "text"},  # bias-free, q_proj/v_proj
+         "eval": {"metrics": ["perplexity"]}, "registry": {"gate": {"metric": "perplexity"}}}
 
 
 @pytest.mark.parametrize(
@@ -26,6 +29,9 @@ GBK_REVIEWS = str(Path(__file__).parent / "fixtures" / "chnsenticorp_htl_gbk_40.
          "the model (bert, 6 layers) has linear layers named: classifier, dense, key, query, value"),
         ({"method": {"name": "layer_range", "start": 2, "end": 9}}, "method.end: 9 but the model has 6 layers"),
         ({"method": {"name": "attention_only", "heads": [12]}}, "method.heads: [12] out of range; the model has 12 heads"),
+        ({**LLAMA, "method": {"name": "bitfit"}}, "method.name: bitfit trains bias terms and this llama model has none"),
+        ({**LLAMA, "method": {"name": "lora", "target_modules": ["query", "value"]}},
+         "the model (llama, 5 layers) has linear layers named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
         # the data: one class, an unclosed quote, an encoding
         ({"data": {"path": "ONE_LABEL"}}, "data.path: every row of the train split has label '1'"),
         ({"data": {"path": "UNCLOSED_QUOTE", "columns": {}}}, "bad.csv:3: a quoted field starts on this line and never closes"),

@@ -63,3 +63,12 @@ def test_bad_input_fails_before_training(make_config, write_config, tmp_path, ca
     assert expected in error
     assert "Traceback" not in error
     assert not (out / "mlflow.db").exists() and not (out / "pipeline").exists()
+
+
+def test_data_warnings_are_shown_before_training(make_config, write_config, tmp_path, capsys):
+    train, test = tmp_path / "train.tsv", tmp_path / "test.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"review {i}\t{i % 2}\n" for i in range(40)))
+    test.write_text("sentence\tlabel\nreview 3\t1\n" + "".join(f"new review {i}\t{i % 2}\n" for i in range(29)))
+    config = make_config(data={"path": str(train), "split": {"test": str(test)}})
+    assert main(["validate", str(write_config(config))]) == 0
+    assert f"kftune: warning: data.split.test: 1 of 30 test rows (3.3%) also occur in the train split (first: {test}:2)" in capsys.readouterr().err

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= examples/sst2-minilm-lora.yaml
 
-.PHONY: setup run test bench compile chart-pipeline k8s-e2e images clean
+.PHONY: setup run lint test bench compile chart-pipeline k8s-e2e images clean
 
 setup:
 	bash scripts/setup.sh
@@ -11,7 +11,13 @@ setup:
 run: setup
 	$(VENV)/bin/kftune run $(CONFIG)
 
-test: setup
+# ruff (settings in pyproject.toml): formatting, then lint rules, over all Python sources.
+LINTED := src components pipelines tests bench
+lint: setup
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/ruff check $(LINTED)
+
+test: setup lint
 	bash scripts/install-helm.sh || echo "helm not installed: the chart tests will skip"
 	bash scripts/kube-apiserver.sh build || echo "no kube-apiserver: tests/test_kube_apiserver.py will skip"
 	$(PY) -m pytest -q

@@ -3,6 +3,7 @@ Then the registered adapter is downloaded from MLflow and must reproduce the pre
 model made at the end of training."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,16 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from conftest import CLUSTER
+from kftune.config import parse_config
+from kftune.errors import KftuneError
+from kftune.local import run_pipeline
 from kftune.models import load_tuned_model
 from kftune.prompts.build import read_meta, read_prompts
 from kftune.train.loop import PROBE_FILE, PROBE_ROWS, probe_outputs
 
-from conftest import CLUSTER
+STEPS = ("prepare-data", "build-prompts", "train", "evaluate", "register")
+PROGRESS_UPDATE = re.compile(r"^\s*[a-z]+ \[[#-]+\] ")
 
 
 @pytest.mark.slow
@@ -34,6 +40,13 @@ def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tm
     assert done.returncode == 0, log[-5000:]
     assert "train [" in log and "4/4 100%" in log  # the progress bar reached the end
     assert "kftune run: tiny v1" in log and "@champion" in log
+    # One screen: the steps, progress, the table. Executor input, Ray's and the libraries' logs are in the step logs.
+    shown = [line for line in log.splitlines() if not PROGRESS_UPDATE.match(line)]
+    assert len(shown) <= 60, log
+    for noise in ("executor_input", "PlacementGroupCleaner", "Token authentication", "FutureWarning", "Traceback"):
+        assert noise not in log, noise
+    assert [f"kftune: {step} done in" in log for step in STEPS] == [True] * len(STEPS)
+    assert "Got executor_input" in (out / "logs" / "train.log").read_text()
 
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
@@ -62,3 +75,17 @@ def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tm
     texts = [json.loads(line)["text"] for line in next(out.glob("pipeline/*/prepare-data/dataset")).joinpath("test.jsonl").read_text().splitlines()][:PROBE_ROWS]
     labels = served.predict(pd.DataFrame({"text": texts}))["label"].tolist()
     assert labels == [str(max(range(2), key=lambda i: logits[i])) for logits in probe["outputs"]]
+
+
+@pytest.mark.slow
+def test_a_failing_step_reports_its_root_cause_then_its_log(make_config, tmp_path, capsys):
+    # Preflight would stop this config (tests/test_bad_input.py); without it, a Ray worker meets the mismatch.
+    config = parse_config(make_config(method={"name": "lora", "r": 4, "target_modules": ["q_proj"]}))
+    with pytest.raises(KftuneError) as failure:
+        run_pipeline(config, tmp_path / "run", verbose=True)
+    log = tmp_path / "run" / "logs" / "train.log"
+    first, second = str(failure.value).splitlines()
+    assert first.startswith("step train failed: NoMatchingPeftModuleError: No modules were targeted for adaptation")
+    assert second == f"  log: {log}"
+    assert "Traceback" in log.read_text() and "WorkerGroupError" in log.read_text()
+    assert "Got executor_input" in capsys.readouterr().out  # -v: every step's log, live

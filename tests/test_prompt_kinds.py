@@ -5,6 +5,7 @@ import importlib.util
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,9 +190,16 @@ def test_a_user_template_file_is_used_and_its_errors_name_the_file_and_field(mak
         load_config(write_config({**config, "prompt": {"template": "missing.yaml"}}))
 
 
-@pytest.mark.parametrize("example", ["chnsenticorp-stories-pet.yaml", "alpaca-zh-stories.yaml"])
-def test_chinese_examples_prepare_and_build(example, tmp_path):
-    config = load_config(EXAMPLES / example, ["data.max_rows=40"])
+@pytest.mark.parametrize(
+    ("example", "data"),
+    [
+        # the example's file is sorted by label, so its first rows are one class (an error): 20 of each, in GBK
+        ("chnsenticorp-stories-pet.yaml", [f"data.path={Path(__file__).parent / 'fixtures' / 'chnsenticorp_htl_gbk_40.csv'}", "data.encoding=gbk"]),
+        ("alpaca-zh-stories.yaml", ["data.max_rows=40"]),
+    ],
+)
+def test_chinese_examples_prepare_and_build(example, data, tmp_path):
+    config = load_config(EXAMPLES / example, data)
     write_prepared(prepare(config), tmp_path / "data")
     meta = build_prompts(config, tmp_path / "data", tmp_path / "prompts")
     tokenizer = load_tokenizer(config.model.name_or_path)

@@ -18,17 +18,25 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from kftune.local import preflight, run_pipeline, with_local_registry
+    from kftune.local import LOG_FOLDER, run_pipeline, with_local_registry
 
     config = _load(args)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     config = with_local_registry(config, out)
     print(f"kftune: checking config, model and data ({args.config}) ...", flush=True)
-    preflight(config)
-    print(f"kftune: running the pipeline; outputs in {out}", flush=True)
-    summary = run_pipeline(config, out)
+    _preflight(config, sys.stdout)
+    print(f"kftune: running the pipeline; outputs and step logs ({LOG_FOLDER}/) in {out}", flush=True)
+    summary = run_pipeline(config, out, verbose=args.verbose)
     _print_summary(config, summary)
     return 0
+
+
+def _preflight(config, stream) -> None:
+    """Fail on bad input before any step starts; show the warnings about the data."""
+    from kftune.preflight import preflight
+
+    for warning in preflight(config):
+        print(f"kftune: warning: {warning}", file=stream, flush=True)
 
 
 def _print_summary(config, summary: dict) -> None:
@@ -129,11 +137,10 @@ def _publish(args, action) -> int:
 
 def cmd_validate(args) -> int:
     from kftune.config import config_to_dict
-    from kftune.local import preflight
 
     config = _load(args)
     if not args.schema_only:  # the model's architecture against the method, and the data, as `kftune run` checks them
-        preflight(config)
+        _preflight(config, sys.stderr)
     print(json.dumps(config_to_dict(config), indent=2))
     return 0
 
@@ -193,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     run = with_config("run", "run the pipeline locally (kfp.local, local Ray, sqlite MLflow)")
-    run.add_argument("--out", help="output folder (default: runs/<config name>); MLflow's store lives here")
+    run.add_argument("--out", help="output folder (default: runs/<config name>); MLflow's store and the step logs live here")
+    run.add_argument("-v", "--verbose", action="store_true", help="show every step's full log as it runs (always written to <out>/logs/)")
     run.set_defaults(func=cmd_run)
     compile_ = with_config("compile", "compile the pipeline to KFP IR YAML with this config as default")
     compile_.add_argument("-o", "--output", default="pipeline.yaml")

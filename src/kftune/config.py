@@ -6,6 +6,7 @@ own section, so a run is reproducible from this one document.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import hashlib
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kftune.errors import KftuneError
 from kftune.kube.settings import ClusterSection
@@ -52,6 +53,9 @@ class SplitSection(Section):
 class DataSection(Section):
     path: str
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"] = "auto"
+    encoding: str = "utf-8"
+    """Text encoding of the data files (csv, tsv, json, jsonl), any Python codec name: utf-8 (a byte-order
+    mark is skipped), gbk, gb18030, big5, shift_jis, utf-16, latin-1, ..."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Template field (and `label`) -> column of the data file. Unmapped fields use their own name."""
     split: SplitSection = Field(default_factory=SplitSection)
@@ -60,6 +64,15 @@ class DataSection(Section):
     max_chars: int = Field(default=4000, ge=1)
     """Rows whose text is longer are dropped and reported: they would be cut by truncation anyway."""
     dedupe: bool = True
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r} (e.g. utf-8, utf-8-sig, gbk, gb18030, utf-16, latin-1)") from None
+        return value
 
 
 class PromptSection(Section):

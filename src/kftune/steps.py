@@ -6,8 +6,10 @@ them directly. A step returns the metadata its component attaches to its output 
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,49 @@ from kftune import __version__
 from kftune.config import RunConfig, parse_config
 
 EVALUATION_FILE = "evaluation.json"
+ROOT_CAUSE_PREFIX = "kftune: step failed: "
+"""Starts the line a failing step prints before its traceback: the exception at the bottom of the chain
+(a Ray worker's own, not the TrainingFailedError around it), for `kftune run` to show first."""
+ROOT_CAUSE_CHARS = 1000
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception that started it: through explicit causes, Ray Train's worker and controller
+    failures, and Ray's task errors (`.cause`) down to the first one."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        workers = getattr(exc, "worker_failures", None)
+        inner = (workers[min(workers)] if workers else None) or getattr(exc, "controller_failure", None) or getattr(exc, "cause", None)
+        if not isinstance(inner, BaseException):
+            inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def reports_root_cause(step: Callable) -> Callable:
+    """Print the root cause of a step's failure on one line (ROOT_CAUSE_PREFIX) before it propagates."""
+
+    @functools.wraps(step)
+    def run(*args, **kwargs):
+        try:
+            return step(*args, **kwargs)
+        except Exception as exc:
+            cause = root_cause(exc)
+            message = " ".join(str(cause).split())[:ROOT_CAUSE_CHARS]
+            print(f"{ROOT_CAUSE_PREFIX}{type(cause).__name__}: {message}", flush=True)
+            raise
+
+    return run
 
 
 def _config(config: dict[str, Any]) -> RunConfig:
     return parse_config(config, source="pipeline parameter config")
 
 
+@reports_root_cause
 def prepare_data(config: dict[str, Any], dataset_dir: str, card_path: str) -> dict[str, Any]:
     from kftune.data.prepare import data_card_markdown, prepare, write_prepared
 
@@ -29,6 +68,7 @@ def prepare_data(config: dict[str, Any], dataset_dir: str, card_path: str) -> di
     return {"dataset_sha256": card["dataset_sha256"], **{f"{k}_rows": v["rows"] for k, v in card["splits"].items()}}
 
 
+@reports_root_cause
 def build_prompts(config: dict[str, Any], dataset_dir: str, prompts_dir: str, preview_path: str) -> dict[str, Any]:
     from kftune.prompts.build import build_prompts as build, preview_html
 
@@ -37,6 +77,7 @@ def build_prompts(config: dict[str, Any], dataset_dir: str, prompts_dir: str, pr
     return {"template": meta["template"], **{f"{k}_rows": v.get("rows", 0) for k, v in meta["splits"].items()}}
 
 
+@reports_root_cause
 def train(config: dict[str, Any], prompts_dir: str, model_dir: str, run_name: str) -> dict[str, Any]:
     run_config = _config(config)
     if run_config.cluster.rayjob.enabled:  # on Kubernetes: a KubeRay RayJob trains on GPU nodes; this pod follows it
@@ -51,6 +92,7 @@ def train(config: dict[str, Any], prompts_dir: str, model_dir: str, run_name: st
     return {k: log[k] for k in ("steps", "seconds", "seconds_per_step", "trainable_parameters", "final_loss")}
 
 
+@reports_root_cause
 def evaluate(config: dict[str, Any], prompts_dir: str, model_dir: str, evaluation_dir: str, report_path: str) -> dict[str, float]:
     """Writes evaluation.json and the HTML report; returns the flat metrics for the KFP Metrics artifact."""
     from kftune.evaluate.evaluate import evaluate as run_evaluation
@@ -69,6 +111,7 @@ def evaluate(config: dict[str, Any], prompts_dir: str, model_dir: str, evaluatio
     return flat
 
 
+@reports_root_cause
 def register(
     config: dict[str, Any], dataset_dir: str, model_dir: str, evaluation_dir: str, report_path: str, pipeline_run_id: str
 ) -> dict[str, Any]:

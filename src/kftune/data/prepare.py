@@ -21,6 +21,11 @@ from kftune.prompts.templates import get_template
 
 SPLITS = ("train", "validation", "test")
 DROPPED_LINES_SHOWN = 20
+MAX_SHARED_TEST_SHARE = 0.05
+"""Test rows whose inputs also occur in training inflate the score; above this share of the test split
+that is an error, below it a warning."""
+IMBALANCE_RATIO = 10
+"""A train split whose largest class has this many times the rows of its smallest gets a warning."""
 
 
 @dataclass
@@ -31,11 +36,13 @@ class PreparedData:
     dropped: dict[str, list[str]] = field(default_factory=dict)
     """reason -> 'file:line' of every dropped row."""
     source_rows: int = 0
+    warnings: list[str] = field(default_factory=list)
+    """What a user should know before training on this data (shown by preflight, kept in the data card)."""
 
 
 def prepare(config: RunConfig) -> PreparedData:
     data = config.data
-    train_table = read_table(data.path, data.format, data.max_rows)
+    train_table = read_table(data.path, data.format, data.max_rows, data.encoding)
     dropped: dict[str, list[str]] = defaultdict(list)
     rows = _clean(config, train_table, dropped)
     hashes = [train_table.sha256]
@@ -44,7 +51,7 @@ def prepare(config: RunConfig) -> PreparedData:
     order = list(range(len(rows)))
     rng.shuffle(order)
     if isinstance(data.split.test, str):
-        test_table = read_table(data.split.test, data.format)
+        test_table = read_table(data.split.test, data.format, encoding=data.encoding)
         hashes.append(test_table.sha256)
         test = _clean(config, test_table, dropped)
         n_test = 0
@@ -60,15 +67,17 @@ def prepare(config: RunConfig) -> PreparedData:
     splits = {"train": train, "validation": validation, "test": test}
     _check_not_empty(config, splits, len(rows))
 
+    warnings = _shared_rows_warnings(splits)
     label_names: list[str] = []
     if config.has_labels:
         label_names = _encode_labels(config, splits)
         _check_verbalizer(config, label_names)
+        warnings += _imbalance_warnings(splits["train"], label_names)
     for split_rows in splits.values():
         for row in split_rows:
             row.pop("_order")
     digest = hashes[0] if len(hashes) == 1 else _combine(hashes)
-    return PreparedData(splits, label_names, digest, dict(dropped), len(train_table.records))
+    return PreparedData(splits, label_names, digest, dict(dropped), len(train_table.records), warnings)
 
 
 def _clean(config: RunConfig, table: Table, dropped: dict[str, list[str]]) -> list[dict[str, Any]]:
@@ -125,7 +134,12 @@ def _check_not_empty(config: RunConfig, splits: dict[str, list], n_rows: int) ->
 
 def _encode_labels(config: RunConfig, splits: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Labels become ids 0..n-1; integer labels keep their value, text labels are sorted."""
-    values = sorted({str(row["label"]) for row in splits["train"]})
+    present = Counter(str(row["label"]) for row in splits["train"])
+    if len(present) < 2:
+        label, rows = present.most_common(1)[0]
+        raise KftuneError(f"data.path: every row of the train split has label {label!r} ({rows} rows in {config.data.path}); "
+                          f"classification needs two or more classes (column {config.columns_for('label')!r})")
+    values = sorted(present)
     if all(v.isdigit() for v in values):
         values = [str(i) for i in range(max(int(v) for v in values) + 1)]
     index = {v: i for i, v in enumerate(values)}
@@ -138,9 +152,38 @@ def _encode_labels(config: RunConfig, splits: dict[str, list[dict[str, Any]]]) -
     expected = config.model.num_labels
     if expected is not None and expected != len(values):
         raise KftuneError(f"model.num_labels: {expected}, but the training data has {len(values)} labels ({', '.join(values)})")
-    if len(values) < 2:
-        raise KftuneError(f"data.columns.label: the training data has a single label ({values[0]!r}); classification needs two or more")
     return values
+
+
+def _inputs(row: dict[str, Any]) -> tuple[str, ...]:
+    """What the model sees of a row: every field but the label (and bookkeeping)."""
+    return tuple(str(value) for name, value in row.items() if name not in ("label", "source", "_order"))
+
+
+def _shared_rows_warnings(splits: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Test rows whose inputs also occur in training: a warning with their count, an error above
+    MAX_SHARED_TEST_SHARE of the test split (the score would measure memory, not generalisation)."""
+    seen = {_inputs(row) for row in splits["train"]}
+    shared = [row["source"] for row in splits["test"] if _inputs(row) in seen]
+    if not shared:
+        return []
+    test = splits["test"]
+    message = (f"{len(shared)} of {len(test)} test rows ({100 * len(shared) / len(test):.1f}%) also occur in the train split "
+               f"(first: {', '.join(shared[:3])})")
+    if len(shared) > MAX_SHARED_TEST_SHARE * len(test):
+        raise KftuneError(f"data.split.test: {message}; more than {MAX_SHARED_TEST_SHARE:.0%} would make the test score "
+                          "measure memorisation: remove them from one of the files")
+    return [f"data.split.test: {message}"]
+
+
+def _imbalance_warnings(train: list[dict[str, Any]], label_names: list[str]) -> list[str]:
+    counts = Counter(label_names[row["label"]] for row in train)
+    largest, smallest = max(counts.values()), min(counts.get(name, 0) for name in label_names)
+    if smallest and largest < IMBALANCE_RATIO * smallest:
+        return []
+    shown = ", ".join(f"{name}: {counts.get(name, 0)}" for name in label_names)
+    return [f"data.path: the train split is imbalanced ({shown} rows); a model can score well by predicting "
+            f"{counts.most_common(1)[0][0]!r} alone: compare macro_f1 with accuracy"]
 
 
 def _check_verbalizer(config: RunConfig, label_names: list[str]) -> None:
@@ -164,6 +207,7 @@ def data_card(prepared: PreparedData) -> dict[str, Any]:
         "label_names": prepared.label_names,
         "splits": {},
         "dropped": {reason: {"count": len(lines), "first": lines[:DROPPED_LINES_SHOWN]} for reason, lines in prepared.dropped.items()},
+        "warnings": prepared.warnings,
     }
     for name, rows in prepared.splits.items():
         lengths = [sum(len(str(v)) for k, v in row.items() if k not in ("label", "source")) for row in rows]
@@ -191,6 +235,8 @@ def data_card_markdown(card: dict[str, Any]) -> str:
     lines += [header, "|---|---:|" + "---:|" * len(labels)]
     for name, entry in card["splits"].items():
         lines.append(f"| {name} | {entry['rows']} |" + "".join(f" {entry['labels'][label]} |" for label in labels))
+    if card["warnings"]:
+        lines += ["", "## Warnings", ""] + [f"- {warning}" for warning in card["warnings"]]
     if card["dropped"]:
         lines += ["", "## Dropped rows", "", "| reason | rows | first lines |", "|---|---:|---|"]
         for reason, entry in card["dropped"].items():

@@ -4,6 +4,7 @@ and leaves no MLflow version behind."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import STORIES
 from kftune.cli import main
@@ -37,6 +38,9 @@ LLAMA = {"model": {"name_or_path": str(STORIES), "task": "causal_lm"}, "prompt":
         ({"data": {"path": "UNCLOSED_QUOTE", "columns": {}}}, "bad.csv:3: a quoted field starts on this line and never closes"),
         ({"data": {"path": GBK_REVIEWS, "columns": {"text": "review"}, "split": {"test": 0.25}}},
          "chnsenticorp_htl_gbk_40.csv:2: not valid utf-8 text"),
+        # where evaluation runs
+        pytest.param({"eval": {"device": "cuda"}}, "eval.device: cuda, but no CUDA GPU is visible here",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")),
     ],
 )
 def test_bad_input_fails_before_training(make_config, write_config, tmp_path, capsys, change, expected):

@@ -19,7 +19,7 @@ from test_gpu import story_rows
 def test_placement_without_a_gpu():
     assert placement(EvalSection()) == (torch.device("cpu"), torch.float32)
     assert placement(EvalSection(precision="bf16")) == (torch.device("cpu"), torch.bfloat16)
-    with pytest.raises(KftuneError, match=r"^eval\.device: cuda, but this step sees no CUDA GPU"):
+    with pytest.raises(KftuneError, match=r"^eval\.device: cuda, but no CUDA GPU is visible here"):
         placement(EvalSection(device="cuda"))
     with pytest.raises(KftuneError, match=r"^eval\.precision: fp16 needs a GPU"):
         placement(EvalSection(precision="fp16"))

@@ -18,6 +18,7 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
+    from kftune.evaluate.evaluate import placement
     from kftune.local import LOG_FOLDER, run_pipeline, with_local_registry
 
     config = _load(args)
@@ -25,6 +26,7 @@ def cmd_run(args) -> int:
     config = with_local_registry(config, out)
     print(f"kftune: checking config, model and data ({args.config}) ...", flush=True)
     _preflight(config, sys.stdout)
+    placement(config.eval)  # the evaluate step runs on this machine: eval.device cuda needs a GPU here
     print(f"kftune: running the pipeline; outputs and step logs ({LOG_FOLDER}/) in {out}", flush=True)
     summary = run_pipeline(config, out, verbose=args.verbose)
     _print_summary(config, summary)

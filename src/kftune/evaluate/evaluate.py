@@ -40,7 +40,7 @@ def placement(settings: EvalSection) -> tuple[torch.device, torch.dtype]:
     """The device and dtype `eval.device` and `eval.precision` ask for, on this machine."""
     has_gpu = torch.cuda.is_available()
     if settings.device == "cuda" and not has_gpu:
-        raise KftuneError("eval.device: cuda, but this step sees no CUDA GPU (give the evaluate step a GPU, or use auto or cpu)")
+        raise KftuneError("eval.device: cuda, but no CUDA GPU is visible here (give the evaluate step a GPU, or use auto or cpu)")
     device = torch.device("cuda" if settings.device == "cuda" or (settings.device == "auto" and has_gpu) else "cpu")
     precision = settings.precision
     if precision == "auto":

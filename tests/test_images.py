@@ -41,6 +41,10 @@ def test_runs_as_non_root_from_pinned_bases_without_secrets(dockerfile):
     assert text.index("--requirement pyproject.toml") < text.index("COPY src/")
 
 
+def test_trainer_runs_the_dashboard_kuberay_submits_jobs_through():
+    assert '"ray[default]"' in (REPO / "images" / "trainer" / "Dockerfile").read_text()
+
+
 def test_trainer_prebuilds_deepspeed_ops_for_a100_and_h100():
     text = (REPO / "images" / "trainer" / "Dockerfile").read_text()
     assert 'TORCH_CUDA_ARCH_LIST="8.0;9.0"' in text and "DS_BUILD_OPS=1" in text

@@ -1,15 +1,19 @@
-"""The kftune DAG: prepare_data -> build_prompts -> train -> evaluate -> register.
+"""The kftune DAG: fingerprint_data -> prepare_data -> build_prompts -> train -> evaluate -> register.
 
 `kftune run` executes it locally with kfp.local; `kftune compile` writes it as KFP IR YAML. Its
 parameters: `config` (the run config) and the placement of each kind of step pod (CPU/memory
 requests, node selector, tolerations of `steps` and `train`, the PVC `volume_claim`), all defaulting
 to the compiled config's values, so each run can override them (`kftune.kube.tasks`).
+
+On Kubeflow Pipelines every task but fingerprint_data may be served from KFP's cache; fingerprint_data
+always runs and its output keys prepare_data's cache, so a scheduled run over changed data retrains
+(`kftune.data.fingerprint`).
 """
 
 from kfp import dsl
 from kfp.dsl import Artifact
 
-from kftune.components import build_prompts, evaluate, prepare_data, register, train
+from kftune.components import build_prompts, evaluate, fingerprint_data, prepare_data, register, train
 from kftune.kube.settings import ClusterSection
 from kftune.kube.tasks import configure_task, placement_arguments
 
@@ -27,7 +31,8 @@ def build_pipeline(cluster: ClusterSection):
         def step(task, group="steps", **options):
             return configure_task(task, group, cluster, placement, **options)
 
-        data = step(prepare_data(config=config).set_display_name("prepare data"))
+        fingerprint = step(fingerprint_data(config=config).set_display_name("fingerprint data").set_caching_options(False))
+        data = step(prepare_data(config=config, data_fingerprint=fingerprint.output).set_display_name("prepare data"))
         prompts = step(build_prompts(config=config, dataset=data.outputs["dataset"]).set_display_name("build prompts"))
         model = step(train(config=config, prompts=prompts.outputs["prompts"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                            volume_claim=volume_claim).set_display_name("train"), "train")

@@ -110,10 +110,12 @@ def _publish(args, action) -> int:
     """Resolve the package, then run `action(client, package, config, params)` unless --dry-run."""
     import tempfile
 
-    from kftune.kube.kfp_server import connect, version_name
+    from kftune.kube.kfp_server import connect, version_name, with_caching
 
     with tempfile.TemporaryDirectory() as scratch:
         package, config, params = _pipeline_source(args, Path(scratch))
+        if args.cache is not None:
+            package = with_caching(package, args.cache, Path(scratch) / "pipeline-caching.yaml")
         print(f"kftune: pipeline kftune version {version_name(package)}" + (", run config overridden by --set" if params else ""))
         if args.dry_run:
             print(f"kftune: --dry-run: nothing sent to {args.host}")
@@ -205,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--namespace", help="KFP namespace (multi-user Kubeflow)")
         sub.add_argument("--service-account", help="ServiceAccount the pipeline's pods run as (KFP's default when empty)")
         sub.add_argument("--package", help="also keep the compiled pipeline here (when CONFIG is a run config)")
+        sub.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                         help="KFP's cache for every step (default: on; fingerprint_data always runs, so changed data is never served from cache)")
         sub.add_argument("--dry-run", action="store_true", help="compile and name the version; contact no server")
         return sub
 

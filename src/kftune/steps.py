@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,20 @@ def _config(config: dict[str, Any]) -> RunConfig:
     return parse_config(config, source="pipeline parameter config")
 
 
-def prepare_data(config: dict[str, Any], dataset_dir: str, card_path: str) -> dict[str, Any]:
+def fingerprint_data(config: dict[str, Any]) -> str:
+    """The data files' fingerprint; for data without one, a value never seen before, so prepare_data is never served from cache."""
+    from kftune.data.fingerprint import data_fingerprint
+
+    return data_fingerprint(_config(config)) or f"unfingerprinted-{uuid.uuid4().hex}"
+
+
+def prepare_data(config: dict[str, Any], dataset_dir: str, card_path: str, data_fingerprint: str = "") -> dict[str, Any]:
+    """`data_fingerprint` (the source files', see `kftune.data.fingerprint`) goes into the data card and on to the registered version."""
     from kftune.data.prepare import data_card_markdown, prepare, write_prepared
 
-    card = write_prepared(prepare(_config(config)), dataset_dir)
+    card = write_prepared(prepare(_config(config)), dataset_dir, source_fingerprint=data_fingerprint)
     Path(card_path).write_text(data_card_markdown(card), encoding="utf-8")
-    return {"dataset_sha256": card["dataset_sha256"], **{f"{k}_rows": v["rows"] for k, v in card["splits"].items()}}
+    return {"dataset_sha256": card["dataset_sha256"], "data_fingerprint": data_fingerprint, **{f"{k}_rows": v["rows"] for k, v in card["splits"].items()}}
 
 
 def build_prompts(config: dict[str, Any], dataset_dir: str, prompts_dir: str, preview_path: str) -> dict[str, Any]:
@@ -80,12 +89,14 @@ def register(
     evaluation = json.loads((Path(evaluation_dir) / EVALUATION_FILE).read_text())
     train_log = json.loads((Path(model_dir) / TRAIN_LOG_FILE).read_text())
     card_path = Path(dataset_dir) / "data_card.json"
+    card = json.loads(card_path.read_text())
     report = Path(tempfile.mkdtemp()) / "evaluation_report.html"
     report.write_bytes(Path(report_path).read_bytes())
     lineage = {
         "kftune.base_model": run_config.model.name_or_path,
         "kftune.method": run_config.method.name,
-        "kftune.dataset_sha256": json.loads(card_path.read_text())["dataset_sha256"],
+        "kftune.dataset_sha256": card["dataset_sha256"],
+        "kftune.data_fingerprint": card["source_fingerprint"],
         "kftune.config_sha256": run_config.fingerprint(),
         "kftune.pipeline_run_id": pipeline_run_id,
         "kftune.version": __version__,

@@ -70,6 +70,22 @@ def publish(client: Any, package: Path, experiment: str, namespace: str | None =
     return Published(pipeline_id, version_id, name, experiment_id)
 
 
+ALWAYS_RUNS = ("fingerprint-data",)
+"""Tasks never served from cache: their output keys the cache of the tasks after them (`kftune.data.fingerprint`)."""
+
+
+def with_caching(package: Path, enabled: bool, output: Path) -> Path:
+    """A copy of `package` with KFP's cache on or off for every task but ALWAYS_RUNS.
+
+    Caching lives in the pipeline spec: kfp.Client's `enable_caching` only rewrites a package it uploads
+    with the run, and is ignored for a run of an uploaded pipeline version, which is how kftune starts runs."""
+    documents = list(yaml.safe_load_all(package.read_text(encoding="utf-8")))
+    for name, task in documents[0]["root"]["dag"]["tasks"].items():
+        task["cachingOptions"] = {"enableCache": True} if enabled and name not in ALWAYS_RUNS else {}
+    output.write_text(yaml.safe_dump_all(documents, sort_keys=False), encoding="utf-8")
+    return output
+
+
 def package_default_config(path: Path) -> dict[str, Any] | None:
     """The `config` parameter's default when `path` is a compiled kftune pipeline; None for any other file."""
     try:

@@ -1,0 +1,1 @@
+"""The prepare_data pipeline step."""

@@ -35,7 +35,7 @@ def build_pipeline(cluster: ClusterSection):
         data = step(prepare_data(config=config, data_fingerprint=fingerprint.output).set_display_name("prepare data"))
         prompts = step(build_prompts(config=config, dataset=data.outputs["dataset"]).set_display_name("build prompts"))
         model = step(train(config=config, prompts=prompts.outputs["prompts"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                           volume_claim=volume_claim).set_display_name("train"), "train")
+                           volume_claim=volume_claim).set_display_name("train"), "train", retries=cluster.retries.train_step)
         scores = step(evaluate(config=config, prompts=prompts.outputs["prompts"], model=model.outputs["model"]).set_display_name("evaluate"))
         registered = step(register(
             config=config,
@@ -44,7 +44,7 @@ def build_pipeline(cluster: ClusterSection):
             evaluation=scores.outputs["evaluation"],
             report=scores.outputs["report"],
             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        ).set_display_name("register"), uses_mlflow=True)
+        ).set_display_name("register"), uses_mlflow=True, retries=cluster.retries.register_step)
         return registered.outputs["summary"]
 
     return kftune_pipeline

@@ -69,6 +69,7 @@ class FakeKfpClient:
 
     def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id):
         components.load_component_from_file(path)  # what is uploaded is loadable IR
+        self.uploaded = next(yaml.safe_load_all(open(path)))
         version_id = f"v-{len(self.versions[pipeline_id])}"
         self.versions[pipeline_id][pipeline_version_name] = version_id
         return SimpleNamespace(pipeline_version_id=version_id)
@@ -134,3 +135,13 @@ def test_a_compiled_package_is_sent_as_is_and_set_overrides_become_the_run_param
     assert "recurring run kftune-sst2-sentiment (0 0 3 * * *)" in capsys.readouterr().out
     assert main(["submit", str(package), "--host", "http://kfp", "--set", "train.lrr=1"]) == 2
     assert "train.lrr: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "cached"), [("--no-cache", set()), ("--cache", {"prepare-data", "build-prompts", "train", "evaluate", "register"})])
+def test_cache_flags_rewrite_the_uploaded_package_and_fingerprint_data_always_runs(package, monkeypatch, flag, cached):
+    client = FakeKfpClient()
+    monkeypatch.setattr("kftune.kube.kfp_server.connect", lambda host, namespace: client)
+    assert main(["submit", str(package), "--host", "http://kfp", flag]) == 0
+    tasks = client.uploaded["root"]["dag"]["tasks"]
+    assert {name for name, task in tasks.items() if task["cachingOptions"].get("enableCache")} == cached
+    assert "fingerprint-data" in tasks

@@ -382,8 +382,25 @@ def test_a_retried_step_follows_the_existing_rayjob_and_reports_kuberays_reason(
 
     with pytest.raises(KftuneError) as failed:
         run_rayjob(manifest, follower, delete_after=False, poll_seconds=0, echo=lines.append, sleep=operator_gives_up)
-    assert lines[0] == f"kftune: following the existing RayJob {NAMESPACE}/retried"
+    assert lines[0] == f"kftune: following the existing RayJob {NAMESPACE}/retried (New, Ray job PENDING)"
     assert str(failed.value) == (f"RayJob {NAMESPACE}/retried failed: Failed (DeadlineExceeded), Ray job FAILED: "
                                  "The RayJob has passed the activeDeadlineSeconds.")
     assert follower.status(NAMESPACE, "retried")["jobDeploymentStatus"] == "Failed", "delete_after_follow off: the RayJob stays"
     assert follower.submitter_log(NAMESPACE, "retried") is None, "no submitter pod exists without KubeRay"
+
+
+def test_a_retried_step_replaces_a_failed_rayjob_and_follows_the_new_one(cluster, follower, make_config):
+    manifest, lines = rayjob_manifest(make_config, "failed-once"), []
+    assert follower.create(copy.deepcopy(manifest)) is True
+    set_status(cluster, "failed-once", {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "exit 1"})
+    first_uid = follower.get(NAMESPACE, "failed-once")["metadata"]["uid"]
+
+    def operator_runs_the_new_one(seconds):
+        set_status(cluster, "failed-once", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+
+    result = run_rayjob(manifest, follower, delete_after=False, poll_seconds=0, echo=lines.append, sleep=operator_runs_the_new_one)
+    assert result.succeeded
+    assert lines[:2] == [f"kftune: replacing the existing RayJob {NAMESPACE}/failed-once: it failed: Failed (AppFailed), Ray job FAILED: exit 1",
+                         f"kftune: created RayJob {NAMESPACE}/failed-once"]
+    assert follower.get(NAMESPACE, "failed-once")["metadata"]["uid"] != first_uid, "a new RayJob, not the failed one"
+    assert follower.get(NAMESPACE, "no-such-rayjob") is None

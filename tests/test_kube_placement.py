@@ -35,7 +35,7 @@ def test_placement_parameters_default_to_the_config_and_drive_every_task(tmp_pat
         "volume_claim": "kftune-data",
     }
     executors = ir["deploymentSpec"]["executors"]
-    assert set(executors) == {f"exec-{step}" for step in ("prepare-data", "build-prompts", "train", "evaluate", "register")}
+    assert set(executors) == {f"exec-{step}" for step in ("fingerprint-data", "prepare-data", "build-prompts", "train", "evaluate", "register")}
     for name, spec in executors.items():
         group = "train" if name == "exec-train" else "steps"
         resources = spec["container"]["resources"]

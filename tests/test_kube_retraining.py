@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from kftune.config import parse_config
-from kftune.data.fingerprint import file_fingerprint
+from kftune.data.fingerprint import data_fingerprint
 from kftune.local import run_pipeline
 from kftune.prompts.build import read_meta
 
@@ -24,7 +24,7 @@ def test_a_run_after_the_data_changed_trains_on_the_new_rows(make_config, tiny_d
     data = tmp_path / "train.tsv"
     data.write_text(tiny_data["train"].read_text())
     config = make_config(data={"path": str(data)})
-    first_fingerprint = file_fingerprint(str(data))
+    first_fingerprint = data_fingerprint(parse_config(config))
     run_pipeline(parse_config(config), tmp_path / "first")
     later_lines = (EXAMPLES / "data" / "sst2_train_16k.tsv").read_text().splitlines(keepends=True)[65 : 65 + NEW_ROWS]
     data.write_text(data.read_text() + "".join(later_lines))  # the same path, new rows: what a nightly export does
@@ -35,7 +35,7 @@ def test_a_run_after_the_data_changed_trains_on_the_new_rows(make_config, tiny_d
 
     cards = [json.loads((outputs(run, "prepare-data", "dataset") / "data_card.json").read_text()) for run in ("first", "second")]
     assert cards[1]["source_rows"] == cards[0]["source_rows"] + NEW_ROWS
-    assert (cards[0]["source_fingerprint"], cards[1]["source_fingerprint"]) == (first_fingerprint, file_fingerprint(str(data)))
+    assert (cards[0]["source_fingerprint"], cards[1]["source_fingerprint"]) == (first_fingerprint, data_fingerprint(parse_config(config)))
     assert cards[0]["source_fingerprint"] != cards[1]["source_fingerprint"]
     trained = [read_meta(outputs(run, "build-prompts", "prompts"))["splits"]["train"]["rows"] for run in ("first", "second")]
     assert trained[1] > trained[0], f"the second run's train split must hold the new rows: {trained}"

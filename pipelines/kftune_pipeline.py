@@ -58,8 +58,13 @@ def pipeline_arguments(config) -> dict:
 
 
 def compile_pipeline(config, output: str) -> str:
-    """Write the KFP IR for a validated RunConfig, its values the parameters' defaults."""
+    """Write the KFP IR for a validated RunConfig, its values the parameters' defaults; refuses data, model or
+    template paths the cluster's pods cannot read (`kftune.kube.locations`)."""
     from kfp import compiler
+
+    from kftune.kube.locations import check_pods_can_read
+
+    check_pods_can_read(config)
 
     compiler.Compiler().compile(build_pipeline(config.cluster), output, pipeline_parameters=pipeline_arguments(config))
     return output

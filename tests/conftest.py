@@ -11,6 +11,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 STORIES = EXAMPLES / "models" / "stories260K"
+CLUSTER_RUN_CONFIG = REPO / "charts" / "kftune" / "files" / "run-config.yaml"
+"""The chart's run config: data on the volume every step mounts, so it compiles for a cluster (kftune.kube.locations)."""
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -103,3 +105,5 @@ CLUSTER = {
     "mlflow_secret": {"name": "mlflow-credentials", "env": {"password": "MLFLOW_TRACKING_PASSWORD"}},
     "image_pull_secrets": ["ghcr"],
 }
+# Where a compiled config's data lives on CLUSTER's volume (compiling refuses paths only this machine has).
+ON_VOLUME = {"path": "/data/sst2/train.tsv", "split": {"test": "/data/sst2/dev.tsv"}}

@@ -14,9 +14,9 @@ from kfp import components
 from kftune.cli import main
 from kftune.kube.kfp_server import kfp_cron, publish, schedule, submit, version_name
 
-from conftest import EXAMPLES
+from conftest import CLUSTER_RUN_CONFIG
 
-EXAMPLE = str(EXAMPLES / "sst2-minilm-lora.yaml")
+EXAMPLE = str(CLUSTER_RUN_CONFIG)
 
 
 def test_dry_run_writes_the_package_it_would_upload_and_names_its_version(tmp_path, capsys):

@@ -12,7 +12,7 @@ from kftune.kube.settings import with_volume_claim
 from kftune.kube.tasks import placement_arguments
 from kftune.pipelines.kftune_pipeline import compile_pipeline
 
-from conftest import CLUSTER
+from conftest import CLUSTER, ON_VOLUME
 
 
 def compiled(config, tmp_path):
@@ -25,7 +25,7 @@ def channel(name: str) -> str:
 
 
 def test_placement_parameters_default_to_the_config_and_drive_every_task(tmp_path, make_config):
-    ir, platform = compiled(parse_config(make_config(cluster=CLUSTER)), tmp_path)
+    ir, platform = compiled(parse_config(make_config(cluster=CLUSTER, data=ON_VOLUME)), tmp_path)
     parameters = ir["root"]["inputDefinitions"]["parameters"]
     defaults = {name: spec["defaultValue"] for name, spec in parameters.items() if name != "config"}
     assert defaults == {
@@ -54,7 +54,7 @@ def test_placement_parameters_default_to_the_config_and_drive_every_task(tmp_pat
 
 
 def test_without_a_cluster_section_the_defaults_are_the_schema_defaults_and_nothing_is_mounted(tmp_path, make_config):
-    ir, platform = compiled(parse_config(make_config()), tmp_path)
+    ir, platform = compiled(parse_config(make_config(data={"path": "s3://data/train.tsv", "split": {"test": "s3://data/dev.tsv"}})), tmp_path)
     defaults = {name: spec["defaultValue"] for name, spec in ir["root"]["inputDefinitions"]["parameters"].items()}
     assert (defaults["train_cpu"], defaults["steps_memory"], defaults["volume_claim"], defaults["train_tolerations"]) == ("4", "4Gi", "", [])
     assert all("pvcMount" not in settings and "imagePullSecret" not in settings for settings in platform.values())
@@ -62,7 +62,7 @@ def test_without_a_cluster_section_the_defaults_are_the_schema_defaults_and_noth
 
 
 def test_the_parameters_are_exactly_the_placement_arguments(tmp_path, make_config):
-    config = parse_config(make_config(cluster=CLUSTER))
+    config = parse_config(make_config(cluster=CLUSTER, data=ON_VOLUME))
     ir, _ = compiled(config, tmp_path)
     assert set(ir["root"]["inputDefinitions"]["parameters"]) == {"config", *placement_arguments(config.cluster)}
 

@@ -14,7 +14,7 @@ import yaml
 from kftune.config import parse_config
 from kftune.kube.rayjob import build_rayjob
 
-from conftest import CLUSTER, EXAMPLES
+from conftest import CLUSTER, CLUSTER_RUN_CONFIG
 from pod_security import restricted_violations
 from test_chart import VALUES, by_kind, helm, render  # noqa: F401  (helm is a fixture)
 
@@ -111,7 +111,7 @@ def step_pod(executor: dict, platform: dict) -> dict:
 def test_every_compiled_step_pod_is_restricted(tmp_path):
     package = tmp_path / "pipeline.yaml"
     overrides = ["--set", f"cluster={yaml.safe_dump(CLUSTER, default_flow_style=True).strip()}"]
-    done = subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(EXAMPLES / "sst2-minilm-lora.yaml"), *overrides, "-o", str(package)],
+    done = subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), *overrides, "-o", str(package)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     ir, platform = yaml.safe_load_all(package.read_text())

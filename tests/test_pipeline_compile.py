@@ -7,14 +7,14 @@ import yaml
 
 from kftune.config import config_to_dict, load_config
 
-from conftest import EXAMPLES
+from conftest import CLUSTER_RUN_CONFIG
 
 STEPS = ["fingerprint-data", "prepare-data", "build-prompts", "train", "evaluate", "register"]
 
 
 def test_compiled_ir_has_the_steps_in_order(tmp_path):
     out = tmp_path / "pipeline.yaml"
-    example = EXAMPLES / "sst2-minilm-lora.yaml"
+    example = CLUSTER_RUN_CONFIG
     done = subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(example), "--set", "train.lr=5e-4", "-o", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     ir = next(yaml.safe_load_all(out.read_text()))  # then the Kubernetes platform spec
@@ -45,7 +45,7 @@ def test_prepare_data_is_keyed_by_the_data_fingerprint_which_is_never_cached(tmp
     from kftune.kube.kfp_server import with_caching
 
     out = tmp_path / "pipeline.yaml"
-    assert subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(EXAMPLES / "sst2-minilm-lora.yaml"), "-o", str(out)]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), "-o", str(out)]).returncode == 0
     tasks = compiled_tasks(out)
     assert tasks["fingerprint-data"]["cachingOptions"] == {}, "fingerprint_data must run in every run"
     assert tasks["prepare-data"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"] == {

@@ -96,6 +96,7 @@ def _pipeline_source(args, scratch: Path):
     is sent as it is, and --set then overrides its default config, passed as the run's parameters (`config` and placement)."""
     from kftune.config import apply_overrides, parse_config
     from kftune.kube.kfp_server import package_default_config
+    from kftune.kube.locations import check_pods_can_read
     from kftune.pipelines.kftune_pipeline import compile_pipeline, pipeline_arguments
 
     default = package_default_config(Path(args.config))
@@ -103,6 +104,7 @@ def _pipeline_source(args, scratch: Path):
         config = _load(args)
         return Path(compile_pipeline(config, args.package or str(scratch / "pipeline.yaml"))), config, None
     config = parse_config(apply_overrides(default, args.set or []), source=f"{args.config} with --set")
+    check_pods_can_read(config)
     return Path(args.config), config, (pipeline_arguments(config) if args.set else None)
 
 

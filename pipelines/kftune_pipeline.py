@@ -2,7 +2,7 @@
 
 `kftune run` executes it locally with kfp.local; `kftune compile` writes it as KFP IR YAML. Its
 parameters: `config` (the run config) and the placement of each kind of step pod (CPU/memory
-requests, node selector, tolerations of `steps` and `train`, the PVC `volume_claim`), all defaulting
+requests, node selector, tolerations of `steps`, `train` and `evaluate`, the PVC `volume_claim`), all defaulting
 to the compiled config's values, so each run can override them (`kftune.kube.tasks`).
 
 On Kubeflow Pipelines every task but fingerprint_data may be served from KFP's cache; fingerprint_data
@@ -24,6 +24,7 @@ def build_pipeline(cluster: ClusterSection):
     @dsl.pipeline(name="kftune", description="Fine-tune a language model and register it in MLflow.")
     def kftune_pipeline(config: dict, steps_cpu: str, steps_memory: str, steps_node_selector: dict, steps_tolerations: list,
                         train_cpu: str, train_memory: str, train_node_selector: dict, train_tolerations: list,
+                        evaluate_cpu: str, evaluate_memory: str, evaluate_node_selector: dict, evaluate_tolerations: list,
                         volume_claim: str) -> Artifact:
         names = placement_arguments(cluster)
         placement = {name: value for name, value in locals().items() if name in names}  # the channels, by parameter name
@@ -36,7 +37,7 @@ def build_pipeline(cluster: ClusterSection):
         prompts = step(build_prompts(config=config, dataset=data.outputs["dataset"]).set_display_name("build prompts"))
         model = step(train(config=config, prompts=prompts.outputs["prompts"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                            volume_claim=volume_claim).set_display_name("train"), "train", retries=cluster.retries.train_step)
-        scores = step(evaluate(config=config, prompts=prompts.outputs["prompts"], model=model.outputs["model"]).set_display_name("evaluate"))
+        scores = step(evaluate(config=config, prompts=prompts.outputs["prompts"], model=model.outputs["model"]).set_display_name("evaluate"), "evaluate")
         registered = step(register(
             config=config,
             dataset=data.outputs["dataset"],

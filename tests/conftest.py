@@ -101,6 +101,7 @@ CLUSTER = {
         "node_selector": {"pool": "gpu"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
+    "evaluate": {"resources": {"cpu": "4", "memory": "32Gi", "gpus": 1}, "node_selector": {"pool": "gpu"}},
     "volume": {"claim": "kftune-data", "mount_path": "/data"},
     "mlflow_secret": {"name": "mlflow-credentials", "env": {"password": "MLFLOW_TRACKING_PASSWORD"}},
     "image_pull_secrets": ["ghcr"],

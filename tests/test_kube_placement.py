@@ -32,16 +32,17 @@ def test_placement_parameters_default_to_the_config_and_drive_every_task(tmp_pat
         "steps_cpu": "2", "steps_memory": "8Gi", "steps_node_selector": {"pool": "cpu"}, "steps_tolerations": [],
         "train_cpu": "8", "train_memory": "64Gi", "train_node_selector": {"pool": "gpu"},
         "train_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "evaluate_cpu": "4", "evaluate_memory": "32Gi", "evaluate_node_selector": {"pool": "gpu"}, "evaluate_tolerations": [],
         "volume_claim": "kftune-data",
     }
     executors = ir["deploymentSpec"]["executors"]
     assert set(executors) == {f"exec-{step}" for step in ("fingerprint-data", "prepare-data", "build-prompts", "train", "evaluate", "register")}
     for name, spec in executors.items():
-        group = "train" if name == "exec-train" else "steps"
+        group = {"exec-train": "train", "exec-evaluate": "evaluate"}.get(name, "steps")
         resources = spec["container"]["resources"]
         assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"], resources["resourceMemoryLimit"]) == (
             channel(f"{group}_cpu"), channel(f"{group}_memory"), channel(f"{group}_memory"))
-        assert ("accelerator" in resources) == (group == "train"), "GPUs are compile-time, train only"
+        assert ("accelerator" in resources) == (group != "steps"), "GPUs are compile-time, for train and evaluate (given GPUs here)"
         settings = platform[name]
         assert settings["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": f"{group}_node_selector"}}
         assert settings["tolerations"] == [{"tolerationJson": {"componentInputParameter": f"{group}_tolerations"}}]

@@ -40,6 +40,11 @@ def test_a_run_after_the_data_changed_trains_on_the_new_rows(make_config, tiny_d
     trained = [read_meta(outputs(run, "build-prompts", "prompts"))["splits"]["train"]["rows"] for run in ("first", "second")]
     assert trained[1] > trained[0], f"the second run's train split must hold the new rows: {trained}"
     assert "source files: `sha256:" in outputs("second", "prepare-data", "data_card").read_text()
+    executed = json.loads((outputs("second", "evaluate", "executor_output.json")).read_text())["artifacts"]
+    matrix = executed["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    assert [category["displayName"] for category in matrix["annotationSpecs"]] == ["0", "1"]
+    assert sum(sum(row["row"]) for row in matrix["rows"]) == 32, "the KFP UI's confusion matrix counts the 32 test rows"
+    assert set(executed["metrics"]["artifacts"][0]["metadata"]) >= {"tuned_accuracy", "tuned_macro_f1"}
     client = MlflowClient(config["registry"]["tracking_uri"])
     versions = {v.version: v.tags["kftune.data_fingerprint"] for v in client.search_model_versions("name='tiny'")}
     assert versions == {"1": cards[0]["source_fingerprint"], "2": cards[1]["source_fingerprint"]}

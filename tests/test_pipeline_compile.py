@@ -27,8 +27,9 @@ def test_compiled_ir_has_the_steps_in_order(tmp_path):
     assert default == config_to_dict(load_config(example, ["train.lr=5e-4"]))
     executors = ir["deploymentSpec"]["executors"]
     images = {name: spec["container"]["image"] for name, spec in executors.items()}
-    assert images["exec-train"].startswith("ghcr.io/kftune/kftune-trainer:")
-    assert all(image.startswith("ghcr.io/kftune/kftune-step:") for name, image in images.items() if name != "exec-train")
+    trainer = {"exec-train", "exec-evaluate"}  # evaluate scores the model where it fits: CUDA torch, GPUs from cluster.evaluate
+    assert all(images[name].startswith("ghcr.io/kftune/kftune-trainer:") for name in trainer)
+    assert all(image.startswith("ghcr.io/kftune/kftune-step:") for name, image in images.items() if name not in trainer)
     assert all("pip install" not in " ".join(spec["container"]["command"]) for spec in executors.values())
 
     from kfp import components

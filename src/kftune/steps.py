@@ -78,6 +78,13 @@ def evaluate(config: dict[str, Any], prompts_dir: str, model_dir: str, evaluatio
     return flat
 
 
+def tuned_confusion_matrix(evaluation_dir: str) -> tuple[list[str], list[list[int]]] | None:
+    """(label names, rows = true label, columns = predicted) of the tuned model, for KFP's ClassificationMetrics; None without labels."""
+    evaluation = json.loads((Path(evaluation_dir) / EVALUATION_FILE).read_text())
+    matrix = evaluation.get("tuned", {}).get("confusion_matrix")
+    return (evaluation["label_names"], matrix) if matrix else None
+
+
 def register(
     config: dict[str, Any], dataset_dir: str, model_dir: str, evaluation_dir: str, report_path: str, pipeline_run_id: str
 ) -> dict[str, Any]:

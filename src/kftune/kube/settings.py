@@ -101,8 +101,10 @@ class RetrySection(Section):
 class ClusterSection(Section):
     namespace: Name = "kubeflow"
     steps: Placement = Field(default_factory=Placement)
-    """prepare_data, build_prompts, evaluate, register."""
+    """fingerprint_data, prepare_data, build_prompts, register."""
     train: Placement = Field(default_factory=lambda: Placement(resources=Resources(cpu="4", memory="16Gi")))
+    evaluate: Placement = Field(default_factory=lambda: Placement(resources=Resources(cpu="2", memory="8Gi")))
+    """The evaluate step, which runs in the trainer image: give it GPUs (`resources.gpus`) for a model that only fits there."""
     volume: VolumeClaim | None = None
     """Mounted into every step."""
     mlflow_secret: SecretEnv | None = None

@@ -17,8 +17,8 @@ from kfp.dsl import PipelineTask
 from kftune.kube.security import SHARED_MEMORY_VOLUME
 from kftune.kube.settings import ClusterSection
 
-GROUPS = ("steps", "train")
-"""The two kinds of step pod: the CPU steps and train."""
+GROUPS = ("steps", "train", "evaluate")
+"""The kinds of step pod: the CPU steps, train, and evaluate (which scores the model where it fits)."""
 
 
 def placement_arguments(cluster: ClusterSection) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def placement_arguments(cluster: ClusterSection) -> dict[str, Any]:
 
 def configure_task(task: PipelineTask, group: str, cluster: ClusterSection, parameters: dict[str, Any], *,
                    uses_mlflow: bool = False, retries: int = 0) -> PipelineTask:
-    """`parameters` holds the pipeline's channels named as in `placement_arguments`; `group` is "steps" or "train";
+    """`parameters` holds the pipeline's channels named as in `placement_arguments`; `group` one of GROUPS;
     `retries` with the backoff of `cluster.retries`."""
     memory = parameters[f"{group}_memory"]
     task.set_cpu_request(parameters[f"{group}_cpu"]).set_memory_request(memory).set_memory_limit(memory)

@@ -139,7 +139,7 @@ def test_a_compiled_package_is_sent_as_is_and_set_overrides_become_the_run_param
     assert "train.lrr: unknown key" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("flag", "cached"), [("--no-cache", set()), ("--cache", {"prepare-data", "build-prompts", "train", "evaluate", "register"})])
+@pytest.mark.parametrize(("flag", "cached"), [("--no-cache", set()), ("--cache", {"resolve-config", "prepare-data", "build-prompts", "train", "evaluate", "register"})])
 def test_cache_flags_rewrite_the_uploaded_package_and_fingerprint_data_always_runs(package, monkeypatch, flag, cached):
     client = FakeKfpClient()
     monkeypatch.setattr("kftune.kube.kfp_server.connect", lambda host, namespace, token: client)

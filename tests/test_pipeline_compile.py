@@ -9,7 +9,7 @@ from kftune.config import config_to_dict, load_config
 
 from conftest import CLUSTER_RUN_CONFIG
 
-STEPS = ["fingerprint-data", "prepare-data", "build-prompts", "train", "evaluate", "register"]
+STEPS = ["resolve-config", "fingerprint-data", "prepare-data", "build-prompts", "train", "evaluate", "register"]
 
 
 def test_compiled_ir_has_the_steps_in_order(tmp_path):
@@ -51,7 +51,8 @@ def test_prepare_data_is_keyed_by_the_data_fingerprint_which_is_never_cached(tmp
     assert tasks["fingerprint-data"]["cachingOptions"] == {}, "fingerprint_data must run in every run"
     assert tasks["prepare-data"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"] == {
         "producerTask": "fingerprint-data", "outputParameterKey": "Output"}
-    assert {name: task["cachingOptions"] for name, task in tasks.items() if name != "fingerprint-data"} == dict.fromkeys(STEPS[1:], {"enableCache": True})
+    assert {name: task["cachingOptions"] for name, task in tasks.items() if name != "fingerprint-data"} == dict.fromkeys(
+        [step for step in STEPS if step != "fingerprint-data"], {"enableCache": True})
 
     off = compiled_tasks(with_caching(out, False, tmp_path / "off.yaml"))
     assert all(task["cachingOptions"] == {} for task in off.values())

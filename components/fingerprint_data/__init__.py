@@ -1,1 +1,1 @@
-"""The prepare_data pipeline step."""
+"""The fingerprint_data pipeline step."""

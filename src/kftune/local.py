@@ -46,8 +46,9 @@ def preflight(config: RunConfig) -> None:
     prepare(config)
 
 
-def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Execute the DAG; returns the register step's summary plus wall time and output locations."""
+def run_pipeline(config: RunConfig, out_dir: str | Path, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Execute the DAG; returns the register step's summary plus wall time and output locations.
+    `arguments` override pipeline parameters, as a run started from the Kubeflow UI's form would."""
     from kfp import local
 
     from kftune.pipelines.kftune_pipeline import build_pipeline, pipeline_arguments
@@ -61,7 +62,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "pipeline"))
     try:
-        task = build_pipeline(config.cluster)(**pipeline_arguments(on_this_machine(config)))  # cluster settings: no-ops here
+        task = build_pipeline(config.cluster)(**{**pipeline_arguments(on_this_machine(config)), **(arguments or {})})  # cluster settings: no-ops here
     except RuntimeError as exc:
         raise KftuneError(f"the pipeline failed: {exc} (the failing step's log is above)") from None
     summary_path = Path(task.outputs["Output"].path)

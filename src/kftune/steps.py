@@ -22,6 +22,16 @@ def _config(config: dict[str, Any]) -> RunConfig:
     return parse_config(config, source="pipeline parameter config")
 
 
+def resolve_config(config: dict[str, Any], compiled_form: dict[str, Any], form: dict[str, Any]) -> dict[str, Any]:
+    """The run's config: the `config` struct with the run-form values that differ from their compiled defaults
+    (`compiled_form`; empty: the config's own values, as in a local run) written in, validated."""
+    from kftune.config import config_to_dict
+    from kftune.kube.run_form import apply_run_form, run_form_arguments
+
+    merged = apply_run_form(config, compiled_form or run_form_arguments(config), form)
+    return config_to_dict(parse_config(merged, source="pipeline parameters config and the run form"))
+
+
 def fingerprint_data(config: dict[str, Any]) -> str:
     """The data files' fingerprint; for data without one, a value never seen before, so prepare_data is never served from cache."""
     from kftune.data.fingerprint import data_fingerprint

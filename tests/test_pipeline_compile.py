@@ -1,4 +1,4 @@
-"""`kftune compile` produces KFP IR a cluster accepts: five tasks, in order, config as the default."""
+"""`kftune compile` produces KFP IR a cluster accepts: the tasks in order, config as the default, prepare_data keyed by the data."""
 
 import subprocess
 import sys
@@ -7,14 +7,14 @@ import yaml
 
 from kftune.config import config_to_dict, load_config
 
-from conftest import EXAMPLES
+from conftest import CLUSTER_RUN_CONFIG
 
-STEPS = ["prepare-data", "build-prompts", "train", "evaluate", "register"]
+STEPS = ["resolve-config", "fingerprint-data", "prepare-data", "build-prompts", "train", "evaluate", "register"]
 
 
-def test_compiled_ir_has_the_five_steps_in_order(tmp_path):
+def test_compiled_ir_has_the_steps_in_order(tmp_path):
     out = tmp_path / "pipeline.yaml"
-    example = EXAMPLES / "sst2-minilm-lora.yaml"
+    example = CLUSTER_RUN_CONFIG
     done = subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(example), "--set", "train.lr=5e-4", "-o", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     ir = next(yaml.safe_load_all(out.read_text()))  # then the Kubernetes platform spec
@@ -27,10 +27,34 @@ def test_compiled_ir_has_the_five_steps_in_order(tmp_path):
     assert default == config_to_dict(load_config(example, ["train.lr=5e-4"]))
     executors = ir["deploymentSpec"]["executors"]
     images = {name: spec["container"]["image"] for name, spec in executors.items()}
-    assert images["exec-train"].startswith("ghcr.io/kftune/kftune-trainer:")
-    assert all(image.startswith("ghcr.io/kftune/kftune-step:") for name, image in images.items() if name != "exec-train")
+    trainer = {"exec-train", "exec-evaluate"}  # evaluate scores the model where it fits: CUDA torch, GPUs from cluster.evaluate
+    assert all(images[name].startswith("ghcr.io/kftune/kftune-trainer:") for name in trainer)
+    assert all(image.startswith("ghcr.io/kftune/kftune-step:") for name, image in images.items() if name not in trainer)
     assert all("pip install" not in " ".join(spec["container"]["command"]) for spec in executors.values())
 
     from kfp import components
 
     assert components.load_component_from_file(str(out)).name == "kftune"
+
+
+def compiled_tasks(path) -> dict:
+    return next(yaml.safe_load_all(path.read_text()))["root"]["dag"]["tasks"]
+
+
+def test_prepare_data_is_keyed_by_the_data_fingerprint_which_is_never_cached(tmp_path):
+    """KFP's cache key is the component plus its inputs: the fingerprint, computed fresh in every run, is one of prepare_data's."""
+    from kftune.kube.kfp_server import with_caching
+
+    out = tmp_path / "pipeline.yaml"
+    assert subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), "-o", str(out)]).returncode == 0
+    tasks = compiled_tasks(out)
+    assert tasks["fingerprint-data"]["cachingOptions"] == {}, "fingerprint_data must run in every run"
+    assert tasks["prepare-data"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"] == {
+        "producerTask": "fingerprint-data", "outputParameterKey": "Output"}
+    assert {name: task["cachingOptions"] for name, task in tasks.items() if name != "fingerprint-data"} == dict.fromkeys(
+        [step for step in STEPS if step != "fingerprint-data"], {"enableCache": True})
+
+    off = compiled_tasks(with_caching(out, False, tmp_path / "off.yaml"))
+    assert all(task["cachingOptions"] == {} for task in off.values())
+    on = with_caching(tmp_path / "off.yaml", True, tmp_path / "on.yaml")
+    assert list(yaml.safe_load_all(on.read_text())) == list(yaml.safe_load_all(out.read_text())), "--cache restores the compiled settings"

@@ -48,7 +48,7 @@ def test_worker_group_is_sized_from_the_config_and_the_trainer_sees_one_worker_p
     worker = group["template"]["spec"]
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert worker["nodeSelector"] == {"pool": "gpu"} and worker["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert worker["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "kftune-data"}}]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "kftune-data"}} in worker["volumes"]
     head = spec["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"] == {"num-cpus": "0"} and "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["requests"]
     assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"], spec["activeDeadlineSeconds"]) == (True, 300, 7200)
@@ -96,14 +96,19 @@ def test_status_maps_to_an_outcome_in_kuberays_words(status, finished, succeeded
 
 
 class FakeRayJobApi:
-    """Plays back a list of statuses; the log becomes available once the job runs."""
+    """Plays back a list of statuses; the log becomes available once the job runs. `existing`: a RayJob already there."""
 
-    def __init__(self, statuses):
-        self.statuses, self.created, self.deleted = list(statuses), None, False
+    def __init__(self, statuses, existing=None):
+        self.statuses, self.existing, self.created, self.deleted = list(statuses), existing, None, False
 
     def create(self, manifest):
-        existed, self.created = self.created is not None, manifest
-        return not existed
+        if self.existing is not None or self.created is not None:
+            return False
+        self.created = manifest
+        return True
+
+    def get(self, namespace, name):
+        return self.existing
 
     def status(self, namespace, name):
         return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
@@ -112,7 +117,7 @@ class FakeRayJobApi:
         return iter(["train [#####] 4/4 100%"]) if self.created and len(self.statuses) <= 2 else None
 
     def delete(self, namespace, name):
-        self.deleted = True
+        self.deleted, self.existing = True, None
 
 
 def test_follower_streams_the_log_and_succeeds(make_config):
@@ -125,11 +130,41 @@ def test_follower_streams_the_log_and_succeeds(make_config):
     assert "train [#####] 4/4 100%" in lines and lines[-1].endswith("Complete, Ray job SUCCEEDED")
 
 
-def test_a_retried_step_follows_the_rayjob_that_already_exists(make_config):
-    job, api, lines = manifest(make_config), FakeRayJobApi([{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]), []
-    api.created = job
+SUCCEEDED = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+FAILED = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "NCCL timeout"}
+
+
+@pytest.mark.parametrize("status", [SUCCEEDED, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, None])
+def test_a_retried_step_follows_its_running_or_succeeded_rayjob(make_config, status):
+    job, lines = manifest(make_config), []
+    api = FakeRayJobApi([SUCCEEDED], existing={**job, "status": status})
     assert run_rayjob(job, api, delete_after=False, echo=lines.append, sleep=lambda s: None).succeeded
-    assert lines[0].startswith("kftune: following the existing RayJob")
+    assert lines[0].startswith("kftune: following the existing RayJob") and not api.deleted and api.created is None
+
+
+def test_a_retried_step_replaces_a_failed_rayjob_and_trains_again(make_config):
+    job, lines = manifest(make_config), []
+    api = FakeRayJobApi([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, SUCCEEDED], existing={**job, "status": FAILED})
+    assert run_rayjob(job, api, delete_after=False, echo=lines.append, sleep=lambda s: None).succeeded
+    assert lines[0] == f"kftune: replacing the existing RayJob kubeflow/{job['metadata']['name']}: it failed: Failed (AppFailed), Ray job FAILED: NCCL timeout"
+    assert api.deleted and api.created is job and lines[1].startswith("kftune: created RayJob")
+
+
+def test_a_rayjob_of_another_spec_is_replaced_not_followed(make_config):
+    job, other = manifest(make_config), manifest(make_config, {"rayjob": {"nodes": 1, "worker": {"gpus": 2}}})
+    assert job["metadata"]["name"] == other["metadata"]["name"] and job["metadata"]["labels"] != other["metadata"]["labels"]
+    api, lines = FakeRayJobApi([SUCCEEDED], existing={**other, "status": {"jobDeploymentStatus": "Running"}}), []
+    run_rayjob(job, api, delete_after=False, echo=lines.append, sleep=lambda s: None)
+    assert lines[0].endswith("built from another spec") and api.created is job
+
+
+def test_kuberays_retry_settings_come_from_the_config(make_config):
+    spec = manifest(make_config, {"rayjob": {"backoff_limit": 2, "active_deadline_seconds": 3600, "submission_mode": "HTTPMode"}})["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["submissionMode"]) == (2, 3600, "HTTPMode")
+    assert "submitterPodTemplate" not in spec, "HTTPMode has no submitter pod"
+    default = manifest(make_config)["spec"]
+    assert (default["backoffLimit"], default["submissionMode"]) == (0, "K8sJobMode") and "activeDeadlineSeconds" not in default
+    assert default["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
 
 
 def test_follower_reports_the_rayjobs_own_reason_and_keeps_it_when_asked(make_config):

@@ -106,6 +106,7 @@ def _pipeline_source(args, scratch: Path):
     is sent as it is, and --set then overrides its default config, passed as the run's parameters (`config` and placement)."""
     from kftune.config import apply_overrides, parse_config
     from kftune.kube.kfp_server import package_default_config
+    from kftune.kube.locations import check_pods_can_read
     from kftune.pipelines.kftune_pipeline import compile_pipeline, pipeline_arguments
 
     default = package_default_config(Path(args.config))
@@ -113,6 +114,7 @@ def _pipeline_source(args, scratch: Path):
         config = _load(args)
         return Path(compile_pipeline(config, args.package or str(scratch / "pipeline.yaml"))), config, None
     config = parse_config(apply_overrides(default, args.set or []), source=f"{args.config} with --set")
+    check_pods_can_read(config)
     return Path(args.config), config, (pipeline_arguments(config) if args.set else None)
 
 
@@ -120,19 +122,26 @@ def _publish(args, action) -> int:
     """Resolve the package, then run `action(client, package, config, params)` unless --dry-run."""
     import tempfile
 
-    from kftune.kube.kfp_server import connect, version_name
+    from kftune.kube.kfp_server import connect, refusal, version_name, with_caching
 
     with tempfile.TemporaryDirectory() as scratch:
         package, config, params = _pipeline_source(args, Path(scratch))
+        if args.cache is not None:
+            package = with_caching(package, args.cache, Path(scratch) / "pipeline-caching.yaml")
         print(f"kftune: pipeline kftune version {version_name(package)}" + (", run config overridden by --set" if params else ""))
         if args.dry_run:
             print(f"kftune: --dry-run: nothing sent to {args.host}")
             return 0
+        if args.token_file and not Path(args.token_file).is_file():
+            raise KftuneError(f"--token-file {args.token_file}: no such file")
+        token = Path(args.token_file).read_text(encoding="utf-8").strip() if args.token_file else None
         try:
-            print(f"kftune: {action(connect(args.host, args.namespace), package, config, params)} on {args.host}")
+            print(f"kftune: {action(connect(args.host, args.namespace, token), package, config, params)} on {args.host}")
         except Exception as exc:  # urllib3 / kfp_server_api errors: name the server, not a traceback
             if type(exc).__module__.split(".")[0] not in ("urllib3", "kfp_server_api"):
                 raise
+            if getattr(exc, "status", None) in (401, 403):
+                raise KftuneError(refusal(args.host, exc.status, str(getattr(exc, "body", "") or ""), args.namespace, token)) from None
             raise KftuneError(f"Kubeflow Pipelines at {args.host}: {exc}") from None
     return 0
 
@@ -212,9 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = with_config(name, help_text, "run config (YAML), or a pipeline package from `kftune compile` (--set then overrides its config)")
         sub.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
         sub.add_argument("--experiment", default="kftune", help="KFP experiment (created when missing)")
-        sub.add_argument("--namespace", help="KFP namespace (multi-user Kubeflow)")
+        sub.add_argument("--namespace", help="KFP namespace (multi-user Kubeflow: your profile)")
+        sub.add_argument("--token-file", help="a file holding a bearer token for the KFP API (multi-user Kubeflow from outside the cluster)")
         sub.add_argument("--service-account", help="ServiceAccount the pipeline's pods run as (KFP's default when empty)")
         sub.add_argument("--package", help="also keep the compiled pipeline here (when CONFIG is a run config)")
+        sub.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                         help="KFP's cache for every step (default: on; fingerprint_data always runs, so changed data is never served from cache)")
         sub.add_argument("--dry-run", action="store_true", help="compile and name the version; contact no server")
         return sub
 

@@ -128,8 +128,9 @@ class StepLogs(io.TextIOBase):
         super().close()
 
 
-def run_pipeline(config: RunConfig, out_dir: str | Path, verbose: bool = False) -> dict[str, Any]:
+def run_pipeline(config: RunConfig, out_dir: str | Path, arguments: dict[str, Any] | None = None, verbose: bool = False) -> dict[str, Any]:
     """Execute the DAG; returns the register step's summary plus wall time and output locations.
+    `arguments` override pipeline parameters, as a run started from the Kubeflow UI's form would.
     Each step's output goes to `<out_dir>/logs/<step>.log` (and to the terminal too with `verbose`)."""
     from kfp import local
 
@@ -147,7 +148,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, verbose: bool = False) 
     logs = StepLogs(out / LOG_FOLDER, sys.stdout, verbose)
     try:
         with contextlib.redirect_stdout(logs):
-            task = build_pipeline(config.cluster)(**pipeline_arguments(on_this_machine(config)))  # cluster settings: no-ops here
+            task = build_pipeline(config.cluster)(**{**pipeline_arguments(on_this_machine(config)), **(arguments or {})})  # cluster settings: no-ops here
     except RuntimeError:
         raise KftuneError(logs.failure()) from None
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,32 @@ def _config(config: dict[str, Any]) -> RunConfig:
 
 
 @reports_root_cause
-def prepare_data(config: dict[str, Any], dataset_dir: str, card_path: str) -> dict[str, Any]:
+def resolve_config(config: dict[str, Any], compiled_form: dict[str, Any], form: dict[str, Any]) -> dict[str, Any]:
+    """The run's config: the `config` struct with the run-form values that differ from their compiled defaults
+    (`compiled_form`; empty: the config's own values, as in a local run) written in, validated."""
+    from kftune.config import config_to_dict
+    from kftune.kube.run_form import apply_run_form, run_form_arguments
+
+    merged = apply_run_form(config, compiled_form or run_form_arguments(config), form)
+    return config_to_dict(parse_config(merged, source="pipeline parameters config and the run form"))
+
+
+@reports_root_cause
+def fingerprint_data(config: dict[str, Any]) -> str:
+    """The data files' fingerprint; for data without one, a value never seen before, so prepare_data is never served from cache."""
+    from kftune.data.fingerprint import data_fingerprint
+
+    return data_fingerprint(_config(config)) or f"unfingerprinted-{uuid.uuid4().hex}"
+
+
+@reports_root_cause
+def prepare_data(config: dict[str, Any], dataset_dir: str, card_path: str, data_fingerprint: str = "") -> dict[str, Any]:
+    """`data_fingerprint` (the source files', see `kftune.data.fingerprint`) goes into the data card and on to the registered version."""
     from kftune.data.prepare import data_card_markdown, prepare, write_prepared
 
-    card = write_prepared(prepare(_config(config)), dataset_dir)
+    card = write_prepared(prepare(_config(config)), dataset_dir, source_fingerprint=data_fingerprint)
     Path(card_path).write_text(data_card_markdown(card), encoding="utf-8")
-    return {"dataset_sha256": card["dataset_sha256"], **{f"{k}_rows": v["rows"] for k, v in card["splits"].items()}}
+    return {"dataset_sha256": card["dataset_sha256"], "data_fingerprint": data_fingerprint, **{f"{k}_rows": v["rows"] for k, v in card["splits"].items()}}
 
 
 @reports_root_cause
@@ -111,6 +132,13 @@ def evaluate(config: dict[str, Any], prompts_dir: str, model_dir: str, evaluatio
     return flat
 
 
+def tuned_confusion_matrix(evaluation_dir: str) -> tuple[list[str], list[list[int]]] | None:
+    """(label names, rows = true label, columns = predicted) of the tuned model, for KFP's ClassificationMetrics; None without labels."""
+    evaluation = json.loads((Path(evaluation_dir) / EVALUATION_FILE).read_text())
+    matrix = evaluation.get("tuned", {}).get("confusion_matrix")
+    return (evaluation["label_names"], matrix) if matrix else None
+
+
 @reports_root_cause
 def register(
     config: dict[str, Any], dataset_dir: str, model_dir: str, evaluation_dir: str, report_path: str, pipeline_run_id: str
@@ -123,12 +151,14 @@ def register(
     evaluation = json.loads((Path(evaluation_dir) / EVALUATION_FILE).read_text())
     train_log = json.loads((Path(model_dir) / TRAIN_LOG_FILE).read_text())
     card_path = Path(dataset_dir) / "data_card.json"
+    card = json.loads(card_path.read_text())
     report = Path(tempfile.mkdtemp()) / "evaluation_report.html"
     report.write_bytes(Path(report_path).read_bytes())
     lineage = {
         "kftune.base_model": run_config.model.name_or_path,
         "kftune.method": run_config.method.name,
-        "kftune.dataset_sha256": json.loads(card_path.read_text())["dataset_sha256"],
+        "kftune.dataset_sha256": card["dataset_sha256"],
+        "kftune.data_fingerprint": card["source_fingerprint"],
         "kftune.config_sha256": run_config.fingerprint(),
         "kftune.pipeline_run_id": pipeline_run_id,
         "kftune.version": __version__,

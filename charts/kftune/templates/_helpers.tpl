@@ -52,9 +52,11 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
+{{/* Every container: the "restricted" Pod Security Standard, and a read-only root filesystem (each writes only to its emptyDirs and volumes). */}}
 {{- define "kftune.containerSecurity" -}}
 securityContext:
   allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
   capabilities:
     drop: ["ALL"]
 {{- end -}}

@@ -230,6 +230,8 @@ def _histogram(values: list[int], bins: int = 10) -> dict[str, int]:
 
 def data_card_markdown(card: dict[str, Any]) -> str:
     lines = ["# Data card", "", f"sha256 `{card['dataset_sha256'][:16]}…` · {card['source_rows']} source rows", ""]
+    if card.get("source_fingerprint"):
+        lines[-1:-1] = [f"source files: `{card['source_fingerprint']}`"]
     labels = card["label_names"]
     header = "| split | rows |" + "".join(f" {label} |" for label in labels)
     lines += [header, "|---|---:|" + "---:|" * len(labels)]
@@ -246,15 +248,16 @@ def data_card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_prepared(prepared: PreparedData, out_dir: str | Path) -> dict[str, Any]:
-    """Write one JSONL per split plus data_card.json; returns the card."""
+def write_prepared(prepared: PreparedData, out_dir: str | Path, source_fingerprint: str = "") -> dict[str, Any]:
+    """Write one JSONL per split plus data_card.json; returns the card. `source_fingerprint` identifies the
+    source files as read (`kftune.data.fingerprint`), `dataset_sha256` the rows kept."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as handle:
             for row in prepared.splits[name]:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    card = data_card(prepared)
+    card = {**data_card(prepared), "source_fingerprint": source_fingerprint}
     (out / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False))
     return card
 

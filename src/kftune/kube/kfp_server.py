@@ -70,6 +70,22 @@ def publish(client: Any, package: Path, experiment: str, namespace: str | None =
     return Published(pipeline_id, version_id, name, experiment_id)
 
 
+ALWAYS_RUNS = ("fingerprint-data",)
+"""Tasks never served from cache: their output keys the cache of the tasks after them (`kftune.data.fingerprint`)."""
+
+
+def with_caching(package: Path, enabled: bool, output: Path) -> Path:
+    """A copy of `package` with KFP's cache on or off for every task but ALWAYS_RUNS.
+
+    Caching lives in the pipeline spec: kfp.Client's `enable_caching` only rewrites a package it uploads
+    with the run, and is ignored for a run of an uploaded pipeline version, which is how kftune starts runs."""
+    documents = list(yaml.safe_load_all(package.read_text(encoding="utf-8")))
+    for name, task in documents[0]["root"]["dag"]["tasks"].items():
+        task["cachingOptions"] = {"enableCache": True} if enabled and name not in ALWAYS_RUNS else {}
+    output.write_text(yaml.safe_dump_all(documents, sort_keys=False), encoding="utf-8")
+    return output
+
+
 def package_default_config(path: Path) -> dict[str, Any] | None:
     """The `config` parameter's default when `path` is a compiled kftune pipeline; None for any other file."""
     try:
@@ -109,8 +125,44 @@ def schedule(client: Any, package: Path, experiment: str, job_name: str, cron: s
     return created.recurring_run_id
 
 
-def connect(host: str, namespace: str | None = None) -> Any:
-    """A kfp.Client; inside a cluster it authenticates with the pod's projected service-account token."""
+def connect(host: str, namespace: str | None = None, token: str | None = None) -> Any:
+    """A kfp.Client. `token`: a bearer token (kfp.Client's existing_token); without one, inside a cluster kfp.Client
+    sends the pod's projected service-account token (/var/run/secrets/kubeflow/pipelines/token)."""
     from kfp import Client
 
-    return Client(host=host, namespace=namespace)
+    try:
+        return Client(host=host, namespace=namespace, existing_token=token)
+    except TimeoutError:  # without a namespace kfp.Client asks /healthz whether KFP is multi-user, 5 times, then gives up
+        status = _healthz_status(host, token)
+        raise KftuneError(refusal(host, status, "", namespace, token) if status in (401, 403) else
+                          f"Kubeflow Pipelines at {host}: its health check ({HEALTHZ}) failed (HTTP {status})") from None
+
+
+HEALTHZ = "/apis/v2beta1/healthz"
+
+
+def _healthz_status(host: str, token: str | None) -> int | None:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(host.rstrip("/") + HEALTHZ, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def refusal(host: str, status: int, detail: str, namespace: str | None, token: str | None) -> str:
+    """What to pass when Kubeflow Pipelines answers 401 (no accepted credentials) or 403 (not allowed)."""
+    said = f": {detail.strip()}" if detail.strip() else ""
+    if status == 401:
+        missing = "the bearer token given with --token-file was not accepted" if token else "no credentials were sent: pass a bearer token with --token-file"
+        return (f"Kubeflow Pipelines at {host} answered 401 Unauthorized{said}. {missing.capitalize()} "
+                "(multi-user Kubeflow: e.g. `kubectl -n <profile> create token default-editor --audience=pipelines.kubeflow.org`).")
+    hints = [] if namespace else ["--namespace <your profile> (multi-user Kubeflow authorizes per profile namespace)"]
+    hints.append("an account allowed pipelines, pipelines/versions, experiments, runs and jobs in pipelines.kubeflow.org there "
+                 "(a profile's editor is; see docs/kubernetes.md)" + ("" if token else ", its token given with --token-file"))
+    return f"Kubeflow Pipelines at {host} answered 403 Forbidden{said}. Missing: " + "; ".join(hints) + "."

@@ -3,13 +3,16 @@
 `build_rayjob` turns a run config into the manifest: a CPU head that runs no training, one GPU
 worker group of `cluster.rayjob.nodes` pods, and an entrypoint that runs kftune's trainer
 (`python -m kftune.train`) with the config in its runtime env; Ray Train then starts one worker
-per GPU. `run_rayjob` creates it (or, for a retried step, follows the one already there), streams
-the submitter's log, maps the final status to an outcome and raises with the RayJob's own reason
-when it failed. `train_on_rayjob` is the pipeline's train step around it.
+per GPU. Every pod (head, workers, the submitter) meets the "restricted" Pod Security Standard
+(`kftune.kube.security`). `run_rayjob` creates it (a retried step re-attaches to the one of its
+attempt that is running or succeeded, and replaces a failed one), streams the submitter's log, maps
+the final status to an outcome and raises with the RayJob's own reason when it failed.
+`train_on_rayjob` is the pipeline's train step around it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -25,12 +28,16 @@ import yaml
 
 from kftune.config import RunConfig, config_to_dict, parse_config
 from kftune.errors import KftuneError
+from kftune.kube.security import container_security_context, pod_security_context, shared_memory
 from kftune.kube.settings import ClusterSection, Placement, Resources
 from kftune.train import TRAIN_LOG_FILE, WORKER_ENV
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 MAX_NAME = 47  # KubeRay derives longer names (cluster, submitter Job) from it and rejects 48+
 CONFIG_ENV = "KFTUNE_CONFIG"
+SPEC_LABEL = "kftune.io/spec-sha256"
+"""The first 40 hex digits of the spec's sha256: a retried step re-attaches only to a RayJob built from the same spec."""
+SUBMITTER = Resources(cpu="500m", memory="1Gi")
 
 
 def rayjob_name(run_name: str) -> str:
@@ -84,21 +91,32 @@ def build_rayjob(config: RunConfig, run_name: str, work_dir: str) -> dict[str, A
         spec["ttlSecondsAfterFinished"] = rayjob.ttl_seconds_after_finished
     if rayjob.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = rayjob.active_deadline_seconds
-    labels = {"app.kubernetes.io/name": "kftune", "app.kubernetes.io/component": "train"}
+    spec["backoffLimit"] = rayjob.backoff_limit
+    spec["submissionMode"] = rayjob.submission_mode
+    if rayjob.submission_mode == "K8sJobMode":  # KubeRay's default submitter pod sets no security context; KubeRay fills in the command
+        spec["submitterPodTemplate"] = _pod_template("ray-job-submitter", image, SUBMITTER, cluster.steps, cluster, mounts_volume=False)
+        spec["submitterPodTemplate"]["spec"]["restartPolicy"] = "Never"
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:40]
+    labels = {"app.kubernetes.io/name": "kftune", "app.kubernetes.io/component": "train", SPEC_LABEL: digest}
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob", "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels}, "spec": spec}
 
 
-def _pod_template(container: str, image: str, resources: Resources, placement: Placement, cluster: ClusterSection) -> dict[str, Any]:
+def _pod_template(container: str, image: str, resources: Resources, placement: Placement, cluster: ClusterSection, *,
+                  mounts_volume: bool = True) -> dict[str, Any]:
+    """`mounts_volume` False for the submitter: it only talks to the head, and a ReadWriteOnce claim may be on another node."""
     requests = {"cpu": resources.cpu, "memory": resources.memory}
     limits = {"memory": resources.memory}
     if resources.gpus:
         requests[resources.accelerator] = limits[resources.accelerator] = str(resources.gpus)
     main: dict[str, Any] = {"name": container, "image": image, "resources": {"requests": requests, "limits": limits},
-                            "securityContext": {"allowPrivilegeEscalation": False}}
-    pod: dict[str, Any] = {"containers": [main]}
-    if cluster.volume:
-        main["volumeMounts"] = [{"name": "data", "mountPath": cluster.volume.mount_path}]
-        pod["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": cluster.volume.claim}}]
+                            "securityContext": container_security_context()}
+    pod: dict[str, Any] = {"securityContext": pod_security_context(cluster.run_as_user), "containers": [main]}
+    volumes, mounts = shared_memory(resources.gpus)
+    if cluster.volume and mounts_volume:
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": cluster.volume.claim}})
+        mounts.append({"name": "data", "mountPath": cluster.volume.mount_path})
+    if volumes:
+        main["volumeMounts"], pod["volumes"] = mounts, volumes
     if placement.node_selector:
         pod["nodeSelector"] = dict(placement.node_selector)
     if placement.tolerations:
@@ -141,7 +159,9 @@ class RayJobApi(Protocol):
     """The Kubernetes calls `run_rayjob` needs; `KubernetesRayJobApi` makes them with the kubernetes client."""
 
     def create(self, manifest: dict[str, Any]) -> bool:
-        """False when a RayJob of that name already exists (a retried step follows it)."""
+        """False when a RayJob of that name already exists."""
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The RayJob, or None when there is none of that name."""
     def status(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def submitter_log(self, namespace: str, name: str) -> Iterable[str] | None: ...
     def delete(self, namespace: str, name: str) -> None: ...
@@ -170,6 +190,16 @@ class KubernetesRayJobApi:
             return False
         return True
 
+    def get(self, namespace, name):
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return None
+
     def status(self, namespace, name):
         return self.objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status")
 
@@ -188,9 +218,9 @@ class KubernetesRayJobApi:
 
 def run_rayjob(manifest: dict[str, Any], api: RayJobApi, *, delete_after: bool, poll_seconds: float = 10.0,
                echo: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep) -> Outcome:
-    """Create the RayJob, stream its log, wait for a terminal status; raises KftuneError when it failed."""
+    """Create the RayJob (or re-attach, see `start`), stream its log, wait for a terminal status; raises KftuneError when it failed."""
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-    echo(f"kftune: {'created' if api.create(manifest) else 'following the existing'} RayJob {namespace}/{name}")
+    start(manifest, api, poll_seconds=poll_seconds, echo=echo, sleep=sleep)
     streamed, last = False, None
     try:
         while True:
@@ -214,6 +244,33 @@ def run_rayjob(manifest: dict[str, Any], api: RayJobApi, *, delete_after: bool, 
         raise KftuneError(f"RayJob {namespace}/{name} failed: {result.summary}")
     echo(f"kftune: RayJob {name}: {result.summary}")
     return result
+
+
+REPLACE_POLLS = 60
+
+
+def start(manifest: dict[str, Any], api: RayJobApi, *, poll_seconds: float, echo: Callable[[str], None], sleep: Callable[[float], None]) -> None:
+    """Create the RayJob. When one of that name exists (a retried train step), follow it if it comes from the same
+    spec and is running or succeeded; replace it if it failed or comes from another spec, so a retry trains again."""
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    if api.create(manifest):
+        echo(f"kftune: created RayJob {namespace}/{name}")
+        return
+    existing = api.get(namespace, name) or {}
+    same_spec = (existing.get("metadata", {}).get("labels") or {}).get(SPEC_LABEL) == manifest["metadata"]["labels"][SPEC_LABEL]
+    result = outcome(existing.get("status"))
+    if existing and same_spec and not (result.finished and not result.succeeded):
+        echo(f"kftune: following the existing RayJob {namespace}/{name} ({result.summary})")
+        return
+    echo(f"kftune: replacing the existing RayJob {namespace}/{name}: " + (f"it failed: {result.summary}" if same_spec else "built from another spec"))
+    if existing:
+        api.delete(namespace, name)
+    for _ in range(REPLACE_POLLS):  # deletion waits for KubeRay's finalizer
+        if api.get(namespace, name) is None and api.create(manifest):
+            echo(f"kftune: created RayJob {namespace}/{name}")
+            return
+        sleep(poll_seconds)
+    raise KftuneError(f"RayJob {namespace}/{name}: the old one was not gone after {REPLACE_POLLS} polls; delete it and retry the step")
 
 
 def train_on_rayjob(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, run_name: str,

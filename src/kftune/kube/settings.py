@@ -75,6 +75,10 @@ class RayJobSection(Section):
     """Seconds the finished cluster (and its logs) lives before KubeRay deletes it."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     """The RayJob fails when it runs longer than this."""
+    backoff_limit: int = Field(default=0, ge=0)
+    """KubeRay retries a failed Ray job this many times, each on a new RayCluster."""
+    submission_mode: Literal["K8sJobMode", "HTTPMode"] = "K8sJobMode"
+    """K8sJobMode: a submitter Job runs `ray job submit` and its log is streamed; HTTPMode: KubeRay submits over HTTP (no submitter pod, no log to stream)."""
     delete_after_follow: bool = False
     """`kftune` deletes the RayJob object once it has followed it to the end."""
 
@@ -83,17 +87,33 @@ class RayJobSection(Section):
         return self.nodes * max(self.worker.gpus, 1)
 
 
+class RetrySection(Section):
+    """KFP retries of the steps that talk to other services (KFP's set_retry); backoff doubles up to its maximum."""
+
+    train_step: int = Field(default=2, ge=0)
+    """A retried train step re-attaches to its running or succeeded RayJob and replaces a failed one."""
+    register_step: int = Field(default=3, ge=0)
+    backoff_seconds: int = Field(default=60, ge=0)
+    backoff_factor: float = Field(default=2.0, ge=1.0)
+    max_backoff_seconds: int = Field(default=3600, ge=1)
+
+
 class ClusterSection(Section):
     namespace: Name = "kubeflow"
     steps: Placement = Field(default_factory=Placement)
-    """prepare_data, build_prompts, evaluate, register."""
+    """fingerprint_data, prepare_data, build_prompts, register."""
     train: Placement = Field(default_factory=lambda: Placement(resources=Resources(cpu="4", memory="16Gi")))
+    evaluate: Placement = Field(default_factory=lambda: Placement(resources=Resources(cpu="2", memory="8Gi")))
+    """The evaluate step, which runs in the trainer image: give it GPUs (`resources.gpus`) for a model that only fits there."""
     volume: VolumeClaim | None = None
     """Mounted into every step."""
     mlflow_secret: SecretEnv | None = None
     """Credentials for the MLflow server and its artifact store, as env vars of the register step."""
     image_pull_secrets: list[Name] = Field(default_factory=list)
     rayjob: RayJobSection = Field(default_factory=RayJobSection)
+    retries: RetrySection = Field(default_factory=RetrySection)
+    run_as_user: int = Field(default=1000, ge=1)
+    """The uid every pod runs as (the images' user); pods run as non-root under the "restricted" Pod Security Standard."""
 
 
 def with_volume_claim(config: dict, claim: str) -> dict:

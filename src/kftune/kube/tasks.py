@@ -2,7 +2,10 @@
 tolerations and the volume's claim come from per-run pipeline parameters, whose defaults are the
 config's values (`placement_arguments`), so a run started from the Kubeflow UI can move a step to
 other nodes or another PVC without recompiling; the GPU count, the mount path, pull secrets and the
-MLflow Secret stay compile-time. The local runner ignores all of them, so `kftune run` uses the same DAG."""
+MLflow Secret stay compile-time, as do the retries and the security context (non-root as
+`cluster.run_as_user`; KFP's backend adds no privilege escalation, every capability dropped and the
+RuntimeDefault seccomp profile, see kfp-kubernetes' set_security_context). The local runner ignores
+all of them, so `kftune run` uses the same DAG."""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ from typing import Any
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
+from kftune.kube.security import SHARED_MEMORY_VOLUME
 from kftune.kube.settings import ClusterSection
 
-GROUPS = ("steps", "train")
-"""The two kinds of step pod: the CPU steps and train."""
+GROUPS = ("steps", "train", "evaluate")
+"""The kinds of step pod: the CPU steps, train, and evaluate (which scores the model where it fits)."""
 
 
 def placement_arguments(cluster: ClusterSection) -> dict[str, Any]:
@@ -33,13 +37,21 @@ def placement_arguments(cluster: ClusterSection) -> dict[str, Any]:
 
 
 def configure_task(task: PipelineTask, group: str, cluster: ClusterSection, parameters: dict[str, Any], *,
-                   uses_mlflow: bool = False) -> PipelineTask:
-    """`parameters` holds the pipeline's channels named as in `placement_arguments`; `group` is "steps" or "train"."""
+                   uses_mlflow: bool = False, retries: int = 0) -> PipelineTask:
+    """`parameters` holds the pipeline's channels named as in `placement_arguments`; `group` one of GROUPS;
+    `retries` with the backoff of `cluster.retries`."""
     memory = parameters[f"{group}_memory"]
     task.set_cpu_request(parameters[f"{group}_cpu"]).set_memory_request(memory).set_memory_limit(memory)
     resources = getattr(cluster, group).resources
     if resources.gpus:
         task.set_accelerator_type(resources.accelerator).set_accelerator_limit(resources.gpus)
+    if resources.gpus > 1:
+        kubernetes.empty_dir_mount(task, volume_name=SHARED_MEMORY_VOLUME, mount_path="/dev/shm", medium="Memory")
+    kubernetes.set_security_context(task, run_as_user=cluster.run_as_user, run_as_non_root=True)
+    if retries:
+        backoff = cluster.retries
+        task.set_retry(retries, backoff_duration=f"{backoff.backoff_seconds}s", backoff_factor=backoff.backoff_factor,
+                       backoff_max_duration=f"{backoff.max_backoff_seconds}s")
     kubernetes.add_node_selector_json(task, parameters[f"{group}_node_selector"])
     kubernetes.add_toleration_json(task, parameters[f"{group}_tolerations"])
     if cluster.volume:

@@ -1,0 +1,1 @@
+"""The fingerprint_data pipeline step."""

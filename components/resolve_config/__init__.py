@@ -1,0 +1,1 @@
+"""The resolve_config pipeline step."""

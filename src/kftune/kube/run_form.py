@@ -1,0 +1,73 @@
+"""The fields people change per run, as named, typed pipeline parameters: what the Kubeflow UI's run form
+shows besides the `config` struct and the placement settings.
+
+Each parameter's default is the compiled config's value. A run's value replaces the config's only where it
+differs from that default, so a run that edits the field inside `config` instead keeps that edit; the
+pipeline's first task (`resolve_config`) merges them and validates the result.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+RUN_FORM: dict[str, tuple[str, type]] = {
+    "base_model": ("model.name_or_path", str),
+    "data_path": ("data.path", str),
+    "template": ("prompt.template", str),
+    "method": ("method.name", str),
+    "learning_rate": ("train.lr", float),
+    "epochs": ("train.epochs", int),
+    "batch_size": ("train.batch_size", int),
+    "workers": ("train.workers", int),
+    "zero_stage": ("train.deepspeed.stage", int),
+    "registered_model_name": ("registry.model_name", str),
+    "gate_metric": ("registry.gate.metric", str),
+    "gate_margin": ("registry.gate.margin", float),
+}
+"""Pipeline parameter -> (config field, type). zero_stage -1: DeepSpeed off."""
+NO_DEEPSPEED = -1
+
+
+def run_form_arguments(config: dict[str, Any]) -> dict[str, Any]:
+    """Each run-form parameter's value in a config dict (as `config_to_dict` writes it)."""
+    arguments = {}
+    for name, (path, kind) in RUN_FORM.items():
+        value = _get(config, path)
+        arguments[name] = NO_DEEPSPEED if value is None and name == "zero_stage" else kind(value)
+    return arguments
+
+
+def apply_run_form(config: dict[str, Any], compiled: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """`config` with every run-form value that differs from its compiled default written into its field.
+    A new method starts from that method's defaults (its options belong to the method it replaces)."""
+    config = copy.deepcopy(config)
+    for name, (path, kind) in RUN_FORM.items():
+        if given[name] == compiled[name]:
+            continue
+        value = kind(given[name])
+        if name == "method":
+            config["method"] = {"name": value}
+        elif name == "zero_stage":
+            train = config.setdefault("train", {})
+            train["deepspeed"] = None if value == NO_DEEPSPEED else {**(train.get("deepspeed") or {}), "stage": value}
+            if train["deepspeed"] is None:
+                del train["deepspeed"]
+        else:
+            _set(config, path, value)
+    return config
+
+
+def _get(config: dict[str, Any], path: str) -> Any:
+    node: Any = config
+    for part in path.split("."):
+        node = (node or {}).get(part)
+    return node
+
+
+def _set(config: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value

@@ -73,15 +73,37 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: int, attn_implementation: str | None = None):
-    """The pretrained model with its task head. Seeded, so a new classification head starts from the
-    same weights in training and in the base-model evaluation."""
+def weights_dtype(precision: str, method: str, deepspeed: bool):
+    """The dtype a run's base model loads (and its tuned model reloads) in. With 16-bit training the
+    weights a method keeps frozen are only read, so they load in 16 bits: half the memory of fp32.
+    DeepSpeed casts the whole model to 16 bits itself and keeps fp32 master copies in its optimizer,
+    so it gets 16 bits for every method. Plain DDP keeps fp32 weights under autocast when every
+    parameter trains (the full method): AdamW needs fp32 master weights, and a 16-bit load would
+    round them first."""
+    import torch
+
+    from kftune.methods import METHODS
+
+    if precision == "fp32" or (METHODS[method].trains_all and not deepspeed):
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def run_weights_dtype(config: dict):
+    """`weights_dtype` of a resolved run config (the JSON a tuned model folder carries)."""
+    train = config["train"]
+    return weights_dtype(train.get("precision", "fp32"), config["method"]["name"], bool(train.get("deepspeed")))
+
+
+def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: int, attn_implementation: str | None = None, dtype=None):
+    """The pretrained model with its task head, in `dtype` (fp32 when None). Seeded, so a new
+    classification head starts from the same weights in training and in the base-model evaluation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     folder, options = pretrained_args(path)
-    options["dtype"] = torch.float32
+    options["dtype"] = dtype or torch.float32
     if attn_implementation:
         options["attn_implementation"] = attn_implementation
     if task == "sequence_classification":
@@ -96,7 +118,8 @@ def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: i
 
 def load_tuned_model(model_dir: str | Path):
     """The tuned model from a kftune Model artifact folder, read back in the format its method saved
-    (whole model, PEFT adapter or trained parameters; see kftune.methods.artifacts)."""
+    (whole model, PEFT adapter or trained parameters; see kftune.methods.artifacts), all in the dtype
+    its base weights trained in (`weights_dtype`): the model the training run probed."""
     from kftune.methods import METHODS
 
     model_dir = Path(model_dir)
@@ -104,9 +127,11 @@ def load_tuned_model(model_dir: str | Path):
     task, num_labels, seed = config["model"]["task"], config["model"].get("num_labels"), config["train"]["seed"]
     spec = METHODS[config["method"]["name"]]
 
+    dtype = run_weights_dtype(config)
+
     def load_base(path: str | Path | None = None):
         return load_base_model(path or resolve_model_path(config["model"]["name_or_path"]), task, num_labels, seed,
-                               config["model"].get("attn_implementation"))
+                               config["model"].get("attn_implementation"), dtype)
 
-    return spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base).eval()
+    return spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base).to(dtype).eval()
 

@@ -35,6 +35,12 @@ def make_engine(model, groups: list[dict], train: TrainSection, total_steps: int
     return engine
 
 
+def autocast(precision: str, device: torch.device):
+    """16-bit matmuls over fp32 and 16-bit weights alike (a method's fp32 parameters on a 16-bit frozen base)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def torch_adamw(groups: list[dict], train: TrainSection, device: torch.device) -> torch.optim.AdamW:
     """torch's AdamW (fused on GPUs); public because bench/gpu_throughput.py hands its DeepSpeed peer the same one."""
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda" or None)
@@ -67,8 +73,7 @@ class DDPEngine:
     def micro_step(self):
         """Forward and backward of one micro-batch: autocast, and no gradient all-reduce until the last one."""
         sync = contextlib.nullcontext() if self.at_boundary() or not hasattr(self.model, "no_sync") else self.model.no_sync()
-        dtype = AUTOCAST_DTYPES.get(self.train.precision)
-        with sync, torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with sync, autocast(self.train.precision, self.device):
             yield
 
     def backward(self, loss_share: torch.Tensor) -> None:

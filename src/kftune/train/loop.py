@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kftune.config import RunConfig, TrainSection, config_to_dict
-from kftune.methods import apply_method, calibrate_method, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
-from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path
+from kftune.methods import apply_method, calibrate_method, may_train, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
+from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path, weights_dtype
 from kftune.prompts.build import read_meta, read_prompts
 from kftune.prompts.collate import Collator, batch_tokens, make_collator, uses_varlen_attention
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
-from kftune.train.engines import make_engine
+from kftune.train.engines import autocast, make_engine
 from kftune.train.losses import loss_items, summed_loss, token_losses
 from kftune.train.memory import check_fits
 from kftune.train.progress import ProgressLine
@@ -63,7 +63,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(config, num_labels, for_training=True)
     rows = read_prompts(prompts_dir, "train")
     collate = make_collator(meta, task, varlen=uses_varlen_attention(model))  # packed rows when build_prompts packed them
-    calibrate_method(model, config.method, lambda n: summed_loss(model, collate(rows[:n]), task))  # the same rows in every worker
+    with autocast(settings.precision, torch.device("cpu")):  # the same rows in every worker
+        calibrate_method(model, config.method, lambda n: summed_loss(model, collate(rows[:n]), task))
     trainable, total = trainable_parameters(model)
 
     # Data: each worker reads its shard; an optimizer step takes `gradient_accumulation` micro-batches from it.
@@ -157,14 +158,27 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 
 def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
-    """The seeded base model with the method applied; the same in every worker and in every rebuild."""
-    base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, config.train.seed,
-                           config.model.attn_implementation)
+    """The seeded base model with the method applied; the same in every worker and in every rebuild.
+    Its frozen weights are in `weights_dtype`; under DDP what the optimizer steps is fp32."""
+    train = config.train
+    base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, train.seed,
+                           config.model.attn_implementation, weights_dtype(train.precision, config.method.name, bool(train.deepspeed)))
     if for_training:
-        checkpoint_activations(base, config.train)
+        checkpoint_activations(base, train)
     if for_training and config.prompt.packing:
         base.config.use_cache = False  # transformers finds packed examples' boundaries only when no KV cache is passed
-    return apply_method(base, config.method, config.model.task)
+    model = apply_method(base, config.method, config.model.task)
+    if for_training and not train.deepspeed:  # DeepSpeed keeps its own fp32 master copies
+        keep_fp32_master_weights(may_train(model, config.method))
+    return model
+
+
+def keep_fp32_master_weights(parameters) -> None:
+    """The parameters AdamW steps in fp32 (in place: the same Parameter objects): 16-bit weights
+    would lose small updates to rounding. Autocast runs their matmuls in 16 bits all the same."""
+    for parameter in parameters:
+        if parameter.is_floating_point() and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
 
 
 def checkpoint_activations(model, train: TrainSection) -> None:
@@ -196,8 +210,10 @@ def _save_checkpoint(engine, rank: int, state: dict[str, Any]) -> None:
 
 
 def save_artifact(model, config: RunConfig, resolved: dict, log: dict, meta: dict, prompts_dir: str, out: Path) -> None:
-    """The method's artifact (see kftune.methods.artifacts), tokenizer, resolved config, train log, probe predictions."""
+    """The method's artifact (see kftune.methods.artifacts), tokenizer, resolved config, train log, probe predictions.
+    Saving may fold a method into `model` (merged LoRA): it is the tuned model, not a training state, after."""
     save_tuned_model(model, config.method, out)
+    model.to(weights_dtype(config.train.precision, config.method.name, bool(config.train.deepspeed)))  # as load_tuned_model reads it back
     load_tokenizer(resolve_model_path(config.model.name_or_path)).save_pretrained(str(out))
     (out / TUNED_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
     (out / TRAIN_LOG_FILE).write_text(json.dumps(log, indent=2))

@@ -21,11 +21,12 @@ GIB = 2**30
 
 def estimate_bytes(model, train: TrainSection, sequence: int, world: int, task: str) -> dict[str, float]:
     """Bytes per GPU by kind: weights, gradients, optimizer, activations, logits."""
-    total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stage = train.deepspeed.stage if train.deepspeed else 0
     half = train.precision in ("bf16", "fp16")
-    weight_bytes = 2 if half and train.deepspeed else 4  # DDP autocast keeps fp32 weights
+    weight_bytes = 2 if half and train.deepspeed else 4  # what trains: DDP autocast keeps fp32 master weights
+    frozen_bytes = 2 if half else 4  # see kftune.models.weights_dtype
+    total_weight_bytes = trainable * weight_bytes + sum(p.numel() for p in model.parameters() if not p.requires_grad) * frozen_bytes
     # Adam: two fp32 moments, plus an fp32 master copy when DeepSpeed trains 16-bit weights.
     optimizer_bytes = 0 if train.deepspeed and train.deepspeed.offload_optimizer else 8 + (4 if weight_bytes == 2 else 0)
     config = model.config
@@ -39,7 +40,7 @@ def estimate_bytes(model, train: TrainSection, sequence: int, world: int, task: 
     # fp32 logits and their gradient: all of them, or one chunk when the loss goes through the head in chunks
     logits = 0 if task != "causal_lm" else 2 * 4 * (CHUNK_LOGITS if plain_output_head(model) else micro * sequence * config.vocab_size)
     return {
-        "weights": total * weight_bytes / (world if stage == 3 else 1),
+        "weights": total_weight_bytes / (world if stage == 3 else 1),
         "gradients": trainable * weight_bytes / (world if stage >= 2 else 1),
         "optimizer": trainable * optimizer_bytes / (world if stage >= 1 else 1),
         "activations": kept,

@@ -134,6 +134,14 @@ class TrainSection(Section):
     log_every_steps: int = Field(default=10, ge=1)
     """Rank 0 records loss, learning rate, tokens/s and GPU memory this often; registered with the
     model as MLflow step metrics."""
+    eval_every_steps: int = Field(default=0, ge=0)
+    """Every this many optimizer steps (and at the end), the loss on the validation split
+    (`data.split.validation`), and the accuracy for a classification head; recorded with the loss
+    history (MLflow metrics `train_validation_*`). 0: no validation during training."""
+    keep_best: bool = False
+    """The artifact holds the weights of the evaluation with the lowest validation loss, not the last step's."""
+    patience: int | None = Field(default=None, ge=1)
+    """Stop early after this many evaluations in a row without a lower validation loss."""
     seed: int = 0
     workers: int = Field(default=2, ge=1)
     cpus_per_worker: int = Field(default=1, ge=1)
@@ -238,6 +246,11 @@ class RunConfig(Section):
         if self.train.batch_size % (self.train.workers * self.train.gradient_accumulation):
             raise _FieldError("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}"
                                                   f" x train.gradient_accumulation={self.train.gradient_accumulation}")
+        if (self.train.keep_best or self.train.patience) and not self.train.eval_every_steps:
+            field = "train.keep_best" if self.train.keep_best else "train.patience"
+            raise _FieldError(field, "needs validation during training: set train.eval_every_steps")
+        if self.train.eval_every_steps and not self.data.split.validation:
+            raise _FieldError("train.eval_every_steps", "needs validation rows: set data.split.validation (a fraction of the training file)")
         problem = engine_problem(self)
         if problem:
             raise _FieldError(*problem)

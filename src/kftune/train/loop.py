@@ -31,9 +31,11 @@ from kftune.train.engines import autocast, make_engine
 from kftune.train.losses import loss_items, summed_loss, token_losses
 from kftune.train.memory import check_fits
 from kftune.train.progress import ProgressLine
+from kftune.train.validation import best_evaluation, evaluations_since_best, validate
 
 PROBE_FILE = "probe.json"
 PROBE_ROWS = 16
+BEST_STATE_FILE = "best_weights.pt"
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -82,11 +84,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         check_fits(model, settings, config.prompt.max_length, world, task, torch.cuda.get_device_properties(device).total_memory)
     engine = make_engine(model, groups, settings, total_steps, world, device)  # compiles the model when train.compile asks
 
-    step, history, seconds_before, resumed_at = 0, [], 0.0, []
+    # Validation during training: every worker scores its share of the (unpacked) validation rows.
+    validation_rows = read_prompts(prompts_dir, "validation") if settings.eval_every_steps else []
+    validation_collate = Collator(meta["pad_token_id"], task)
+
+    step, history, seconds_before, resumed_at, best_state = 0, [], 0.0, [], None
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_trainer_state(Path(directory), rank, identity, world)
             engine.load(Path(directory))
+            best_state = load_best_state(Path(directory), rank) if settings.keep_best else None
         step, history, seconds_before, resumed_at = state["step"], state["history"], state["seconds"], state["resumed_at"] + [state["step"]]
         if any([on_step(engine.module, config.method, past) for past in range(1, step + 1)]):  # gradual unfreezing so far
             engine.trainable_set_changed()
@@ -94,6 +101,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             print(f"train: resumed at step {step}/{total_steps} from {checkpoint.path}", flush=True)
 
     progress = ProgressLine(total_steps, start_step=step) if rank == 0 else None
+    stop_early = False
     interval_loss = torch.zeros((), device=device)
     interval_tokens, interval_started, started = 0, time.perf_counter(), time.perf_counter()
     engine.model.train()
@@ -121,19 +129,30 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
             every = settings.checkpoint.every_steps
             checkpoint_now = every and step % every == 0 and step < total_steps
-            if step % settings.log_every_steps == 0 or step == total_steps or checkpoint_now:  # a checkpoint closes the interval
+            validate_now = settings.eval_every_steps and (step % settings.eval_every_steps == 0 or step == total_steps)
+            if step % settings.log_every_steps == 0 or step == total_steps or checkpoint_now or validate_now:  # these close the interval
                 mean_loss = _all_reduce_sum(interval_loss).item() / (step - (history[-1]["step"] if history else 0))
                 elapsed = time.perf_counter() - interval_started
                 history.append(_record(step, mean_loss, engine.lr(), interval_tokens * world / elapsed, device))
                 interval_loss.zero_()
                 interval_tokens, interval_started = 0, time.perf_counter()
+            if validate_now:
+                history[-1].update(validate(engine.module, validation_rows, validation_collate, task, settings.micro_batch(world),
+                                            settings.precision, device, rank, world))
+                if settings.keep_best and best_evaluation(history) is history[-1]:
+                    best_state = engine.trained_state(rank)  # collective under ZeRO-3; the weights only rank 0 keeps
+                stop_early = settings.patience is not None and evaluations_since_best(history) >= settings.patience
             if progress and history:
                 progress.update(step, history[-1]["loss"])
             if checkpoint_now:
                 _save_checkpoint(engine, rank, {"identity": identity, "workers": world, "step": step, "history": history, "resumed_at": resumed_at,
-                                                "seconds": seconds_before + time.perf_counter() - started})
-            if step >= total_steps:
+                                                "seconds": seconds_before + time.perf_counter() - started}, best_state)
+            if step >= total_steps or stop_early:
                 break
+        if stop_early:
+            if rank == 0:
+                print(f"train: stopping early at step {step}: no lower validation loss in {settings.patience} evaluations", flush=True)
+            break
     seconds = seconds_before + time.perf_counter() - started
 
     resolved = config_to_dict(config)
@@ -150,7 +169,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         "history": history,
         "resumed_at_steps": resumed_at,
     }
-    trained = engine.consolidated(lambda: build_model(config, num_labels, for_training=False), rank)  # collective under ZeRO-3
+    best = best_evaluation(history)
+    if best:
+        log["best_evaluation"] = {key: value for key, value in best.items() if key == "step" or key.startswith("validation_")}
+    if stop_early:
+        log["stopped_early_at_step"] = step
+    chosen = best_state if settings.keep_best and best else None  # the same decision on every worker (the history is)
+    log["weights_from_step"] = best["step"] if chosen is not None else step
+    trained = engine.consolidated(lambda: build_model(config, num_labels, for_training=False), rank, chosen)  # collective under ZeRO-3
     with tempfile.TemporaryDirectory() as out:
         if rank == 0:
             save_artifact(trained, config, resolved, log, meta, prompts_dir, Path(out))
@@ -187,6 +213,14 @@ def checkpoint_activations(model, train: TrainSection) -> None:
         model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=train.gradient_checkpointing_every)
 
 
+def load_best_state(directory: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    """`train.keep_best`'s weights saved with a checkpoint: on rank 0, `{}` on the others (only rank 0 keeps them)."""
+    path = directory / BEST_STATE_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, weights_only=True) if rank == 0 else {}
+
+
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(value)
@@ -200,12 +234,14 @@ def _record(step: int, loss: float, lr: float, tokens_per_second: float, device:
     return record
 
 
-def _save_checkpoint(engine, rank: int, state: dict[str, Any]) -> None:
+def _save_checkpoint(engine, rank: int, state: dict[str, Any], best_state: dict[str, torch.Tensor] | None) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
         engine.save(Path(directory), rank)
         save_trainer_state(Path(directory), rank, state)
+        if best_state:  # rank 0 holds it
+            torch.save(best_state, Path(directory) / BEST_STATE_FILE)
         ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

@@ -12,6 +12,7 @@ import torch
 
 from kftune.config import TrainSection, parse_config
 from kftune.errors import KftuneError
+from kftune.prompts.build import write_split
 from kftune.train.checkpoints import check_writable, load_trainer_state, run_identity, save_trainer_state
 from kftune.train.deepspeed_config import deepspeed_config
 from kftune.train.loop import build_model
@@ -109,14 +110,14 @@ def test_checkpoints_of_another_run_or_corrupt_ones_are_errors_not_fresh_starts(
 def test_run_identity_follows_what_shapes_the_weights(make_config, tmp_path):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
-    (prompts / "train.jsonl").write_text('{"input_ids": [1, 2]}\n')
+    write_split(prompts, "train", [{"input_ids": [1, 2]}])
     (prompts / "prompts_meta.json").write_text("{}")
     base = parse_config(make_config())
     same = parse_config(make_config(train={"checkpoint": {"storage": str(tmp_path), "every_steps": 5}, "log_every_steps": 3}))
     before = run_identity(base, prompts)
     assert before == run_identity(same, prompts)  # where and how often to checkpoint does not change the weights
     assert before != run_identity(parse_config(make_config(train={"lr": 1e-5})), prompts)
-    (prompts / "train.jsonl").write_text('{"input_ids": [1, 3]}\n')  # scheduled retraining on new data starts its own run
+    write_split(prompts, "train", [{"input_ids": [1, 3]}])  # scheduled retraining on new data starts its own run
     assert before != run_identity(base, prompts)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from kftune.config import RunConfig, TrainSection, config_to_dict
 from kftune.methods import apply_method, calibrate_method, may_train, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
 from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path, weights_dtype
-from kftune.prompts.build import read_meta, read_prompts
+from kftune.prompts.build import open_prompts, read_meta, read_prompts
 from kftune.prompts.collate import Collator, batch_tokens, make_collator, uses_varlen_attention
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
@@ -63,16 +63,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     meta = read_meta(prompts_dir)
     num_labels = len(meta["label_names"]) or None
     model = build_model(config, num_labels, for_training=True)
-    rows = read_prompts(prompts_dir, "train")
+    rows = open_prompts(prompts_dir, "train")  # memory-mapped: each worker reads only the rows its sampler hands it
     collate = make_collator(meta, task, varlen=uses_varlen_attention(model))  # packed rows when build_prompts packed them
     with autocast(settings.precision, torch.device("cpu")):  # the same rows in every worker
         calibrate_method(model, config.method, lambda n: summed_loss(model, collate(rows[:n]), task))
     trainable, total = trainable_parameters(model)
 
     # Data: each worker reads its shard; an optimizer step takes `gradient_accumulation` micro-batches from it.
-    sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
-    loader = DataLoader(rows, batch_size=settings.micro_batch(world), sampler=sampler, collate_fn=collate,
-                        generator=torch.Generator())  # not the global RNG: a resumed run's dropout must draw what the uninterrupted one drew
+    loader, sampler = worker_loader(rows, collate, settings, rank, world)
     steps_per_epoch = len(loader) // settings.gradient_accumulation
     total_steps = min(settings.epochs * steps_per_epoch, settings.max_steps or steps_per_epoch * settings.epochs)
 
@@ -85,7 +83,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     engine = make_engine(model, groups, settings, total_steps, world, device)  # compiles the model when train.compile asks
 
     # Validation during training: every worker scores its share of the (unpacked) validation rows.
-    validation_rows = read_prompts(prompts_dir, "validation") if settings.eval_every_steps else []
+    validation_rows = open_prompts(prompts_dir, "validation") if settings.eval_every_steps else []
     validation_collate = Collator(meta["pad_token_id"], task)
 
     step, history, seconds_before, resumed_at, best_state = 0, [], 0.0, [], None
@@ -181,6 +179,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             save_artifact(trained, config, resolved, log, meta, prompts_dir, Path(out))
         ray.train.report({"final_loss": log["final_loss"], "steps": step}, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None)
+
+
+def worker_loader(rows, collate, settings: TrainSection, rank: int, world: int) -> tuple[DataLoader, DistributedSampler]:
+    """This worker's micro-batches: its share of one seeded permutation of all rows per epoch (disjoint
+    from the other workers'), so 1 worker and 2 see the same global batches."""
+    sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
+    loader = DataLoader(rows, batch_size=settings.micro_batch(world), sampler=sampler, collate_fn=collate,
+                        generator=torch.Generator())  # not the global RNG: a resumed run's dropout must draw what the uninterrupted one drew
+    return loader, sampler
 
 
 def build_model(config: RunConfig, num_labels: int | None, for_training: bool):

@@ -187,3 +187,19 @@ def test_a_batch_that_cannot_fit_the_gpu_is_refused_with_the_numbers():
     assert checkpointed["all"] < checkpointed["half"] < checkpointed["none"]
     zero3 = TrainSection(batch_size=8, workers=8, precision="bf16", deepspeed={"stage": 3})
     assert estimate_bytes(model, zero3, 2048, 8, "causal_lm")["weights"] == parts["weights"] / 8
+
+
+def test_a_model_that_cannot_fit_the_gpus_even_sharded_is_refused_naming_the_workers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kftune.train.memory import GIB, check_fits
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                             num_key_value_heads=8, vocab_size=128256))
+    full = TrainSection(batch_size=8, workers=2, precision="bf16", deepspeed={"stage": 2})
+    # 1.5 B parameters x (2 + 2 + 12) bytes over 2 GPUs: about 11 GiB each however the batch is cut
+    with pytest.raises(KftuneError, match=r"train\.workers: .* need about 11\.\d GiB per GPU even partitioned with ZeRO-3 over 2 GPUs of 8\.0 GiB"):
+        check_fits(model, full, 2048, 2, "causal_lm", 8 * GIB)
+    with pytest.raises(KftuneError, match=r"train\.batch_size: a micro-batch"):  # fits sharded: then the batch is what to change
+        check_fits(model, full, 2048, 2, "causal_lm", 16 * GIB)

@@ -40,6 +40,10 @@ class ModelSection(Section):
     """transformers' attention kernel; empty: its default (SDPA). With `prompt.packing`, flash and flex
     attention take packed examples as variable-length sequences (no mask is built); the others get a
     block-diagonal mask. flash_attention_* needs the flash-attn package and a GPU."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """QLoRA (Dettmers et al. 2023): the frozen base weights held in 4-bit NF4 (double-quantized) or
+    8-bit through bitsandbytes, LoRA adapters trained on top in the training precision. Needs the
+    bitsandbytes package and a device its kernels run on (checked when a worker starts)."""
 
 
 class SplitSection(Section):
@@ -251,6 +255,10 @@ class RunConfig(Section):
             raise _FieldError(field, "needs validation during training: set train.eval_every_steps")
         if self.train.eval_every_steps and not self.data.split.validation:
             raise _FieldError("train.eval_every_steps", "needs validation rows: set data.split.validation (a fraction of the training file)")
+        if self.model.quantization:
+            problem = _quantization_problem(self)
+            if problem:
+                raise _FieldError(*problem)
         problem = engine_problem(self)
         if problem:
             raise _FieldError(*problem)
@@ -280,6 +288,19 @@ class RunConfig(Section):
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: two runs with the same config share it (a lineage tag)."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def _quantization_problem(config: RunConfig) -> tuple[str, str] | None:
+    """A quantized base is frozen and read by bitsandbytes kernels: LoRA on top, saved as an adapter, under DDP."""
+    if config.method.name != "lora":
+        return "model.quantization", f"a quantized base trains LoRA adapters on top (method.name: lora), not {config.method.name}"
+    if config.method.merge:
+        return "method.merge", "cannot fold LoRA into a quantized base; with model.quantization the artifact is the adapter"
+    if config.train.deepspeed:
+        return "train.deepspeed", "a quantized base trains under DDP; remove train.deepspeed or model.quantization"
+    if config.model.name_or_path.endswith(".gguf"):
+        return "model.quantization", "a GGUF file is de-quantized on load; quantize a Hugging Face folder instead"
+    return None
 
 
 def parse_config(data: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None) -> RunConfig:

@@ -95,15 +95,21 @@ def run_weights_dtype(config: dict):
     return weights_dtype(train.get("precision", "fp32"), config["method"]["name"], bool(train.get("deepspeed")))
 
 
-def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: int, attn_implementation: str | None = None, dtype=None):
-    """The pretrained model with its task head, in `dtype` (fp32 when None). Seeded, so a new
-    classification head starts from the same weights in training and in the base-model evaluation."""
+def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: int, attn_implementation: str | None = None, dtype=None,
+                    quantization: str | None = None):
+    """The pretrained model with its task head, in `dtype` (fp32 when None), its linear layers in 4 or 8
+    bits with `quantization` (`model.quantization`). Seeded, so a new classification head starts from
+    the same weights in training and in the base-model evaluation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     folder, options = pretrained_args(path)
     options["dtype"] = dtype or torch.float32
+    if quantization:
+        options["quantization_config"] = bitsandbytes_config(quantization, options["dtype"])
+        if torch.cuda.is_available():  # quantized where it runs: quantized models cannot be moved after loading
+            options["device_map"] = {"": torch.cuda.current_device()}
     if attn_implementation:
         options["attn_implementation"] = attn_implementation
     if task == "sequence_classification":
@@ -114,6 +120,43 @@ def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: i
     if task == "masked_lm":
         return AutoModelForMaskedLM.from_pretrained(folder, **options)
     return AutoModelForCausalLM.from_pretrained(folder, **options)
+
+
+def bitsandbytes_config(quantization: str, compute_dtype):
+    """QLoRA's settings (Dettmers et al. 2023): NF4 with double quantization, or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise KftuneError(f"model.quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes)")
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def check_quantization_runs(quantization: str, device) -> None:
+    """Quantize and multiply a small tensor with bitsandbytes' kernels on `device` (CPU kernels exist
+    from bitsandbytes 0.46 on); a clear error naming the field, before any model is loaded, otherwise."""
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise KftuneError(f"model.quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes)")
+    try:
+        import bitsandbytes as bnb
+
+        layer = (bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False) if quantization == "8bit" else bnb.nn.Linear4bit(64, 64, quant_type="nf4"))
+        layer.to(device)(torch.ones(2, 64, device=device))
+    except Exception as exc:  # bitsandbytes raises RuntimeError, NotImplementedError or its own errors per backend
+        raise KftuneError(f"model.quantization: bitsandbytes cannot run {quantization} on {device} ({type(exc).__name__}: {exc}); "
+                          "train on a device it supports or leave model.quantization empty") from None
+
+
+def cast_floating_parameters(model, dtype):
+    """Every floating-point parameter in `dtype`; quantized (integer) weights stay as they are (their
+    modules refuse `.to(dtype)`)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+    return model
 
 
 def load_tuned_model(model_dir: str | Path):
@@ -131,7 +174,7 @@ def load_tuned_model(model_dir: str | Path):
 
     def load_base(path: str | Path | None = None):
         return load_base_model(path or resolve_model_path(config["model"]["name_or_path"]), task, num_labels, seed,
-                               config["model"].get("attn_implementation"), dtype)
+                               config["model"].get("attn_implementation"), dtype, config["model"].get("quantization"))
 
-    return spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base).to(dtype).eval()
+    return cast_floating_parameters(spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base), dtype).eval()
 

@@ -85,11 +85,16 @@ def save_tuned_model(model, options: MethodOptions, out) -> None:
 
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; a gradient-masked parameter counts its unmasked entries."""
-    trainable = sum(int(p.gradient_mask.sum()) if hasattr(p, "gradient_mask") else p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    trainable = sum(int(p.gradient_mask.sum()) if hasattr(p, "gradient_mask") else full_numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(full_numel(p) for p in model.parameters())
+
+
+def full_numel(parameter) -> int:
+    """Entries of the whole parameter, also when ZeRO-3 holds only this worker's part of it."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 __all__ = [
-    "METHODS", "MethodConfig", "MethodOptions", "MethodSpec", "apply_method", "architecture_problem", "calibrate_method", "check_method_fits_model", "may_train",
+    "METHODS", "MethodConfig", "MethodOptions", "MethodSpec", "apply_method", "architecture_problem", "calibrate_method", "check_method_fits_model", "full_numel", "may_train",
     "method_supports_task", "on_step", "optimizer_parameter_groups", "save_tuned_model", "trainable_parameters",
 ]

@@ -41,6 +41,34 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+@contextlib.contextmanager
+def partitioned_construction(train: TrainSection, world: int, method: str):
+    """Under ZeRO-3, models built inside this are partitioned as they are constructed (transformers'
+    DeepSpeed integration runs `from_pretrained` under `deepspeed.zero.Init` and loads each worker's
+    part): no worker ever holds the whole model. Elsewhere, and for methods that read the whole base
+    weights while applied, it does nothing."""
+    from kftune.methods import METHODS
+
+    if not train.deepspeed or train.deepspeed.stage != 3 or METHODS[method].reads_base_weights:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    from kftune.train.deepspeed_config import deepspeed_config
+
+    import deepspeed
+
+    if not train.use_gpu:
+        skip_shm_op()
+    if torch.distributed.is_initialized():  # zero.Init partitions over DeepSpeed's view of the (Ray Train) process group
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+    settings = HfDeepSpeedConfig(deepspeed_config(train, world))  # transformers holds it weakly: alive for this block only
+    try:
+        yield settings
+    finally:
+        unset_hf_deepspeed_config()
+
+
 def torch_adamw(groups: list[dict], train: TrainSection, device: torch.device) -> torch.optim.AdamW:
     """torch's AdamW (fused on GPUs); public because bench/gpu_throughput.py hands its DeepSpeed peer the same one."""
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda" or None)

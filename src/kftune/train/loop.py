@@ -21,13 +21,15 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kftune.config import RunConfig, TrainSection, config_to_dict
+from kftune.errors import KftuneError
 from kftune.methods import apply_method, calibrate_method, may_train, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
-from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_base_model, load_tokenizer, resolve_model_path, weights_dtype
+from kftune.models import (LABELS_FILE, TUNED_CONFIG_FILE, cast_floating_parameters, check_quantization_runs, load_base_model, load_tokenizer,
+                           resolve_model_path, weights_dtype)
 from kftune.prompts.build import open_prompts, read_meta, read_prompts
 from kftune.prompts.collate import Collator, batch_tokens, make_collator, uses_varlen_attention
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
-from kftune.train.engines import autocast, make_engine
+from kftune.train.engines import autocast, make_engine, partitioned_construction
 from kftune.train.losses import loss_items, summed_loss, token_losses
 from kftune.train.memory import check_fits
 from kftune.train.progress import ProgressLine
@@ -60,9 +62,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 return
 
     # Model and method: the same seeded base in every worker, then exactly the method's parameters trainable.
+    check_device_runs(config, ray.train.torch.get_device())
     meta = read_meta(prompts_dir)
     num_labels = len(meta["label_names"]) or None
-    model = build_model(config, num_labels, for_training=True)
+    with partitioned_construction(settings, world, config.method.name):  # ZeRO-3: each worker builds only its part
+        model = build_model(config, num_labels, for_training=True)
     rows = open_prompts(prompts_dir, "train")  # memory-mapped: each worker reads only the rows its sampler hands it
     collate = make_collator(meta, task, varlen=uses_varlen_attention(model))  # packed rows when build_prompts packed them
     with autocast(settings.precision, torch.device("cpu")):  # the same rows in every worker
@@ -181,6 +185,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report({"final_loss": log["final_loss"], "steps": step}, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None)
 
 
+def check_device_runs(config: RunConfig, device: torch.device) -> None:
+    """What validation could not know: whether this worker's device runs the precision and quantization asked for."""
+    if device.type == "cuda" and config.train.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise KftuneError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 on this GPU")
+    if config.model.quantization:
+        check_quantization_runs(config.model.quantization, device)
+
+
 def worker_loader(rows, collate, settings: TrainSection, rank: int, world: int) -> tuple[DataLoader, DistributedSampler]:
     """This worker's micro-batches: its share of one seeded permutation of all rows per epoch (disjoint
     from the other workers'), so 1 worker and 2 see the same global batches."""
@@ -195,11 +207,13 @@ def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
     Its frozen weights are in `weights_dtype`; under DDP what the optimizer steps is fp32."""
     train = config.train
     base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, train.seed,
-                           config.model.attn_implementation, weights_dtype(train.precision, config.method.name, bool(train.deepspeed)))
+                           config.model.attn_implementation, weights_dtype(train.precision, config.method.name, bool(train.deepspeed)),
+                           config.model.quantization)
     if for_training:
         checkpoint_activations(base, train)
     if for_training and config.prompt.packing:
         base.config.use_cache = False  # transformers finds packed examples' boundaries only when no KV cache is passed
+    torch.manual_seed(train.seed)  # the method's new weights start the same however the base was built (whole or partitioned)
     model = apply_method(base, config.method, config.model.task)
     if for_training and not train.deepspeed:  # DeepSpeed keeps its own fp32 master copies
         keep_fp32_master_weights(may_train(model, config.method))
@@ -256,7 +270,7 @@ def save_artifact(model, config: RunConfig, resolved: dict, log: dict, meta: dic
     """The method's artifact (see kftune.methods.artifacts), tokenizer, resolved config, train log, probe predictions.
     Saving may fold a method into `model` (merged LoRA): it is the tuned model, not a training state, after."""
     save_tuned_model(model, config.method, out)
-    model.to(weights_dtype(config.train.precision, config.method.name, bool(config.train.deepspeed)))  # as load_tuned_model reads it back
+    cast_floating_parameters(model, weights_dtype(config.train.precision, config.method.name, bool(config.train.deepspeed)))  # as load_tuned_model reads it back
     load_tokenizer(resolve_model_path(config.model.name_or_path)).save_pretrained(str(out))
     (out / TUNED_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
     (out / TRAIN_LOG_FILE).write_text(json.dumps(log, indent=2))

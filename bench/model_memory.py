@@ -35,10 +35,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import EXAMPLES, STORIES  # noqa: E402  (the shipped SST-2 data and stories260K's tokenizer)
+from conftest import EXAMPLES, STORIES  # the shipped SST-2 data and stories260K's tokenizer)
 
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=2048)
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0, "max_position_embeddings": 2048}
 GB = 1e9
 SST2 = EXAMPLES / "data" / "sst2_train_16k.tsv"
 

@@ -4,6 +4,7 @@ evaluation was best (`train.keep_best`) or whether to stop early (`train.patienc
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ def validate(model, rows: list[dict[str, Any]], collate, task: str, micro_batch:
     every `world`-th row. Every worker runs the same number of forward passes, one on a row it does
     not count when it has run out: under ZeRO-3 a forward pass gathers parameters from all workers."""
     mine = rows[rank::world]
-    passes = -(-(-(-len(rows) // world)) // micro_batch)
+    passes = math.ceil(math.ceil(len(rows) / world) / micro_batch)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, items, correct predictions
     was_training = model.training
     model.eval()

@@ -139,3 +139,30 @@ def test_zero3_gathers_a_frozen_head_for_the_chunked_loss(families, tmp_path):
         assert plain_output_head(engine.model) is None
     finally:
         engine.engine.destroy()
+
+
+def test_zero3_partitions_the_model_as_it_is_built_and_trains_it_like_a_whole_one(families, make_config, tmp_path):
+    """The training loop builds under transformers' DeepSpeed integration (`deepspeed.zero.Init`): every
+    base parameter is a partition from construction on (with the persistence threshold at 0, even the
+    small ones), and three steps give the losses of a model built whole and partitioned by the engine."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from kftune.config import parse_config
+    from kftune.train.engines import partitioned_construction
+    from kftune.train.loop import build_model
+
+    batch = families["stories"][3]
+    every_parameter_partitioned = tmp_path / "ds.json"
+    every_parameter_partitioned.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    config = parse_config(make_config(
+        model={"name_or_path": str(STORIES), "task": "causal_lm"}, prompt={"template": "text"}, method=LORA.model_dump(),
+        eval={"metrics": ["perplexity"]}, registry={"model_name": "t", "gate": {"metric": "perplexity"}},
+        train={"batch_size": len(batch["input_ids"]), "lr": 5e-3, "deepspeed": {"stage": 3, "config_file": str(every_parameter_partitioned)}}))
+    with partitioned_construction(config.train, 1, "lora"):
+        model = build_model(config, None, for_training=True)
+    assert not is_deepspeed_zero3_enabled()  # only inside the block: later (rank-0-only) builds are whole
+    base = {n: p for n, p in model.named_parameters() if "lora_" not in n}
+    assert base and all(hasattr(p, "ds_id") and p.data.numel() == 0 for p in base.values()), [n for n, p in base.items() if p.data.numel()][:3]
+    losses, _ = train_under_zero(model, config.method, batch, config.train)
+    expected, _ = train_under_zero(build_model(config, None, for_training=True), config.method, batch, config.train)
+    assert losses == pytest.approx(expected, rel=1e-5)

@@ -12,6 +12,7 @@ import torch
 
 from kftune.config import TrainSection, parse_config
 from kftune.errors import KftuneError
+from kftune.prompts.build import write_split
 from kftune.train.checkpoints import check_writable, load_trainer_state, run_identity, save_trainer_state
 from kftune.train.deepspeed_config import deepspeed_config
 from kftune.train.loop import build_model
@@ -109,14 +110,14 @@ def test_checkpoints_of_another_run_or_corrupt_ones_are_errors_not_fresh_starts(
 def test_run_identity_follows_what_shapes_the_weights(make_config, tmp_path):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
-    (prompts / "train.jsonl").write_text('{"input_ids": [1, 2]}\n')
+    write_split(prompts, "train", [{"input_ids": [1, 2]}])
     (prompts / "prompts_meta.json").write_text("{}")
     base = parse_config(make_config())
     same = parse_config(make_config(train={"checkpoint": {"storage": str(tmp_path), "every_steps": 5}, "log_every_steps": 3}))
     before = run_identity(base, prompts)
     assert before == run_identity(same, prompts)  # where and how often to checkpoint does not change the weights
     assert before != run_identity(parse_config(make_config(train={"lr": 1e-5})), prompts)
-    (prompts / "train.jsonl").write_text('{"input_ids": [1, 3]}\n')  # scheduled retraining on new data starts its own run
+    write_split(prompts, "train", [{"input_ids": [1, 3]}])  # scheduled retraining on new data starts its own run
     assert before != run_identity(base, prompts)
 
 
@@ -186,3 +187,19 @@ def test_a_batch_that_cannot_fit_the_gpu_is_refused_with_the_numbers():
     assert checkpointed["all"] < checkpointed["half"] < checkpointed["none"]
     zero3 = TrainSection(batch_size=8, workers=8, precision="bf16", deepspeed={"stage": 3})
     assert estimate_bytes(model, zero3, 2048, 8, "causal_lm")["weights"] == parts["weights"] / 8
+
+
+def test_a_model_that_cannot_fit_the_gpus_even_sharded_is_refused_naming_the_workers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kftune.train.memory import GIB, check_fits
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                             num_key_value_heads=8, vocab_size=128256))
+    full = TrainSection(batch_size=8, workers=2, precision="bf16", deepspeed={"stage": 2})
+    # 1.5 B parameters x (2 + 2 + 12) bytes over 2 GPUs: about 11 GiB each however the batch is cut
+    with pytest.raises(KftuneError, match=r"train\.workers: .* need about 11\.\d GiB per GPU even partitioned with ZeRO-3 over 2 GPUs of 8\.0 GiB"):
+        check_fits(model, full, 2048, 2, "causal_lm", 8 * GIB)
+    with pytest.raises(KftuneError, match=r"train\.batch_size: a micro-batch"):  # fits sharded: then the batch is what to change
+        check_fits(model, full, 2048, 2, "causal_lm", 16 * GIB)

@@ -41,6 +41,10 @@ class ModelSection(Section):
     """transformers' attention kernel; empty: its default (SDPA). With `prompt.packing`, flash and flex
     attention take packed examples as variable-length sequences (no mask is built); the others get a
     block-diagonal mask. flash_attention_* needs the flash-attn package and a GPU."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """QLoRA (Dettmers et al. 2023): the frozen base weights held in 4-bit NF4 (double-quantized) or
+    8-bit through bitsandbytes, LoRA adapters trained on top in the training precision. Needs the
+    bitsandbytes package and a device its kernels run on (checked when a worker starts)."""
 
 
 class SplitSection(Section):
@@ -147,6 +151,14 @@ class TrainSection(Section):
     log_every_steps: int = Field(default=10, ge=1)
     """Rank 0 records loss, learning rate, tokens/s and GPU memory this often; registered with the
     model as MLflow step metrics."""
+    eval_every_steps: int = Field(default=0, ge=0)
+    """Every this many optimizer steps (and at the end), the loss on the validation split
+    (`data.split.validation`), and the accuracy for a classification head; recorded with the loss
+    history (MLflow metrics `train_validation_*`). 0: no validation during training."""
+    keep_best: bool = False
+    """The artifact holds the weights of the evaluation with the lowest validation loss, not the last step's."""
+    patience: int | None = Field(default=None, ge=1)
+    """Stop early after this many evaluations in a row without a lower validation loss."""
     seed: int = 0
     workers: int = Field(default=2, ge=1)
     cpus_per_worker: int = Field(default=1, ge=1)
@@ -255,6 +267,15 @@ class RunConfig(Section):
         if self.train.batch_size % (self.train.workers * self.train.gradient_accumulation):
             raise _FieldError("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}"
                                                   f" x train.gradient_accumulation={self.train.gradient_accumulation}")
+        if (self.train.keep_best or self.train.patience) and not self.train.eval_every_steps:
+            field = "train.keep_best" if self.train.keep_best else "train.patience"
+            raise _FieldError(field, "needs validation during training: set train.eval_every_steps")
+        if self.train.eval_every_steps and not self.data.split.validation:
+            raise _FieldError("train.eval_every_steps", "needs validation rows: set data.split.validation (a fraction of the training file)")
+        if self.model.quantization:
+            problem = _quantization_problem(self)
+            if problem:
+                raise _FieldError(*problem)
         problem = engine_problem(self)
         if problem:
             raise _FieldError(*problem)
@@ -284,6 +305,19 @@ class RunConfig(Section):
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: two runs with the same config share it (a lineage tag)."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def _quantization_problem(config: RunConfig) -> tuple[str, str] | None:
+    """A quantized base is frozen and read by bitsandbytes kernels: LoRA on top, saved as an adapter, under DDP."""
+    if config.method.name != "lora":
+        return "model.quantization", f"a quantized base trains LoRA adapters on top (method.name: lora), not {config.method.name}"
+    if config.method.merge:
+        return "method.merge", "cannot fold LoRA into a quantized base; with model.quantization the artifact is the adapter"
+    if config.train.deepspeed:
+        return "train.deepspeed", "a quantized base trains under DDP; remove train.deepspeed or model.quantization"
+    if config.model.name_or_path.endswith(".gguf"):
+        return "model.quantization", "a GGUF file is de-quantized on load; quantize a Hugging Face folder instead"
+    return None
 
 
 def parse_config(data: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None) -> RunConfig:

@@ -73,15 +73,43 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: int, attn_implementation: str | None = None):
-    """The pretrained model with its task head. Seeded, so a new classification head starts from the
-    same weights in training and in the base-model evaluation."""
+def weights_dtype(precision: str, method: str, deepspeed: bool):
+    """The dtype a run's base model loads (and its tuned model reloads) in. With 16-bit training the
+    weights a method keeps frozen are only read, so they load in 16 bits: half the memory of fp32.
+    DeepSpeed casts the whole model to 16 bits itself and keeps fp32 master copies in its optimizer,
+    so it gets 16 bits for every method. Plain DDP keeps fp32 weights under autocast when every
+    parameter trains (the full method): AdamW needs fp32 master weights, and a 16-bit load would
+    round them first."""
+    import torch
+
+    from kftune.methods import METHODS
+
+    if precision == "fp32" or (METHODS[method].trains_all and not deepspeed):
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def run_weights_dtype(config: dict):
+    """`weights_dtype` of a resolved run config (the JSON a tuned model folder carries)."""
+    train = config["train"]
+    return weights_dtype(train.get("precision", "fp32"), config["method"]["name"], bool(train.get("deepspeed")))
+
+
+def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: int, attn_implementation: str | None = None, dtype=None,
+                    quantization: str | None = None):
+    """The pretrained model with its task head, in `dtype` (fp32 when None), its linear layers in 4 or 8
+    bits with `quantization` (`model.quantization`). Seeded, so a new classification head starts from
+    the same weights in training and in the base-model evaluation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     folder, options = pretrained_args(path)
-    options["dtype"] = torch.float32
+    options["dtype"] = dtype or torch.float32
+    if quantization:
+        options["quantization_config"] = bitsandbytes_config(quantization, options["dtype"])
+        if torch.cuda.is_available():  # quantized where it runs: quantized models cannot be moved after loading
+            options["device_map"] = {"": torch.cuda.current_device()}
     if attn_implementation:
         options["attn_implementation"] = attn_implementation
     if task == "sequence_classification":
@@ -94,9 +122,47 @@ def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: i
     return AutoModelForCausalLM.from_pretrained(folder, **options)
 
 
+def bitsandbytes_config(quantization: str, compute_dtype):
+    """QLoRA's settings (Dettmers et al. 2023): NF4 with double quantization, or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise KftuneError(f"model.quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes)")
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def check_quantization_runs(quantization: str, device) -> None:
+    """Quantize and multiply a small tensor with bitsandbytes' kernels on `device` (CPU kernels exist
+    from bitsandbytes 0.46 on); a clear error naming the field, before any model is loaded, otherwise."""
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise KftuneError(f"model.quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes)")
+    try:
+        import bitsandbytes as bnb
+
+        layer = (bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False) if quantization == "8bit" else bnb.nn.Linear4bit(64, 64, quant_type="nf4"))
+        layer.to(device)(torch.ones(2, 64, device=device))
+    except Exception as exc:  # bitsandbytes raises RuntimeError, NotImplementedError or its own errors per backend
+        raise KftuneError(f"model.quantization: bitsandbytes cannot run {quantization} on {device} ({type(exc).__name__}: {exc}); "
+                          "train on a device it supports or leave model.quantization empty") from None
+
+
+def cast_floating_parameters(model, dtype):
+    """Every floating-point parameter in `dtype`; quantized (integer) weights stay as they are (their
+    modules refuse `.to(dtype)`)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+    return model
+
+
 def load_tuned_model(model_dir: str | Path):
     """The tuned model from a kftune Model artifact folder, read back in the format its method saved
-    (whole model, PEFT adapter or trained parameters; see kftune.methods.artifacts)."""
+    (whole model, PEFT adapter or trained parameters; see kftune.methods.artifacts), all in the dtype
+    its base weights trained in (`weights_dtype`): the model the training run probed."""
     from kftune.methods import METHODS
 
     model_dir = Path(model_dir)
@@ -104,9 +170,11 @@ def load_tuned_model(model_dir: str | Path):
     task, num_labels, seed = config["model"]["task"], config["model"].get("num_labels"), config["train"]["seed"]
     spec = METHODS[config["method"]["name"]]
 
+    dtype = run_weights_dtype(config)
+
     def load_base(path: str | Path | None = None):
         return load_base_model(path or resolve_model_path(config["model"]["name_or_path"]), task, num_labels, seed,
-                               config["model"].get("attn_implementation"))
+                               config["model"].get("attn_implementation"), dtype, config["model"].get("quantization"))
 
-    return spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base).eval()
+    return cast_floating_parameters(spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base), dtype).eval()
 

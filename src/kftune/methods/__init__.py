@@ -44,12 +44,17 @@ def apply_method(model, options: MethodOptions, task: str):
     return METHODS[options.name].apply(model, options, task)
 
 
+def may_train(model, options: MethodOptions) -> list:
+    """Every parameter the method may ever train: the trainable ones, and those gradual unfreezing turns on later."""
+    hook = METHODS[options.name].may_train
+    return hook(model, options) if hook else [p for p in model.parameters() if p.requires_grad]
+
+
 def optimizer_parameter_groups(model, options: MethodOptions, lr: float, layer_lr_decay: float | None = None) -> list[dict]:
     """AdamW parameter groups over every parameter the method may train. With `layer_lr_decay` d,
     a parameter `k` blocks below the top block gets lr * d**k (discriminative fine-tuning, seed 001
     §3.5): the top block and what sits above it get lr, the embeddings lr * d**blocks."""
-    may_train = METHODS[options.name].may_train
-    parameters = may_train(model, options) if may_train else [p for p in model.parameters() if p.requires_grad]
+    parameters = may_train(model, options)
     if layer_lr_decay is None:
         return [{"params": parameters, "lr": lr}]
     chosen = {id(p) for p in parameters}
@@ -80,11 +85,16 @@ def save_tuned_model(model, options: MethodOptions, out) -> None:
 
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; a gradient-masked parameter counts its unmasked entries."""
-    trainable = sum(int(p.gradient_mask.sum()) if hasattr(p, "gradient_mask") else p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    trainable = sum(int(p.gradient_mask.sum()) if hasattr(p, "gradient_mask") else full_numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(full_numel(p) for p in model.parameters())
+
+
+def full_numel(parameter) -> int:
+    """Entries of the whole parameter, also when ZeRO-3 holds only this worker's part of it."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 __all__ = [
-    "METHODS", "MethodConfig", "MethodOptions", "MethodSpec", "apply_method", "architecture_problem", "calibrate_method", "check_method_fits_model",
+    "METHODS", "MethodConfig", "MethodOptions", "MethodSpec", "apply_method", "architecture_problem", "calibrate_method", "check_method_fits_model", "full_numel", "may_train",
     "method_supports_task", "on_step", "optimizer_parameter_groups", "save_tuned_model", "trainable_parameters",
 ]

@@ -16,6 +16,10 @@ Besides `apply`, a method may declare:
   layers it just unfroze (logged by the training loop) or None.
 - `layer_lr_decay`: whether `train.layer_lr_decay` applies (methods that train whole layers).
 - `zero_stages`: the DeepSpeed ZeRO stages the method works under, and `zero_note` saying why not the others.
+- `trains_all`: every parameter trains from the first step (full fine-tuning), so none is a frozen
+  weight that may load in 16 bits (see `kftune.models.weights_dtype`).
+- `reads_base_weights`: `apply` or `calibrate` reads the base weights or their gradients (to choose
+  entries), so under ZeRO-3 the model is built whole and partitioned after, not under `zero.Init`.
 - `packs`: whether packed rows (`prompt.packing`) work; not for methods that prepend virtual tokens,
   which every packed example would then attend to.
 """
@@ -58,6 +62,8 @@ class MethodSpec:
     zero_stages: tuple[int, ...] = (0, 1, 2, 3)
     zero_note: str = ""
     packs: bool = True
+    trains_all: bool = False
+    reads_base_weights: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {}

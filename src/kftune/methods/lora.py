@@ -27,16 +27,11 @@ class LoraOptions(MethodOptions):
     """Save the merged model (base weights + updates) instead of the adapter."""
 
 
-def merged_model(model):
-    """The base model with the LoRA updates folded in; the trained PeftModel itself is left intact."""
-    import copy
-
-    return copy.deepcopy(model).merge_and_unload()
-
-
 def save_lora(model, options: LoraOptions, out: Path) -> None:
+    """With `merge`, the updates are folded into the trained model's own weights (no second copy of a
+    model that may be billions of parameters); the PeftModel then computes what the saved folder does."""
     if options.merge:
-        WHOLE_MODEL.save(merged_model(model), options, out)
+        WHOLE_MODEL.save(model.merge_and_unload(), options, out)
     else:
         PEFT_ADAPTER.save(model, options, out)
 

@@ -143,6 +143,7 @@ def choose_by_gradient(model, options: SubnetworkOptions, loss_on_first) -> None
     "Train a fraction of every block weight matrix chosen by weight magnitude or task gradient; other entries get zero gradient.",
     check_config=check_no_weight_decay,
     calibrate=choose_by_gradient,
+    reads_base_weights=True,
 )
 def apply_subnetwork(model, options: SubnetworkOptions, task: str):
     matrices = block_matrices(model)

@@ -23,6 +23,9 @@ from kftune.prompts.packing import IGNORE_INDEX, pack_rows
 from kftune.prompts.templates import MASK, Segment, Template, get_template
 
 META_FILE = "prompts_meta.json"
+STREAMED_SPLITS = ("train", "validation")
+"""Splits stored as Arrow files that training workers memory-map (`PromptRows`)."""
+ARROW_BATCH_ROWS = 8192
 PREVIEW_ROWS = 8
 
 
@@ -62,8 +65,7 @@ def build_prompts(config: RunConfig, data_dir: str | Path, out_dir: str | Path) 
                     preview.append({"segments": shown, "tokens": len(encoded["input_ids"])})
         if split == "train" and config.prompt.packing:
             encoded_rows, packing = pack_rows(encoded_rows, config.prompt.max_length)
-        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in encoded_rows)
+        write_split(out, split, encoded_rows)
         stats[split] = counts
     meta = {
         "task": config.model.task,
@@ -189,8 +191,71 @@ def _bucket(n_tokens: int, width: int = 16) -> str:
     return f"{low:04d}-{low + width - 1:04d}"
 
 
+def write_split(out: Path, split: str, rows: list[dict[str, Any]]) -> None:
+    """The splits training reads as Arrow IPC files (`PromptRows`); the test split, which the evaluate
+    step reads whole and fingerprints, as JSON lines."""
+    if split not in STREAMED_SPLITS:
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in rows)
+        return
+    import pyarrow as pa
+
+    columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys (from_pylist would take the first row's only)
+    table = pa.Table.from_pydict({key: [row.get(key) for row in rows] for key in columns})
+    with pa.OSFile(str(out / f"{split}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=ARROW_BATCH_ROWS)
+
+
+class PromptRows:
+    """A split's rows, memory-mapped from its Arrow file (as Hugging Face datasets does): a worker's
+    own memory does not grow with the split. The pages of the rows it reads are page cache, shared by
+    the workers on a node and dropped by the kernel under pressure, though counted in each one's RSS.
+    Indexing gives one row as a dict, slicing a list of them."""
+
+    def __init__(self, path: str | Path):
+        import mmap
+
+        import pyarrow as pa
+
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped.madvise(mmap.MADV_RANDOM)  # rows come in shuffled order: no read-ahead of megabytes around each one
+        self.table = pa.ipc.open_file(pa.py_buffer(mapped)).read_all()  # zero-copy: the buffers point into the map
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # row by row: `take` would copy whole columns
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.path}: row {index} of {len(self)}")
+        return _present(self.table.slice(index % len(self), 1).to_pylist()[0])
+
+
+def _present(row: dict[str, Any]) -> dict[str, Any]:
+    """A row without the columns only other rows have (Arrow fills them with nulls)."""
+    return {key: value for key, value in row.items() if value is not None}
+
+
+def split_file(prompts_dir: str | Path, split: str) -> Path:
+    return Path(prompts_dir) / (f"{split}.arrow" if split in STREAMED_SPLITS else f"{split}.jsonl")
+
+
+def open_prompts(prompts_dir: str | Path, split: str) -> PromptRows | list[dict[str, Any]]:
+    """A split for random access without reading it whole where it is stored as Arrow."""
+    path = split_file(prompts_dir, split)
+    return PromptRows(path) if path.suffix == ".arrow" else read_prompts(prompts_dir, split)
+
+
 def read_prompts(prompts_dir: str | Path, split: str) -> list[dict[str, Any]]:
-    with open(Path(prompts_dir) / f"{split}.jsonl", encoding="utf-8") as handle:
+    """A split's rows as a list, read whole."""
+    path = split_file(prompts_dir, split)
+    if path.suffix == ".arrow":
+        rows = PromptRows(path)
+        return rows[0 : len(rows)]
+    with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
 
 

@@ -20,7 +20,7 @@ import torch
 
 from kftune.config import RunConfig, config_to_dict
 from kftune.errors import KftuneError
-from kftune.prompts.build import META_FILE
+from kftune.prompts.build import META_FILE, split_file
 
 STATE_FILE = "trainer_state.json"
 IDENTITY_SECTIONS = ("model", "data", "prompt", "method", "train")
@@ -34,9 +34,18 @@ def run_identity(config: RunConfig, prompts_dir: str | Path) -> str:
     for key in IDENTITY_IGNORED_TRAIN_KEYS:
         shaping["train"].pop(key, None)
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
-    for name in ("train.jsonl", META_FILE):
-        digest.update(hashlib.sha256((Path(prompts_dir) / name).read_bytes()).digest())
+    for path in (split_file(prompts_dir, "train"), Path(prompts_dir) / META_FILE):
+        digest.update(_file_sha256(path))
     return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> bytes:
+    """In blocks: a large train split is never read whole into memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.digest()
 
 
 def check_writable(storage: str) -> None:

@@ -35,6 +35,40 @@ def make_engine(model, groups: list[dict], train: TrainSection, total_steps: int
     return engine
 
 
+def autocast(precision: str, device: torch.device):
+    """16-bit matmuls over fp32 and 16-bit weights alike (a method's fp32 parameters on a 16-bit frozen base)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@contextlib.contextmanager
+def partitioned_construction(train: TrainSection, world: int, method: str):
+    """Under ZeRO-3, models built inside this are partitioned as they are constructed (transformers'
+    DeepSpeed integration runs `from_pretrained` under `deepspeed.zero.Init` and loads each worker's
+    part): no worker ever holds the whole model. Elsewhere, and for methods that read the whole base
+    weights while applied, it does nothing."""
+    from kftune.methods import METHODS
+
+    if not train.deepspeed or train.deepspeed.stage != 3 or METHODS[method].reads_base_weights:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    from kftune.train.deepspeed_config import deepspeed_config
+
+    import deepspeed
+
+    if not train.use_gpu:
+        skip_shm_op()
+    if torch.distributed.is_initialized():  # zero.Init partitions over DeepSpeed's view of the (Ray Train) process group
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+    settings = HfDeepSpeedConfig(deepspeed_config(train, world))  # transformers holds it weakly: alive for this block only
+    try:
+        yield settings
+    finally:
+        unset_hf_deepspeed_config()
+
+
 def torch_adamw(groups: list[dict], train: TrainSection, device: torch.device) -> torch.optim.AdamW:
     """torch's AdamW (fused on GPUs); public because bench/gpu_throughput.py hands its DeepSpeed peer the same one."""
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda" or None)
@@ -66,8 +100,7 @@ class DDPEngine:
     def micro_step(self):
         """Forward and backward of one micro-batch: autocast, and no gradient all-reduce until the last one."""
         sync = contextlib.nullcontext() if self.at_boundary() or not hasattr(self.model, "no_sync") else self.model.no_sync()
-        dtype = AUTOCAST_DTYPES.get(self.train.precision)
-        with sync, torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with sync, autocast(self.train.precision, self.device):
             yield
 
     def backward(self, loss_share: torch.Tensor) -> None:
@@ -101,12 +134,18 @@ class DDPEngine:
         unfreezing turns more on, wrap again so their gradients are averaged across workers too."""
         self.model = self._replicated()
 
+    def trained_state(self, rank: int) -> dict[str, torch.Tensor]:
+        """The parameters the optimizer steps, as fp32 CPU copies on rank 0 (`{}` elsewhere)."""
+        if rank != 0:
+            return {}
+        chosen = {id(p) for p in self.parameters}
+        return {n: p.detach().float().cpu().clone() for n, p in self.module.named_parameters() if id(p) in chosen}
+
     def save(self, directory: Path, rank: int) -> None:
         """Rank 0 writes the trained parameters with optimizer, schedule and scaler state (DDP keeps them identical on every worker)."""
         if rank == 0:
-            chosen = {id(p) for p in self.parameters}
             torch.save({
-                "parameters": {n: p.detach().cpu() for n, p in self.module.named_parameters() if id(p) in chosen},
+                "parameters": self.trained_state(rank),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -121,15 +160,16 @@ class DDPEngine:
         missing = sorted(set(state["parameters"]) - set(own))
         if missing:
             raise KftuneError(f"{path}: parameters {missing[:3]} are not in this model; the checkpoint belongs to another model or method")
-        with torch.no_grad():
-            for name, value in state["parameters"].items():
-                own[name].copy_(value)
+        _copy_into(self.module, state["parameters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 
-    def consolidated(self, build_model, rank: int):
-        """The trained model as a plain module (DDP replicas are whole and identical)."""
+    def consolidated(self, build_model, rank: int, state: dict[str, torch.Tensor] | None = None):
+        """The trained model as a plain module (DDP replicas are whole and identical), holding `state`
+        (a `trained_state` taken earlier) when given."""
+        if state:
+            _copy_into(self.module, state)
         return self.module
 
 
@@ -197,23 +237,38 @@ class DeepSpeedEngine:
         if loaded is None:
             raise KftuneError(f"{directory / DEEPSPEED_TAG}: DeepSpeed could not load this checkpoint")
 
-    def consolidated(self, build_model, rank: int):
-        """On rank 0, a fresh plain model (`build_model()`) holding the trained parameters gathered
-        from every worker's ZeRO shards, in fp32; None elsewhere. Collective: every worker calls it.
-        A plain module is what the artifact, the probe and a later reload all see."""
+    def trained_state(self, rank: int) -> dict[str, torch.Tensor]:
+        """The trained parameters gathered from every worker's ZeRO shards onto rank 0 (`{}` elsewhere):
+        the optimizer's fp32 master copies where DeepSpeed trains in 16 bits. Collective."""
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
         trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        state = {}
         with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
-            state = {n: p.detach().float().cpu().clone() for n, p in trainable} if rank == 0 else None
+            for name, parameter in trainable:
+                master = safe_get_full_fp32_param(parameter)  # collective under ZeRO-3: every worker asks for every parameter
+                if rank == 0:
+                    state[name] = (parameter.detach() if master is None else master).float().cpu().clone()
+        return state
+
+    def consolidated(self, build_model, rank: int, state: dict[str, torch.Tensor] | None = None):
+        """On rank 0, a fresh plain model (`build_model()`) holding `state` (a `trained_state` taken
+        earlier) or else the trained parameters now; None elsewhere. Collective: every worker calls it.
+        A plain module is what the artifact, the probe and a later reload all see."""
+        state = self.trained_state(rank) if state is None else state
         if rank != 0:
             return None
         model = build_model()
-        own = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                own[name].copy_(value)
+        _copy_into(model, state)
         return model
+
+
+def _copy_into(model, state: dict[str, torch.Tensor]) -> None:
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
 
 
 def skip_shm_op() -> None:

@@ -1,0 +1,77 @@
+"""Precision-aware loading: with 16-bit training a method's frozen weights load in 16 bits while what
+AdamW steps stays fp32 under DDP; DeepSpeed gets the whole model in 16 bits (it keeps its own fp32
+master copies); full fine-tuning under DDP keeps fp32. A bf16 LoRA run trains on CPU over 2 Ray
+workers and its artifact reloads to the outputs the run recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kftune import steps
+from kftune.config import parse_config
+from kftune.methods import may_train
+from kftune.models import load_tuned_model
+from kftune.prompts.build import read_meta, read_prompts
+from kftune.train.launch import run_training
+from kftune.train.loop import PROBE_FILE, PROBE_ROWS, TRAIN_LOG_FILE, build_model, probe_outputs
+
+from conftest import EXAMPLES, STORIES
+
+LORA = {"name": "lora", "r": 4, "target_modules": "all-linear"}
+
+
+def story_config(tmp_path, method=LORA, **train):
+    return parse_config({
+        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+        "data": {"path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"), "columns": {"text": "sentence"}, "max_rows": 200, "split": {"test": 0.1}},
+        "prompt": {"template": "text", "max_length": 48},
+        "method": method,
+        "train": {"batch_size": 8, "max_steps": 6, "lr": 5e-3, "workers": 2, "log_every_steps": 3, **train},
+        "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
+        "registry": {"model_name": "precision", "gate": {"metric": "perplexity"}, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    })
+
+
+def dtypes(model, trainable: bool) -> set[torch.dtype]:
+    return {p.dtype for p in model.parameters() if p.requires_grad == trainable}
+
+
+@pytest.mark.parametrize(("method", "train", "frozen", "trained"), [
+    (LORA, {"precision": "bf16"}, {torch.bfloat16}, {torch.float32}),
+    (LORA, {"precision": "fp32"}, {torch.float32}, {torch.float32}),
+    ({"name": "train_top", "layers": 1}, {"precision": "bf16"}, {torch.bfloat16}, {torch.float32}),
+    (LORA, {"precision": "bf16", "deepspeed": {"stage": 3}}, {torch.bfloat16}, {torch.float32}),  # DeepSpeed casts LoRA itself
+    ({"name": "full"}, {"precision": "bf16"}, set(), {torch.float32}),
+    ({"name": "full"}, {"precision": "bf16", "deepspeed": {"stage": 2}}, set(), {torch.bfloat16}),
+])
+def test_frozen_weights_load_in_the_training_precision_and_trained_ones_stay_fp32(tmp_path, method, train, frozen, trained):
+    model = build_model(story_config(tmp_path, method, **train), None, for_training=True)
+    assert dtypes(model, trainable=False) == frozen
+    assert dtypes(model, trainable=True) == trained
+
+
+def test_layers_gradual_unfreezing_turns_on_later_are_fp32_from_the_start(tmp_path):
+    config = story_config(tmp_path, {"name": "gradual_unfreeze", "start_layers": 1, "every_steps": 2}, precision="bf16")
+    model = build_model(config, None, for_training=True)
+    later = may_train(model, config.method)
+    assert any(not p.requires_grad for p in later)
+    assert {p.dtype for p in later} == {torch.float32}
+
+
+def test_a_bf16_lora_run_trains_on_cpu_and_its_artifact_reloads_to_the_recorded_outputs(tmp_path):
+    conf = story_config(tmp_path, precision="bf16")
+    raw = json.loads(conf.model_dump_json(exclude_none=True))
+    steps.prepare_data(raw, str(tmp_path / "data"), str(tmp_path / "card.md"))
+    steps.build_prompts(raw, str(tmp_path / "data"), str(tmp_path / "prompts"), str(tmp_path / "preview.html"))
+    run_training(conf, tmp_path / "prompts", tmp_path / "model", tmp_path / "ray")
+    history = json.loads((tmp_path / "model" / TRAIN_LOG_FILE).read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    reloaded = load_tuned_model(tmp_path / "model")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    rows = read_prompts(tmp_path / "prompts", "test")[:PROBE_ROWS]
+    outputs = probe_outputs(reloaded, rows, read_meta(tmp_path / "prompts")["pad_token_id"], "causal_lm")
+    expected = json.loads((tmp_path / "model" / PROBE_FILE).read_text())["outputs"]
+    assert torch.allclose(torch.tensor(outputs), torch.tensor(expected), rtol=1e-5)

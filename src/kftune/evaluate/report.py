@@ -7,17 +7,29 @@ import html
 from typing import Any
 
 
-def _loss_svg(curve: list[float], width: int = 480, height: int = 160) -> str:
-    if len(curve) < 2:
+CURVE_COLORS = ("#d0594a", "#3b7dd8")
+
+
+def _loss_svg(series: dict[str, list[tuple[int, float]]], width: int = 480, height: int = 160) -> str:
+    """Loss curves over the optimizer step on shared axes: training, and validation when the run evaluated during training."""
+    drawn = {name: points for name, points in series.items() if len(points) >= 2}
+    if not drawn:
         return "<p>(too few steps for a curve)</p>"
-    low, high = min(curve), max(curve)
-    span = (high - low) or 1.0
-    points = " ".join(f"{i * width / (len(curve) - 1):.1f},{height - (v - low) / span * (height - 10) - 5:.1f}" for i, v in enumerate(curve))
+    values = [v for points in drawn.values() for _, v in points]
+    steps = [step for points in drawn.values() for step, _ in points]
+    low, high, first = min(values), max(values), min(steps)
+    span, length = (high - low) or 1.0, (max(steps) - first) or 1
+    lines, legend = [], []
+    for (name, points), color in zip(drawn.items(), CURVE_COLORS, strict=False):
+        xy = " ".join(f"{(step - first) * width / length:.1f},{height - (v - low) / span * (height - 10) - 5:.1f}" for step, v in points)
+        lines.append(f"<polyline fill='none' stroke='{color}' stroke-width='1.5' points='{xy}'/>")
+        legend.append(f"<span style='color:{color}'>&#9632; {html.escape(name)}</span>")
     return (
+        f"<p>{' '.join(legend)} (steps {first}-{max(steps)})</p>"
         f"<svg width='{width + 60}' height='{height + 20}' style='font:11px sans-serif'>"
         f"<text x='0' y='10'>{high:.3f}</text><text x='0' y='{height}'>{low:.3f}</text>"
         f"<g transform='translate(50,0)'><rect width='{width}' height='{height}' fill='none' stroke='#ccc'/>"
-        f"<polyline fill='none' stroke='#d0594a' stroke-width='1.5' points='{points}'/></g></svg>"
+        f"{''.join(lines)}</g></svg>"
     )
 
 
@@ -63,6 +75,13 @@ def _samples(evaluation: dict[str, Any]) -> str:
     return f"<h3>Generations (greedy), tuned</h3><table border=1 cellpadding=4><tr><th>generated</th><th>reference</th></tr>{rows}</table>"
 
 
+def _loss_series(history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    return {
+        "training": [(r["step"], r["loss"]) for r in history],
+        "validation": [(r["step"], r["validation_loss"]) for r in history if "validation_loss" in r],
+    }
+
+
 def render_report(run_name: str, evaluation: dict[str, Any], train_log: dict[str, Any], metric_names: list[str]) -> str:
     trainable = train_log["trainable_parameters"]
     total = train_log["total_parameters"]
@@ -72,7 +91,7 @@ def render_report(run_name: str, evaluation: dict[str, Any], train_log: dict[str
         f"<p>test split: {evaluation['rows']} rows · trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
         f" · {train_log['steps']} steps in {train_log['seconds']} s ({train_log['seconds_per_step']} s/step, {train_log['workers']} workers)</p>"
         f"<h3>Base vs tuned</h3>{_bars(evaluation, metric_names)}"
-        f"<h3>Training loss</h3>{_loss_svg([record['loss'] for record in train_log['history']])}"
+        f"<h3>Loss</h3>{_loss_svg(_loss_series(train_log['history']))}"
         f"{_forgetting(evaluation)}{_samples(evaluation)}"
         f"{_confusion(evaluation, 'tuned')}{_confusion(evaluation, 'base')}"
         "</body></html>"

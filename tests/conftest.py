@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,9 @@ def process_group(backend: str):
         yield
     finally:
         torch.distributed.destroy_process_group()
+        if "deepspeed" in sys.modules:  # DeepSpeed keeps the groups it first saw: let the next module's be seen
+            sys.modules["deepspeed.comm.comm"].cdb = None
+            sys.modules["deepspeed.utils.groups"]._WORLD_GROUP = None
 
 
 def build_on_stories(options):

@@ -31,8 +31,11 @@ cluster-tools:
 bench: setup
 	$(PY) bench/overhead.py
 
+# A compiled pipeline needs data and model where the pods can read them (a volume path, s3://, a packaged
+# alias): the chart's run config is such a config; the local examples are refused (docs/kubernetes.md).
+CLUSTER_CONFIG ?= charts/kftune/files/run-config.yaml
 compile: setup
-	$(VENV)/bin/kftune compile $(CONFIG) -o pipeline.yaml
+	$(VENV)/bin/kftune compile $(CLUSTER_CONFIG) -o pipeline.yaml
 
 # The compiled pipeline the Helm chart ships (tests/test_chart.py fails when it is stale).
 chart-pipeline: setup

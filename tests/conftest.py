@@ -14,6 +14,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 STORIES = EXAMPLES / "models" / "stories260K"
+STORY_ROWS = [
+    "Once upon a time, there was a little girl named Lily. She loved to play in the park.",
+    "Tom had a big red ball. He threw it to his dog, and the dog ran very fast.",
+    "The sun was warm and the birds sang. Sue and her mom went to the shop to buy milk.",
+    "One day, a small cat found a box. The cat jumped in the box and fell asleep.",
+]
 CLUSTER_RUN_CONFIG = REPO / "charts" / "kftune" / "files" / "run-config.yaml"
 """The chart's run config: data on the volume every step mounts, so it compiles for a cluster (kftune.kube.locations)."""
 
@@ -177,3 +183,48 @@ def lora_under_zero(batch: dict, device: str = "cpu", **settings) -> tuple[list[
 
 # Where a compiled config's data lives on CLUSTER's volume (compiling refuses paths only this machine has).
 ON_VOLUME = {"path": "/data/sst2/train.tsv", "split": {"test": "/data/sst2/dev.tsv"}}
+
+
+@pytest.fixture(scope="module")
+def families():
+    """(model path, task, num_labels, batch) per family: MiniLM on 16 SST-2 phrases, stories260K on STORY_ROWS."""
+    import torch
+
+    from kftune.models import load_tokenizer, resolve_model_path
+
+    minilm = resolve_model_path("minilm-l6")
+    lines = (EXAMPLES / "data" / "sst2_train_16k.tsv").read_text().splitlines()[1:17]
+    sentences, labels = zip(*(line.rsplit("\t", 1) for line in lines))
+    encoded = load_tokenizer(minilm)(list(sentences), padding=True, return_tensors="pt")
+    classification = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": torch.tensor([int(x) for x in labels])}
+    encoded = load_tokenizer(STORIES)(STORY_ROWS, padding=True, return_tensors="pt")
+    causal = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)}
+    return {"minilm": (minilm, "sequence_classification", 2, classification), "stories": (STORIES, "causal_lm", None, causal)}
+
+
+@pytest.fixture(scope="module")
+def packed_build(tmp_path_factory):
+    """(config, meta, packed train rows, the same rows unpacked): 40 alpaca records on stories260K."""
+    import json
+
+    from kftune.config import parse_config
+    from kftune.data.prepare import prepare, write_prepared
+    from kftune.prompts.build import build_prompts, read_prompts
+
+    folder = tmp_path_factory.mktemp("packing")
+    source = folder / "alpaca.jsonl"
+    records = [{"instruction": f"Name animal number {i}.", "input": "", "output": "A cat." if i % 2 else "A big brown dog."} for i in range(40)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = parse_config({
+        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+        "data": {"path": str(source), "split": {"test": 0.1}},
+        "prompt": {"template": "alpaca", "max_length": 256, "packing": True},
+        "method": {"name": "lora", "r": 4},
+        "eval": {"metrics": ["perplexity"]},
+        "registry": {"model_name": "packing", "gate": {"metric": "perplexity"}},
+    })
+    write_prepared(prepare(config), folder / "data")
+    meta = build_prompts(config, folder / "data", folder / "prompts")
+    unpacked = folder / "unpacked"
+    build_prompts(config.model_copy(update={"prompt": config.prompt.model_copy(update={"packing": False})}), folder / "data", unpacked)
+    return config, meta, read_prompts(folder / "prompts", "train"), read_prompts(unpacked, "train")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 from functools import cache
-from pathlib import Path
 
 import kubernetes_validate
 import pytest

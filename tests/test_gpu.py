@@ -20,9 +20,7 @@ from kftune.models import load_base_model, load_tokenizer
 from kftune.train.engines import make_engine
 from kftune.train.losses import summed_loss
 
-from conftest import STORIES, lora_under_zero, process_group
-from test_methods_matrix import STORY_ROWS
-from test_packing import packed_build  # noqa: F401  (a fixture)
+from conftest import STORIES, STORY_ROWS, lora_under_zero, process_group
 
 DRY_RUN = os.environ.get("KFTUNE_GPU_TESTS_ON") == "cpu"
 DEVICE = "cpu" if DRY_RUN else "cuda"
@@ -66,7 +64,7 @@ def wide_heads(tmp_path_factory) -> str:
 
 @needs_gpu_kernels
 @pytest.mark.parametrize("kernel, dtype, tolerance", [("flex_attention", torch.float32, 1e-4), ("flash_attention_2", torch.bfloat16, 2e-2)])
-def test_packed_rows_give_the_unpacked_loss_and_gradients(packed_build, wide_heads, kernel, dtype, tolerance):  # noqa: F811
+def test_packed_rows_give_the_unpacked_loss_and_gradients(packed_build, wide_heads, kernel, dtype, tolerance):
     """Packed rows as variable-length sequences (flash: the varlen kernel from position ids; flex: a block
     mask) give the loss and LoRA gradients of the same examples unpacked and padded."""
     from kftune.prompts.collate import Collator, make_collator, uses_varlen_attention

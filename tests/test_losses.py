@@ -15,7 +15,7 @@ from kftune.train.linear_cross_entropy import linear_cross_entropy, linear_cross
 from kftune.train.losses import next_token_losses, plain_output_head, summed_loss
 
 from conftest import STORIES
-from test_methods_matrix import CASES, families  # noqa: F401  (families is a fixture)
+from test_methods_matrix import CASES
 
 STORY_CASES = {name: case for name, case in CASES.items() if case[2]["stories"] is not None}
 

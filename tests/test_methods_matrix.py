@@ -13,17 +13,10 @@ import torch
 
 from kftune.methods import apply_method, calibrate_method, on_step, optimizer_parameter_groups, save_tuned_model
 from kftune.methods.base import METHODS
-from kftune.models import TUNED_CONFIG_FILE, load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
+from kftune.models import TUNED_CONFIG_FILE, load_base_model, load_tuned_model
 
-from conftest import EXAMPLES, STORIES
 
 STEPS = 4
-STORY_ROWS = [
-    "Once upon a time, there was a little girl named Lily. She loved to play in the park.",
-    "Tom had a big red ball. He threw it to his dog, and the dog ran very fast.",
-    "The sun was warm and the birds sang. Sue and her mom went to the shop to buy milk.",
-    "One day, a small cat found a box. The cat jumped in the box and fell asleep.",
-]
 
 HEAD = r"^(classifier|score)\."
 MINILM_LAYER = r"^bert\.encoder\.layer\.(\d+)\."
@@ -60,19 +53,6 @@ CASES = {
     "adapter_pfeiffer": ({"name": "adapter", "placement": "pfeiffer"}, 1e-3, {"minilm": r"\.output\.dense\.adapter\.|LayerNorm|" + HEAD, "stories": r"mlp\.down_proj\.adapter\.|layernorm|^model\.norm\."}),
     "layer_prompt": ({"name": "layer_prompt"}, 1e-2, {"minilm": r"\.layer_prompt(_kv)?$|" + HEAD, "stories": r"\.layer_prompt(_kv)?$"}),
 }
-
-
-@pytest.fixture(scope="module")
-def families():
-    """(model path, task, num_labels, batch) per family."""
-    minilm = resolve_model_path("minilm-l6")
-    lines = (EXAMPLES / "data" / "sst2_train_16k.tsv").read_text().splitlines()[1:17]
-    sentences, labels = zip(*(line.rsplit("\t", 1) for line in lines))
-    encoded = load_tokenizer(minilm)(list(sentences), padding=True, return_tensors="pt")
-    classification = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": torch.tensor([int(x) for x in labels])}
-    encoded = load_tokenizer(STORIES)(STORY_ROWS, padding=True, return_tensors="pt")
-    causal = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)}
-    return {"minilm": (minilm, "sequence_classification", 2, classification), "stories": (STORIES, "causal_lm", None, causal)}
 
 
 def outputs(model, batch, task):

@@ -18,9 +18,10 @@ from kftune.methods import METHODS, calibrate_method, optimizer_parameter_groups
 from kftune.train.engines import make_engine
 from kftune.train.losses import plain_output_head, summed_loss
 
-from conftest import build_on_stories, lora_under_zero, process_group, train_under_zero
-from test_methods_matrix import CASES, families  # noqa: F401  (families is a fixture)
+from conftest import STORIES, build_on_stories, lora_under_zero, process_group, train_under_zero
+from test_methods_matrix import CASES
 
+LORA = METHODS["lora"].options.model_validate({"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"})
 STORY_CASES = {name: case for name, case in CASES.items() if case[2]["stories"] is not None}
 
 

@@ -1,41 +1,16 @@
 """Packing on the real tiny Llama stories260K: a packed batch has the loss of the unpacked one, with the
 block-diagonal 4D mask and with the position-ids-only (variable-length) path."""
 
-import json
 
 import pytest
 import torch
 
-from kftune.config import parse_config
-from kftune.data.prepare import prepare, write_prepared
-from kftune.prompts.build import build_prompts, preview_html, read_prompts
+from kftune.prompts.build import preview_html
 from kftune.prompts.collate import Collator, PackedCollator, batch_tokens, block_diagonal_mask, make_collator, uses_varlen_attention
 from kftune.prompts.packing import pack_rows
 from kftune.train.loop import build_model
 from kftune.train.losses import summed_loss
 
-from conftest import STORIES
-
-
-@pytest.fixture(scope="module")
-def packed_build(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("packing")
-    source = folder / "alpaca.jsonl"
-    records = [{"instruction": f"Name animal number {i}.", "input": "", "output": "A cat." if i % 2 else "A big brown dog."} for i in range(40)]
-    source.write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = parse_config({
-        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
-        "data": {"path": str(source), "split": {"test": 0.1}},
-        "prompt": {"template": "alpaca", "max_length": 256, "packing": True},
-        "method": {"name": "lora", "r": 4},
-        "eval": {"metrics": ["perplexity"]},
-        "registry": {"model_name": "packing", "gate": {"metric": "perplexity"}},
-    })
-    write_prepared(prepare(config), folder / "data")
-    meta = build_prompts(config, folder / "data", folder / "prompts")
-    unpacked = folder / "unpacked"
-    build_prompts(config.model_copy(update={"prompt": config.prompt.model_copy(update={"packing": False})}), folder / "data", unpacked)
-    return config, meta, read_prompts(folder / "prompts", "train"), read_prompts(unpacked, "train")
 
 
 def test_packing_keeps_every_example_and_restarts_positions(packed_build):

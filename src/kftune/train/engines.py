@@ -44,19 +44,18 @@ def autocast(precision: str, device: torch.device):
 @contextlib.contextmanager
 def partitioned_construction(train: TrainSection, world: int, method: str):
     """Under ZeRO-3, models built inside this are partitioned as they are constructed (transformers'
-    DeepSpeed integration runs `from_pretrained` under `deepspeed.zero.Init` and loads each worker's
-    part): no worker ever holds the whole model. Elsewhere, and for methods that read the whole base
-    weights while applied, it does nothing."""
+    DeepSpeed integration runs `from_pretrained` under `deepspeed.zero.Init`): a worker holds its
+    part, plus one module gathered whole while its weights are read in. Elsewhere, and for methods
+    that read the whole base weights while applied, it does nothing."""
     from kftune.methods import METHODS
 
     if not train.deepspeed or train.deepspeed.stage != 3 or METHODS[method].reads_base_weights:
         yield
         return
+    import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     from kftune.train.deepspeed_config import deepspeed_config
-
-    import deepspeed
 
     if not train.use_gpu:
         skip_shm_op()

@@ -90,8 +90,10 @@ def test_served_generation_is_evaluations(make_config, tmp_path):
     generated = served.predict(pd.DataFrame({"prompt": prompts}))["generated"].tolist()
     rows = read_prompts(tmp_path / "prompts", "test")
     assert generated == generate(load_tuned_model(tmp_path / "model"), rows, load_tokenizer(STORIES), 8)[0]
-    with pytest.raises(Exception, match=r"input needs a column 'prompt'; it has \['instruction'\]"):
+    with pytest.raises(Exception, match=r"Model is missing inputs \['prompt'\]"):  # the signature, checked by MLflow
         served.predict(pd.DataFrame({"instruction": ["Hi."]}))
+    with pytest.raises(ValueError, match=r"input needs a column 'prompt'; it has \['instruction'\]"):
+        served.unwrap_python_model().predict(None, pd.DataFrame({"instruction": ["Hi."]}))
 
 
 MERGED_PROBE = """

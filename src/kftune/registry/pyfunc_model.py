@@ -48,14 +48,14 @@ class TunedModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"input needs a column 'prompt'; it has {list(model_input.columns)}")
             prompts = [self.tokenizer(str(text))["input_ids"] for text in model_input["prompt"]]
             rows = [{"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)} for ids in prompts]
-            return pd.DataFrame({"generated": generate(self.model, rows, self.tokenizer, self.config["eval"]["max_new_tokens"])[0]})
+            return pd.DataFrame({"generated": _text(generate(self.model, rows, self.tokenizer, self.config["eval"]["max_new_tokens"])[0])})
         rows = self._encode(model_input)
         if task == "sequence_classification":
             probabilities = class_logits(self.model, rows, self.tokenizer.pad_token_id, size).softmax(dim=-1)
             best = probabilities.max(dim=-1)
-            return pd.DataFrame({"label": [self.labels[i] if self.labels else i for i in best.indices.tolist()], "score": best.values.tolist()})
+            return pd.DataFrame({"label": _text([self.labels[i] if self.labels else i for i in best.indices.tolist()]), "score": best.values.tolist()})
         scores = label_scores(self.model, rows, self.tokenizer, self.template, self.labels, task, size)
-        return pd.DataFrame({"label": [self.labels[s.index(max(s))] for s in scores], "scores": [dict(zip(self.labels, s)) for s in scores]})
+        return pd.DataFrame({"label": _text([self.labels[s.index(max(s))] for s in scores]), "scores": [dict(zip(self.labels, s)) for s in scores]})
 
     def _encode(self, frame) -> list[dict]:
         """Raw rows as build_prompts encodes a test row: each template field read from its data column."""
@@ -88,6 +88,14 @@ class TunedModel(mlflow.pyfunc.PythonModel):
         if missing:
             raise ValueError(f"input needs column(s) {', '.join(missing)}; it has {list(frame.columns)}")
         return {name: column for name, column in wanted.items() if column in frame.columns}
+
+
+def _text(values: list):
+    """A text column as object dtype: pandas 3 infers its `str` dtype, which V2 codecs written before it
+    (MLServer 1.7's pandas codec) cannot encode."""
+    import pandas as pd
+
+    return pd.Series(values, dtype=object)
 
 
 def _load_with_base(folder: Path, base_model: str):

@@ -79,7 +79,8 @@ def serve_until(command: list[str], ready_url: str, log: Path, limit_s: int = 90
     """Run a server (which must bind 127.0.0.1) in its own process group until the block ends, then stop
     the group; a watchdog ends the group after `limit_s` even if the test process dies. Waits until
     `ready_url` answers 200, failing with the log's tail if the server exits first."""
-    wrapped = ["bash", "-c", f'timeout {limit_s} "$@"; kill -TERM 0', "serve", *command]
+    # --foreground: timeout stays in this group (by default it makes its own, which killpg would miss).
+    wrapped = ["bash", "-c", f'timeout --foreground {limit_s} "$@"; kill -TERM 0', "serve", *command]
     process = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True, **popen)
     try:
         deadline = time.time() + limit_s
@@ -94,12 +95,21 @@ def serve_until(command: list[str], ready_url: str, log: Path, limit_s: int = 90
             time.sleep(1)
         yield process
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        _stop_group(process, grace_s=30)
+
+
+def _stop_group(process: subprocess.Popen, grace_s: int) -> None:
+    """TERM the server's process group, then KILL whatever is left of it after `grace_s` (MLServer can
+    outlive a TERM while it drains)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.time() + grace_s
+        while time.time() < deadline:
+            process.poll()
+            os.killpg(process.pid, 0)  # raises once the group is empty
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
 
 
 SERVING_TRAIN_LOG = {"final_loss": 0.5, "seconds": 1.0, "seconds_per_step": 0.1, "trainable_parameters": 10, "history": []}

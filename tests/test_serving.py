@@ -11,37 +11,18 @@ import pytest
 import torch
 
 from kftune.config import parse_config
-from kftune.data.prepare import prepare, write_prepared
 from kftune.evaluate import metrics
-from kftune.evaluate.evaluate import class_logits, evaluate, generate, label_predictions, label_scores
-from kftune.methods import apply_method
+from kftune.evaluate.evaluate import class_logits, generate, label_predictions, label_scores
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
-from kftune.prompts.build import build_prompts, read_meta, read_prompts
+from kftune.prompts.build import read_meta, read_prompts
 from kftune.prompts.templates import get_template
-from kftune.registry.mlflow_registry import register_model
-from kftune.train.loop import save_artifact
 
-from conftest import STORIES
-
-TRAIN_LOG = {"final_loss": 0.5, "seconds": 1.0, "seconds_per_step": 0.1, "trainable_parameters": 10, "history": []}
+from conftest import STORIES, register_tuned
 
 
 def registered(config, tmp_path, evaluation=None):
-    """Prepare, build, a LoRA model standing in for training (random B, so the adapter changes the
-    outputs) saved as the train step saves it, evaluated, registered; returns the served pyfunc."""
-    write_prepared(prepare(config), tmp_path / "data")
-    meta = build_prompts(config, tmp_path / "data", tmp_path / "prompts")
-    path = resolve_model_path(config.model.name_or_path)
-    model = apply_method(load_base_model(path, config.model.task, len(meta["label_names"]) or None, 0), config.method, config.model.task)
-    torch.manual_seed(1)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.2)
-    resolved = json.loads(config.model_dump_json(exclude_none=True))
-    resolved["model"]["num_labels"] = len(meta["label_names"]) or None
-    save_artifact(model.eval(), config, resolved, TRAIN_LOG, meta, str(tmp_path / "prompts"), tmp_path / "model")
-    evaluation = evaluation or evaluate(config, tmp_path / "prompts", tmp_path / "model")
-    register_model(config, tmp_path / "model", evaluation, TRAIN_LOG, [], {"kftune.pipeline_run_id": "run-1"})
+    """A LoRA model standing in for training, evaluated and registered (conftest.register_tuned); returns the served pyfunc."""
+    evaluation = register_tuned(config, tmp_path, evaluation)
     mlflow.set_tracking_uri(config.registry.tracking_uri)
     try:
         return mlflow.pyfunc.load_model(f"models:/{config.registry.model_name}@champion"), evaluation
@@ -82,10 +63,11 @@ def test_served_labels_are_the_ones_evaluation_predicts(task, template, make_con
     served_matrix = metrics.confusion_matrix(gold, [label_names.index(name) for name in predicted["label"]], len(label_names))
     assert served_matrix == evaluation["tuned"]["confusion_matrix"]
 
-    # A column named after the template field works too (`text`, as the README shows); a missing one is named.
-    assert served.predict(raw[["sentence"]].rename(columns={"sentence": "text"})[:3])["label"].tolist() == predicted["label"].tolist()[:3]
-    with pytest.raises(Exception, match=r"input needs column\(s\) 'sentence' or 'text'; it has \['review', 'label'\]"):
+    # A missing column is named: by the version's signature (MLflow checks it first), and by kftune's own check.
+    with pytest.raises(Exception, match=r"Model is missing inputs \['sentence'\]"):
         served.predict(raw.rename(columns={"sentence": "review"}))
+    with pytest.raises(ValueError, match=r"input needs column\(s\) 'sentence'; it has \['review', 'label'\]"):
+        served.unwrap_python_model().predict(None, raw.rename(columns={"sentence": "review"}))
     if task != "sequence_classification":  # a head's rows are truncated, as evaluation truncates them
         with pytest.raises(Exception, match=r"rows \[1\] are longer than prompt.max_length=192 tokens"):
             served.predict(pd.DataFrame({"sentence": ["short .", "long " * 200]}))
@@ -108,5 +90,79 @@ def test_served_generation_is_evaluations(make_config, tmp_path):
     generated = served.predict(pd.DataFrame({"prompt": prompts}))["generated"].tolist()
     rows = read_prompts(tmp_path / "prompts", "test")
     assert generated == generate(load_tuned_model(tmp_path / "model"), rows, load_tokenizer(STORIES), 8)[0]
-    with pytest.raises(Exception, match=r"input needs a column 'prompt'; it has \['instruction'\]"):
+    with pytest.raises(Exception, match=r"Model is missing inputs \['prompt'\]"):  # the signature, checked by MLflow
         served.predict(pd.DataFrame({"instruction": ["Hi."]}))
+    with pytest.raises(ValueError, match=r"input needs a column 'prompt'; it has \['instruction'\]"):
+        served.unwrap_python_model().predict(None, pd.DataFrame({"instruction": ["Hi."]}))
+
+
+MERGED_PROBE = """
+import importlib.abc, json, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "kftune":
+            raise ImportError("kftune is not needed to load a merged model")
+sys.meta_path.insert(0, Refuse())
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+ids = tokenizer(sys.argv[2], return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    logits = model(ids).logits[0].tolist()
+print(json.dumps({"ids": ids[0].tolist(), "logits": logits, "architectures": model.config.architectures, "peft": "peft" in sys.modules}))
+"""
+
+
+def test_merged_lora_is_a_plain_hugging_face_folder(tmp_path):
+    """`method.merge: true`: the folder a text-generation server loads as a Hugging Face model; read here
+    by transformers alone (no peft) in a process where importing kftune fails, it gives the tuned model's logits."""
+    import subprocess
+    import sys
+
+    from kftune.methods import apply_method, save_tuned_model
+    from kftune.methods.lora import LoraOptions
+
+    options = LoraOptions(r=4, target_modules="all-linear", merge=True)
+    tuned = apply_method(load_base_model(STORIES, "causal_lm", None, 0), options, "causal_lm")
+    torch.manual_seed(1)
+    for name, parameter in tuned.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.2)
+    save_tuned_model(tuned.eval(), options, tmp_path)
+    load_tokenizer(STORIES).save_pretrained(str(tmp_path))
+    assert not (tmp_path / "adapter_config.json").exists() and (tmp_path / "model.safetensors").is_file()
+
+    done = subprocess.run([sys.executable, "-c", MERGED_PROBE, str(tmp_path), "Lily saw a cat"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout)
+    assert loaded["architectures"] == ["LlamaForCausalLM"] and not loaded["peft"]
+    with torch.no_grad():
+        expected = tuned(torch.tensor([loaded["ids"]])).logits[0]
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        base = load_base_model(STORIES, "causal_lm", None, 0)(torch.tensor([loaded["ids"]])).logits[0]
+    assert not torch.allclose(base, expected, atol=1e-3)  # the merged weights carry the update
+
+
+def test_a_missing_base_model_is_named_where_the_version_is_served(make_config, tmp_path):
+    """A LoRA version holds the adapter only; served where its base folder is not, loading says which base it needs."""
+    import shutil
+
+    base = tmp_path / "volume" / "stories"
+    shutil.copytree(STORIES, base)
+    source = tmp_path / "qa.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"What did Lily see in story {i}?", "input": "", "output": f"A cat {i}."}) + "\n" for i in range(10)))
+    config = parse_config(make_config(
+        model={"name_or_path": str(base), "task": "causal_lm"}, data={"path": str(source), "columns": {}, "split": {"test": 0.2}},
+        prompt={"template": "alpaca", "max_length": 160}, method={"name": "lora", "r": 4, "target_modules": "all-linear"},
+        eval={"metrics": ["perplexity"]}, registry={"gate": {"metric": "perplexity"}},
+    ))
+    register_tuned(config, tmp_path, evaluation={"tuned": {"perplexity": 10.0}})
+    shutil.rmtree(tmp_path / "volume")
+    mlflow.set_tracking_uri(config.registry.tracking_uri)
+    try:
+        with pytest.raises(Exception, match=rf"this version's base model '{base}' is not available where it is served .*not a directory.*mount its folder at the same path"):
+            mlflow.pyfunc.load_model(f"models:/{config.registry.model_name}@champion")
+    finally:
+        mlflow.set_tracking_uri(None)

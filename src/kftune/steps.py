@@ -164,5 +164,5 @@ def register(
         "kftune.version": __version__,
         "kftune.run_name": f"{run_config.registry.model_name}-{pipeline_run_id}",
     }
-    registered = register_model(run_config, model_dir, evaluation, train_log, [report, card_path], lineage)
+    registered = register_model(run_config, model_dir, evaluation, train_log, [report, card_path], lineage, dataset_dir)
     return {"registered": registered, "evaluation": evaluation, "train": {k: v for k, v in train_log.items() if k != "history"}}

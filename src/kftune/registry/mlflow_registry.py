@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kftune import __version__
 from kftune.config import RunConfig, config_to_dict
 from kftune.errors import KftuneError
 from kftune.evaluate.metrics import HIGHER_IS_BETTER
@@ -20,7 +19,12 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 GATE_METRIC_TAG = "kftune.gate_metric"
 SPLIT_TAG = "kftune.eval_split_sha256"
 RUN_ID_TAG = "kftune.pipeline_run_id"
+DATASET_TAG = "kftune.dataset_sha256"
 PROMOTED_FROM_TAG = "kftune.promoted_from"
+PROMOTED_AT_TAG = "kftune.promoted_at"
+KFTUNE_CHAMPION_TAG = "kftune.champion"
+"""On the registered model: the version kftune last pointed `champion` at. MLflow keeps no history of
+aliases, so this is how rollback tells an alias moved by hand (MLflow UI, API) from its own moves."""
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -60,8 +64,10 @@ def register_model(
     train_log: dict[str, Any],
     attachments: list[str | Path],
     lineage: dict[str, str],
+    dataset_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Log the run and the pyfunc model, register a version, apply the gate; idempotent per pipeline run."""
+    """Log the run and the pyfunc model, register a version, apply the gate; idempotent per pipeline run.
+    `dataset_dir` (the prepared data) gives the version its input example."""
     from mlflow.exceptions import MlflowException
 
     registry = config.registry
@@ -74,7 +80,7 @@ def register_model(
         existing = _version_for_pipeline_run(client, registry.model_name, lineage[RUN_ID_TAG])
         if existing is not None:  # a retried register step: report what the first attempt did
             return _summary(client, registry.model_name, existing, promoted=None, gate=existing.tags.get("kftune.gate", ""), reused=True)
-        model_uri = _log_run(config, model_dir, evaluation, train_log, attachments, lineage)
+        model_uri = _log_run(config, model_dir, evaluation, train_log, attachments, lineage, dataset_dir)
         version = _create_version(registry.model_name, model_uri, {
             **lineage, GATE_METRIC_TAG: f"{gate.metric}={evaluation['tuned'][gate.metric]}", SPLIT_TAG: evaluation.get("split_sha256", ""),
         })
@@ -93,20 +99,23 @@ def _version_for_pipeline_run(client, name: str, pipeline_run_id: str):
     return found[0] if found else None
 
 
-def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, lineage) -> str:
-    """The MLflow run (params, metrics, lineage tags, attachments) and the pyfunc model; returns its URI."""
+def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, lineage, dataset_dir) -> str:
+    """The MLflow run (params, the data as its input, train metrics, lineage tags, attachments) and the
+    logged model, which the evaluation metrics are linked to; returns the model's URI."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     from kftune.prompts.templates import template_file
-    from kftune.registry.pyfunc_model import MODEL_ARTIFACT, TEMPLATE_ARTIFACT, TunedModel
+    from kftune.registry.packaging import log_served_model, training_dataset
+    from kftune.registry.pyfunc_model import MODEL_ARTIFACT, TEMPLATE_ARTIFACT
 
     with mlflow.start_run(experiment_id=_experiment_id(config), run_name=lineage.get("kftune.run_name")):
         mlflow.log_params(_flatten(config_to_dict(config)))
-        for kind in ("tuned", "base"):
-            if kind in evaluation:
-                mlflow.log_metrics({f"{kind}_{m}": v for m, v in evaluation[kind].items() if isinstance(v, (int, float))})
+        dataset = None
+        if lineage.get(DATASET_TAG):
+            dataset = training_dataset(config, lineage[DATASET_TAG])
+            mlflow.log_input(dataset, context="training", tags={DATASET_TAG: lineage[DATASET_TAG]})
         mlflow.log_metrics({k: train_log[k] for k in ("final_loss", "seconds", "seconds_per_step", "trainable_parameters")})
         now = int(time.time() * 1000)
         per_step = [Metric(f"train_{key}", value, now, record["step"]) for record in train_log["history"] for key, value in record.items() if key != "step"]
@@ -114,12 +123,12 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
         mlflow.set_tags(lineage)
         for path in attachments:
             mlflow.log_artifact(str(path))
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=TunedModel(),
-            artifacts={MODEL_ARTIFACT: str(model_dir), TEMPLATE_ARTIFACT: str(template_file(config.prompt.template))},
-            pip_requirements=[f"kftune=={__version__}"],
-        )
+        artifacts = {MODEL_ARTIFACT: str(model_dir), TEMPLATE_ARTIFACT: str(template_file(config.prompt.template))}
+        info = log_served_model(config, artifacts, dataset_dir)
+        for kind in ("tuned", "base"):  # the tuned metrics describe the logged model; base ones the run's baseline
+            if kind in evaluation:
+                values = {f"{kind}_{m}": v for m, v in evaluation[kind].items() if isinstance(v, (int, float))}
+                mlflow.log_metrics(values, model_id=info.model_id if kind == "tuned" else None, dataset=dataset)
     return info.model_uri
 
 
@@ -198,10 +207,10 @@ def _champion_or_none(client, name: str):
 def _move_champion(client, name: str, version: str, reason: str) -> str | None:
     """Point `champion` at `version`, recording when, from which version and why on that version."""
     previous = _champion_or_none(client, name)
-    _set_alias(client, name, CHAMPION, str(version))
+    _point_champion(client, name, str(version))
     audit = {
         PROMOTED_FROM_TAG: str(previous.version) if previous else "",
-        "kftune.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        PROMOTED_AT_TAG: datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "kftune.promoted_why": reason,
     }
     for key, value in audit.items():
@@ -227,31 +236,69 @@ def _summary(client, name: str, version, promoted: bool | None, gate: str, reuse
 
 def promote(tracking_uri: str | None, name: str, version: str, reason: str) -> str:
     """Hand promotion: `champion` -> `version` of model `name`."""
-    from mlflow.exceptions import MlflowException
-
     client = connect(tracking_uri)
-    try:
-        client.get_model_version(name, str(version))
-    except MlflowException:
-        raise KftuneError(f"model {name!r} has no version {version!r}; versions: {_versions(client, name)}") from None
+    if not _version_exists(client, name, str(version)):
+        raise KftuneError(f"model {name!r} has no version {version!r}; versions: {_versions(client, name)}")
     previous = _move_champion(client, name, str(version), f"by hand: {reason}")
     return f"{name}: champion v{previous or '-'} -> v{version}"
 
 
+def _point_champion(client, name: str, version: str) -> None:
+    _set_alias(client, name, CHAMPION, version)
+    client.set_registered_model_tag(name, KFTUNE_CHAMPION_TAG, version)
+
+
 def rollback(tracking_uri: str | None, name: str, reason: str) -> str:
-    """Move `champion` back to the version it was promoted from."""
+    """Move `champion` back to the version it replaced: the one recorded when kftune promoted it, or,
+    when the alias was moved outside kftune since, the champion kftune last set."""
     client = connect(tracking_uri)
     champion = _champion_or_none(client, name)
+    last_set = _registered_model_tag(client, name, KFTUNE_CHAMPION_TAG)
     if champion is None:
+        if last_set:
+            raise KftuneError(f"model {name!r} has no alias {CHAMPION!r}: it was removed outside kftune, which last set it to "
+                              f"v{last_set}; `kftune promote {name} {last_set}` restores that one")
         raise KftuneError(f"model {name!r} has no alias {CHAMPION!r} to roll back (versions: {_versions(client, name)})")
-    previous = champion.tags.get(PROMOTED_FROM_TAG)
-    if not previous:
-        raise KftuneError(f"{name} v{champion.version} was the first champion; there is nothing to roll back to")
-    _set_alias(client, name, CHAMPION, previous)
+    note = ""
+    if last_set and last_set != str(champion.version):
+        previous = last_set
+        note = (f"; v{champion.version} had been made champion outside kftune, which records no alias history, "
+                f"so v{previous} is the last champion known (any version set by hand in between is not)")
+    elif champion.tags.get(PROMOTED_AT_TAG):
+        previous = champion.tags.get(PROMOTED_FROM_TAG)
+        if not previous:
+            raise KftuneError(f"{name} v{champion.version} was the first champion; there is nothing to roll back to")
+    else:
+        raise KftuneError(f"{name} v{champion.version} was made champion outside kftune and kftune recorded no champion "
+                          f"before it, so the registry cannot say which version that was; choose one with "
+                          f"`kftune promote {name} VERSION` (versions: {_versions(client, name)})")
+    if not _version_exists(client, name, previous):
+        raise KftuneError(f"{name}: the champion before v{champion.version} was v{previous}, which no longer exists "
+                          f"(versions: {_versions(client, name)}); choose one with `kftune promote {name} VERSION`")
+    _point_champion(client, name, previous)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     client.set_model_version_tag(name, champion.version, "kftune.rolled_back_at", stamp)
     client.set_model_version_tag(name, champion.version, "kftune.rolled_back_why", reason)
-    return f"{name}: champion v{champion.version} -> v{previous} (rollback)"
+    return f"{name}: champion v{champion.version} -> v{previous} (rollback){note}"
+
+
+def _registered_model_tag(client, name: str, key: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name).tags.get(key)
+    except MlflowException:
+        return None
+
+
+def _version_exists(client, name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+        return True
+    except MlflowException:
+        return False
 
 
 def _versions(client, name: str) -> str:

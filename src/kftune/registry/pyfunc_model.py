@@ -23,6 +23,8 @@ TEMPLATE_ARTIFACT = "kftune_template"
 
 class TunedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from kftune.config import EvalSection
+        from kftune.evaluate.evaluate import place
         from kftune.models import LABELS_FILE, TUNED_CONFIG_FILE, load_tokenizer
         from kftune.prompts.templates import get_template
 
@@ -30,8 +32,11 @@ class TunedModel(mlflow.pyfunc.PythonModel):
         self.config = json.loads((folder / TUNED_CONFIG_FILE).read_text())
         self.labels = json.loads((folder / LABELS_FILE).read_text()) if (folder / LABELS_FILE).is_file() else []
         self.template = get_template(context.artifacts[TEMPLATE_ARTIFACT])
-        # Loaded on the CPU, as evaluation scores by default; a device placement belongs here.
-        self.model = _load_with_base(folder, self.config["model"]["name_or_path"])
+        # Where the run's eval.device / eval.precision put evaluation (auto: the server's GPU when it has one, in bf16).
+        settings = EvalSection.model_validate(
+            {k: v for k, v in self.config["eval"].items() if k in ("device", "precision")}
+        )
+        self.model = place(_load_with_base(folder, self.config["model"]["name_or_path"]), settings)
         self.tokenizer = load_tokenizer(folder)
 
     def predict(self, context, model_input, params=None):
@@ -48,14 +53,30 @@ class TunedModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"input needs a column 'prompt'; it has {list(model_input.columns)}")
             prompts = [self.tokenizer(str(text))["input_ids"] for text in model_input["prompt"]]
             rows = [{"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)} for ids in prompts]
-            return pd.DataFrame({"generated": _text(generate(self.model, rows, self.tokenizer, self.config["eval"]["max_new_tokens"])[0])})
+            return pd.DataFrame(
+                {
+                    "generated": _text(
+                        generate(self.model, rows, self.tokenizer, self.config["eval"]["max_new_tokens"])[0]
+                    )
+                }
+            )
         rows = self._encode(model_input)
         if task == "sequence_classification":
             probabilities = class_logits(self.model, rows, self.tokenizer.pad_token_id, size).softmax(dim=-1)
             best = probabilities.max(dim=-1)
-            return pd.DataFrame({"label": _text([self.labels[i] if self.labels else i for i in best.indices.tolist()]), "score": best.values.tolist()})
+            return pd.DataFrame(
+                {
+                    "label": _text([self.labels[i] if self.labels else i for i in best.indices.tolist()]),
+                    "score": best.values.tolist(),
+                }
+            )
         scores = label_scores(self.model, rows, self.tokenizer, self.template, self.labels, task, size)
-        return pd.DataFrame({"label": _text([self.labels[s.index(max(s))] for s in scores]), "scores": [dict(zip(self.labels, s)) for s in scores]})
+        return pd.DataFrame(
+            {
+                "label": _text([self.labels[s.index(max(s))] for s in scores]),
+                "scores": [dict(zip(self.labels, s, strict=False)) for s in scores],
+            }
+        )
 
     def _encode(self, frame) -> list[dict]:
         """Raw rows as build_prompts encodes a test row: each template field read from its data column."""
@@ -63,20 +84,26 @@ class TunedModel(mlflow.pyfunc.PythonModel):
         from kftune.prompts.build import encode_example
 
         if self.config["prompt"]["few_shot"]:
-            raise ValueError(f"this model was trained and evaluated with prompt.few_shot={self.config['prompt']['few_shot']} "
-                             "demonstrations from its train split, which serving does not have; it would not predict what evaluation measured")
+            raise ValueError(
+                f"this model was trained and evaluated with prompt.few_shot={self.config['prompt']['few_shot']} "
+                "demonstrations from its train split, which serving does not have; it would not predict what evaluation measured"
+            )
         columns = self._columns(frame)
         task, max_length = self.config["model"]["task"], self.config["prompt"]["max_length"]
         rows, too_long = [], []
         for index, record in enumerate(frame.to_dict("records")):
             row = {name: field_value(record[column]) for name, column in columns.items()}
-            examples = encode_example(task, self.template, self.tokenizer, max_length, self.labels, index, row, Counter())
+            examples = encode_example(
+                task, self.template, self.tokenizer, max_length, self.labels, index, row, Counter()
+            )
             if any(encoded is None for _, encoded in examples):
                 too_long.append(index)
             rows += [encoded for _, encoded in examples]
         if too_long:
-            raise ValueError(f"rows {too_long} are longer than prompt.max_length={max_length} tokens once rendered; "
-                             "evaluation drops such rows, so they have no prediction to serve")
+            raise ValueError(
+                f"rows {too_long} are longer than prompt.max_length={max_length} tokens once rendered; "
+                "evaluation drops such rows, so they have no prediction to serve"
+            )
         return rows
 
     def _columns(self, frame) -> dict[str, str]:

@@ -29,7 +29,9 @@ def batches(tokenizer, texts, labels, size, order=None):
     order = list(order)
     for start in range(0, len(order), size):
         chosen = order[start : start + size]
-        encoded = tokenizer([texts[i] for i in chosen], truncation=True, max_length=64, padding=True, return_tensors="pt")
+        encoded = tokenizer(
+            [texts[i] for i in chosen], truncation=True, max_length=64, padding=True, return_tensors="pt"
+        )
         yield encoded, torch.tensor([labels[i] for i in chosen])
 
 
@@ -53,14 +55,18 @@ base_accuracy = accuracy(base, tokenizer, dev_texts, dev_labels)
 
 torch.manual_seed(0)
 model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-model = peft.get_peft_model(model, peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]))
+model = peft.get_peft_model(
+    model, peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"])
+)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
 steps = -(-len(train_texts) // 32)
 scheduler = get_scheduler("linear", optimizer, 0, steps)
 generator = torch.Generator().manual_seed(0)
 model.train()
 train_started = time.perf_counter()
-for encoded, gold in batches(tokenizer, train_texts, train_labels, 32, torch.randperm(len(train_texts), generator=generator).tolist()):
+for encoded, gold in batches(
+    tokenizer, train_texts, train_labels, 32, torch.randperm(len(train_texts), generator=generator).tolist()
+):
     loss = model(**encoded, labels=gold).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -69,5 +75,14 @@ for encoded, gold in batches(tokenizer, train_texts, train_labels, 32, torch.ran
     optimizer.zero_grad()
 train_seconds = time.perf_counter() - train_started
 tuned_accuracy = accuracy(model, tokenizer, dev_texts, dev_labels)
-print(json.dumps({"base_accuracy": base_accuracy, "tuned_accuracy": tuned_accuracy, "steps": steps,
-                  "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.perf_counter() - started, 1)}))
+print(
+    json.dumps(
+        {
+            "base_accuracy": base_accuracy,
+            "tuned_accuracy": tuned_accuracy,
+            "steps": steps,
+            "train_seconds": round(train_seconds, 1),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+)

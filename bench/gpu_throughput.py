@@ -32,17 +32,33 @@ import platform
 import socket
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, seq=2048, batch=8),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, seq=64, batch=2),
+    "llama-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "seq": 2048,
+        "batch": 8,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "seq": 64,
+        "batch": 2,
+    },
 }
 TARGETS = {"lora": (1.5, 25.0), "full": (1.3, None)}  # method: (our tokens/s over the best peer's, peak GiB at most)
 
@@ -51,7 +67,9 @@ def make_model(shape: dict, device: torch.device, dtype: torch.dtype):
     """Random-initialised on the device itself (a 1B model initialises in seconds there, minutes on the host)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{k: v for k, v in shape.items() if k not in ("seq", "batch")}, max_position_embeddings=shape["seq"])
+    config = LlamaConfig(
+        **{k: v for k, v in shape.items() if k not in ("seq", "batch")}, max_position_embeddings=shape["seq"]
+    )
     torch.manual_seed(0)
     with device:
         return LlamaForCausalLM(config).to(dtype=dtype)
@@ -66,7 +84,9 @@ def parse_variant(text: str) -> tuple[bool, int]:
         elif part.startswith("ckpt=") and part[5:].isdigit() and int(part[5:]) > 0:
             every = int(part[5:])
         elif part != "eager":
-            raise argparse.ArgumentTypeError(f"--ours: unknown variant part {part!r} (eager, compile, ckpt=K, joined with +)")
+            raise argparse.ArgumentTypeError(
+                f"--ours: unknown variant part {part!r} (eager, compile, ckpt=K, joined with +)"
+            )
     return compiled, every
 
 
@@ -77,17 +97,30 @@ def train_settings(method: str, shape: dict, device: torch.device, variant: str 
     from kftune.config import DeepSpeedSection, TrainSection
 
     compiled, every = parse_variant(variant)
-    return TrainSection(batch_size=shape["batch"], workers=1, lr=1e-4, schedule="constant", use_gpu=device.type == "cuda",
-                        precision="bf16" if device.type == "cuda" else "fp32",  # CPU: fp32 like the tiny model (fp16 is GPU-only)
-                        deepspeed=DeepSpeedSection(stage=2) if method == "full" else None, compile=compiled,
-                        gradient_checkpointing=every > 0, gradient_checkpointing_every=max(every, 1))
+    return TrainSection(
+        batch_size=shape["batch"],
+        workers=1,
+        lr=1e-4,
+        schedule="constant",
+        use_gpu=device.type == "cuda",
+        precision="bf16" if device.type == "cuda" else "fp32",  # CPU: fp32 like the tiny model (fp16 is GPU-only)
+        deepspeed=DeepSpeedSection(stage=2) if method == "full" else None,
+        compile=compiled,
+        gradient_checkpointing=every > 0,
+        gradient_checkpointing_every=max(every, 1),
+    )
 
 
 def model_flops_per_token(shape: dict, method: str) -> float:
     """PaLM's model FLOPs per token (Chowdhery et al. 2022, appendix B): 6N + 12·L·d·T for training every
     weight, where N counts the matrix parameters (the embedding lookup is no product); with frozen weights
     their gradient (2N) is never computed, so 4N. LoRA's own products are under 1% and left out."""
-    d, layers, inner, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
+    d, layers, inner, vocab = (
+        shape["hidden_size"],
+        shape["num_hidden_layers"],
+        shape["intermediate_size"],
+        shape["vocab_size"],
+    )
     kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
     matrices = layers * (2 * d * d + 2 * d * kv + 3 * d * inner) + d * vocab
     return (6 if method == "full" else 4) * matrices + 12 * layers * d * shape["seq"]
@@ -182,12 +215,23 @@ def hf_deepspeed(model, settings, device: torch.device):
     from kftune.train.engines import torch_adamw
 
     config = {
-        "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8, "overlap_comm": True,
-                              "reduce_scatter": True, "reduce_bucket_size": 2e8, "contiguous_gradients": True},
+        "zero_optimization": {
+            "stage": 2,
+            "allgather_partitions": True,
+            "allgather_bucket_size": 2e8,
+            "overlap_comm": True,
+            "reduce_scatter": True,
+            "reduce_bucket_size": 2e8,
+            "contiguous_gradients": True,
+        },
         "bf16": {"enabled": settings.precision == "bf16"},
-        "train_batch_size": settings.batch_size, "train_micro_batch_size_per_gpu": settings.batch_size,
-        "gradient_accumulation_steps": 1, "gradient_clipping": settings.max_grad_norm,
-        "zero_allow_untested_optimizer": True, "steps_per_print": 2000, "wall_clock_breakdown": False,
+        "train_batch_size": settings.batch_size,
+        "train_micro_batch_size_per_gpu": settings.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": settings.max_grad_norm,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2000,
+        "wall_clock_breakdown": False,
     }
     optimizer = torch_adamw([{"params": list(model.parameters())}], settings, device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -215,7 +259,9 @@ def kftune_zero2(model, settings, device: torch.device):
     checkpoint_activations(model, settings)
     model = apply_method(model, options, "causal_lm")
     groups = optimizer_parameter_groups(model, options, settings.lr, settings.layer_lr_decay)
-    engine = make_engine(model, groups, settings, total_steps=1, world=1, device=device)  # constant schedule: steps do not matter
+    engine = make_engine(
+        model, groups, settings, total_steps=1, world=1, device=device
+    )  # constant schedule: steps do not matter
 
     def step(batch):
         with engine.micro_step():
@@ -260,8 +306,17 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(name: str, contender, shape: dict, settings, device: torch.device, dtype: torch.dtype, steps: int,
-            flops_per_token: float, rate: float | None) -> dict:
+def measure(
+    name: str,
+    contender,
+    shape: dict,
+    settings,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    flops_per_token: float,
+    rate: float | None,
+) -> dict:
     """Tokens/s over `steps` whole training steps (forward, backward, update) after two warm-up steps,
     the peak GPU memory and MFU; the contender's engine is torn down and its memory released before the next is built."""
     batch = random_batch(shape, device)
@@ -272,22 +327,28 @@ def measure(name: str, contender, shape: dict, settings, device: torch.device, d
         timed(step, batch, 2, device)  # warm-up (and compilation)
         warm_seconds = time.perf_counter() - started
         tokens_per_second = shape["batch"] * shape["seq"] * steps / timed(step, batch, steps, device)
-        record = {"name": name, "tokens_per_second": round(tokens_per_second, 1), "setup_and_warmup_seconds": round(warm_seconds, 1)}
+        record = {
+            "name": name,
+            "tokens_per_second": round(tokens_per_second, 1),
+            "setup_and_warmup_seconds": round(warm_seconds, 1),
+        }
         if device.type == "cuda":
             record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if rate:
             record["mfu"] = round(tokens_per_second * flops_per_token / rate, 4)
     del step  # its closure holds the model and optimizer
     release(device)
-    print(f"{name:<28} {record['tokens_per_second']:>10.1f} tokens/s   peak {record.get('peak_gib', '-')} GiB   "
-          f"MFU {record.get('mfu', '-')}   (setup + 2 warm-up steps {warm_seconds:.0f} s)", flush=True)
+    print(
+        f"{name:<28} {record['tokens_per_second']:>10.1f} tokens/s   peak {record.get('peak_gib', '-')} GiB   "
+        f"MFU {record.get('mfu', '-')}   (setup + 2 warm-up steps {warm_seconds:.0f} s)",
+        flush=True,
+    )
     return record
 
 
 def profile(contender, shape: dict, settings, device: torch.device, dtype: torch.dtype, path: Path) -> None:
     """Three steps of `contender` under torch.profiler: the top operators by device (or host) time and the memory peak."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
     batch = random_batch(shape, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -300,8 +361,10 @@ def profile(contender, shape: dict, settings, device: torch.device, dtype: torch
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"
-        path.write_text(f"{path.stem}: 3 steps, shape {shape}, settings {settings.model_dump(exclude_defaults=True)}\n"
-                        f"peak allocated over the profiled steps: {peak}\n\n{table}\n")
+        path.write_text(
+            f"{path.stem}: 3 steps, shape {shape}, settings {settings.model_dump(exclude_defaults=True)}\n"
+            f"peak allocated over the profiled steps: {peak}\n\n{table}\n"
+        )
     del step
     release(device)
     print(f"profile written to {path}", flush=True)
@@ -312,11 +375,27 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument("--method", choices=sorted(TARGETS), default="lora")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--ours", nargs="+", default=["eager"], metavar="VARIANT",
-                        help="our variants: eager, compile, ckpt=K (activation checkpointing every K-th layer), joined with + (compile+ckpt=2)")
-    parser.add_argument("--profile", type=Path, metavar="FILE", help="profile one of our variants and write the summary here")
-    parser.add_argument("--profile-variant", metavar="VARIANT", help="the variant --profile runs (default: the one the ratio is taken for)")
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "gpu_throughput.jsonl", help="the JSONL file records are appended to")
+    parser.add_argument(
+        "--ours",
+        nargs="+",
+        default=["eager"],
+        metavar="VARIANT",
+        help="our variants: eager, compile, ckpt=K (activation checkpointing every K-th layer), joined with + (compile+ckpt=2)",
+    )
+    parser.add_argument(
+        "--profile", type=Path, metavar="FILE", help="profile one of our variants and write the summary here"
+    )
+    parser.add_argument(
+        "--profile-variant",
+        metavar="VARIANT",
+        help="the variant --profile runs (default: the one the ratio is taken for)",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=REPO / "bench" / "results" / "gpu_throughput.jsonl",
+        help="the JSONL file records are appended to",
+    )
     parser.add_argument("--no-save", action="store_true", help="print only; do not append a record")
     args = parser.parse_args()
     for variant in args.ours + ([args.profile_variant] if args.profile_variant else []):
@@ -332,15 +411,29 @@ def main() -> int:
     shape = SHAPES[args.shape]
     flops, rate = model_flops_per_token(shape, args.method), matmul_rate(device)
     if rate:
-        print(f"bf16 matrix rate measured on {torch.cuda.get_device_name(device)}: {rate / 1e12:.0f} TFLOP/s", flush=True)
+        print(
+            f"bf16 matrix rate measured on {torch.cuda.get_device_name(device)}: {rate / 1e12:.0f} TFLOP/s", flush=True
+        )
     if args.method == "full":
         init_process_group(device)
     peer_settings = train_settings(args.method, shape, device)
-    measured = [measure(name, contender, shape, peer_settings, device, dtype, args.steps, flops, rate) for name, contender in peers(args.method, device)]
+    measured = [
+        measure(name, contender, shape, peer_settings, device, dtype, args.steps, flops, rate)
+        for name, contender in peers(args.method, device)
+    ]
     ours_name, ours_contender = OURS[args.method]
     for variant in args.ours:
-        record = measure(f"{ours_name}[{variant}]", ours_contender, shape, train_settings(args.method, shape, device, variant), device, dtype,
-                         args.steps, flops, rate)
+        record = measure(
+            f"{ours_name}[{variant}]",
+            ours_contender,
+            shape,
+            train_settings(args.method, shape, device, variant),
+            device,
+            dtype,
+            args.steps,
+            flops,
+            rate,
+        )
         measured.append({**record, "variant": variant, "ours": True})
     target_ratio, target_gib = TARGETS[args.method]
     best = max((r for r in measured if not r.get("ours")), key=lambda r: r["tokens_per_second"])
@@ -348,23 +441,44 @@ def main() -> int:
     ours = max(fitting or [r for r in measured if r.get("ours")], key=lambda r: r["tokens_per_second"])
     ratio = ours["tokens_per_second"] / best["tokens_per_second"]
     fastest = max((r for r in measured if r.get("ours")), key=lambda r: r["tokens_per_second"])
-    within = "" if target_gib is None else f", {ours.get('peak_gib', '-')} GiB (target <= {target_gib} GiB{'' if fitting else ': no variant fits'})"
+    within = (
+        ""
+        if target_gib is None
+        else f", {ours.get('peak_gib', '-')} GiB (target <= {target_gib} GiB{'' if fitting else ': no variant fits'})"
+    )
     met = ratio >= target_ratio and (target_gib is None or bool(fitting))
-    print(f"{ours['name']} / best peer ({best['name']}): {ratio:.2f}x (target >= {target_ratio}x){within}: "
-          f"{'met' if met else 'NOT met'}", flush=True)
+    print(
+        f"{ours['name']} / best peer ({best['name']}): {ratio:.2f}x (target >= {target_ratio}x){within}: "
+        f"{'met' if met else 'NOT met'}",
+        flush=True,
+    )
     if fastest is not ours:
-        print(f"fastest of ours regardless of memory: {fastest['name']} {fastest['tokens_per_second'] / best['tokens_per_second']:.2f}x "
-              f"at {fastest.get('peak_gib', '-')} GiB", flush=True)
+        print(
+            f"fastest of ours regardless of memory: {fastest['name']} {fastest['tokens_per_second'] / best['tokens_per_second']:.2f}x "
+            f"at {fastest.get('peak_gib', '-')} GiB",
+            flush=True,
+        )
     if args.profile:
         variant = args.profile_variant or ours["variant"]
         profile(ours_contender, shape, train_settings(args.method, shape, device, variant), device, dtype, args.profile)
     if not args.no_save:
-        record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
-                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                  "torch": torch.__version__, "shape": args.shape, "method": args.method, "steps": args.steps,
-                  "bf16_matmul_tflops": round(rate / 1e12, 1) if rate else None, "model_flops_per_token": flops,
-                  "results": measured, "ours": ours["name"], "best_peer": best["name"], "ratio": round(ratio, 3), "met": met,
-                  "fastest_ours_ratio": round(fastest["tokens_per_second"] / best["tokens_per_second"], 3)}
+        record = {
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join(["python", *sys.argv]),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "shape": args.shape,
+            "method": args.method,
+            "steps": args.steps,
+            "bf16_matmul_tflops": round(rate / 1e12, 1) if rate else None,
+            "model_flops_per_token": flops,
+            "results": measured,
+            "ours": ours["name"],
+            "best_peer": best["name"],
+            "ratio": round(ratio, 3),
+            "met": met,
+            "fastest_ours_ratio": round(fastest["tokens_per_second"] / best["tokens_per_second"], 3),
+        }
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with open(args.results, "a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -19,16 +19,23 @@ import resource
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-
 from gpu_throughput import hf_peft, kftune_lora, make_model, train_settings
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=128256, seq=1024, batch=4)
+SHAPE = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128256,
+    "seq": 1024,
+    "batch": 4,
+}
 SIDES = {"hf_peft": hf_peft, "kftune": kftune_lora}
 
 
@@ -39,7 +46,9 @@ def resident_bytes() -> int:
 def run_side(name: str, steps: int) -> dict:
     """One side's steps in this process: seconds per step and peak memory above the start."""
     device = torch.device("cpu")
-    ids = torch.randint(0, SHAPE["vocab_size"], (SHAPE["batch"], SHAPE["seq"]), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, SHAPE["vocab_size"], (SHAPE["batch"], SHAPE["seq"]), generator=torch.Generator().manual_seed(0)
+    )
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with SIDES[name](make_model(SHAPE, device, torch.float32), train_settings("lora", SHAPE, device), device) as step:
         before = resident_bytes()
@@ -63,17 +72,33 @@ def main() -> int:
 
     results = []
     for name in SIDES:
-        child = subprocess.run([sys.executable, __file__, "--side", name, "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--side", name, "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
-        print(f"{name:<10} {results[-1]['seconds_per_step']:>7.2f} s/step   peak +{results[-1]['peak_extra_gib']:.2f} GiB", flush=True)
+        print(
+            f"{name:<10} {results[-1]['seconds_per_step']:>7.2f} s/step   peak +{results[-1]['peak_extra_gib']:.2f} GiB",
+            flush=True,
+        )
     peer, ours = results
     memory_ratio = peer["peak_extra_gib"] / ours["peak_extra_gib"]
     speed_ratio = peer["seconds_per_step"] / ours["seconds_per_step"]
     print(f"kftune vs hf_peft: {memory_ratio:.1f}x less peak memory, {speed_ratio:.2f}x the speed")
     if not args.no_save:
-        record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
-                  "device": platform.processor() or "cpu", "threads": torch.get_num_threads(), "shape": SHAPE, "steps": args.steps,
-                  "results": results, "memory_ratio": round(memory_ratio, 2), "speed_ratio": round(speed_ratio, 3)}
+        record = {
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join(["python", *sys.argv]),
+            "device": platform.processor() or "cpu",
+            "threads": torch.get_num_threads(),
+            "shape": SHAPE,
+            "steps": args.steps,
+            "results": results,
+            "memory_ratio": round(memory_ratio, 2),
+            "speed_ratio": round(speed_ratio, 3),
+        }
         with open(REPO / "bench" / "results" / "loss_memory.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
     return 0

@@ -16,12 +16,20 @@ import os
 import platform
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "sst2-minilm-lora.yaml"
-BUDGET = ["data.max_rows=2000", "train.epochs=1", "train.batch_size=32", "prompt.max_length=64", "train.workers=1", "train.cpus_per_worker=2", "eval.compare_base=false"]
+BUDGET = [
+    "data.max_rows=2000",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "prompt.max_length=64",
+    "train.workers=1",
+    "train.cpus_per_worker=2",
+    "eval.compare_base=false",
+]
 
 # row: (method, learning rate); learning rates are each family's usual range, not tuned here
 ROWS = {
@@ -43,7 +51,10 @@ ROWS = {
     "lora r8 q,v merged": ("{name: lora, r: 8, target_modules: [query, value], merge: true}", 1e-3),
     "ia3": ("{name: ia3}", 1e-2),
     "prefix_tuning 20": ("{name: prefix_tuning, virtual_tokens: 20}", 1e-2),
-    "prompt_tuning 20 text": ("{name: prompt_tuning, virtual_tokens: 20, init: text, init_text: 'the sentiment of this review is'}", 3e-2),
+    "prompt_tuning 20 text": (
+        "{name: prompt_tuning, virtual_tokens: 20, init: text, init_text: 'the sentiment of this review is'}",
+        3e-2,
+    ),
     "p_tuning 20": ("{name: p_tuning, virtual_tokens: 20}", 1e-2),
     "adapter houlsby /16": ("{name: adapter, placement: houlsby}", 1e-3),
     "adapter pfeiffer /16": ("{name: adapter, placement: pfeiffer}", 1e-3),
@@ -61,7 +72,7 @@ def run_row(row: str, prompts_dir: Path, work: Path) -> dict:
     from kftune.config import config_to_dict, load_config
 
     method, lr = ROWS[row]
-    config = config_to_dict(load_config(CONFIG, BUDGET + [f"method={method}", f"train.lr={lr}"] + EXTRA.get(row, [])))
+    config = config_to_dict(load_config(CONFIG, [*BUDGET, f"method={method}", f"train.lr={lr}", *EXTRA.get(row, [])]))
     model_dir = work / "model"
     train = steps.train(config, str(prompts_dir), str(model_dir), run_name=f"bench-{abs(hash(row))}")
     steps.evaluate(config, str(prompts_dir), str(model_dir), str(work / "evaluation"), str(work / "report.html"))
@@ -81,9 +92,14 @@ def run_row(row: str, prompts_dir: Path, work: Path) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| method | lr | dev accuracy | trainable | trainable % | train time (s) | weights saved (MB) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | lr | dev accuracy | trainable | trainable % | train time (s) | weights saved (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['row']} | {r['lr']:g} | {r['dev_accuracy']:.4f} | {r['trainable']:,} | {r['trainable_percent']:.3f} | {r['train_seconds']:.1f} | {r['artifact_mb']:.2f} |")
+        lines.append(
+            f"| {r['row']} | {r['lr']:g} | {r['dev_accuracy']:.4f} | {r['trainable']:,} | {r['trainable_percent']:.3f} | {r['train_seconds']:.1f} | {r['artifact_mb']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -104,7 +120,11 @@ def main(names: list[str]) -> None:
             result = run_row(row, work / "prompts", work / "run")
             print(json.dumps(result), flush=True)
             results.append(result)
-            record = result | {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "budget": BUDGET}
+            record = result | {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "budget": BUDGET,
+            }
             (REPO / "bench" / "results").mkdir(exist_ok=True)
             with open(REPO / "bench" / "results" / "methods.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")

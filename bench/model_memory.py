@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -35,10 +35,19 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import EXAMPLES, STORIES  # the shipped SST-2 data and stories260K's tokenizer)
+from conftest import EXAMPLES, STORIES  # noqa: E402  (after the sys.path line above: the shipped SST-2 data and stories260K's tokenizer)
 
-LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0, "max_position_embeddings": 2048}
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 2048,
+}
 GB = 1e9
 SST2 = EXAMPLES / "data" / "sst2_train_16k.tsv"
 
@@ -58,7 +67,12 @@ def make_model(folder: Path, layers: int) -> int:
     index = {}
     for i, names in enumerate(groups.values()):
         shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: torch.ones(shapes[n]) if n.endswith("norm.weight") else torch.randn(shapes[n], generator=generator) * 0.02 for n in names}
+        tensors = {
+            n: torch.ones(shapes[n])
+            if n.endswith("norm.weight")
+            else torch.randn(shapes[n], generator=generator) * 0.02
+            for n in names
+        }
         save_file(tensors, str(folder / shard), metadata={"format": "pt"})
         index.update(dict.fromkeys(names, shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
@@ -77,7 +91,11 @@ def run_config(model: Path, data: Path, rows: int, tmp: Path, **train) -> dict:
         "method": {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]},
         "train": {"batch_size": 2, "max_steps": 2, "lr": 1e-3, "workers": 2, "log_every_steps": 1, **train},
         "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
-        "registry": {"model_name": "bench", "gate": {"metric": "perplexity"}, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        "registry": {
+            "model_name": "bench",
+            "gate": {"metric": "perplexity"},
+            "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        },
     }
 
 
@@ -88,7 +106,11 @@ def worker_peaks(stop: threading.Event, peaks: dict[int, dict[str, int]]) -> Non
             try:
                 if "RayTrainWorker" not in " ".join(process.cmdline()):
                     continue
-                status = dict(line.split(":", 1) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines() if ":" in line)
+                status = dict(
+                    line.split(":", 1)
+                    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                    if ":" in line
+                )
             except (psutil.Error, OSError):
                 continue
             now = {key: int(status[key].split()[0]) * 1024 for key in ("VmHWM", "RssAnon", "RssFile")}
@@ -113,8 +135,11 @@ def train_and_measure(name: str, config: dict, prompts: Path, tmp: Path) -> dict
         stop.set()
         watcher.join()
     workers = sorted(peaks.values(), key=lambda p: -p["VmHWM"])
-    result = {"name": name, "seconds": round(time.perf_counter() - started, 1),
-              "workers_peak_gb": [{k.lower(): round(v / GB, 3) for k, v in w.items()} for w in workers]}
+    result = {
+        "name": name,
+        "seconds": round(time.perf_counter() - started, 1),
+        "workers_peak_gb": [{k.lower(): round(v / GB, 3) for k, v in w.items()} for w in workers],
+    }
     print(json.dumps(result), flush=True)
     return result
 
@@ -142,14 +167,22 @@ def many_rows(folder: Path, rows: int) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"], help="decoder layers (16: Llama-3.2-1B)")
-    parser.add_argument("--only", choices=["precision", "zero3", "data"], action="append", help="run only these comparisons")
+    parser.add_argument(
+        "--layers", type=int, default=LLAMA_1B["num_hidden_layers"], help="decoder layers (16: Llama-3.2-1B)"
+    )
+    parser.add_argument(
+        "--only", choices=["precision", "zero3", "data"], action="append", help="run only these comparisons"
+    )
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results")
     args = parser.parse_args()
     only = set(args.only or ["precision", "zero3", "data"])
-    record = {"command": " ".join(["python", "bench/model_memory.py", *sys.argv[1:]]), "host": platform.node(),
-              "cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / GB, 1),
-              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        "command": " ".join(["python", "bench/model_memory.py", *sys.argv[1:]]),
+        "host": platform.node(),
+        "cpus": psutil.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / GB, 1),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     with tempfile.TemporaryDirectory(prefix="kftune-bench-") as scratch:
         tmp = Path(scratch)
         if only & {"precision", "zero3"}:
@@ -161,14 +194,29 @@ def main() -> int:
             prompts = build_prompts(run_config(tmp / "model", SST2, 200, tmp), tmp / "big")
         if "precision" in only:
             fp32 = train_and_measure("lora-fp32", run_config(tmp / "model", SST2, 200, tmp), prompts, tmp)
-            bf16 = train_and_measure("lora-bf16", run_config(tmp / "model", SST2, 200, tmp, precision="bf16"), prompts, tmp)
+            bf16 = train_and_measure(
+                "lora-bf16", run_config(tmp / "model", SST2, 200, tmp, precision="bf16"), prompts, tmp
+            )
             ratio = max(w["vmhwm"] for w in bf16["workers_peak_gb"]) / max(w["vmhwm"] for w in fp32["workers_peak_gb"])
-            record["precision"] = {"fp32": fp32, "bf16": bf16, "peak_ratio_bf16_over_fp32": round(ratio, 3), "bar": 0.55}
+            record["precision"] = {
+                "fp32": fp32,
+                "bf16": bf16,
+                "peak_ratio_bf16_over_fp32": round(ratio, 3),
+                "bar": 0.55,
+            }
         if "zero3" in only:
-            zero3 = train_and_measure("zero3-lora-bf16", run_config(tmp / "model", SST2, 200, tmp, precision="bf16", deepspeed={"stage": 3}),
-                                      prompts, tmp)
-            record["zero3"] = {**zero3, "peak_over_fp32_copy": [round(w["vmhwm"] * GB / fp32_copy, 3) for w in zero3["workers_peak_gb"]],
-                               "bar": 0.6, "reloads_to_recorded_outputs": reloads(tmp / "zero3-lora-bf16", prompts)}
+            zero3 = train_and_measure(
+                "zero3-lora-bf16",
+                run_config(tmp / "model", SST2, 200, tmp, precision="bf16", deepspeed={"stage": 3}),
+                prompts,
+                tmp,
+            )
+            record["zero3"] = {
+                **zero3,
+                "peak_over_fp32_copy": [round(w["vmhwm"] * GB / fp32_copy, 3) for w in zero3["workers_peak_gb"]],
+                "bar": 0.6,
+                "reloads_to_recorded_outputs": reloads(tmp / "zero3-lora-bf16", prompts),
+            }
         if "data" in only:
             sizes = {}
             for rows in (2_000, 200_000):
@@ -176,8 +224,12 @@ def main() -> int:
                 config = run_config(STORIES, data, rows, tmp)
                 sizes[rows] = train_and_measure(f"data-{rows}", config, build_prompts(config, tmp / f"rows{rows}"), tmp)
             small, large = (max(w["vmhwm"] for w in sizes[n]["workers_peak_gb"]) for n in (2_000, 200_000))
-            record["data"] = {"2000_rows": sizes[2_000], "200000_rows": sizes[200_000], "peak_difference_mb": round((large - small) * 1000, 1),
-                              "bar_mb": 100}
+            record["data"] = {
+                "2000_rows": sizes[2_000],
+                "200000_rows": sizes[200_000],
+                "peak_difference_mb": round((large - small) * 1000, 1),
+                "bar_mb": 100,
+            }
     print(json.dumps({k: v for k, v in record.items() if k in ("precision", "zero3", "data")}, indent=1))
     if not args.no_save:
         with open(REPO / "bench" / "results" / "model_memory.jsonl", "a", encoding="utf-8") as handle:

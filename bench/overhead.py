@@ -6,6 +6,7 @@ script doing the same training and evaluation, in the same invocation on the sam
 Results are appended to bench/results/overhead.jsonl with the command and the machine.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -28,10 +29,8 @@ def tree_rss(process: psutil.Process) -> int:
     """Resident memory of a process and all its descendants (Ray workers, pipeline steps)."""
     total = 0
     for member in [process, *process.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += member.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -55,7 +54,9 @@ def timed(command: list[str]) -> tuple[float, float, str]:
 def step_seconds(log: str) -> dict[str, float]:
     """Wall time of each pipeline step, from the local runner's 'Executing task' / 'finished' lines."""
     stamps: dict[str, list[float]] = {}
-    for match in re.finditer(r"^(\d\d):(\d\d):(\d\d\.\d+) - INFO - (?:Executing task|Task) \S*'([\w-]+)'", log, re.MULTILINE):
+    for match in re.finditer(
+        r"^(\d\d):(\d\d):(\d\d\.\d+) - INFO - (?:Executing task|Task) \S*'([\w-]+)'", log, re.MULTILINE
+    ):
         hours, minutes, seconds, task = match.groups()
         stamps.setdefault(task, []).append(int(hours) * 3600 + int(minutes) * 60 + float(seconds))
     return {task: round(times[-1] - times[0], 1) for task, times in stamps.items() if len(times) >= 2}
@@ -68,7 +69,9 @@ def main() -> None:
     bare = json.loads([line for line in bare_out.splitlines() if line.startswith("{")][-1])
     print(f"kftune run {CONFIG.relative_to(REPO)} ...", flush=True)
     with tempfile.TemporaryDirectory() as out:
-        kftune_seconds, kftune_rss, kftune_log = timed([sys.executable, "-m", "kftune.cli", "run", str(CONFIG), "--out", out])
+        kftune_seconds, kftune_rss, kftune_log = timed(
+            [sys.executable, "-m", "kftune.cli", "run", str(CONFIG), "--out", out]
+        )
         summary_path = next(Path(out).glob("pipeline/*/register/summary"))
         summary = json.loads(summary_path.read_text())
     steps = step_seconds(kftune_log)
@@ -87,11 +90,16 @@ def main() -> None:
     verdict = "meets" if ratio <= TARGET else "misses"
     print(f"\nratio kftune / bare: {ratio:.2f}x ({verdict} the {TARGET}x target)")
     record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python bench/overhead.py",
         "machine": f"{platform.machine()}, {cores} cores",
         "bare": bare | {"wall_seconds": round(bare_seconds, 1), "peak_rss_gib": round(bare_rss, 2)},
-        "kftune": {"wall_seconds": round(kftune_seconds, 1), "peak_rss_gib": round(kftune_rss, 2), "train": summary["train"], "evaluation": {k: summary["evaluation"][k] for k in ("base", "tuned")}},
+        "kftune": {
+            "wall_seconds": round(kftune_seconds, 1),
+            "peak_rss_gib": round(kftune_rss, 2),
+            "train": summary["train"],
+            "evaluation": {k: summary["evaluation"][k] for k in ("base", "tuned")},
+        },
         "kftune_steps_seconds": steps,
         "ratio": round(ratio, 3),
     }

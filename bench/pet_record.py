@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +42,13 @@ def main(run_dir: str, config_path: str) -> None:
         "zero_shot_base": {k: evaluation["base"][k] for k in keep},
         "tuned": {k: evaluation["tuned"][k] for k in keep},
         "train": {k: train[k] for k in ("steps", "seconds", "seconds_per_step", "trainable_parameters", "final_loss")},
-        "budget": {"max_rows": config.data.max_rows, "max_steps": config.train.max_steps, "batch_size": config.train.batch_size, "lr": config.train.lr},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "budget": {
+            "max_rows": config.data.max_rows,
+            "max_steps": config.train.max_steps,
+            "batch_size": config.train.batch_size,
+            "lr": config.train.lr,
+        },
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
     (REPO / "bench" / "results").mkdir(exist_ok=True)

@@ -11,4 +11,4 @@ from kftune.components.register.component import register
 from kftune.components.resolve_config.component import resolve_config
 from kftune.components.train.component import train
 
-__all__ = ["resolve_config", "fingerprint_data", "prepare_data", "build_prompts", "train", "evaluate", "register"]
+__all__ = ["build_prompts", "evaluate", "fingerprint_data", "prepare_data", "register", "resolve_config", "train"]

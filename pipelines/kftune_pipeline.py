@@ -16,8 +16,8 @@ from kfp import dsl
 from kfp.dsl import Artifact
 
 from kftune.components import build_prompts, evaluate, fingerprint_data, prepare_data, register, resolve_config, train
-from kftune.kube.settings import ClusterSection
 from kftune.kube.run_form import RUN_FORM, run_form_arguments
+from kftune.kube.settings import ClusterSection
 from kftune.kube.tasks import configure_task, placement_arguments
 
 
@@ -27,35 +27,80 @@ def build_pipeline(cluster: ClusterSection, compiled_form: dict | None = None):
     (None: compare with the run's own config, which a local run passes unchanged)."""
 
     @dsl.pipeline(name="kftune", description="Fine-tune a language model and register it in MLflow.")
-    def kftune_pipeline(config: dict, steps_cpu: str, steps_memory: str, steps_node_selector: dict, steps_tolerations: list,
-                        train_cpu: str, train_memory: str, train_node_selector: dict, train_tolerations: list,
-                        evaluate_cpu: str, evaluate_memory: str, evaluate_node_selector: dict, evaluate_tolerations: list,
-                        volume_claim: str, base_model: str, data_path: str, template: str, method: str, learning_rate: float,
-                        epochs: int, batch_size: int, workers: int, zero_stage: int, registered_model_name: str, gate_metric: str,
-                        gate_margin: float) -> Artifact:
+    def kftune_pipeline(
+        config: dict,
+        steps_cpu: str,
+        steps_memory: str,
+        steps_node_selector: dict,
+        steps_tolerations: list,
+        train_cpu: str,
+        train_memory: str,
+        train_node_selector: dict,
+        train_tolerations: list,
+        evaluate_cpu: str,
+        evaluate_memory: str,
+        evaluate_node_selector: dict,
+        evaluate_tolerations: list,
+        volume_claim: str,
+        base_model: str,
+        data_path: str,
+        template: str,
+        method: str,
+        learning_rate: float,
+        epochs: int,
+        batch_size: int,
+        workers: int,
+        zero_stage: int,
+        registered_model_name: str,
+        gate_metric: str,
+        gate_margin: float,
+    ) -> Artifact:
         names = placement_arguments(cluster)
-        placement = {name: value for name, value in locals().items() if name in names}  # the channels, by parameter name
+        placement = {
+            name: value for name, value in locals().items() if name in names
+        }  # the channels, by parameter name
         form = {name: value for name, value in locals().items() if name in RUN_FORM}
 
         def step(task, group="steps", **options):
             return configure_task(task, group, cluster, placement, **options)
 
-        config = step(resolve_config(config=config, compiled_form=compiled_form or {}, **form).set_display_name("run settings")).output
+        config = step(
+            resolve_config(config=config, compiled_form=compiled_form or {}, **form).set_display_name("run settings")
+        ).output
 
-        fingerprint = step(fingerprint_data(config=config).set_display_name("fingerprint data").set_caching_options(False))
+        fingerprint = step(
+            fingerprint_data(config=config).set_display_name("fingerprint data").set_caching_options(False)
+        )
         data = step(prepare_data(config=config, data_fingerprint=fingerprint.output).set_display_name("prepare data"))
         prompts = step(build_prompts(config=config, dataset=data.outputs["dataset"]).set_display_name("build prompts"))
-        model = step(train(config=config, prompts=prompts.outputs["prompts"], run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                           volume_claim=volume_claim).set_display_name("train"), "train", retries=cluster.retries.train_step)
-        scores = step(evaluate(config=config, prompts=prompts.outputs["prompts"], model=model.outputs["model"]).set_display_name("evaluate"), "evaluate")
-        registered = step(register(
-            config=config,
-            dataset=data.outputs["dataset"],
-            model=model.outputs["model"],
-            evaluation=scores.outputs["evaluation"],
-            report=scores.outputs["report"],
-            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        ).set_display_name("register"), uses_mlflow=True, retries=cluster.retries.register_step)
+        model = step(
+            train(
+                config=config,
+                prompts=prompts.outputs["prompts"],
+                run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                volume_claim=volume_claim,
+            ).set_display_name("train"),
+            "train",
+            retries=cluster.retries.train_step,
+        )
+        scores = step(
+            evaluate(config=config, prompts=prompts.outputs["prompts"], model=model.outputs["model"]).set_display_name(
+                "evaluate"
+            ),
+            "evaluate",
+        )
+        registered = step(
+            register(
+                config=config,
+                dataset=data.outputs["dataset"],
+                model=model.outputs["model"],
+                evaluation=scores.outputs["evaluation"],
+                report=scores.outputs["report"],
+                pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            ).set_display_name("register"),
+            uses_mlflow=True,
+            retries=cluster.retries.register_step,
+        )
         return registered.outputs["summary"]
 
     return kftune_pipeline

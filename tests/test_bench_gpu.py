@@ -20,9 +20,24 @@ def test_without_a_gpu_the_speed_bar_says_so_and_skips():
     assert "no CUDA GPU here" in done.stdout and "skipped" in done.stdout
 
 
-@pytest.mark.parametrize("method, peer, ours", [("lora", "hf_peft_eager", "kftune"), ("full", "hf_deepspeed_zero2", "kftune_zero2")])
+@pytest.mark.parametrize(
+    ("method", "peer", "ours"), [("lora", "hf_peft_eager", "kftune"), ("full", "hf_deepspeed_zero2", "kftune_zero2")]
+)
 def test_the_harness_compares_kftune_with_the_peer_on_a_tiny_model(method, peer, ours):
-    command = [sys.executable, SCRIPT, "--shape", "tiny", "--method", method, "--steps", "2", "--ours", "eager", "ckpt=2", "--no-save"]
+    command = [
+        sys.executable,
+        SCRIPT,
+        "--shape",
+        "tiny",
+        "--method",
+        method,
+        "--steps",
+        "2",
+        "--ours",
+        "eager",
+        "ckpt=2",
+        "--no-save",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     names = [line.split()[0] for line in done.stdout.splitlines() if "tokens/s" in line]
     assert names == [peer, f"{ours}[eager]", f"{ours}[ckpt=2]"], done.stdout
@@ -30,5 +45,7 @@ def test_the_harness_compares_kftune_with_the_peer_on_a_tiny_model(method, peer,
 
 
 def test_an_unknown_variant_is_refused_before_anything_runs():
-    done = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--ours", "compiled"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, SCRIPT, "--shape", "tiny", "--ours", "compiled"], capture_output=True, text=True
+    )
     assert done.returncode == 2 and "unknown variant part 'compiled'" in done.stderr, done.stderr

@@ -1,10 +1,9 @@
 import pytest
 
+from conftest import EXAMPLES
 from kftune.config import apply_overrides, load_config, parse_config
 from kftune.errors import KftuneError
 from kftune.models import PACKAGED_MODELS
-
-from conftest import EXAMPLES
 
 
 def test_default_example_is_valid():
@@ -15,7 +14,9 @@ def test_default_example_is_valid():
 
 
 def test_set_overrides_nested_fields_with_yaml_types():
-    config = load_config(EXAMPLES / "sst2-minilm-lora.yaml", ["train.lr=5e-4", "method.target_modules=[query]", "train.max_steps=7"])
+    config = load_config(
+        EXAMPLES / "sst2-minilm-lora.yaml", ["train.lr=5e-4", "method.target_modules=[query]", "train.max_steps=7"]
+    )
     assert config.train.lr == 5e-4 and config.method.target_modules == ["query"] and config.train.max_steps == 7
 
 
@@ -48,7 +49,7 @@ def test_bad_fields_are_named_with_their_dotted_path(override, expected):
 
 
 def test_gate_metric_must_be_evaluated():
-    with pytest.raises(KftuneError, match="registry.gate.metric: 'macro_f1' is not in eval.metrics"):
+    with pytest.raises(KftuneError, match=r"registry.gate.metric: 'macro_f1' is not in eval.metrics"):
         load_config(EXAMPLES / "sst2-minilm-lora.yaml", ["eval.metrics=[accuracy]", "registry.gate.metric=macro_f1"])
 
 
@@ -66,7 +67,7 @@ def test_config_file_problems(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(KftuneError, match="not valid YAML"):
         load_config(bad)
-    with pytest.raises(KftuneError, match="expected key.path=value"):
+    with pytest.raises(KftuneError, match=r"expected key.path=value"):
         apply_overrides({}, ["train.lr"])
 
 

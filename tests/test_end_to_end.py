@@ -34,7 +34,9 @@ def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tm
     out = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "kftune.cli", "run", str(write_config(config)), "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
@@ -52,13 +54,23 @@ def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tm
     client = MlflowClient(tracking_uri)
     champion = client.get_model_version_by_alias("tiny", "champion")
     assert str(champion.version) == "1" and str(client.get_model_version_by_alias("tiny", "challenger").version) == "1"
-    for tag in ("kftune.base_model", "kftune.method", "kftune.dataset_sha256", "kftune.config_sha256", "kftune.pipeline_run_id"):
+    for tag in (
+        "kftune.base_model",
+        "kftune.method",
+        "kftune.dataset_sha256",
+        "kftune.config_sha256",
+        "kftune.pipeline_run_id",
+    ):
         assert champion.tags[tag], tag
     assert champion.tags["kftune.method"] == "lora"
 
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny@champion", dst_path=str(tmp_path / "download")))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri="models:/tiny@champion", dst_path=str(tmp_path / "download")
+            )
+        )
         served = mlflow.pyfunc.load_model("models:/tiny@champion")
     finally:
         mlflow.set_tracking_uri(None)
@@ -68,11 +80,16 @@ def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tm
     rows = read_prompts(prompts_dir, "test")[:PROBE_ROWS]
     probe = json.loads((folder / PROBE_FILE).read_text())
     assert probe["sources"] == [r["source"] for r in rows]
-    reloaded = probe_outputs(load_tuned_model(folder), rows, read_meta(prompts_dir)["pad_token_id"], "sequence_classification")
+    reloaded = probe_outputs(
+        load_tuned_model(folder), rows, read_meta(prompts_dir)["pad_token_id"], "sequence_classification"
+    )
     torch.testing.assert_close(torch.tensor(reloaded), torch.tensor(probe["outputs"]), atol=1e-5, rtol=1e-5)
 
     # Serving: the pyfunc behind models:/tiny@champion predicts the same classes from raw text.
-    texts = [json.loads(line)["text"] for line in next(out.glob("pipeline/*/prepare-data/dataset")).joinpath("test.jsonl").read_text().splitlines()][:PROBE_ROWS]
+    texts = [
+        json.loads(line)["text"]
+        for line in next(out.glob("pipeline/*/prepare-data/dataset")).joinpath("test.jsonl").read_text().splitlines()
+    ][:PROBE_ROWS]
     labels = served.predict(pd.DataFrame({"text": texts}))["label"].tolist()
     assert labels == [str(max(range(2), key=lambda i: logits[i])) for logits in probe["outputs"]]
 

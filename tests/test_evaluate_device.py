@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import STORIES
 from kftune.config import EvalSection
 from kftune.errors import KftuneError
 from kftune.evaluate.evaluate import batched, generate, placement, progress
 from kftune.models import load_base_model, load_tokenizer
-
-from conftest import STORIES
 from test_gpu import story_rows
 
 

@@ -14,19 +14,20 @@ import os
 import pytest
 import torch
 
+from conftest import STORIES, STORY_ROWS, lora_under_zero, process_group
 from kftune.config import TrainSection
 from kftune.methods import METHODS, apply_method, optimizer_parameter_groups
 from kftune.models import load_base_model, load_tokenizer
 from kftune.train.engines import make_engine
 from kftune.train.losses import summed_loss
 
-from conftest import STORIES, STORY_ROWS, lora_under_zero, process_group
-
 DRY_RUN = os.environ.get("KFTUNE_GPU_TESTS_ON") == "cpu"
 DEVICE = "cpu" if DRY_RUN else "cuda"
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not (torch.cuda.is_available() or DRY_RUN), reason="needs a CUDA GPU (or KFTUNE_GPU_TESTS_ON=cpu for a dry run)"),
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or DRY_RUN), reason="needs a CUDA GPU (or KFTUNE_GPU_TESTS_ON=cpu for a dry run)"
+    ),
 ]
 needs_gpu_kernels = pytest.mark.skipif(DRY_RUN, reason="a GPU kernel: nothing to dry-run on the CPU")
 LORA = {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}
@@ -42,8 +43,11 @@ def world_of_one():
 @pytest.fixture(scope="module")
 def story_batch() -> dict:
     encoded = load_tokenizer(STORIES)(STORY_ROWS, padding=True, return_tensors="pt")
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
-            "labels": encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)}
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "labels": encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +59,25 @@ def wide_heads(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("wide_heads")
     tokenizer = load_tokenizer(STORIES)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
 
 @needs_gpu_kernels
-@pytest.mark.parametrize("kernel, dtype, tolerance", [("flex_attention", torch.float32, 1e-4), ("flash_attention_2", torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    ("kernel", "dtype", "tolerance"),
+    [("flex_attention", torch.float32, 1e-4), ("flash_attention_2", torch.bfloat16, 2e-2)],
+)
 def test_packed_rows_give_the_unpacked_loss_and_gradients(packed_build, wide_heads, kernel, dtype, tolerance):
     """Packed rows as variable-length sequences (flash: the varlen kernel from position ids; flex: a block
     mask) give the loss and LoRA gradients of the same examples unpacked and padded."""
@@ -71,9 +85,13 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(packed_build, wide_hea
     from kftune.train.loop import build_model
 
     if kernel == "flash_attention_2":
-        pytest.importorskip("flash_attn", reason="flash-attn is not installed here (it ships as source; the trainer image builds it)")
+        pytest.importorskip(
+            "flash_attn", reason="flash-attn is not installed here (it ships as source; the trainer image builds it)"
+        )
     config, meta, packed, unpacked = packed_build
-    config = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": wide_heads, "attn_implementation": kernel})})
+    config = config.model_copy(
+        update={"model": config.model.model_copy(update={"name_or_path": wide_heads, "attn_implementation": kernel})}
+    )
     model = build_model(config, None, for_training=True).to(device=DEVICE, dtype=dtype)
     collate = make_collator(meta, "causal_lm", varlen=uses_varlen_attention(model))
     assert collate.varlen
@@ -86,7 +104,9 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(packed_build, wide_hea
         loss.backward()
         return loss.item(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
 
-    expected_loss, expected_grad = loss_and_gradients(Collator(meta["pad_token_id"], "causal_lm")([r for r in unpacked if r["source"] in sources]))
+    expected_loss, expected_grad = loss_and_gradients(
+        Collator(meta["pad_token_id"], "causal_lm")([r for r in unpacked if r["source"] in sources])
+    )
     loss, grad = loss_and_gradients(collate(rows))
     assert loss == pytest.approx(expected_loss, rel=tolerance)
     assert (grad - expected_grad).norm() <= 10 * tolerance * expected_grad.norm()
@@ -96,8 +116,17 @@ def lora_steps(batch: dict, precision: str, steps: int = 6) -> list[float]:
     """Per-step losses of LoRA on stories260K through the DDP engine, as the training loop steps it."""
     options = METHODS["lora"].options.model_validate(LORA)
     model = apply_method(load_base_model(STORIES, "causal_lm", None, seed=0), options, "causal_lm")
-    train = TrainSection(batch_size=len(batch["input_ids"]), workers=1, lr=5e-3, precision=precision, use_gpu=not DRY_RUN)
-    engine = make_engine(model, optimizer_parameter_groups(model, options, train.lr), train, total_steps=steps, world=1, device=torch.device(DEVICE))
+    train = TrainSection(
+        batch_size=len(batch["input_ids"]), workers=1, lr=5e-3, precision=precision, use_gpu=not DRY_RUN
+    )
+    engine = make_engine(
+        model,
+        optimizer_parameter_groups(model, options, train.lr),
+        train,
+        total_steps=steps,
+        world=1,
+        device=torch.device(DEVICE),
+    )
     batch = {k: v.to(DEVICE) for k, v in batch.items()}
     losses = []
     for _ in range(steps):
@@ -126,7 +155,9 @@ def test_ddp_over_the_process_group_averages_what_one_process_computes(story_bat
     gradients = []
     for wrap in (False, True):
         model = apply_method(load_base_model(STORIES, "causal_lm", None, seed=0), options, "causal_lm").to(DEVICE)
-        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if DRY_RUN else [0]) if wrap else model
+        runner = (
+            torch.nn.parallel.DistributedDataParallel(model, device_ids=None if DRY_RUN else [0]) if wrap else model
+        )
         summed_loss(runner, batch, "causal_lm").backward()
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert torch.allclose(gradients[0], gradients[1], rtol=1e-5, atol=1e-7)
@@ -180,7 +211,9 @@ def test_evaluation_and_generation_on_the_gpu_give_the_cpu_predictions(dtype):
     words = [["girl", "boy"], ["dog", "cat"], ["park", "shop"]]
     model = load_base_model(STORIES, "causal_lm", None, seed=0).eval()
     cpu_text, _ = generate(model, rows, tokenizer, max_new_tokens=12, batch_size=4)
-    cpu_best = [max(range(len(s)), key=s.__getitem__) for s in word_scores(model, rows, tokenizer, words, "causal_lm", 4)]
+    cpu_best = [
+        max(range(len(s)), key=s.__getitem__) for s in word_scores(model, rows, tokenizer, words, "causal_lm", 4)
+    ]
     model.to(device=DEVICE, dtype=dtype)
     text, _ = generate(model, rows, tokenizer, max_new_tokens=12, batch_size=4)
     best = [max(range(len(s)), key=s.__getitem__) for s in word_scores(model, rows, tokenizer, words, "causal_lm", 4)]

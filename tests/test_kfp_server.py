@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import http.server
 import threading
+from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import yaml
 from kfp import components
 
+from conftest import CLUSTER_RUN_CONFIG
 from kftune.cli import main
 from kftune.kube.kfp_server import kfp_cron, publish, schedule, submit, version_name
-
-from conftest import CLUSTER_RUN_CONFIG
 
 EXAMPLE = str(CLUSTER_RUN_CONFIG)
 
@@ -26,7 +27,19 @@ def test_dry_run_writes_the_package_it_would_upload_and_names_its_version(tmp_pa
     assert components.load_component_from_file(str(package)).name == "kftune"
     assert f"version {version_name(package)}" in out and "nothing sent to http://kfp.invalid" in out
     again = tmp_path / "again.yaml"
-    main(["schedule", EXAMPLE, "--host", "http://kfp.invalid", "--cron", "0 3 * * *", "--dry-run", "--package", str(again)])
+    main(
+        [
+            "schedule",
+            EXAMPLE,
+            "--host",
+            "http://kfp.invalid",
+            "--cron",
+            "0 3 * * *",
+            "--dry-run",
+            "--package",
+            str(again),
+        ]
+    )
     assert version_name(again) == version_name(package), "the same config must map to the same pipeline version"
 
 
@@ -41,7 +54,10 @@ def test_host_is_required():
     assert exit_.value.code == 2
 
 
-@pytest.mark.parametrize(("given", "expected"), [("0 3 * * *", "0 0 3 * * *"), ("30 0 3 * * 1-5", "30 0 3 * * 1-5"), ("*/15 * * * MON", "0 */15 * * * MON")])
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("0 3 * * *", "0 0 3 * * *"), ("30 0 3 * * 1-5", "30 0 3 * * 1-5"), ("*/15 * * * MON", "0 */15 * * * MON")],
+)
 def test_cron_becomes_kfps_six_fields(given, expected):
     assert kfp_cron(given) == expected
 
@@ -62,7 +78,9 @@ class FakeKfpClient:
 
     def upload_pipeline(self, path, pipeline_name, description=None, namespace=None):
         self.pipelines[pipeline_name] = f"p-{pipeline_name}"
-        self.versions[f"p-{pipeline_name}"] = {pipeline_name: "v-0"}  # KFP makes a first version named like the pipeline
+        self.versions[f"p-{pipeline_name}"] = {
+            pipeline_name: "v-0"
+        }  # KFP makes a first version named like the pipeline
         return SimpleNamespace(pipeline_id=f"p-{pipeline_name}")
 
     def list_pipeline_versions(self, pipeline_id, page_token="", page_size=10):
@@ -71,7 +89,7 @@ class FakeKfpClient:
 
     def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id):
         components.load_component_from_file(path)  # what is uploaded is loadable IR
-        self.uploaded = next(yaml.safe_load_all(open(path)))
+        self.uploaded = next(yaml.safe_load_all(Path(path).read_text()))
         version_id = f"v-{len(self.versions[pipeline_id])}"
         self.versions[pipeline_id][pipeline_version_name] = version_id
         return SimpleNamespace(pipeline_version_id=version_id)
@@ -79,7 +97,9 @@ class FakeKfpClient:
     def create_experiment(self, name, namespace=None):
         return SimpleNamespace(experiment_id=self.experiments.setdefault(name, f"e-{name}"))
 
-    def run_pipeline(self, experiment_id, job_name, pipeline_id=None, version_id=None, params=None, service_account=None):
+    def run_pipeline(
+        self, experiment_id, job_name, pipeline_id=None, version_id=None, params=None, service_account=None
+    ):
         self.runs.append((experiment_id, job_name, version_id, params, service_account))
         return SimpleNamespace(run_id=f"r-{len(self.runs)}")
 
@@ -122,24 +142,56 @@ def test_schedule_replaces_the_recurring_run_of_the_same_name(package, tmp_path)
     assert list(client.recurring) == ["kftune-sst2"]
     recurring_id, cron = client.recurring["kftune-sst2"]
     assert cron == "0 0 4 * * *" and recurring_id.endswith(client.versions["p-kftune"][version_name(changed)])
-    assert next(yaml.safe_load_all(changed.read_text()))["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]["train"]["lr"] == 5e-4
+    assert (
+        next(yaml.safe_load_all(changed.read_text()))["root"]["inputDefinitions"]["parameters"]["config"][
+            "defaultValue"
+        ]["train"]["lr"]
+        == 5e-4
+    )
 
 
 def test_a_compiled_package_is_sent_as_is_and_set_overrides_become_the_run_parameter(package, monkeypatch, capsys):
     client = FakeKfpClient()
     monkeypatch.setattr("kftune.kube.kfp_server.connect", lambda host, namespace, token: client)
-    assert main(["schedule", str(package), "--host", "http://kfp", "--cron", "0 3 * * *", "--set", "train.lr=5e-4", "--set", "registry.tracking_uri=http://mlflow:5000",
-                 "--set", "cluster.train.resources.cpu=6"]) == 0
+    assert (
+        main(
+            [
+                "schedule",
+                str(package),
+                "--host",
+                "http://kfp",
+                "--cron",
+                "0 3 * * *",
+                "--set",
+                "train.lr=5e-4",
+                "--set",
+                "registry.tracking_uri=http://mlflow:5000",
+                "--set",
+                "cluster.train.resources.cpu=6",
+            ]
+        )
+        == 0
+    )
     assert version_name(package) in client.versions["p-kftune"], "the package itself is the uploaded version"
     sent = client.scheduled_params["config"]
-    assert (sent["train"]["lr"], sent["registry"]["tracking_uri"], sent["train"]["workers"]) == (5e-4, "http://mlflow:5000", 2)
+    assert (sent["train"]["lr"], sent["registry"]["tracking_uri"], sent["train"]["workers"]) == (
+        5e-4,
+        "http://mlflow:5000",
+        2,
+    )
     assert client.scheduled_params["train_cpu"] == "6", "a --set placement reaches its pipeline parameter too"
     assert "recurring run kftune-sst2-sentiment (0 0 3 * * *)" in capsys.readouterr().out
     assert main(["submit", str(package), "--host", "http://kfp", "--set", "train.lrr=1"]) == 2
     assert "train.lrr: unknown key" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("flag", "cached"), [("--no-cache", set()), ("--cache", {"resolve-config", "prepare-data", "build-prompts", "train", "evaluate", "register"})])
+@pytest.mark.parametrize(
+    ("flag", "cached"),
+    [
+        ("--no-cache", set()),
+        ("--cache", {"resolve-config", "prepare-data", "build-prompts", "train", "evaluate", "register"}),
+    ],
+)
 def test_cache_flags_rewrite_the_uploaded_package_and_fingerprint_data_always_runs(package, monkeypatch, flag, cached):
     client = FakeKfpClient()
     monkeypatch.setattr("kftune.kube.kfp_server.connect", lambda host, namespace, token: client)
@@ -153,7 +205,7 @@ class RefusingKfp(http.server.BaseHTTPRequestHandler):
     """An HTTP server that answers every request as a multi-user KFP refusing it would, and records the Authorization header."""
 
     status = 401
-    seen: list[str | None] = []
+    seen: ClassVar[list[str | None]] = []
 
     def do_GET(self):
         RefusingKfp.seen.append(self.headers.get("Authorization"))
@@ -179,11 +231,16 @@ def refusing_kfp():
     server.shutdown()
 
 
-@pytest.mark.parametrize(("status", "namespace", "expected"), [
-    (401, ["--namespace", "team-a"], "401 Unauthorized"),
-    (403, [], "403 Forbidden"),
-])
-def test_a_refusal_names_what_is_missing(refusing_kfp, package, tmp_path, capsys, status, namespace, expected, monkeypatch):
+@pytest.mark.parametrize(
+    ("status", "namespace", "expected"),
+    [
+        (401, ["--namespace", "team-a"], "401 Unauthorized"),
+        (403, [], "403 Forbidden"),
+    ],
+)
+def test_a_refusal_names_what_is_missing(
+    refusing_kfp, package, tmp_path, capsys, status, namespace, expected, monkeypatch
+):
     monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client keeps a context file under ~/.config
     RefusingKfp.status = status
     host = f"http://127.0.0.1:{refusing_kfp.server_address[1]}"
@@ -194,6 +251,9 @@ def test_a_refusal_names_what_is_missing(refusing_kfp, package, tmp_path, capsys
     error = capsys.readouterr().err
     assert f"Kubeflow Pipelines at {host} answered {expected}" in error, error
     if status == 401:
-        assert "no credentials were sent: pass a bearer token with --token-file" in error.lower() and None in RefusingKfp.seen
+        assert (
+            "no credentials were sent: pass a bearer token with --token-file" in error.lower()
+            and None in RefusingKfp.seen
+        )
     else:
         assert "--namespace <your profile>" in error and "Bearer secret-token" in RefusingKfp.seen

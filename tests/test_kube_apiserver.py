@@ -16,17 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubernetes import client as k8s
-from kubernetes import config as kube_config
-from kubernetes import dynamic, watch
+from kubernetes import client as k8s, config as kube_config, dynamic, watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import kube_config as kubeconfig_loader
 
+from conftest import REPO, needs_cluster_tool
 from kftune.config import parse_config
 from kftune.errors import KftuneError
 from kftune.kube.rayjob import GROUP, PLURAL, VERSION, KubernetesRayJobApi, build_rayjob, run_rayjob
-
-from conftest import REPO, needs_cluster_tool
 
 BIN = Path(os.environ.get("KFTUNE_K8S_CACHE", REPO / ".cache" / "k8s")) / "bin"
 SCRIPT = REPO / "scripts" / "kube-apiserver.sh"
@@ -43,8 +40,11 @@ EDITOR = f"system:serviceaccount:{PROFILE}:default-editor"
 
 @pytest.fixture(autouse=True, scope="module")
 def api_server_and_helm_built():
-    needs_cluster_tool(not (BIN / "kube-apiserver").exists() or not (BIN / "etcd").exists() or not HELM.exists(),
-                       "no API server binaries or helm: `make k8s-e2e` builds them (scripts/kube-apiserver.sh build) and runs this file")
+    needs_cluster_tool(
+        not (BIN / "kube-apiserver").exists() or not (BIN / "etcd").exists() or not HELM.exists(),
+        "no API server binaries or helm: `make k8s-e2e` builds them (scripts/kube-apiserver.sh build) and runs this file",
+    )
+
 
 # What the chart's Role adds to the run's account for the train step, and nothing more: RayJobs, pods and pods/log.
 GRANTED = {
@@ -63,10 +63,21 @@ SCHEDULE_CALLS = {
     ("pipelines.kubeflow.org", "jobs", ""): {"get", "list", "create", "delete"},
 }
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
-PROBED = [*GRANTED, ("ray.io", "rayjobs", "status"), ("ray.io", "rayclusters", ""), ("", "pods", "exec"), ("", "secrets", ""),
-          ("", "configmaps", ""), ("", "serviceaccounts", "token"), ("batch", "jobs", ""), ("rbac.authorization.k8s.io", "roles", ""),
-          ("argoproj.io", "workflowtaskresults", ""), ("argoproj.io", "workflows", ""), *SCHEDULE_CALLS,
-          ("pipelines.kubeflow.org", "runs", "")]
+PROBED = [
+    *GRANTED,
+    ("ray.io", "rayjobs", "status"),
+    ("ray.io", "rayclusters", ""),
+    ("", "pods", "exec"),
+    ("", "secrets", ""),
+    ("", "configmaps", ""),
+    ("", "serviceaccounts", "token"),
+    ("batch", "jobs", ""),
+    ("rbac.authorization.k8s.io", "roles", ""),
+    ("argoproj.io", "workflowtaskresults", ""),
+    ("argoproj.io", "workflows", ""),
+    *SCHEDULE_CALLS,
+    ("pipelines.kubeflow.org", "runs", ""),
+]
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +104,16 @@ def without_empty_string_defaults(schema):
         return [without_empty_string_defaults(value) for value in schema]
     if not isinstance(schema, dict):
         return schema
-    kept = {key: without_empty_string_defaults(value) for key, value in schema.items() if not (key == "default" and value == "")}
-    keys = [key for key in schema.get("x-kubernetes-list-map-keys", []) if schema["items"]["properties"][key].get("default") == ""]
+    kept = {
+        key: without_empty_string_defaults(value)
+        for key, value in schema.items()
+        if not (key == "default" and value == "")
+    }
+    keys = [
+        key
+        for key in schema.get("x-kubernetes-list-map-keys", [])
+        if schema["items"]["properties"][key].get("default") == ""
+    ]
     if keys:
         kept["items"]["required"] = sorted({*kept["items"].get("required", []), *keys})
     return kept
@@ -109,22 +128,30 @@ def crds(cluster):
         extensions.create_custom_resource_definition(without_empty_string_defaults(crd))
     for name in ("rayjobs.ray.io", "rayclusters.ray.io"):
         stream = watch.Watch()
-        for event in stream.stream(extensions.list_custom_resource_definition, field_selector=f"metadata.name={name}", timeout_seconds=30):
+        for event in stream.stream(
+            extensions.list_custom_resource_definition, field_selector=f"metadata.name={name}", timeout_seconds=30
+        ):
             conditions = {c.type: c.status for c in event["object"].status.conditions or []}
             if conditions.get("Established") == "True":
                 stream.stop()
-        assert {c.type: c.status for c in extensions.read_custom_resource_definition(name).status.conditions}["Established"] == "True"
+        assert {c.type: c.status for c in extensions.read_custom_resource_definition(name).status.conditions}[
+            "Established"
+        ] == "True"
 
 
 def helm(cluster, *args: str) -> str:
-    done = subprocess.run([str(HELM), "--kubeconfig", str(cluster["kubeconfig"]), *args], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(HELM), "--kubeconfig", str(cluster["kubeconfig"]), *args], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
 def create(cluster, document: dict, namespace: str | None = None) -> None:
     """Create one manifest of any kind through the dynamic client."""
-    resource = dynamic.DynamicClient(cluster["admin"]).resources.get(api_version=document["apiVersion"], kind=document["kind"])
+    resource = dynamic.DynamicClient(cluster["admin"]).resources.get(
+        api_version=document["apiVersion"], kind=document["kind"]
+    )
     resource.create(body=document, namespace=namespace)
 
 
@@ -140,8 +167,13 @@ def aggregate_cluster_roles(cluster) -> None:
             if not role.aggregation_rule:
                 continue
             selectors = [s.match_labels or {} for s in role.aggregation_rule.cluster_role_selectors]
-            rules = [cluster["admin"].sanitize_for_serialization(rule) for other in roles if other.metadata.name != role.metadata.name
-                     and any(selector.items() <= (other.metadata.labels or {}).items() for selector in selectors) for rule in other.rules or []]
+            rules = [
+                cluster["admin"].sanitize_for_serialization(rule)
+                for other in roles
+                if other.metadata.name != role.metadata.name
+                and any(selector.items() <= (other.metadata.labels or {}).items() for selector in selectors)
+                for rule in other.rules or []
+            ]
             unique = [rule for i, rule in enumerate(rules) if rule not in rules[:i]]
             if unique != [cluster["admin"].sanitize_for_serialization(rule) for rule in role.rules or []]:
                 api.patch_cluster_role(role.metadata.name, {"rules": unique})
@@ -162,16 +194,37 @@ def kfp_rbac(cluster):
             create(cluster, document, NAMESPACE)
     for document in yaml.safe_load_all((KFP_RBAC / "multi-user-view-edit-roles.yaml").read_text()):
         create(cluster, document)
-    create(cluster, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "kubeflow-edit"}, "rules": [],
-                     "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"rbac.authorization.kubeflow.org/aggregate-to-kubeflow-edit": "true"}}]}})
+    create(
+        cluster,
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "kubeflow-edit"},
+            "rules": [],
+            "aggregationRule": {
+                "clusterRoleSelectors": [
+                    {"matchLabels": {"rbac.authorization.kubeflow.org/aggregate-to-kubeflow-edit": "true"}}
+                ]
+            },
+        },
+    )
     aggregate_cluster_roles(cluster)
     create(cluster, yaml.safe_load((KFP_RBAC / "argo-emissary-executor-role.yaml").read_text()), PROFILE)
     core.create_namespaced_service_account(PROFILE, {"metadata": {"name": "default-editor"}})
     editor = [{"kind": "ServiceAccount", "name": "default-editor", "namespace": PROFILE}]
     for name, kind in (("default-editor", "ClusterRole"), ("executor", "Role")):
         role = "kubeflow-edit" if kind == "ClusterRole" else name
-        create(cluster, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name}, "subjects": editor,
-                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role}}, PROFILE)
+        create(
+            cluster,
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": name},
+                "subjects": editor,
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+            },
+            PROFILE,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -186,16 +239,32 @@ def release(cluster, crds, kfp_rbac, tmp_path_factory):
     meta = yaml.safe_load((chart / "Chart.yaml").read_text())
     (chart / "Chart.yaml").write_text(yaml.safe_dump({**meta, "kubeVersion": ">=1.20.0-0"}))
     hooks = {}
-    for namespace, values in ((NAMESPACE, []), (PROFILE, ["--set", "runServiceAccount=default-editor", "--set", f"kfp.namespace={PROFILE}"])):
+    for namespace, values in (
+        (NAMESPACE, []),
+        (PROFILE, ["--set", "runServiceAccount=default-editor", "--set", f"kfp.namespace={PROFILE}"]),
+    ):
         helm(cluster, "install", RELEASE, str(chart), "--namespace", namespace, "--no-hooks", *values)
-        hooks[namespace] = yaml.safe_load(helm(cluster, "template", RELEASE, str(chart), "--namespace", namespace, *values,
-                                               "--show-only", "templates/publish-job.yaml"))
+        hooks[namespace] = yaml.safe_load(
+            helm(
+                cluster,
+                "template",
+                RELEASE,
+                str(chart),
+                "--namespace",
+                namespace,
+                *values,
+                "--show-only",
+                "templates/publish-job.yaml",
+            )
+        )
         k8s.BatchV1Api(cluster["admin"]).create_namespaced_job(namespace, hooks[namespace])
     return {"chart": chart, "hooks": hooks}
 
 
 def manifest_objects(cluster) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(helm(cluster, "get", "manifest", RELEASE, "--namespace", NAMESPACE)) if doc]
+    return [
+        doc for doc in yaml.safe_load_all(helm(cluster, "get", "manifest", RELEASE, "--namespace", NAMESPACE)) if doc
+    ]
 
 
 def read(cluster, obj: dict):
@@ -209,18 +278,35 @@ def test_the_installed_release_has_every_object_of_the_chart(cluster, release):
     assert status["info"]["status"] == "deployed"
     objects = manifest_objects(cluster)
     kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
-    assert kinds == sorted([
-        "ConfigMap/kftune-pipeline", "Deployment/kftune-mlflow", "Role/kftune-train", "RoleBinding/kftune-train", "Secret/kftune-postgres",
-        "Service/kftune-mlflow", "Service/kftune-postgres", "ServiceAccount/kftune", "StatefulSet/kftune-postgres",
-        "Role/kftune-publish", "RoleBinding/kftune-publish",
-    ]), kinds
+    assert kinds == sorted(
+        [
+            "ConfigMap/kftune-pipeline",
+            "Deployment/kftune-mlflow",
+            "Role/kftune-train",
+            "RoleBinding/kftune-train",
+            "Secret/kftune-postgres",
+            "Service/kftune-mlflow",
+            "Service/kftune-postgres",
+            "ServiceAccount/kftune",
+            "StatefulSet/kftune-postgres",
+            "Role/kftune-publish",
+            "RoleBinding/kftune-publish",
+        ]
+    ), kinds
     for obj in objects:
         stored = read(cluster, obj)
         assert stored["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
         assert stored["metadata"]["annotations"]["meta.helm.sh/release-name"] == RELEASE
     pipeline = read(cluster, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kftune-pipeline"}})
     assert pipeline["data"]["pipeline.yaml"] == (CHART / "files" / "pipeline.yaml").read_text().rstrip("\n")
-    assert len(read(cluster, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kftune-postgres"}})["data"]["password"]) > 0
+    assert (
+        len(
+            read(cluster, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kftune-postgres"}})["data"][
+                "password"
+            ]
+        )
+        > 0
+    )
 
 
 def test_the_hook_job_is_accepted_as_rendered(cluster, release):
@@ -236,10 +322,25 @@ def test_the_hook_job_is_accepted_as_rendered(cluster, release):
 def allowed(cluster, user: str, namespace: str, group: str, resource: str, subresource: str, verb: str) -> bool:
     """SubjectAccessReview for a ServiceAccount `user` (system:serviceaccount:NS:NAME) with the groups its tokens carry."""
     account_namespace = user.split(":")[2]
-    review = k8s.AuthorizationV1Api(cluster["admin"]).create_subject_access_review({
-        "spec": {"user": user, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{account_namespace}", "system:authenticated"],
-                 "resourceAttributes": {"namespace": namespace, "group": group, "resource": resource, "subresource": subresource, "verb": verb}},
-    })
+    review = k8s.AuthorizationV1Api(cluster["admin"]).create_subject_access_review(
+        {
+            "spec": {
+                "user": user,
+                "groups": [
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{account_namespace}",
+                    "system:authenticated",
+                ],
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "group": group,
+                    "resource": resource,
+                    "subresource": subresource,
+                    "verb": verb,
+                },
+            },
+        }
+    )
     return review.status.allowed
 
 
@@ -267,7 +368,9 @@ def test_scheduled_runs_use_an_account_argo_and_every_step_can_work_as(cluster, 
 def test_the_chart_adds_exactly_the_train_role_to_the_runs_account(cluster, release):
     """In the profile, default-editor holds Kubeflow's editor rights (pipelines.kubeflow.org), Argo's executor minimum and the chart's Role."""
     found = {key: verbs for key, verbs in rights(cluster, EDITOR, PROFILE, PROBED).items() if verbs}
-    kubernetes_api = {key: verbs for key, verbs in found.items() if key[0] not in ("pipelines.kubeflow.org", "argoproj.io")}
+    kubernetes_api = {
+        key: verbs for key, verbs in found.items() if key[0] not in ("pipelines.kubeflow.org", "argoproj.io")
+    }
     assert kubernetes_api == GRANTED
     assert found[("argoproj.io", "workflowtaskresults", "")] == {"create", "patch"}
 
@@ -277,17 +380,27 @@ def test_the_publish_account_may_call_exactly_what_kftune_schedule_calls(cluster
         user = f"system:serviceaccount:{namespace}:{RELEASE}"
         found = {key: verbs for key, verbs in rights(cluster, user, namespace, PROBED).items() if verbs}
         assert found == SCHEDULE_CALLS, f"{user}: {found}"
-        assert not any(rights(cluster, user, "elsewhere", SCHEDULE_CALLS).values()), "a Role: nothing outside the release's namespace"
+        assert not any(rights(cluster, user, "elsewhere", SCHEDULE_CALLS).values()), (
+            "a Role: nothing outside the release's namespace"
+        )
     editor = rights(cluster, EDITOR, PROFILE, SCHEDULE_CALLS)
-    assert all(verbs <= editor[key] for key, verbs in SCHEDULE_CALLS.items()), \
+    assert all(verbs <= editor[key] for key, verbs in SCHEDULE_CALLS.items()), (
         f"each call must be one Kubeflow grants a profile's editors (upstream kubeflow-pipeline-edit/view): {editor}"
+    )
 
 
 @pytest.fixture(scope="module")
 def as_service_account(cluster, release, tmp_path_factory):
     """A kubeconfig holding a real token (TokenRequest) of the account the train pod runs as: standalone KFP's pipeline-runner."""
-    token = k8s.CoreV1Api(cluster["admin"]).create_namespaced_service_account_token(
-        "pipeline-runner", NAMESPACE, {"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}}).status.token
+    token = (
+        k8s.CoreV1Api(cluster["admin"])
+        .create_namespaced_service_account_token(
+            "pipeline-runner",
+            NAMESPACE,
+            {"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}},
+        )
+        .status.token
+    )
     config = yaml.safe_load(cluster["kubeconfig"].read_text())
     config["users"] = [{"name": "admin", "user": {"token": token}}]
     path = tmp_path_factory.mktemp("sa") / "kubeconfig"
@@ -314,11 +427,20 @@ def follower(as_service_account, crds, monkeypatch):
 
 
 def rayjob_manifest(make_config, run_name: str) -> dict:
-    config = parse_config(make_config(cluster={
-        "namespace": NAMESPACE, "volume": {"claim": "kftune-data", "mount_path": "/data"}, "image_pull_secrets": ["ghcr"],
-        "train": {"node_selector": {"pool": "gpu"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
-        "rayjob": {"enabled": True, "nodes": 2, "worker": {"gpus": 4}, "active_deadline_seconds": 7200},
-    }))
+    config = parse_config(
+        make_config(
+            cluster={
+                "namespace": NAMESPACE,
+                "volume": {"claim": "kftune-data", "mount_path": "/data"},
+                "image_pull_secrets": ["ghcr"],
+                "train": {
+                    "node_selector": {"pool": "gpu"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                },
+                "rayjob": {"enabled": True, "nodes": 2, "worker": {"gpus": 4}, "active_deadline_seconds": 7200},
+            }
+        )
+    )
     return build_rayjob(config, run_name, f"/data/kftune-runs/{run_name}")
 
 
@@ -327,23 +449,31 @@ def kept(sent, stored) -> list[str]:
     if isinstance(sent, dict):
         if not isinstance(stored, dict):
             return ["(type)"]
-        return [f".{key}{path}" for key, value in sent.items() for path in (kept(value, stored[key]) if key in stored else [" pruned"])]
+        return [
+            f".{key}{path}"
+            for key, value in sent.items()
+            for path in (kept(value, stored[key]) if key in stored else [" pruned"])
+        ]
     if isinstance(sent, list):
         if not isinstance(stored, list) or len(stored) != len(sent):
             return ["(list)"]
-        return [f"[{i}]{path}" for i, (a, b) in enumerate(zip(sent, stored)) for path in kept(a, b)]
+        return [f"[{i}]{path}" for i, (a, b) in enumerate(zip(sent, stored, strict=False)) for path in kept(a, b)]
     return [] if sent == stored else [f" {sent!r} != {stored!r}"]
 
 
 def set_status(cluster, name: str, status: dict) -> None:
     """What KubeRay would do: write the RayJob's status through its status subresource."""
-    k8s.CustomObjectsApi(cluster["admin"]).patch_namespaced_custom_object_status(GROUP, VERSION, NAMESPACE, PLURAL, name, {"status": status})
+    k8s.CustomObjectsApi(cluster["admin"]).patch_namespaced_custom_object_status(
+        GROUP, VERSION, NAMESPACE, PLURAL, name, {"status": status}
+    )
 
 
 def test_the_rayjob_the_train_step_builds_is_accepted_whole(cluster, follower, make_config):
     manifest = rayjob_manifest(make_config, "accepted-whole")
     assert follower.create(copy.deepcopy(manifest)) is True
-    stored = k8s.CustomObjectsApi(cluster["admin"]).get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "accepted-whole")
+    stored = k8s.CustomObjectsApi(cluster["admin"]).get_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, PLURAL, "accepted-whole"
+    )
     assert kept(manifest["spec"], stored["spec"]) == [], "the CRD schema pruned or changed fields kftune sets"
     assert kept(manifest["metadata"]["labels"], stored["metadata"]["labels"]) == []
     follower.delete(NAMESPACE, "accepted-whole")
@@ -361,12 +491,22 @@ def test_the_follower_reports_success_and_cleans_up(cluster, follower, make_conf
     manifest, lines = rayjob_manifest(make_config, "succeeds"), []
 
     def operator_runs_it(seconds):
-        set_status(cluster, "succeeds", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"} if len(lines) < 3
-                   else {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+        set_status(
+            cluster,
+            "succeeds",
+            {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+            if len(lines) < 3
+            else {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+        )
 
-    result = run_rayjob(manifest, follower, delete_after=True, poll_seconds=0, echo=lines.append, sleep=operator_runs_it)
+    result = run_rayjob(
+        manifest, follower, delete_after=True, poll_seconds=0, echo=lines.append, sleep=operator_runs_it
+    )
     assert result.succeeded and lines[0] == f"kftune: created RayJob {NAMESPACE}/succeeds"
-    assert "kftune: RayJob succeeds: Running, Ray job RUNNING" in lines and lines[-1] == "kftune: RayJob succeeds: Complete, Ray job SUCCEEDED"
+    assert (
+        "kftune: RayJob succeeds: Running, Ray job RUNNING" in lines
+        and lines[-1] == "kftune: RayJob succeeds: Complete, Ray job SUCCEEDED"
+    )
     with pytest.raises(ApiException) as gone:
         follower.status(NAMESPACE, "succeeds")
     assert gone.value.status == 404, "delete_after_follow removed the RayJob"
@@ -378,30 +518,50 @@ def test_a_retried_step_follows_the_existing_rayjob_and_reports_kuberays_reason(
     lines = []
 
     def operator_gives_up(seconds):
-        set_status(cluster, "retried", {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "DeadlineExceeded",
-                                        "message": "The RayJob has passed the activeDeadlineSeconds."})
+        set_status(
+            cluster,
+            "retried",
+            {
+                "jobDeploymentStatus": "Failed",
+                "jobStatus": "FAILED",
+                "reason": "DeadlineExceeded",
+                "message": "The RayJob has passed the activeDeadlineSeconds.",
+            },
+        )
 
     with pytest.raises(KftuneError) as failed:
         run_rayjob(manifest, follower, delete_after=False, poll_seconds=0, echo=lines.append, sleep=operator_gives_up)
     assert lines[0] == f"kftune: following the existing RayJob {NAMESPACE}/retried (New, Ray job PENDING)"
-    assert str(failed.value) == (f"RayJob {NAMESPACE}/retried failed: Failed (DeadlineExceeded), Ray job FAILED: "
-                                 "The RayJob has passed the activeDeadlineSeconds.")
-    assert follower.status(NAMESPACE, "retried")["jobDeploymentStatus"] == "Failed", "delete_after_follow off: the RayJob stays"
+    assert str(failed.value) == (
+        f"RayJob {NAMESPACE}/retried failed: Failed (DeadlineExceeded), Ray job FAILED: "
+        "The RayJob has passed the activeDeadlineSeconds."
+    )
+    assert follower.status(NAMESPACE, "retried")["jobDeploymentStatus"] == "Failed", (
+        "delete_after_follow off: the RayJob stays"
+    )
     assert follower.submitter_log(NAMESPACE, "retried") is None, "no submitter pod exists without KubeRay"
 
 
 def test_a_retried_step_replaces_a_failed_rayjob_and_follows_the_new_one(cluster, follower, make_config):
     manifest, lines = rayjob_manifest(make_config, "failed-once"), []
     assert follower.create(copy.deepcopy(manifest)) is True
-    set_status(cluster, "failed-once", {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "exit 1"})
+    set_status(
+        cluster,
+        "failed-once",
+        {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "exit 1"},
+    )
     first_uid = follower.get(NAMESPACE, "failed-once")["metadata"]["uid"]
 
     def operator_runs_the_new_one(seconds):
         set_status(cluster, "failed-once", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
 
-    result = run_rayjob(manifest, follower, delete_after=False, poll_seconds=0, echo=lines.append, sleep=operator_runs_the_new_one)
+    result = run_rayjob(
+        manifest, follower, delete_after=False, poll_seconds=0, echo=lines.append, sleep=operator_runs_the_new_one
+    )
     assert result.succeeded
-    assert lines[:2] == [f"kftune: replacing the existing RayJob {NAMESPACE}/failed-once: it failed: Failed (AppFailed), Ray job FAILED: exit 1",
-                         f"kftune: created RayJob {NAMESPACE}/failed-once"]
+    assert lines[:2] == [
+        f"kftune: replacing the existing RayJob {NAMESPACE}/failed-once: it failed: Failed (AppFailed), Ray job FAILED: exit 1",
+        f"kftune: created RayJob {NAMESPACE}/failed-once",
+    ]
     assert follower.get(NAMESPACE, "failed-once")["metadata"]["uid"] != first_uid, "a new RayJob, not the failed one"
     assert follower.get(NAMESPACE, "no-such-rayjob") is None

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
+from conftest import CLUSTER, CLUSTER_RUN_CONFIG, EXAMPLES, ON_VOLUME
 from kftune.cli import main
 from kftune.config import parse_config
 from kftune.kube.locations import local_only_locations
-
-from conftest import CLUSTER, CLUSTER_RUN_CONFIG, EXAMPLES, ON_VOLUME
 
 
 def test_compiling_the_local_example_names_each_local_path_and_the_options(tmp_path, capsys):
@@ -21,11 +20,19 @@ def test_compiling_the_local_example_names_each_local_path_and_the_options(tmp_p
 
 
 def test_a_local_model_folder_and_template_file_are_refused_with_the_packaged_choices(make_config, tmp_path):
-    config = parse_config(make_config(cluster=CLUSTER, data=ON_VOLUME, model={"name_or_path": str(tmp_path / "my-model")}))
-    with_template_file = config.model_copy(update={"prompt": config.prompt.model_copy(update={"template": str(tmp_path / "mine.yaml")})})
+    config = parse_config(
+        make_config(cluster=CLUSTER, data=ON_VOLUME, model={"name_or_path": str(tmp_path / "my-model")})
+    )
+    with_template_file = config.model_copy(
+        update={"prompt": config.prompt.model_copy(update={"template": str(tmp_path / "mine.yaml")})}
+    )
     problems = local_only_locations(with_template_file)
     assert [problem.split(":")[0] for problem in problems] == ["model.name_or_path", "prompt.template"]
-    assert "a path under cluster.volume.mount_path (/data)" in problems[0] and "a packaged model (" in problems[0] and "minilm-l6" in problems[0]
+    assert (
+        "a path under cluster.volume.mount_path (/data)" in problems[0]
+        and "a packaged model (" in problems[0]
+        and "minilm-l6" in problems[0]
+    )
     assert "a packaged template (" in problems[1] and "plain" in problems[1]
 
 
@@ -34,11 +41,26 @@ def test_volume_paths_uris_and_packaged_names_are_reachable(make_config):
     remote = {"path": "s3://bucket/train.tsv", "split": {"test": "s3://bucket/dev.tsv"}}
     assert local_only_locations(parse_config(make_config(data=remote))) == []
     outside = {"path": "/datasets/train.tsv", "split": {"test": 0.1}}
-    assert local_only_locations(parse_config(make_config(cluster=CLUSTER, data=outside)))[0].startswith("data.path: /datasets/train.tsv")
+    assert local_only_locations(parse_config(make_config(cluster=CLUSTER, data=outside)))[0].startswith(
+        "data.path: /datasets/train.tsv"
+    )
 
 
 def test_a_set_override_on_a_compiled_package_is_checked_too(tmp_path, capsys):
     package = tmp_path / "p.yaml"
     assert main(["compile", str(CLUSTER_RUN_CONFIG), "-o", str(package)]) == 0
-    assert main(["submit", str(package), "--host", "http://kfp.invalid", "--dry-run", "--set", "data.path=/home/me/train.tsv"]) == 2
+    assert (
+        main(
+            [
+                "submit",
+                str(package),
+                "--host",
+                "http://kfp.invalid",
+                "--dry-run",
+                "--set",
+                "data.path=/home/me/train.tsv",
+            ]
+        )
+        == 2
+    )
     assert "data.path: /home/me/train.tsv is on this machine" in capsys.readouterr().err

@@ -11,10 +11,9 @@ import sys
 import pytest
 import yaml
 
+from conftest import CLUSTER, CLUSTER_RUN_CONFIG
 from kftune.config import parse_config
 from kftune.kube.rayjob import build_rayjob
-
-from conftest import CLUSTER, CLUSTER_RUN_CONFIG
 from pod_security import restricted_violations
 from test_chart import VALUES, by_kind, helm, render  # noqa: F401  (helm is a fixture)
 
@@ -22,40 +21,84 @@ RAYJOB = {"nodes": 2, "worker": {"cpu": "16", "memory": "128Gi", "gpus": 4}}
 # What KFP's backend sets on every step container whatever the pipeline says (kfp-kubernetes 2.17, set_security_context:
 # "Platform security defaults (allowPrivilegeEscalation=false, drop ALL capabilities, seccompProfile=RuntimeDefault)
 # are enforced separately"); the pipeline adds runAsNonRoot and runAsUser. Argo's own init/wait containers are KFP's.
-KFP_STEP_DEFAULTS = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
-COMPLIANT = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-             "containers": [{"name": "main", "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}
+KFP_STEP_DEFAULTS = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+COMPLIANT = {
+    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+    "containers": [
+        {"name": "main", "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
+    ],
+}
 
 
 def test_the_checker_rejects_what_the_standard_rejects():
     assert restricted_violations(COMPLIANT) == []
     only_no_escalation = {"containers": [{"name": "ray-head", "securityContext": {"allowPrivilegeEscalation": False}}]}
     problems = " | ".join(restricted_violations(only_no_escalation))
-    assert "runAsNonRoot must be true" in problems and "seccompProfile.type must be RuntimeDefault" in problems and "must include ALL" in problems
+    assert (
+        "runAsNonRoot must be true" in problems
+        and "seccompProfile.type must be RuntimeDefault" in problems
+        and "must include ALL" in problems
+    )
     for change, words in [
         ({"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}, "volume type hostPath"),
         ({"hostNetwork": True}, "host namespaces"),
         ({"securityContext": {**COMPLIANT["securityContext"], "runAsUser": 0}}, "runAsUser: must not be 0"),
-        ({"securityContext": {**COMPLIANT["securityContext"], "seccompProfile": {"type": "Unconfined"}}}, "seccompProfile.type"),
-        ({"containers": [{"name": "main", "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}}}]},
-         "only NET_BIND_SERVICE"),
-        ({"containers": [{"name": "main", "securityContext": {"capabilities": {"drop": ["ALL"]}}}]}, "allowPrivilegeEscalation: must be false"),
-        ({"containers": [{"name": "main", "securityContext": {**COMPLIANT["containers"][0]["securityContext"], "runAsNonRoot": False}}]},
-         "runAsNonRoot must be true"),
+        (
+            {"securityContext": {**COMPLIANT["securityContext"], "seccompProfile": {"type": "Unconfined"}}},
+            "seccompProfile.type",
+        ),
+        (
+            {
+                "containers": [
+                    {
+                        "name": "main",
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]},
+                        },
+                    }
+                ]
+            },
+            "only NET_BIND_SERVICE",
+        ),
+        (
+            {"containers": [{"name": "main", "securityContext": {"capabilities": {"drop": ["ALL"]}}}]},
+            "allowPrivilegeEscalation: must be false",
+        ),
+        (
+            {
+                "containers": [
+                    {
+                        "name": "main",
+                        "securityContext": {**COMPLIANT["containers"][0]["securityContext"], "runAsNonRoot": False},
+                    }
+                ]
+            },
+            "runAsNonRoot must be true",
+        ),
     ]:
         assert words in " | ".join(restricted_violations({**COMPLIANT, **change})), change
 
 
 def rayjob_pods(make_config, cluster) -> dict:
     spec = build_rayjob(parse_config(make_config(cluster=cluster)), "run", "/data/kftune-runs/run")["spec"]
-    pods = {"head": spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
-            "worker": spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]}
+    pods = {
+        "head": spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
+        "worker": spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"],
+    }
     if "submitterPodTemplate" in spec:
         pods["submitter"] = spec["submitterPodTemplate"]["spec"]
     return pods
 
 
-@pytest.mark.parametrize("cluster", [{}, {**CLUSTER, "rayjob": RAYJOB}, {"rayjob": {**RAYJOB, "submission_mode": "HTTPMode", "worker": {"gpus": 1}}}])
+@pytest.mark.parametrize(
+    "cluster",
+    [{}, {**CLUSTER, "rayjob": RAYJOB}, {"rayjob": {**RAYJOB, "submission_mode": "HTTPMode", "worker": {"gpus": 1}}}],
+)
 def test_every_rayjob_pod_is_restricted(make_config, cluster):
     pods = rayjob_pods(make_config, cluster)
     assert ("submitter" in pods) == (cluster.get("rayjob", {}).get("submission_mode", "K8sJobMode") == "K8sJobMode")
@@ -67,7 +110,9 @@ def test_multi_gpu_workers_get_a_memory_backed_dev_shm(make_config):
     worker = rayjob_pods(make_config, {**CLUSTER, "rayjob": RAYJOB})["worker"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in worker["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in worker["containers"][0]["volumeMounts"]
-    assert "volumes" not in rayjob_pods(make_config, {**CLUSTER, "rayjob": RAYJOB})["submitter"], "the submitter needs no claim"
+    assert "volumes" not in rayjob_pods(make_config, {**CLUSTER, "rayjob": RAYJOB})["submitter"], (
+        "the submitter needs no claim"
+    )
     single = rayjob_pods(make_config, {"rayjob": {"worker": {"gpus": 1}}})
     assert all("dshm" not in str(pod) for pod in single.values())
 
@@ -89,8 +134,8 @@ def pod_templates(objects: list[dict]) -> dict[str, tuple[dict, dict]]:
 def test_every_chart_pod_is_restricted_with_a_read_only_root(helm, values):  # noqa: F811
     pods = pod_templates(render(helm, *VALUES[values]))
     assert pods or values == "no-mlflow-no-publish", "the chart renders pods"
-    for name, (pod, annotations) in pods.items():
-        assert restricted_violations(pod, annotations) == [], name
+    for name, (pod, pod_annotations) in pods.items():
+        assert restricted_violations(pod, pod_annotations) == [], name
         empty_dirs = {volume["name"] for volume in pod.get("volumes", []) if "emptyDir" in volume}
         for container in pod["containers"]:
             assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
@@ -103,21 +148,35 @@ def step_pod(executor: dict, platform: dict) -> dict:
     context = {**KFP_STEP_DEFAULTS, **platform.get("securityContext", {})}
     if "runAsUser" in context:
         context["runAsUser"] = int(context["runAsUser"])  # protobuf int64 is written as a string
-    volumes = [{"name": mount["volumeName"], "emptyDir": {"medium": mount.get("medium", "")}} for mount in platform.get("emptyDirMounts", [])]
-    volumes += [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": "from-a-parameter"}} for i, _ in enumerate(platform.get("pvcMount", []))]
-    return {"containers": [{"name": "main", "image": executor["container"]["image"], "securityContext": context}], "volumes": volumes}
+    volumes = [
+        {"name": mount["volumeName"], "emptyDir": {"medium": mount.get("medium", "")}}
+        for mount in platform.get("emptyDirMounts", [])
+    ]
+    volumes += [
+        {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": "from-a-parameter"}}
+        for i, _ in enumerate(platform.get("pvcMount", []))
+    ]
+    return {
+        "containers": [{"name": "main", "image": executor["container"]["image"], "securityContext": context}],
+        "volumes": volumes,
+    }
 
 
 def test_every_compiled_step_pod_is_restricted(tmp_path):
     package = tmp_path / "pipeline.yaml"
     overrides = ["--set", f"cluster={yaml.safe_dump(CLUSTER, default_flow_style=True).strip()}"]
-    done = subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), *overrides, "-o", str(package)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), *overrides, "-o", str(package)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     ir, platform = yaml.safe_load_all(package.read_text())
     settings = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name, executor in ir["deploymentSpec"]["executors"].items():
         assert restricted_violations(step_pod(executor, settings[name])) == [], name
         assert settings[name]["securityContext"] == {"runAsNonRoot": True, "runAsUser": "1000"}
-    assert settings["exec-train"]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}], "2 GPUs: NCCL's /dev/shm"
+    assert settings["exec-train"]["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}
+    ], "2 GPUs: NCCL's /dev/shm"
     assert "emptyDirMounts" not in settings["exec-evaluate"]

@@ -9,12 +9,11 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 import kftune.train.linear_cross_entropy as chunked
+from conftest import STORIES
 from kftune.methods import METHODS, apply_method, calibrate_method
 from kftune.models import load_base_model
 from kftune.train.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_sum
 from kftune.train.losses import next_token_losses, plain_output_head, summed_loss
-
-from conftest import STORIES
 from test_methods_matrix import CASES
 
 STORY_CASES = {name: case for name, case in CASES.items() if case[2]["stories"] is not None}
@@ -24,7 +23,9 @@ def plain_summed_loss(model, batch) -> torch.Tensor:
     """The reference: every position's fp32 logits, then cross-entropy over the labelled ones."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     logits = logits[:, -batch["labels"].shape[1] :]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="sum"
+    )
 
 
 def gradients(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,7 +49,9 @@ def test_chunked_loss_and_gradients_match_full_logits(monkeypatch, dtype, with_b
 
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # relative to the largest entry
     assert abs(total.item() - reference.sum().item()) <= tolerance * reference.sum().item()
-    assert torch.allclose(linear_cross_entropy(hidden, head, targets), reference.detach(), rtol=tolerance, atol=tolerance)
+    assert torch.allclose(
+        linear_cross_entropy(hidden, head, targets), reference.detach(), rtol=tolerance, atol=tolerance
+    )
     for want, have in zip(expected, got, strict=True):
         assert have.dtype == want.dtype
         assert (have - want).abs().max() <= tolerance * want.abs().max()
@@ -56,6 +59,7 @@ def test_chunked_loss_and_gradients_match_full_logits(monkeypatch, dtype, with_b
 
 def test_no_gradient_work_outside_autograd(monkeypatch):
     """Scoring (no_grad) must not pay for the gradients the training path computes in its forward pass."""
+
     def gradients_computed(*_):
         raise AssertionError("the autograd function ran under no_grad")
 
@@ -77,7 +81,9 @@ def test_every_method_gets_the_plain_loss_and_gradients(case, response_only, fam
         batch["labels"] = batch["labels"].clone()
         batch["labels"][:, :5] = -100
     model = apply_method(load_base_model(STORIES, "causal_lm", None, seed=0), options, "causal_lm")
-    calibrate_method(model, options, lambda rows: summed_loss(model, {k: v[:rows] for k, v in batch.items()}, "causal_lm"))
+    calibrate_method(
+        model, options, lambda rows: summed_loss(model, {k: v[:rows] for k, v in batch.items()}, "causal_lm")
+    )
     model.eval()  # no dropout: the two computations must see the same network
     assert plain_output_head(model) is not None, "stories260K is a Llama: its loss must skip the full logits"
 
@@ -99,9 +105,21 @@ def test_every_method_gets_the_plain_loss_and_gradients(case, response_only, fam
 def test_a_soft_capped_family_keeps_its_own_logits():
     """Gemma 2 soft-caps its logits after the head: going through the head alone would change the loss."""
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                           num_key_value_heads=1, head_dim=8, final_logit_softcapping=2.0)).eval()
+    model = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            final_logit_softcapping=2.0,
+        )
+    ).eval()
     ids = torch.randint(0, 64, (2, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     assert plain_output_head(model) is None
-    assert summed_loss(model, batch, "causal_lm").item() == pytest.approx(plain_summed_loss(model, batch).item(), rel=1e-6)
+    assert summed_loss(model, batch, "causal_lm").item() == pytest.approx(
+        plain_summed_loss(model, batch).item(), rel=1e-6
+    )

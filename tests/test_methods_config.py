@@ -7,13 +7,19 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, LlamaForSequenceClassification
 
+from conftest import EXAMPLES, STORIES
 from kftune.cli import main
 from kftune.config import load_config, parse_config
 from kftune.errors import KftuneError
-from kftune.methods import METHODS, apply_method, check_method_fits_model, on_step, optimizer_parameter_groups, trainable_parameters
+from kftune.methods import (
+    METHODS,
+    apply_method,
+    check_method_fits_model,
+    on_step,
+    optimizer_parameter_groups,
+    trainable_parameters,
+)
 from kftune.methods.layers import parameter_positions
-
-from conftest import EXAMPLES, STORIES
 
 METHOD_EXAMPLES = sorted((EXAMPLES / "methods").glob("*.yaml"))
 
@@ -33,14 +39,41 @@ def test_every_method_family_has_an_example():
 @pytest.mark.parametrize(
     ("sections", "expected"),
     [
-        ({"model": {"task": "causal_lm"}, "prompt": {"template": "text"}, "eval": {"metrics": ["perplexity"]}, "registry": {"gate": {"metric": "perplexity"}}, "method": {"name": "head_only"}}, "method.name: method 'head_only' does not support task causal_lm"),
-        ({"method": {"name": "gradual_unfreeze", "every_steps": 10}, "train": {"deepspeed": {"stage": 1}}}, "train.deepspeed.stage: method gradual_unfreeze does not work under ZeRO stage 1"),
-        ({"method": {"name": "subnetwork"}, "train": {"weight_decay": 0.01}}, "train.weight_decay: subnetwork masks gradients"),
-        ({"method": {"name": "attention_only", "heads": [0]}, "train": {"weight_decay": 0.01}}, "train.weight_decay: attention_only masks gradients"),
-        ({"method": {"name": "lora"}, "train": {"layer_lr_decay": 0.8}}, "train.layer_lr_decay: applies to methods that train whole layers"),
-        ({"method": {"name": "layer_range", "start": 3, "end": 3}}, "method.end \\(3\\) must be greater than method.start \\(3\\)"),
+        (
+            {
+                "model": {"task": "causal_lm"},
+                "prompt": {"template": "text"},
+                "eval": {"metrics": ["perplexity"]},
+                "registry": {"gate": {"metric": "perplexity"}},
+                "method": {"name": "head_only"},
+            },
+            "method.name: method 'head_only' does not support task causal_lm",
+        ),
+        (
+            {"method": {"name": "gradual_unfreeze", "every_steps": 10}, "train": {"deepspeed": {"stage": 1}}},
+            "train.deepspeed.stage: method gradual_unfreeze does not work under ZeRO stage 1",
+        ),
+        (
+            {"method": {"name": "subnetwork"}, "train": {"weight_decay": 0.01}},
+            "train.weight_decay: subnetwork masks gradients",
+        ),
+        (
+            {"method": {"name": "attention_only", "heads": [0]}, "train": {"weight_decay": 0.01}},
+            "train.weight_decay: attention_only masks gradients",
+        ),
+        (
+            {"method": {"name": "lora"}, "train": {"layer_lr_decay": 0.8}},
+            "train.layer_lr_decay: applies to methods that train whole layers",
+        ),
+        (
+            {"method": {"name": "layer_range", "start": 3, "end": 3}},
+            "method.end \\(3\\) must be greater than method.start \\(3\\)",
+        ),
         ({"method": {"name": "prompt_tuning", "init": "text"}}, "method.init_text is required with init: text"),
-        ({"method": {"name": "adapter", "placement": "parallel"}}, "method.placement: Input should be 'houlsby' or 'pfeiffer'"),
+        (
+            {"method": {"name": "adapter", "placement": "parallel"}},
+            "method.placement: Input should be 'houlsby' or 'pfeiffer'",
+        ),
     ],
 )
 def test_impossible_combinations_fail_validation_naming_the_field(make_config, sections, expected):
@@ -59,7 +92,11 @@ def test_full_with_layer_lr_decay_and_attention_only_without_weight_decay_valida
         ({"name": "bitfit"}, None, "method.name: bitfit trains bias terms and this llama model has none"),
         ({"name": "train_top", "layers": 9}, None, "method.layers: 9 but the model has 5 layers"),
         ({"name": "attention_only", "heads": [8]}, None, r"method.heads: \[8\] out of range; the model has 8 heads"),
-        ({"name": "adapter"}, GPT2Config(n_layer=2, n_embd=32, n_head=2), "method.name: 'adapter' knows the block layout of bert, llama models, not 'gpt2'"),
+        (
+            {"name": "adapter"},
+            GPT2Config(n_layer=2, n_embd=32, n_head=2),
+            "method.name: 'adapter' knows the block layout of bert, llama models, not 'gpt2'",
+        ),
     ],
 )
 def test_architecture_mismatches_fail_before_training(options, model_config, expected):
@@ -74,8 +111,13 @@ def test_architecture_mismatches_fail_before_training(options, model_config, exp
 
 
 def test_validate_checks_the_method_against_the_model(make_config, write_config, capsys):
-    bitfit_on_llama = make_config(model={"name_or_path": str(STORIES), "task": "causal_lm"}, prompt={"template": "text"}, method={"name": "bitfit"},
-                                  eval={"metrics": ["perplexity"]}, registry={"gate": {"metric": "perplexity"}})
+    bitfit_on_llama = make_config(
+        model={"name_or_path": str(STORIES), "task": "causal_lm"},
+        prompt={"template": "text"},
+        method={"name": "bitfit"},
+        eval={"metrics": ["perplexity"]},
+        registry={"gate": {"metric": "perplexity"}},
+    )
     path = write_config(bitfit_on_llama)
     assert main(["validate", str(path)]) == 2
     assert "method.name: bitfit trains bias terms and this llama model has none" in capsys.readouterr().err
@@ -84,17 +126,33 @@ def test_validate_checks_the_method_against_the_model(make_config, write_config,
 
 def tiny_llama_classifier():
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_labels=2, pad_token_id=0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        num_labels=2,
+        pad_token_id=0,
+    )
     return LlamaForSequenceClassification(config)
 
 
 def test_layer_lr_decay_groups_decay_from_the_top_block_down():
     model = tiny_llama_classifier()
     options = METHODS["full"].options.model_validate({"name": "full"})
-    groups = optimizer_parameter_groups(apply_method(model, options, "sequence_classification"), options, 1.0, layer_lr_decay=0.5)
+    groups = optimizer_parameter_groups(
+        apply_method(model, options, "sequence_classification"), options, 1.0, layer_lr_decay=0.5
+    )
     lr_of = {id(p): group["lr"] for group in groups for p in group["params"]}
     named = dict(model.named_parameters())
-    assert lr_of[id(named["score.weight"])] == lr_of[id(named["model.norm.weight"])] == lr_of[id(named["model.layers.3.mlp.up_proj.weight"])] == 1.0
+    assert (
+        lr_of[id(named["score.weight"])]
+        == lr_of[id(named["model.norm.weight"])]
+        == lr_of[id(named["model.layers.3.mlp.up_proj.weight"])]
+        == 1.0
+    )
     assert lr_of[id(named["model.layers.0.self_attn.q_proj.weight"])] == 0.5**3
     assert lr_of[id(named["model.embed_tokens.weight"])] == 0.5**4
     assert len(lr_of) == len(named)
@@ -102,13 +160,19 @@ def test_layer_lr_decay_groups_decay_from_the_top_block_down():
 
 def test_gradual_unfreeze_reports_each_layer_as_it_unfreezes():
     model = tiny_llama_classifier()
-    options = METHODS["gradual_unfreeze"].options.model_validate({"name": "gradual_unfreeze", "start_layers": 2, "every_steps": 3})
+    options = METHODS["gradual_unfreeze"].options.model_validate(
+        {"name": "gradual_unfreeze", "start_layers": 2, "every_steps": 3}
+    )
     apply_method(model, options, "sequence_classification")
     positions, _ = parameter_positions(model)
     assert {positions[n] for n, p in model.named_parameters() if p.requires_grad} == {2, 3, 4}
     assert len(optimizer_parameter_groups(model, options, 1e-3)[0]["params"]) == len(list(model.parameters()))
     reported = {step: on_step(model, options, step) for step in range(1, 13)}
-    assert {step: names for step, names in reported.items() if names} == {3: ["model.layers.1"], 6: ["model.layers.0"], 9: ["embeddings"]}
+    assert {step: names for step, names in reported.items() if names} == {
+        3: ["model.layers.1"],
+        6: ["model.layers.0"],
+        9: ["embeddings"],
+    }
     assert all(p.requires_grad for p in model.parameters())
 
 

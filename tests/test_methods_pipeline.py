@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import STORIES
 from kftune import steps
 from kftune.models import load_tuned_model
 from kftune.prompts.build import read_meta, read_prompts
 from kftune.train.loop import PROBE_FILE, PROBE_ROWS, TRAIN_LOG_FILE, probe_outputs
-
-from conftest import STORIES
 
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "lion"]
 
@@ -22,7 +21,12 @@ ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "lion"]
 def stories_lines(tmp_path_factory):
     """40 stories-style sentences: 32 to train on, 8 to test."""
     source = tmp_path_factory.mktemp("stories") / "lines.jsonl"
-    source.write_text("".join(json.dumps({"text": f"Once upon a time, Lily saw a {ANIMALS[i % 8]} in the park {i}."}) + "\n" for i in range(40)))
+    source.write_text(
+        "".join(
+            json.dumps({"text": f"Once upon a time, Lily saw a {ANIMALS[i % 8]} in the park {i}."}) + "\n"
+            for i in range(40)
+        )
+    )
     return source
 
 
@@ -57,4 +61,9 @@ def test_method_through_train_and_evaluate_steps(make_config, stories_lines, met
     assert scores["tuned_perplexity"] < scores["base_perplexity"], scores
     rows = read_prompts(d["prompts"], "test")[:PROBE_ROWS]
     reloaded = probe_outputs(load_tuned_model(d["model"]), rows, read_meta(d["prompts"])["pad_token_id"], "causal_lm")
-    torch.testing.assert_close(torch.tensor(reloaded), torch.tensor(json.loads((Path(d["model"]) / PROBE_FILE).read_text())["outputs"]), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(reloaded),
+        torch.tensor(json.loads((Path(d["model"]) / PROBE_FILE).read_text())["outputs"]),
+        atol=1e-4,
+        rtol=1e-5,
+    )

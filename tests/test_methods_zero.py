@@ -12,13 +12,12 @@ import re
 import pytest
 import torch
 
+from conftest import STORIES, build_on_stories, lora_under_zero, process_group, train_under_zero
 from kftune.config import TrainSection
 from kftune.errors import KftuneError
 from kftune.methods import METHODS, calibrate_method, optimizer_parameter_groups
 from kftune.train.engines import make_engine
 from kftune.train.losses import plain_output_head, summed_loss
-
-from conftest import STORIES, build_on_stories, lora_under_zero, process_group, train_under_zero
 from test_methods_matrix import CASES
 
 LORA = METHODS["lora"].options.model_validate({"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"})
@@ -43,9 +42,13 @@ def test_method_trains_under_zero(case, stage, families):
         pytest.skip(f"{options.name} is refused under ZeRO-{stage} (see test_unsupported_stage_is_refused)")
     batch = families["stories"][3]
     before = {n: p.detach().clone() for n, p in build(options).named_parameters()}
-    train = TrainSection(batch_size=len(batch["input_ids"]), workers=1, lr=lr, max_grad_norm=None, deepspeed={"stage": stage})
+    train = TrainSection(
+        batch_size=len(batch["input_ids"]), workers=1, lr=lr, max_grad_norm=None, deepspeed={"stage": stage}
+    )
     model = build(options)
-    calibrate_method(model, options, lambda rows: summed_loss(model, {k: v[:rows] for k, v in batch.items()}, "causal_lm"))
+    calibrate_method(
+        model, options, lambda rows: summed_loss(model, {k: v[:rows] for k, v in batch.items()}, "causal_lm")
+    )
     losses, trained = train_under_zero(model, options, batch, train)
     assert losses[-1] < losses[0], losses
 
@@ -62,11 +65,21 @@ def test_method_trains_under_zero(case, stage, families):
 def test_unsupported_stage_is_refused(make_config):
     from kftune.config import parse_config
 
-    with pytest.raises(KftuneError, match=r"train\.deepspeed\.stage: method gradual_unfreeze does not work under ZeRO stage 2"):
-        parse_config(make_config(method={"name": "gradual_unfreeze", "start_layers": 1, "every_steps": 2}, train={"deepspeed": {"stage": 2}}))
+    with pytest.raises(
+        KftuneError, match=r"train\.deepspeed\.stage: method gradual_unfreeze does not work under ZeRO stage 2"
+    ):
+        parse_config(
+            make_config(
+                method={"name": "gradual_unfreeze", "start_layers": 1, "every_steps": 2},
+                train={"deepspeed": {"stage": 2}},
+            )
+        )
 
 
-@pytest.mark.parametrize("offload", [{"stage": 2, "offload_optimizer": True}, {"stage": 3, "offload_optimizer": True, "offload_params": True}])
+@pytest.mark.parametrize(
+    "offload",
+    [{"stage": 2, "offload_optimizer": True}, {"stage": 3, "offload_optimizer": True, "offload_params": True}],
+)
 def test_cpu_offload_trains_the_same_weights(offload, families):
     """The offloaded engine steps DeepSpeed's CPU Adam (the C++ op GPU runs use; built on first use) on
     DeepSpeed's CPU copies; without offload, torch's AdamW. The two sum in another order: hence 1e-5."""
@@ -85,7 +98,14 @@ def test_offloaded_optimizer_state_is_stepped_by_deepspeeds_cpu_adam():
     lora = METHODS["lora"].options.model_validate({"name": "lora", "r": 4})
     model = build(lora)
     train = TrainSection(batch_size=4, workers=1, deepspeed={"stage": 2, "offload_optimizer": True})
-    engine = make_engine(model, optimizer_parameter_groups(model, lora, train.lr), train, total_steps=1, world=1, device=torch.device("cpu"))
+    engine = make_engine(
+        model,
+        optimizer_parameter_groups(model, lora, train.lr),
+        train,
+        total_steps=1,
+        world=1,
+        device=torch.device("cpu"),
+    )
     try:
         assert isinstance(engine.engine.optimizer.optimizer, DeepSpeedCPUAdam)
     finally:
@@ -114,28 +134,54 @@ def test_zero3_gathers_a_frozen_head_for_the_chunked_loss(families, tmp_path):
     batch = families["stories"][3]
     lora = METHODS["lora"].options.model_validate({"name": "lora", "r": 4})
     every_parameter_partitioned = tmp_path / "ds.json"  # by default ZeRO-3 keeps parameters this small whole
-    every_parameter_partitioned.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
-    train = TrainSection(batch_size=len(batch["input_ids"]), workers=1, lr=1e-2, max_grad_norm=None,
-                         deepspeed={"stage": 3, "config_file": str(every_parameter_partitioned)})
+    every_parameter_partitioned.write_text(
+        json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    )
+    train = TrainSection(
+        batch_size=len(batch["input_ids"]),
+        workers=1,
+        lr=1e-2,
+        max_grad_norm=None,
+        deepspeed={"stage": 3, "config_file": str(every_parameter_partitioned)},
+    )
     model = build(lora)
-    engine = make_engine(model, optimizer_parameter_groups(model, lora, train.lr), train, total_steps=1, world=1, device=torch.device("cpu"))
+    engine = make_engine(
+        model,
+        optimizer_parameter_groups(model, lora, train.lr),
+        train,
+        total_steps=1,
+        world=1,
+        device=torch.device("cpu"),
+    )
     try:
         head = plain_output_head(engine.model)
         assert head is not None and head.weight.numel() == 0  # a shard
         chunked = summed_loss(engine.model, batch, "causal_lm")
         logits = engine.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        plain = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="sum")
+        plain = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="sum"
+        )
         assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
         assert head.weight.numel() == 0  # partitioned again after the loss
         before = [p.ds_tensor.clone() for p in engine.module.parameters() if p.requires_grad]
         engine.backward(chunked)  # the gradients came from the gathered weights; none are needed now
         engine.step()
-        assert any(not torch.equal(b, p.ds_tensor) for b, p in zip(before, (p for p in engine.module.parameters() if p.requires_grad)))
+        assert any(
+            not torch.equal(b, p.ds_tensor)
+            for b, p in zip(before, (p for p in engine.module.parameters() if p.requires_grad), strict=False)
+        )
     finally:
         engine.engine.destroy()
     full = METHODS["full"].options.model_validate({"name": "full"})
     model = build(full)
-    engine = make_engine(model, optimizer_parameter_groups(model, full, train.lr), train, total_steps=1, world=1, device=torch.device("cpu"))
+    engine = make_engine(
+        model,
+        optimizer_parameter_groups(model, full, train.lr),
+        train,
+        total_steps=1,
+        world=1,
+        device=torch.device("cpu"),
+    )
     try:
         assert plain_output_head(engine.model) is None
     finally:
@@ -154,16 +200,30 @@ def test_zero3_partitions_the_model_as_it_is_built_and_trains_it_like_a_whole_on
 
     batch = families["stories"][3]
     every_parameter_partitioned = tmp_path / "ds.json"
-    every_parameter_partitioned.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
-    config = parse_config(make_config(
-        model={"name_or_path": str(STORIES), "task": "causal_lm"}, prompt={"template": "text"}, method=LORA.model_dump(),
-        eval={"metrics": ["perplexity"]}, registry={"model_name": "t", "gate": {"metric": "perplexity"}},
-        train={"batch_size": len(batch["input_ids"]), "lr": 5e-3, "deepspeed": {"stage": 3, "config_file": str(every_parameter_partitioned)}}))
+    every_parameter_partitioned.write_text(
+        json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    )
+    config = parse_config(
+        make_config(
+            model={"name_or_path": str(STORIES), "task": "causal_lm"},
+            prompt={"template": "text"},
+            method=LORA.model_dump(),
+            eval={"metrics": ["perplexity"]},
+            registry={"model_name": "t", "gate": {"metric": "perplexity"}},
+            train={
+                "batch_size": len(batch["input_ids"]),
+                "lr": 5e-3,
+                "deepspeed": {"stage": 3, "config_file": str(every_parameter_partitioned)},
+            },
+        )
+    )
     with partitioned_construction(config.train, 1, "lora"):
         model = build_model(config, None, for_training=True)
     assert not is_deepspeed_zero3_enabled()  # only inside the block: later (rank-0-only) builds are whole
     base = {n: p for n, p in model.named_parameters() if "lora_" not in n}
-    assert base and all(hasattr(p, "ds_id") and p.data.numel() == 0 for p in base.values()), [n for n, p in base.items() if p.data.numel()][:3]
+    assert base and all(hasattr(p, "ds_id") and p.data.numel() == 0 for p in base.values()), [
+        n for n, p in base.items() if p.data.numel()
+    ][:3]
     losses, _ = train_under_zero(model, config.method, batch, config.train)
     expected, _ = train_under_zero(build_model(config, None, for_training=True), config.method, batch, config.train)
     assert losses == pytest.approx(expected, rel=1e-5)

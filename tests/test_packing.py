@@ -1,16 +1,21 @@
 """Packing on the real tiny Llama stories260K: a packed batch has the loss of the unpacked one, with the
 block-diagonal 4D mask and with the position-ids-only (variable-length) path."""
 
-
 import pytest
 import torch
 
 from kftune.prompts.build import preview_html
-from kftune.prompts.collate import Collator, PackedCollator, batch_tokens, block_diagonal_mask, make_collator, uses_varlen_attention
+from kftune.prompts.collate import (
+    Collator,
+    PackedCollator,
+    batch_tokens,
+    block_diagonal_mask,
+    make_collator,
+    uses_varlen_attention,
+)
 from kftune.prompts.packing import pack_rows
 from kftune.train.loop import build_model
 from kftune.train.losses import summed_loss
-
 
 
 def test_packing_keeps_every_example_and_restarts_positions(packed_build):
@@ -20,22 +25,25 @@ def test_packing_keeps_every_example_and_restarts_positions(packed_build):
     by_source = {r["source"]: r for r in unpacked}
     for row in packed:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
-        pieces = [row["input_ids"][a:b] for a, b in zip(starts, starts[1:] + [len(row["input_ids"])])]
+        pieces = [row["input_ids"][a:b] for a, b in zip(starts, [*starts[1:], len(row["input_ids"])], strict=False)]
         assert pieces == [by_source[s]["input_ids"] for s in row["sources"]]
     assert f"{meta['packing']['examples']} training examples in {meta['packing']['rows']} rows" in preview_html(meta)
 
 
 def test_block_diagonal_mask_keeps_attention_inside_each_example():
     mask = block_diagonal_mask(torch.tensor([[0, 1, 2, 0, 1, 0, 0]]))[0, 0] == 0  # two examples, then two pads
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0],
-        [0, 0, 0, 1, 0, 0, 0],
-        [0, 0, 0, 1, 1, 0, 0],
-        [0, 0, 0, 0, 0, 1, 0],
-        [0, 0, 0, 0, 0, 0, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0, 0],
+            [0, 0, 0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask, expected)
     assert batch_tokens({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 0]])}) == 5
 
@@ -43,7 +51,9 @@ def test_block_diagonal_mask_keeps_attention_inside_each_example():
 @pytest.mark.parametrize("varlen", [False, True], ids=["4d-mask", "position-ids"])
 def test_packed_batches_give_the_unpacked_loss(packed_build, varlen):
     config, meta, packed, unpacked = packed_build
-    model = build_model(config, None, for_training=True).eval()  # as the train worker builds it (LoRA starts as the identity)
+    model = build_model(
+        config, None, for_training=True
+    ).eval()  # as the train worker builds it (LoRA starts as the identity)
     collate = make_collator(meta, "causal_lm", varlen=uses_varlen_attention(model))
     assert isinstance(collate, PackedCollator) and not collate.varlen  # eager/SDPA on CPU: the 4D mask
     with torch.no_grad():
@@ -91,13 +101,19 @@ def test_flex_attention_takes_packed_rows_as_variable_length_sequences(packed_bu
     ids, other examples' blocks skipped) gives the training loop's loss of the unpacked rows. Forward
     only: torch has no flex-attention backward on CPU (so config validation keeps it to GPU runs)."""
     config, meta, packed, unpacked = packed_build
-    flex = config.model_copy(update={"model": config.model.model_copy(update={"attn_implementation": "flex_attention"})})
+    flex = config.model_copy(
+        update={"model": config.model.model_copy(update={"attn_implementation": "flex_attention"})}
+    )
     model = build_model(flex, None, for_training=True).eval()
     collate = make_collator(meta, "causal_lm", varlen=uses_varlen_attention(model))
     assert collate.varlen
     rows = packed[:4]
     sources = {source for row in rows for source in row["sources"]}
     with torch.no_grad():
-        expected = summed_loss(model, Collator(meta["pad_token_id"], "causal_lm")([r for r in unpacked if r["source"] in sources]), "causal_lm")
+        expected = summed_loss(
+            model,
+            Collator(meta["pad_token_id"], "causal_lm")([r for r in unpacked if r["source"] in sources]),
+            "causal_lm",
+        )
         got = summed_loss(model, collate(rows), "causal_lm")
     assert got.item() == pytest.approx(expected.item(), rel=1e-4)

@@ -1,13 +1,13 @@
 """`kftune compile` produces KFP IR a cluster accepts: the tasks in order, config as the default, prepare_data keyed by the data."""
 
+import itertools
 import subprocess
 import sys
 
 import yaml
 
-from kftune.config import config_to_dict, load_config
-
 from conftest import CLUSTER_RUN_CONFIG
+from kftune.config import config_to_dict, load_config
 
 STEPS = ["resolve-config", "fingerprint-data", "prepare-data", "build-prompts", "train", "evaluate", "register"]
 
@@ -15,19 +15,26 @@ STEPS = ["resolve-config", "fingerprint-data", "prepare-data", "build-prompts", 
 def test_compiled_ir_has_the_steps_in_order(tmp_path):
     out = tmp_path / "pipeline.yaml"
     example = CLUSTER_RUN_CONFIG
-    done = subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(example), "--set", "train.lr=5e-4", "-o", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "kftune.cli", "compile", str(example), "--set", "train.lr=5e-4", "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     ir = next(yaml.safe_load_all(out.read_text()))  # then the Kubernetes platform spec
     assert ir["pipelineInfo"]["name"] == "kftune"
     tasks = ir["root"]["dag"]["tasks"]
     assert sorted(tasks) == sorted(STEPS)
-    for before, after in zip(STEPS, STEPS[1:]):
+    for before, after in itertools.pairwise(STEPS):
         assert before in tasks[after].get("dependentTasks", []), f"{after} must run after {before}"
     default = ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
     assert default == config_to_dict(load_config(example, ["train.lr=5e-4"]))
     executors = ir["deploymentSpec"]["executors"]
     images = {name: spec["container"]["image"] for name, spec in executors.items()}
-    trainer = {"exec-train", "exec-evaluate"}  # evaluate scores the model where it fits: CUDA torch, GPUs from cluster.evaluate
+    trainer = {
+        "exec-train",
+        "exec-evaluate",
+    }  # evaluate scores the model where it fits: CUDA torch, GPUs from cluster.evaluate
     assert all(images[name].startswith("ghcr.io/kftune/kftune-trainer:") for name in trainer)
     assert all(image.startswith("ghcr.io/kftune/kftune-step:") for name, image in images.items() if name not in trainer)
     assert all("pip install" not in " ".join(spec["container"]["command"]) for spec in executors.values())
@@ -46,15 +53,25 @@ def test_prepare_data_is_keyed_by_the_data_fingerprint_which_is_never_cached(tmp
     from kftune.kube.kfp_server import with_caching
 
     out = tmp_path / "pipeline.yaml"
-    assert subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), "-o", str(out)]).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), "-o", str(out)]
+        ).returncode
+        == 0
+    )
     tasks = compiled_tasks(out)
     assert tasks["fingerprint-data"]["cachingOptions"] == {}, "fingerprint_data must run in every run"
     assert tasks["prepare-data"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"] == {
-        "producerTask": "fingerprint-data", "outputParameterKey": "Output"}
-    assert {name: task["cachingOptions"] for name, task in tasks.items() if name != "fingerprint-data"} == dict.fromkeys(
-        [step for step in STEPS if step != "fingerprint-data"], {"enableCache": True})
+        "producerTask": "fingerprint-data",
+        "outputParameterKey": "Output",
+    }
+    assert {name: task["cachingOptions"] for name, task in tasks.items() if name != "fingerprint-data"} == {
+        key: {"enableCache": True} for key in [step for step in STEPS if step != "fingerprint-data"]
+    }
 
     off = compiled_tasks(with_caching(out, False, tmp_path / "off.yaml"))
     assert all(task["cachingOptions"] == {} for task in off.values())
     on = with_caching(tmp_path / "off.yaml", True, tmp_path / "on.yaml")
-    assert list(yaml.safe_load_all(on.read_text())) == list(yaml.safe_load_all(out.read_text())), "--cache restores the compiled settings"
+    assert list(yaml.safe_load_all(on.read_text())) == list(yaml.safe_load_all(out.read_text())), (
+        "--cache restores the compiled settings"
+    )

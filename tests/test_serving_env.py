@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO, free_port, helm_or_skip, register_tuned, serve_until
 from kftune.config import parse_config
 from kftune.evaluate.evaluate import class_logits
 from kftune.models import load_tokenizer, load_tuned_model
 from kftune.prompts.build import read_meta, read_prompts
-
-from conftest import REPO, free_port, helm_or_skip, register_tuned, serve_until
 
 pytestmark = pytest.mark.slow
 
@@ -47,22 +46,40 @@ def champion(tiny_data, tmp_path_factory):
     """A LoRA MiniLM version registered as champion in a sqlite store, and what evaluation predicts
     for the test split's rows (label, probability)."""
     folder = tmp_path_factory.mktemp("served")
-    config = parse_config({
-        "model": {"name_or_path": "minilm-l6", "task": "sequence_classification"},
-        "data": {"path": str(tiny_data["train"]), "columns": {"text": "sentence"}, "split": {"test": str(tiny_data["test"])}},
-        "prompt": {"template": "plain", "max_length": 64},
-        "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
-        "eval": {"batch_size": 8, "compare_base": False, "forgetting": False},
-        "registry": {"model_name": MODEL, "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "artifact_location": (folder / "artifacts").as_uri()},
-    })
+    config = parse_config(
+        {
+            "model": {"name_or_path": "minilm-l6", "task": "sequence_classification"},
+            "data": {
+                "path": str(tiny_data["train"]),
+                "columns": {"text": "sentence"},
+                "split": {"test": str(tiny_data["test"])},
+            },
+            "prompt": {"template": "plain", "max_length": 64},
+            "method": {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+            "eval": {"batch_size": 8, "compare_base": False, "forgetting": False},
+            "registry": {
+                "model_name": MODEL,
+                "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+                "artifact_location": (folder / "artifacts").as_uri(),
+            },
+        }
+    )
     evaluation = register_tuned(config, folder)
     rows = read_prompts(folder / "prompts", "test")
-    best = class_logits(load_tuned_model(folder / "model"), rows, load_tokenizer(folder / "model").pad_token_id, 8).softmax(dim=-1).max(dim=-1)
+    best = (
+        class_logits(load_tuned_model(folder / "model"), rows, load_tokenizer(folder / "model").pad_token_id, 8)
+        .softmax(dim=-1)
+        .max(dim=-1)
+    )
     labels = read_meta(folder / "prompts")["label_names"]
     sentences = [json.loads(line)["text"] for line in (folder / "data" / "test.jsonl").read_text().splitlines()]
     return {
-        "uri": config.registry.tracking_uri, "folder": folder, "sentences": sentences, "evaluation": evaluation,
-        "labels": [labels[i] for i in best.indices.tolist()], "scores": best.values.tolist(),
+        "uri": config.registry.tracking_uri,
+        "folder": folder,
+        "sentences": sentences,
+        "evaluation": evaluation,
+        "labels": [labels[i] for i in best.indices.tolist()],
+        "scores": best.values.tolist(),
     }
 
 
@@ -74,7 +91,11 @@ def environ(champion, tmp_path_factory):
     if wheel is None or shutil.which("uv") is None:
         pytest.skip(f"needs uv and the CPU torch wheel in {TORCH_WHEELS} (scripts/setup.sh), not a CUDA torch download")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(MLFLOW_TRACKING_URI=champion["uri"], MLFLOW_ENV_ROOT=str(tmp_path_factory.mktemp("envs")), UV_FIND_LINKS=str(Path(wheel).parent))
+    env.update(
+        MLFLOW_TRACKING_URI=champion["uri"],
+        MLFLOW_ENV_ROOT=str(tmp_path_factory.mktemp("envs")),
+        UV_FIND_LINKS=str(Path(wheel).parent),
+    )
     return env
 
 
@@ -89,7 +110,9 @@ def fresh_python(environ) -> str:
     finds it; `predict` would build it in a temporary folder of its own). Timed."""
     started = time.perf_counter()
     command = [MLFLOW, "models", "prepare-env", "-m", f"models:/{MODEL}@champion", "--env-manager", "uv"]
-    done = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=1200, cwd=environ["MLFLOW_ENV_ROOT"])
+    done = subprocess.run(
+        command, env=environ, capture_output=True, text=True, timeout=1200, cwd=environ["MLFLOW_ENV_ROOT"]
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     print(f"\nfresh environment built in {time.perf_counter() - started:.0f} s")
     (python,) = glob.glob(f"{environ['MLFLOW_ENV_ROOT']}/mlflow-*/bin/python")
@@ -114,7 +137,9 @@ def test_the_environment_has_no_kftune_but_the_version_brings_it(fresh_python):
     """The environment MLflow built installed no kftune: the version's code_paths supplied it."""
     probe = "import importlib.util, sys; print(importlib.util.find_spec('kftune'))"
     assert subprocess.run([fresh_python, "-c", probe], capture_output=True, text=True, cwd="/").stdout.strip() == "None"
-    torch_in_env = subprocess.run([fresh_python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    torch_in_env = subprocess.run(
+        [fresh_python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True
+    )
     assert torch_in_env.stdout.strip() == torch.__version__  # the local CPU build, not a CUDA download
 
 
@@ -122,7 +147,21 @@ def test_mlflow_models_predict_in_the_fresh_environment(champion, fresh_python, 
     """`mlflow models predict` run by the environment built for the version: what evaluation predicts."""
     (tmp_path / "in.json").write_text(json.dumps(dataframe_split(champion["sentences"])))
     mlflow_in_env = str(Path(fresh_python).with_name("mlflow"))
-    command = [mlflow_in_env, "models", "predict", "-m", f"models:/{MODEL}@champion", "-i", "in.json", "-t", "json", "-o", "out.json", "--env-manager", "local"]
+    command = [
+        mlflow_in_env,
+        "models",
+        "predict",
+        "-m",
+        f"models:/{MODEL}@champion",
+        "-i",
+        "in.json",
+        "-t",
+        "json",
+        "-o",
+        "out.json",
+        "--env-manager",
+        "local",
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads((tmp_path / "out.json").read_text())["predictions"]
@@ -132,17 +171,39 @@ def test_mlflow_models_predict_in_the_fresh_environment(champion, fresh_python, 
 
 def test_mlflow_models_serve_and_bad_requests(champion, fresh_python, environ, tmp_path):
     port = free_port()
-    command = [MLFLOW, "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "uv", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    command = [
+        MLFLOW,
+        "models",
+        "serve",
+        "-m",
+        f"models:/{MODEL}@champion",
+        "--env-manager",
+        "uv",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     with serve_until(command, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env=environ, cwd=tmp_path):
         url = f"http://127.0.0.1:{port}/invocations"
         status, answer = post(url, dataframe_split(champion["sentences"]))
         assert status == 200, answer
         assert [r["label"] for r in answer["predictions"]] == champion["labels"]
-        torch.testing.assert_close(torch.tensor([r["score"] for r in answer["predictions"]]), torch.tensor(champion["scores"]))
+        torch.testing.assert_close(
+            torch.tensor([r["score"] for r in answer["predictions"]]), torch.tensor(champion["scores"])
+        )
 
         bad = {
-            "an input without the template's field": ({"dataframe_records": [{"review": "a fine film"}]}, "missing inputs ['sentence']"),
-            "a generation request to a classifier": ({"dataframe_records": [{"prompt": "Continue: the film"}]}, "missing inputs ['sentence']"),
+            "an input without the template's field": (
+                {"dataframe_records": [{"review": "a fine film"}]},
+                "missing inputs ['sentence']",
+            ),
+            "a generation request to a classifier": (
+                {"dataframe_records": [{"prompt": "Continue: the film"}]},
+                "missing inputs ['sentence']",
+            ),
             "a body in none of MLflow's formats": ({"text": ["a fine film"]}, "dataframe_split"),
             "a body that is not JSON": ("sentence=a fine film", "Invalid input"),
         }
@@ -158,9 +219,29 @@ def chart_predictor() -> dict:
     import yaml
 
     helm = helm_or_skip()
-    settings = ["--set", "serving.enabled=true", "--set", f"serving.modelName={MODEL}", "--set", "serving.image=kftune-serving:test"]
-    done = subprocess.run([helm, "template", "kftune", str(REPO / "charts" / "kftune"), *settings, "--show-only", "templates/inferenceservice.yaml"],
-                          capture_output=True, text=True, check=True, cwd=REPO)
+    settings = [
+        "--set",
+        "serving.enabled=true",
+        "--set",
+        f"serving.modelName={MODEL}",
+        "--set",
+        "serving.image=kftune-serving:test",
+    ]
+    done = subprocess.run(
+        [
+            helm,
+            "template",
+            "kftune",
+            str(REPO / "charts" / "kftune"),
+            *settings,
+            "--show-only",
+            "templates/inferenceservice.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
     (container,) = yaml.safe_load(done.stdout)["spec"]["predictor"]["containers"]
     return container
 
@@ -176,15 +257,34 @@ def test_mlserver_mlflow_runtime_v2_protocol(champion, fresh_python, environ, tm
     http = free_port()
     env = {**environ, **{e["name"]: e["value"] for e in container["env"] if e["name"] != "HOME"}}
     env.update(  # here: loopback ports, the test's registry, the model loaded in the server process itself
-        MLSERVER_HOST="127.0.0.1", MLSERVER_HTTP_PORT=str(http), MLSERVER_GRPC_PORT=str(free_port()),
-        MLSERVER_METRICS_PORT=str(free_port()), MLSERVER_PARALLEL_WORKERS="0", MLFLOW_TRACKING_URI=champion["uri"],
+        MLSERVER_HOST="127.0.0.1",
+        MLSERVER_HTTP_PORT=str(http),
+        MLSERVER_GRPC_PORT=str(free_port()),
+        MLSERVER_METRICS_PORT=str(free_port()),
+        MLSERVER_PARALLEL_WORKERS="0",
+        MLFLOW_TRACKING_URI=champion["uri"],
     )
     assert env["MLSERVER_MODEL_URI"] == f"models:/{MODEL}@champion"
     mlserver = str(Path(fresh_python).with_name("mlserver"))
     (tmp_path / "empty").mkdir()
-    with serve_until([mlserver, "start", str(tmp_path / "empty")], f"http://127.0.0.1:{http}/v2/models/{MODEL}/ready", tmp_path / "mlserver.log", env=env, cwd=tmp_path):
+    with serve_until(
+        [mlserver, "start", str(tmp_path / "empty")],
+        f"http://127.0.0.1:{http}/v2/models/{MODEL}/ready",
+        tmp_path / "mlserver.log",
+        env=env,
+        cwd=tmp_path,
+    ):
         url = f"http://127.0.0.1:{http}/v2/models/{MODEL}/infer"
-        request = {"inputs": [{"name": "sentence", "shape": [len(champion["sentences"]), 1], "datatype": "BYTES", "data": champion["sentences"]}]}
+        request = {
+            "inputs": [
+                {
+                    "name": "sentence",
+                    "shape": [len(champion["sentences"]), 1],
+                    "datatype": "BYTES",
+                    "data": champion["sentences"],
+                }
+            ]
+        }
         status, answer = post(url, request)
         assert status == 200, answer
         outputs = {output["name"]: output["data"] for output in answer["outputs"]}
@@ -201,5 +301,7 @@ def test_mlserver_mlflow_runtime_v2_protocol(champion, fresh_python, environ, tm
             time.sleep(1)
         status, answer = post(url, {"dataframe_split": {"columns": ["sentence"], "data": [["a fine film"]]}})
         assert status == 422 and "inputs" in json.dumps(answer), answer
-        status, answer = post(url, {"inputs": [{**request["inputs"][0], "shape": [2, 1], "data": champion["sentences"][:2]}]})
+        status, answer = post(
+            url, {"inputs": [{**request["inputs"][0], "shape": [2, 1], "data": champion["sentences"][:2]}]}
+        )
         assert status == 200 and answer["outputs"][0]["data"] == champion["labels"][:2]  # still serving

@@ -7,10 +7,9 @@ import mlflow
 import pandas as pd
 import pytest
 
+from conftest import STORIES
 from kftune import steps
 from kftune.train.loop import TRAIN_LOG_FILE
-
-from conftest import STORIES
 
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "lion"]
 
@@ -18,7 +17,19 @@ ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "lion"]
 @pytest.mark.slow
 def test_prepare_build_train_evaluate_register_on_stories260k(make_config, tmp_path):
     source = tmp_path / "qa.jsonl"
-    source.write_text("".join(json.dumps({"instruction": f"What did Lily see in story {i}?", "input": "", "output": f"Lily saw a {ANIMALS[i % 8]}."}) + "\n" for i in range(40)))
+    source.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "instruction": f"What did Lily see in story {i}?",
+                    "input": "",
+                    "output": f"Lily saw a {ANIMALS[i % 8]}.",
+                }
+            )
+            + "\n"
+            for i in range(40)
+        )
+    )
     config = make_config(
         model={"name_or_path": str(STORIES), "task": "causal_lm"},
         data={"path": str(source), "columns": {}, "split": {"test": 0.2}},
@@ -54,5 +65,13 @@ def test_prepare_build_train_evaluate_register_on_stories260k(make_config, tmp_p
         served = mlflow.pyfunc.load_model("models:/tiny@champion")
     finally:
         mlflow.set_tracking_uri(None)
-    generated = served.predict(pd.DataFrame({"prompt": ["Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nWhat did Lily see in story 3?\n\n### Response:\n"]}))
+    generated = served.predict(
+        pd.DataFrame(
+            {
+                "prompt": [
+                    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nWhat did Lily see in story 3?\n\n### Response:\n"
+                ]
+            }
+        )
+    )
     assert generated["generated"][0].startswith("Lily saw")

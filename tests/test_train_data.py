@@ -31,13 +31,18 @@ def test_rows_read_back_as_written(tmp_path):
     assert rows[-1] == ROWS[-1] and rows[::2] == ROWS[::2]
     with pytest.raises(IndexError, match=r"train\.arrow: row 3 of 3"):
         rows[3]
-    assert read_prompts(tmp_path, "test") == ROWS and (tmp_path / "test.jsonl").is_file()  # what the evaluate step reads and fingerprints
+    assert (
+        read_prompts(tmp_path, "test") == ROWS and (tmp_path / "test.jsonl").is_file()
+    )  # what the evaluate step reads and fingerprints
     write_split(tmp_path, "validation", [])
     assert len(open_prompts(tmp_path, "validation")) == 0
 
 
 def test_opening_a_large_split_reads_none_of_it_into_memory(tmp_path):
-    rows = [{"input_ids": list(range(i % 50, i % 50 + 96)), "labels": list(range(96)), "source": f"row {i}"} for i in range(60_000)]
+    rows = [
+        {"input_ids": list(range(i % 50, i % 50 + 96)), "labels": list(range(96)), "source": f"row {i}"}
+        for i in range(60_000)
+    ]
     write_split(tmp_path, "train", rows)
     del rows
     size = (tmp_path / "train.arrow").stat().st_size
@@ -47,7 +52,9 @@ def test_opening_a_large_split_reads_none_of_it_into_memory(tmp_path):
     batch = [opened[i] for i in range(0, 60_000, 4000)]
     assert len(batch) == 15 and batch[1]["source"] == "row 4000"
     assert pa.total_allocated_bytes() - heap < 1e6  # the table's buffers point into the file mapping
-    assert anonymous_resident_bytes() - private < size / 20  # page cache aside (shared, reclaimable), nothing was copied
+    assert (
+        anonymous_resident_bytes() - private < size / 20
+    )  # page cache aside (shared, reclaimable), nothing was copied
 
 
 def anonymous_resident_bytes() -> int:

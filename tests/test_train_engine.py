@@ -17,14 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import EXAMPLES, STORIES
 from kftune import steps
 from kftune.config import config_to_dict, parse_config
 from kftune.models import load_tuned_model
 from kftune.prompts.build import read_meta, read_prompts
 from kftune.train.launch import run_training
 from kftune.train.loop import PROBE_FILE, PROBE_ROWS, TRAIN_LOG_FILE, probe_outputs
-
-from conftest import EXAMPLES, STORIES
 
 STEPS = 30  # inside the first epoch, where every global batch is full for both splits of it
 
@@ -33,15 +32,35 @@ LORA = {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 def config(tmp_path: Path, method: dict = LORA, **train) -> dict:
-    return config_to_dict(parse_config({
-        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
-        "data": {"path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"), "columns": {"text": "sentence"}, "max_rows": 400, "split": {"test": 0.1}},
-        "prompt": {"template": "text", "max_length": 48},
-        "method": method,
-        "train": {"batch_size": 8, "max_steps": STEPS, "lr": 5e-3, "workers": 2, "log_every_steps": 10, **train},
-        "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
-        "registry": {"model_name": "engine", "gate": {"metric": "perplexity"}, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    }))
+    return config_to_dict(
+        parse_config(
+            {
+                "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+                "data": {
+                    "path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"),
+                    "columns": {"text": "sentence"},
+                    "max_rows": 400,
+                    "split": {"test": 0.1},
+                },
+                "prompt": {"template": "text", "max_length": 48},
+                "method": method,
+                "train": {
+                    "batch_size": 8,
+                    "max_steps": STEPS,
+                    "lr": 5e-3,
+                    "workers": 2,
+                    "log_every_steps": 10,
+                    **train,
+                },
+                "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
+                "registry": {
+                    "model_name": "engine",
+                    "gate": {"metric": "perplexity"},
+                    "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                },
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +148,9 @@ def test_zero3_with_cpu_offload_trains_the_same_weights_over_two_workers(runs):
     gradient copies, optimizer step), here with both kinds of state partitioned over 2 gloo workers."""
     offloaded = runs("zero3-offload", deepspeed={"stage": 3, "offload_optimizer": True, "offload_params": True})
     zero3 = runs("zero3")
-    assert [r["loss"] for r in log(offloaded)["history"]] == pytest.approx([r["loss"] for r in log(zero3)["history"]], abs=1e-5)
+    assert [r["loss"] for r in log(offloaded)["history"]] == pytest.approx(
+        [r["loss"] for r in log(zero3)["history"]], abs=1e-5
+    )
     assert_same_weights(offloaded, zero3, atol=1e-5)  # 8.4e-7 measured
 
 
@@ -153,9 +174,13 @@ def _committed(snapshot: Path) -> bool:
 
 def test_a_killed_worker_resumes_from_the_checkpoint_and_ends_like_an_uninterrupted_run(runs, tmp_path):
     checkpointing = {"deepspeed": {"stage": 3}, "checkpoint": {"every_steps": 10, "max_failures": 1}}
-    killed = runs("zero3-killed", storage=tmp_path / "storage", during=kill_a_worker_after_the_first_checkpoint, **checkpointing)
+    killed = runs(
+        "zero3-killed", storage=tmp_path / "storage", during=kill_a_worker_after_the_first_checkpoint, **checkpointing
+    )
     resumed = log(killed)["resumed_at_steps"]
     assert len(resumed) == 1 and 10 <= resumed[0] < STEPS, resumed
     uninterrupted = runs("zero3")
-    assert [r["loss"] for r in log(killed)["history"]] == pytest.approx([r["loss"] for r in log(uninterrupted)["history"]], abs=1e-4)
+    assert [r["loss"] for r in log(killed)["history"]] == pytest.approx(
+        [r["loss"] for r in log(uninterrupted)["history"]], abs=1e-4
+    )
     assert_same_weights(killed, uninterrupted, atol=1e-4)

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from conftest import EXAMPLES, STORIES
 from kftune import steps
 from kftune.config import parse_config
 from kftune.methods import may_train
@@ -18,36 +19,55 @@ from kftune.prompts.build import read_meta, read_prompts
 from kftune.train.launch import run_training
 from kftune.train.loop import PROBE_FILE, PROBE_ROWS, TRAIN_LOG_FILE, build_model, probe_outputs
 
-from conftest import EXAMPLES, STORIES
-
 LORA = {"name": "lora", "r": 4, "target_modules": "all-linear"}
 
 
 def story_config(tmp_path, method=LORA, **train):
-    return parse_config({
-        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
-        "data": {"path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"), "columns": {"text": "sentence"}, "max_rows": 200, "split": {"test": 0.1}},
-        "prompt": {"template": "text", "max_length": 48},
-        "method": method,
-        "train": {"batch_size": 8, "max_steps": 6, "lr": 5e-3, "workers": 2, "log_every_steps": 3, **train},
-        "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
-        "registry": {"model_name": "precision", "gate": {"metric": "perplexity"}, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    })
+    return parse_config(
+        {
+            "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+            "data": {
+                "path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"),
+                "columns": {"text": "sentence"},
+                "max_rows": 200,
+                "split": {"test": 0.1},
+            },
+            "prompt": {"template": "text", "max_length": 48},
+            "method": method,
+            "train": {"batch_size": 8, "max_steps": 6, "lr": 5e-3, "workers": 2, "log_every_steps": 3, **train},
+            "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
+            "registry": {
+                "model_name": "precision",
+                "gate": {"metric": "perplexity"},
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            },
+        }
+    )
 
 
 def dtypes(model, trainable: bool) -> set[torch.dtype]:
     return {p.dtype for p in model.parameters() if p.requires_grad == trainable}
 
 
-@pytest.mark.parametrize(("method", "train", "frozen", "trained"), [
-    (LORA, {"precision": "bf16"}, {torch.bfloat16}, {torch.float32}),
-    (LORA, {"precision": "fp32"}, {torch.float32}, {torch.float32}),
-    ({"name": "train_top", "layers": 1}, {"precision": "bf16"}, {torch.bfloat16}, {torch.float32}),
-    (LORA, {"precision": "bf16", "deepspeed": {"stage": 3}}, {torch.bfloat16}, {torch.float32}),  # DeepSpeed casts LoRA itself
-    ({"name": "full"}, {"precision": "bf16"}, set(), {torch.float32}),
-    ({"name": "full"}, {"precision": "bf16", "deepspeed": {"stage": 2}}, set(), {torch.bfloat16}),
-])
-def test_frozen_weights_load_in_the_training_precision_and_trained_ones_stay_fp32(tmp_path, method, train, frozen, trained):
+@pytest.mark.parametrize(
+    ("method", "train", "frozen", "trained"),
+    [
+        (LORA, {"precision": "bf16"}, {torch.bfloat16}, {torch.float32}),
+        (LORA, {"precision": "fp32"}, {torch.float32}, {torch.float32}),
+        ({"name": "train_top", "layers": 1}, {"precision": "bf16"}, {torch.bfloat16}, {torch.float32}),
+        (
+            LORA,
+            {"precision": "bf16", "deepspeed": {"stage": 3}},
+            {torch.bfloat16},
+            {torch.float32},
+        ),  # DeepSpeed casts LoRA itself
+        ({"name": "full"}, {"precision": "bf16"}, set(), {torch.float32}),
+        ({"name": "full"}, {"precision": "bf16", "deepspeed": {"stage": 2}}, set(), {torch.bfloat16}),
+    ],
+)
+def test_frozen_weights_load_in_the_training_precision_and_trained_ones_stay_fp32(
+    tmp_path, method, train, frozen, trained
+):
     model = build_model(story_config(tmp_path, method, **train), None, for_training=True)
     assert dtypes(model, trainable=False) == frozen
     assert dtypes(model, trainable=True) == trained

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from conftest import EXAMPLES, STORIES
 from kftune import steps
 from kftune.config import parse_config
 from kftune.errors import KftuneError
@@ -18,20 +19,27 @@ from kftune.prompts.build import read_meta, read_prompts
 from kftune.train.launch import run_training
 from kftune.train.loop import PROBE_FILE, PROBE_ROWS, TRAIN_LOG_FILE, build_model, probe_outputs
 
-from conftest import EXAMPLES, STORIES
-
 LORA = {"name": "lora", "r": 4, "target_modules": "all-linear"}
 
 
 def story_config(tmp_path, quantization="4bit", method=LORA, **train):
     return {
         "model": {"name_or_path": str(STORIES), "task": "causal_lm", "quantization": quantization},
-        "data": {"path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"), "columns": {"text": "sentence"}, "max_rows": 200, "split": {"test": 0.1}},
+        "data": {
+            "path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"),
+            "columns": {"text": "sentence"},
+            "max_rows": 200,
+            "split": {"test": 0.1},
+        },
         "prompt": {"template": "text", "max_length": 48},
         "method": method,
         "train": {"batch_size": 8, "max_steps": 8, "lr": 1e-2, "workers": 2, "log_every_steps": 4, **train},
         "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
-        "registry": {"model_name": "qlora", "gate": {"metric": "perplexity"}, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "registry": {
+            "model_name": "qlora",
+            "gate": {"metric": "perplexity"},
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },
     }
 
 
@@ -51,7 +59,9 @@ def test_a_4bit_lora_run_trains_and_its_adapter_reloads_onto_a_quantized_base(tm
     run_training(parse_config(raw), tmp_path / "prompts", tmp_path / "model", tmp_path / "ray")
     history = json.loads((tmp_path / "model" / TRAIN_LOG_FILE).read_text())["history"]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert (tmp_path / "model" / "adapter_model.safetensors").is_file() and not (tmp_path / "model" / "model.safetensors").exists()
+    assert (tmp_path / "model" / "adapter_model.safetensors").is_file() and not (
+        tmp_path / "model" / "model.safetensors"
+    ).exists()
     reloaded = load_tuned_model(tmp_path / "model")
     assert type(reloaded.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     rows = read_prompts(tmp_path / "prompts", "test")[:PROBE_ROWS]
@@ -62,15 +72,24 @@ def test_a_4bit_lora_run_trains_and_its_adapter_reloads_onto_a_quantized_base(tm
 
 def test_a_device_bitsandbytes_cannot_run_is_refused_naming_the_field():
     check_quantization_runs("4bit", torch.device("cpu"))  # runs here
-    with pytest.raises(KftuneError, match=r"model\.quantization: bitsandbytes cannot run 4bit on meta .*leave model\.quantization empty"):
+    with pytest.raises(
+        KftuneError,
+        match=r"model\.quantization: bitsandbytes cannot run 4bit on meta .*leave model\.quantization empty",
+    ):
         check_quantization_runs("4bit", torch.device("meta"))
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"method": {"name": "full"}}, r"model\.quantization: a quantized base trains LoRA adapters on top \(method\.name: lora\), not full"),
-    ({"method": {**LORA, "merge": True}}, r"method\.merge: cannot fold LoRA into a quantized base"),
-    ({"train": {"deepspeed": {"stage": 2}}}, r"train\.deepspeed: a quantized base trains under DDP"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"method": {"name": "full"}},
+            r"model\.quantization: a quantized base trains LoRA adapters on top \(method\.name: lora\), not full",
+        ),
+        ({"method": {**LORA, "merge": True}}, r"method\.merge: cannot fold LoRA into a quantized base"),
+        ({"train": {"deepspeed": {"stage": 2}}}, r"train\.deepspeed: a quantized base trains under DDP"),
+    ],
+)
 def test_combinations_a_quantized_base_cannot_take_are_refused(tmp_path, change, message):
     raw = story_config(tmp_path, method=change.get("method", LORA), **change.get("train", {}))
     with pytest.raises(KftuneError, match=message):

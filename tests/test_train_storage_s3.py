@@ -19,7 +19,6 @@ from kftune.errors import KftuneError
 from kftune.train.checkpoints import check_writable
 from kftune.train.launch import run_training
 from kftune.train.loop import TRAIN_LOG_FILE
-
 from test_train_engine import config, prompts  # noqa: F401  (prompts is a fixture)
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -30,7 +29,11 @@ def s3_endpoint():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     import boto3
 
@@ -67,15 +70,23 @@ def test_checkpoints_on_s3_and_a_finished_run_is_reused(s3_endpoint, fresh_ray, 
 
     import boto3
 
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="checkpoints")["Contents"]]
-    assert any(k.endswith("/trainer_state.json") for k in keys) and any(k.endswith("/adapter_model.safetensors") for k in keys), keys
+    keys = [
+        o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="checkpoints")["Contents"]
+    ]
+    assert any(k.endswith("/trainer_state.json") for k in keys) and any(
+        k.endswith("/adapter_model.safetensors") for k in keys
+    ), keys
 
     again = run_training(parse_config(config(tmp_path, **settings)), prompts, tmp_path / "again", tmp_path / "unused")
     assert again == first  # the same train log: nothing was trained again
-    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (tmp_path / "first" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "first" / "adapter_model.safetensors"
+    ).read_bytes()
     assert json.loads((tmp_path / "again" / TRAIN_LOG_FILE).read_text())["steps"] == 12
 
 
 def test_a_missing_bucket_is_refused_before_ray_starts(s3_endpoint):
-    with pytest.raises(KftuneError, match=r"train\.checkpoint\.storage: cannot write to s3://no-such-bucket/runs.*not found"):
+    with pytest.raises(
+        KftuneError, match=r"train\.checkpoint\.storage: cannot write to s3://no-such-bucket/runs.*not found"
+    ):
         check_writable(uri(s3_endpoint, "no-such-bucket"))

@@ -10,6 +10,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
+from conftest import EXAMPLES, STORIES
 from kftune import steps
 from kftune.config import parse_config
 from kftune.errors import KftuneError
@@ -17,20 +18,36 @@ from kftune.train.launch import run_training
 from kftune.train.loop import TRAIN_LOG_FILE
 from kftune.train.validation import best_evaluation, evaluations_since_best
 
-from conftest import EXAMPLES, STORIES
-
 
 def story_config(tmp_path, **train):
-    return parse_config({
-        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
-        "data": {"path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"), "columns": {"text": "sentence"}, "max_rows": 120,
-                 "split": {"validation": 0.25, "test": 0.1}},
-        "prompt": {"template": "text", "max_length": 48},
-        "method": {"name": "lora", "r": 4, "target_modules": "all-linear"},
-        "train": {"batch_size": 8, "lr": 0.01, "epochs": 20, "schedule": "constant", "workers": 2, "log_every_steps": 100, **train},
-        "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
-        "registry": {"model_name": "validation", "gate": {"metric": "perplexity"}, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-    })
+    return parse_config(
+        {
+            "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+            "data": {
+                "path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"),
+                "columns": {"text": "sentence"},
+                "max_rows": 120,
+                "split": {"validation": 0.25, "test": 0.1},
+            },
+            "prompt": {"template": "text", "max_length": 48},
+            "method": {"name": "lora", "r": 4, "target_modules": "all-linear"},
+            "train": {
+                "batch_size": 8,
+                "lr": 0.01,
+                "epochs": 20,
+                "schedule": "constant",
+                "workers": 2,
+                "log_every_steps": 100,
+                **train,
+            },
+            "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
+            "registry": {
+                "model_name": "validation",
+                "gate": {"metric": "perplexity"},
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +61,9 @@ def prompts(tmp_path_factory):
 
 def train(tmp_path, prompts, name: str, **settings):
     run_training(story_config(tmp_path, **settings), prompts, tmp_path / name, tmp_path / f"ray-{name}")
-    return json.loads((tmp_path / name / TRAIN_LOG_FILE).read_text()), load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    return json.loads((tmp_path / name / TRAIN_LOG_FILE).read_text()), load_file(
+        str(tmp_path / name / "adapter_model.safetensors")
+    )
 
 
 def test_keep_best_saves_the_lowest_validation_loss_weights_and_patience_stops_the_run(tmp_path, prompts):
@@ -61,18 +80,29 @@ def test_keep_best_saves_the_lowest_validation_loss_weights_and_patience_stops_t
 
 
 def test_best_evaluation_and_patience_count_come_from_the_history():
-    history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "validation_loss": 2.5}, {"step": 4, "loss": 1.0, "validation_loss": 2.5},
-               {"step": 6, "loss": 1.0, "validation_loss": 2.7}]
+    history = [
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.0, "validation_loss": 2.5},
+        {"step": 4, "loss": 1.0, "validation_loss": 2.5},
+        {"step": 6, "loss": 1.0, "validation_loss": 2.7},
+    ]
     assert best_evaluation(history)["step"] == 2  # the earliest of equal losses: a tie is no improvement
     assert evaluations_since_best(history) == 2
     assert best_evaluation(history[:1]) is None and evaluations_since_best(history[:1]) == 0
 
 
-@pytest.mark.parametrize(("train", "data", "message"), [
-    ({"eval_every_steps": 5}, {}, r"train\.eval_every_steps: needs validation rows: set data\.split\.validation"),
-    ({"keep_best": True}, {"split": {"validation": 0.2}}, r"train\.keep_best: needs validation during training: set train\.eval_every_steps"),
-    ({"patience": 2}, {"split": {"validation": 0.2}}, r"train\.patience: needs validation during training"),
-])
+@pytest.mark.parametrize(
+    ("train", "data", "message"),
+    [
+        ({"eval_every_steps": 5}, {}, r"train\.eval_every_steps: needs validation rows: set data\.split\.validation"),
+        (
+            {"keep_best": True},
+            {"split": {"validation": 0.2}},
+            r"train\.keep_best: needs validation during training: set train\.eval_every_steps",
+        ),
+        ({"patience": 2}, {"split": {"validation": 0.2}}, r"train\.patience: needs validation during training"),
+    ],
+)
 def test_validation_settings_without_what_they_need_are_refused(make_config, train, data, message):
     config = make_config(train=train)
     config["data"]["split"].update(data.get("split", {}))

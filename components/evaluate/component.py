@@ -4,7 +4,9 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metri
 from kftune.components.images import TRAINER_IMAGE
 
 
-@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)  # the model must fit: CUDA torch, GPUs from cluster.evaluate
+@dsl.component(
+    base_image=TRAINER_IMAGE, install_kfp_package=False
+)  # the model must fit: CUDA torch, GPUs from cluster.evaluate
 def evaluate(
     config: dict,
     prompts: Input[Dataset],
@@ -16,8 +18,7 @@ def evaluate(
 ):
     """Score the tuned and the base model on the test split; the report shows the gain. The KFP UI shows
     `metrics` as scalars and `confusion` (the tuned model's, classification only) as a confusion matrix."""
-    from kftune.steps import evaluate as step
-    from kftune.steps import tuned_confusion_matrix
+    from kftune.steps import evaluate as step, tuned_confusion_matrix
 
     for name, value in step(config, prompts.path, model.path, evaluation.path, report.path).items():
         metrics.log_metric(name, value)

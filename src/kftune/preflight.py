@@ -41,8 +41,10 @@ def check_method_on_model(config: RunConfig) -> None:
         reason = " ".join(str(exc).split())
         field = _field_at_fault(config.method, reason)
         value = getattr(config.method, field.removeprefix("method."))
-        raise KftuneError(f"{field}: {value!r} does not fit the {model.config.model_type} model at {path} "
-                          f"({type(exc).__name__}: {reason})\n  {model_offers(model)}") from None
+        raise KftuneError(
+            f"{field}: {value!r} does not fit the {model.config.model_type} model at {path} "
+            f"({type(exc).__name__}: {reason})\n  {model_offers(model)}"
+        ) from None
 
 
 def model_on_meta(path: str | Path, task: str, num_labels: int):
@@ -54,7 +56,9 @@ def model_on_meta(path: str | Path, task: str, num_labels: int):
 
     folder, gguf = pretrained_args(path)
     model_config = AutoConfig.from_pretrained(folder, **gguf, num_labels=num_labels)
-    auto = {"sequence_classification": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}.get(task, AutoModelForCausalLM)
+    auto = {"sequence_classification": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}.get(
+        task, AutoModelForCausalLM
+    )
     with torch.device("meta"):
         return auto.from_config(model_config)
 
@@ -63,9 +67,16 @@ def model_offers(model) -> str:
     """What a method can be pointed at: the model type, its layer count and the names of its linear layers."""
     import torch
 
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
-    shown = ", ".join(linear[:MODULE_NAMES_SHOWN]) + (f", ... ({len(linear)} names)" if len(linear) > MODULE_NAMES_SHOWN else "")
+    linear = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        }
+    )
+    shown = ", ".join(linear[:MODULE_NAMES_SHOWN]) + (
+        f", ... ({len(linear)} names)" if len(linear) > MODULE_NAMES_SHOWN else ""
+    )
     config = model.config
     layers = getattr(config, "num_hidden_layers", None)
     return f"the model ({config.model_type}{f', {layers} layers' if layers else ''}) has linear layers named: {shown}"

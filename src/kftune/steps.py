@@ -31,7 +31,11 @@ def root_cause(exc: BaseException) -> BaseException:
     while id(exc) not in seen:
         seen.add(id(exc))
         workers = getattr(exc, "worker_failures", None)
-        inner = (workers[min(workers)] if workers else None) or getattr(exc, "controller_failure", None) or getattr(exc, "cause", None)
+        inner = (
+            (workers[min(workers)] if workers else None)
+            or getattr(exc, "controller_failure", None)
+            or getattr(exc, "cause", None)
+        )
         if not isinstance(inner, BaseException):
             inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         if inner is None:
@@ -80,13 +84,19 @@ def fingerprint_data(config: dict[str, Any]) -> str:
 
 
 @reports_root_cause
-def prepare_data(config: dict[str, Any], dataset_dir: str, card_path: str, data_fingerprint: str = "") -> dict[str, Any]:
+def prepare_data(
+    config: dict[str, Any], dataset_dir: str, card_path: str, data_fingerprint: str = ""
+) -> dict[str, Any]:
     """`data_fingerprint` (the source files', see `kftune.data.fingerprint`) goes into the data card and on to the registered version."""
     from kftune.data.prepare import data_card_markdown, prepare, write_prepared
 
     card = write_prepared(prepare(_config(config)), dataset_dir, source_fingerprint=data_fingerprint)
     Path(card_path).write_text(data_card_markdown(card), encoding="utf-8")
-    return {"dataset_sha256": card["dataset_sha256"], "data_fingerprint": data_fingerprint, **{f"{k}_rows": v["rows"] for k, v in card["splits"].items()}}
+    return {
+        "dataset_sha256": card["dataset_sha256"],
+        "data_fingerprint": data_fingerprint,
+        **{f"{k}_rows": v["rows"] for k, v in card["splits"].items()},
+    }
 
 
 @reports_root_cause
@@ -108,13 +118,17 @@ def train(config: dict[str, Any], prompts_dir: str, model_dir: str, run_name: st
     else:
         from kftune.train.launch import run_training
 
-        with tempfile.TemporaryDirectory(prefix="kftune-ray-") as scratch:  # checkpoints, unless train.checkpoint.storage keeps them
+        with tempfile.TemporaryDirectory(
+            prefix="kftune-ray-"
+        ) as scratch:  # checkpoints, unless train.checkpoint.storage keeps them
             log = run_training(run_config, prompts_dir, model_dir, scratch)
     return {k: log[k] for k in ("steps", "seconds", "seconds_per_step", "trainable_parameters", "final_loss")}
 
 
 @reports_root_cause
-def evaluate(config: dict[str, Any], prompts_dir: str, model_dir: str, evaluation_dir: str, report_path: str) -> dict[str, float]:
+def evaluate(
+    config: dict[str, Any], prompts_dir: str, model_dir: str, evaluation_dir: str, report_path: str
+) -> dict[str, float]:
     """Writes evaluation.json and the HTML report; returns the flat metrics for the KFP Metrics artifact."""
     from kftune.evaluate.evaluate import evaluate as run_evaluation
     from kftune.evaluate.report import render_report
@@ -125,8 +139,15 @@ def evaluate(config: dict[str, Any], prompts_dir: str, model_dir: str, evaluatio
     Path(evaluation_dir).mkdir(parents=True, exist_ok=True)
     (Path(evaluation_dir) / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2))
     train_log = json.loads((Path(model_dir) / TRAIN_LOG_FILE).read_text())
-    Path(report_path).write_text(render_report(run_config.registry.model_name, evaluation, train_log, run_config.eval.metrics), encoding="utf-8")
-    flat = {f"{kind}_{m}": evaluation[kind][m] for kind in ("tuned", "base") if kind in evaluation for m in run_config.eval.metrics}
+    Path(report_path).write_text(
+        render_report(run_config.registry.model_name, evaluation, train_log, run_config.eval.metrics), encoding="utf-8"
+    )
+    flat = {
+        f"{kind}_{m}": evaluation[kind][m]
+        for kind in ("tuned", "base")
+        if kind in evaluation
+        for m in run_config.eval.metrics
+    }
     if "forgetting" in evaluation:
         flat[f"forgetting_{evaluation['forgetting']['metric']}"] = evaluation["forgetting"]["tuned"]
     return flat
@@ -141,7 +162,12 @@ def tuned_confusion_matrix(evaluation_dir: str) -> tuple[list[str], list[list[in
 
 @reports_root_cause
 def register(
-    config: dict[str, Any], dataset_dir: str, model_dir: str, evaluation_dir: str, report_path: str, pipeline_run_id: str
+    config: dict[str, Any],
+    dataset_dir: str,
+    model_dir: str,
+    evaluation_dir: str,
+    report_path: str,
+    pipeline_run_id: str,
 ) -> dict[str, Any]:
     """Registers the model; returns the summary a user sees at the end of a run."""
     from kftune.registry.mlflow_registry import register_model
@@ -165,4 +191,8 @@ def register(
         "kftune.run_name": f"{run_config.registry.model_name}-{pipeline_run_id}",
     }
     registered = register_model(run_config, model_dir, evaluation, train_log, [report, card_path], lineage, dataset_dir)
-    return {"registered": registered, "evaluation": evaluation, "train": {k: v for k, v in train_log.items() if k != "history"}}
+    return {
+        "registered": registered,
+        "evaluation": evaluation,
+        "train": {k: v for k, v in train_log.items() if k != "history"},
+    }

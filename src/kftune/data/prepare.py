@@ -87,7 +87,9 @@ def _clean(config: RunConfig, table: Table, dropped: dict[str, list[str]]) -> li
         column = config.columns_for(name)
         if table.records and column not in table.columns:
             key = f"data.columns.{name}" if name in config.data.columns else f"data.columns (field {name!r})"
-            raise KftuneError(f"{key}: column {column!r} is not in {table.path} (its columns: {', '.join(table.columns)})")
+            raise KftuneError(
+                f"{key}: column {column!r} is not in {table.path} (its columns: {', '.join(table.columns)})"
+            )
     optional = [f for f in get_template(config.prompt.template).optional if config.columns_for(f) in table.columns]
     seen: set[tuple] = set()
     rows = []
@@ -137,8 +139,10 @@ def _encode_labels(config: RunConfig, splits: dict[str, list[dict[str, Any]]]) -
     present = Counter(str(row["label"]) for row in splits["train"])
     if len(present) < 2:
         label, rows = present.most_common(1)[0]
-        raise KftuneError(f"data.path: every row of the train split has label {label!r} ({rows} rows in {config.data.path}); "
-                          f"classification needs two or more classes (column {config.columns_for('label')!r})")
+        raise KftuneError(
+            f"data.path: every row of the train split has label {label!r} ({rows} rows in {config.data.path}); "
+            f"classification needs two or more classes (column {config.columns_for('label')!r})"
+        )
     values = sorted(present)
     if all(v.isdigit() for v in values):
         values = [str(i) for i in range(max(int(v) for v in values) + 1)]
@@ -147,11 +151,15 @@ def _encode_labels(config: RunConfig, splits: dict[str, list[dict[str, Any]]]) -
         for row in split_rows:
             label = str(row["label"])
             if label not in index:
-                raise KftuneError(f"{row['source']}: label {label!r} in the {name} split never occurs in training (labels: {', '.join(values)})")
+                raise KftuneError(
+                    f"{row['source']}: label {label!r} in the {name} split never occurs in training (labels: {', '.join(values)})"
+                )
             row["label"] = index[label]
     expected = config.model.num_labels
     if expected is not None and expected != len(values):
-        raise KftuneError(f"model.num_labels: {expected}, but the training data has {len(values)} labels ({', '.join(values)})")
+        raise KftuneError(
+            f"model.num_labels: {expected}, but the training data has {len(values)} labels ({', '.join(values)})"
+        )
     return values
 
 
@@ -168,11 +176,15 @@ def _shared_rows_warnings(splits: dict[str, list[dict[str, Any]]]) -> list[str]:
     if not shared:
         return []
     test = splits["test"]
-    message = (f"{len(shared)} of {len(test)} test rows ({100 * len(shared) / len(test):.1f}%) also occur in the train split "
-               f"(first: {', '.join(shared[:3])})")
+    message = (
+        f"{len(shared)} of {len(test)} test rows ({100 * len(shared) / len(test):.1f}%) also occur in the train split "
+        f"(first: {', '.join(shared[:3])})"
+    )
     if len(shared) > MAX_SHARED_TEST_SHARE * len(test):
-        raise KftuneError(f"data.split.test: {message}; more than {MAX_SHARED_TEST_SHARE:.0%} would make the test score "
-                          "measure memorisation: remove them from one of the files")
+        raise KftuneError(
+            f"data.split.test: {message}; more than {MAX_SHARED_TEST_SHARE:.0%} would make the test score "
+            "measure memorisation: remove them from one of the files"
+        )
     return [f"data.split.test: {message}"]
 
 
@@ -182,8 +194,10 @@ def _imbalance_warnings(train: list[dict[str, Any]], label_names: list[str]) -> 
     if smallest and largest < IMBALANCE_RATIO * smallest:
         return []
     shown = ", ".join(f"{name}: {counts.get(name, 0)}" for name in label_names)
-    return [f"data.path: the train split is imbalanced ({shown} rows); a model can score well by predicting "
-            f"{counts.most_common(1)[0][0]!r} alone: compare macro_f1 with accuracy"]
+    return [
+        f"data.path: the train split is imbalanced ({shown} rows); a model can score well by predicting "
+        f"{counts.most_common(1)[0][0]!r} alone: compare macro_f1 with accuracy"
+    ]
 
 
 def _check_verbalizer(config: RunConfig, label_names: list[str]) -> None:
@@ -192,7 +206,9 @@ def _check_verbalizer(config: RunConfig, label_names: list[str]) -> None:
     missing = [name for name in label_names if template.labelled and name not in covered]
     if missing:
         what = "verbalizer" if template.verbalizer is not None else "hypotheses"
-        raise KftuneError(f"prompt.template: the {what} of {config.prompt.template!r} has no words for label(s) {', '.join(missing)} (it covers: {', '.join(covered)})")
+        raise KftuneError(
+            f"prompt.template: the {what} of {config.prompt.template!r} has no words for label(s) {', '.join(missing)} (it covers: {', '.join(covered)})"
+        )
 
 
 def _combine(hashes: list[str]) -> str:
@@ -206,7 +222,10 @@ def data_card(prepared: PreparedData) -> dict[str, Any]:
         "source_rows": prepared.source_rows,
         "label_names": prepared.label_names,
         "splits": {},
-        "dropped": {reason: {"count": len(lines), "first": lines[:DROPPED_LINES_SHOWN]} for reason, lines in prepared.dropped.items()},
+        "dropped": {
+            reason: {"count": len(lines), "first": lines[:DROPPED_LINES_SHOWN]}
+            for reason, lines in prepared.dropped.items()
+        },
         "warnings": prepared.warnings,
     }
     for name, rows in prepared.splits.items():
@@ -225,7 +244,11 @@ def _histogram(values: list[int], bins: int = 10) -> dict[str, int]:
     low, high = min(values), max(values)
     width = max(1, -(-(high - low + 1) // bins))
     counts = Counter((v - low) // width for v in values)
-    return {f"{low + i * width}-{low + (i + 1) * width - 1}": counts.get(i, 0) for i in range(bins) if low + i * width <= high}
+    return {
+        f"{low + i * width}-{low + (i + 1) * width - 1}": counts.get(i, 0)
+        for i in range(bins)
+        if low + i * width <= high
+    }
 
 
 def data_card_markdown(card: dict[str, Any]) -> str:

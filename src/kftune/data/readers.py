@@ -36,7 +36,9 @@ def detect_format(path: str, declared: str = "auto") -> str:
         return declared
     suffix = Path(path.removesuffix(".gz")).suffix.lower()
     if suffix not in FORMATS:
-        raise KftuneError(f"data.format: cannot tell the format of {path} from its extension; set data.format to one of {', '.join(sorted(set(FORMATS.values())))}")
+        raise KftuneError(
+            f"data.format: cannot tell the format of {path} from its extension; set data.format to one of {', '.join(sorted(set(FORMATS.values())))}"
+        )
     return FORMATS[suffix]
 
 
@@ -139,7 +141,11 @@ def _read_delimited(path: str, text: str, delimiter: str, max_rows: int | None) 
         if not any(field.strip() for field in fields):
             continue
         if len(fields) != len(columns):
-            spans = f" (a quoted field opened on line {_unclosed_quote_line(text, start)} runs on to line {reader.line_num})" if reader.line_num > start else ""
+            spans = (
+                f" (a quoted field opened on line {_unclosed_quote_line(text, start)} runs on to line {reader.line_num})"
+                if reader.line_num > start
+                else ""
+            )
             raise KftuneError(f"{path}:{start}: {len(fields)} fields, the header has {len(columns)}{spans}")
         records.append(Record(start, dict(zip(columns, fields, strict=True))))
         if max_rows and len(records) >= max_rows:
@@ -158,7 +164,9 @@ def _rows_with_start_lines(path: str, text: str, reader):
         except csv.Error as exc:
             if reader.line_num > start or "end of data" in str(exc):  # a quote ran on past its line
                 opened = _unclosed_quote_line(text, start)
-                raise KftuneError(f"{path}:{opened}: a quoted field starts on this line and never closes ({exc} at line {reader.line_num})") from None
+                raise KftuneError(
+                    f"{path}:{opened}: a quoted field starts on this line and never closes ({exc} at line {reader.line_num})"
+                ) from None
             raise KftuneError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
         yield start, fields
         start = reader.line_num + 1

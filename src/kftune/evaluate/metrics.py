@@ -8,7 +8,7 @@ import math
 def confusion_matrix(labels: list[int], predictions: list[int], num_labels: int) -> list[list[int]]:
     """matrix[true][predicted] counts."""
     matrix = [[0] * num_labels for _ in range(num_labels)]
-    for truth, guess in zip(labels, predictions):
+    for truth, guess in zip(labels, predictions, strict=False):
         matrix[truth][guess] += 1
     return matrix
 
@@ -42,7 +42,11 @@ def normalize(text: str) -> str:
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references) if references else 0.0
+    return (
+        sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=False)) / len(references)
+        if references
+        else 0.0
+    )
 
 
 def _lcs(a: list[str], b: list[str]) -> int:
@@ -58,7 +62,7 @@ def _lcs(a: list[str], b: list[str]) -> int:
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F1 over whitespace tokens (Lin 2004)."""
     scores = []
-    for prediction, reference in zip(predictions, references):
+    for prediction, reference in zip(predictions, references, strict=False):
         p, r = normalize(prediction).split(), normalize(reference).split()
         common = _lcs(p, r)
         scores.append(0.0 if not common else 2 * common / (len(p) + len(r)))
@@ -71,7 +75,7 @@ def bleu(predictions: list[str], references: list[str], max_n: int = 4) -> float
 
     matches, totals = [0] * max_n, [0] * max_n
     predicted_length = reference_length = 0
-    for prediction, reference in zip(predictions, references):
+    for prediction, reference in zip(predictions, references, strict=False):
         p, r = normalize(prediction).split(), normalize(reference).split()
         predicted_length, reference_length = predicted_length + len(p), reference_length + len(r)
         for n in range(1, max_n + 1):

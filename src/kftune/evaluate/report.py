@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 from typing import Any
 
-
 CURVE_COLORS = ("#d0594a", "#3b7dd8")
 
 
@@ -21,7 +20,10 @@ def _loss_svg(series: dict[str, list[tuple[int, float]]], width: int = 480, heig
     span, length = (high - low) or 1.0, (max(steps) - first) or 1
     lines, legend = [], []
     for (name, points), color in zip(drawn.items(), CURVE_COLORS, strict=False):
-        xy = " ".join(f"{(step - first) * width / length:.1f},{height - (v - low) / span * (height - 10) - 5:.1f}" for step, v in points)
+        xy = " ".join(
+            f"{(step - first) * width / length:.1f},{height - (v - low) / span * (height - 10) - 5:.1f}"
+            for step, v in points
+        )
         lines.append(f"<polyline fill='none' stroke='{color}' stroke-width='1.5' points='{xy}'/>")
         legend.append(f"<span style='color:{color}'>&#9632; {html.escape(name)}</span>")
     return (
@@ -41,9 +43,17 @@ def _bars(evaluation: dict[str, Any], metric_names: list[str]) -> str:
                 continue
             value = evaluation[model][metric]
             width = int(300 * min(value, 1.0)) if metric != "perplexity" else 0
-            bar = f"<div style='background:{'#9aa' if model == 'base' else '#4a7bd0'};height:14px;width:{width}px'></div>" if width else ""
+            bar = (
+                f"<div style='background:{'#9aa' if model == 'base' else '#4a7bd0'};height:14px;width:{width}px'></div>"
+                if width
+                else ""
+            )
             rows.append(f"<tr><td>{metric}</td><td>{model}</td><td>{value:.4f}</td><td>{bar}</td></tr>")
-    return "<table cellpadding=4><tr><th>metric</th><th>model</th><th>value</th><th></th></tr>" + "".join(rows) + "</table>"
+    return (
+        "<table cellpadding=4><tr><th>metric</th><th>model</th><th>value</th><th></th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _confusion(evaluation: dict[str, Any], model: str) -> str:
@@ -52,7 +62,10 @@ def _confusion(evaluation: dict[str, Any], model: str) -> str:
         return ""
     names = evaluation["label_names"]
     head = "".join(f"<th>pred {html.escape(n)}</th>" for n in names)
-    body = "".join(f"<tr><th>true {html.escape(names[i])}</th>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for i, row in enumerate(matrix))
+    body = "".join(
+        f"<tr><th>true {html.escape(names[i])}</th>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+        for i, row in enumerate(matrix)
+    )
     return f"<h3>Confusion matrix, {model}</h3><table border=1 cellpadding=4><tr><th></th>{head}</tr>{body}</table>"
 
 
@@ -71,7 +84,10 @@ def _samples(evaluation: dict[str, Any]) -> str:
     samples = evaluation.get("tuned", {}).get("samples")
     if not samples:
         return ""
-    rows = "".join(f"<tr><td><pre>{html.escape(s['generated'])}</pre></td><td><pre>{html.escape(s['reference'])}</pre></td></tr>" for s in samples)
+    rows = "".join(
+        f"<tr><td><pre>{html.escape(s['generated'])}</pre></td><td><pre>{html.escape(s['reference'])}</pre></td></tr>"
+        for s in samples
+    )
     return f"<h3>Generations (greedy), tuned</h3><table border=1 cellpadding=4><tr><th>generated</th><th>reference</th></tr>{rows}</table>"
 
 

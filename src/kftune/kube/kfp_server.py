@@ -63,10 +63,22 @@ def publish(client: Any, package: Path, experiment: str, namespace: str | None =
     name = version_name(package)
     pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
     if pipeline_id is None:
-        pipeline_id = client.upload_pipeline(str(package), pipeline_name=PIPELINE_NAME, description="kftune fine-tuning pipeline", namespace=namespace).pipeline_id
-    versions = {v.display_name: v.pipeline_version_id for v in _all(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pipeline_id)}
-    version_id = versions.get(name) or client.upload_pipeline_version(str(package), pipeline_version_name=name, pipeline_id=pipeline_id).pipeline_version_id
-    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id  # returns the existing one by name
+        pipeline_id = client.upload_pipeline(
+            str(package), pipeline_name=PIPELINE_NAME, description="kftune fine-tuning pipeline", namespace=namespace
+        ).pipeline_id
+    versions = {
+        v.display_name: v.pipeline_version_id
+        for v in _all(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pipeline_id)
+    }
+    version_id = (
+        versions.get(name)
+        or client.upload_pipeline_version(
+            str(package), pipeline_version_name=name, pipeline_id=pipeline_id
+        ).pipeline_version_id
+    )
+    experiment_id = client.create_experiment(
+        experiment, namespace=namespace
+    ).experiment_id  # returns the existing one by name
     return Published(pipeline_id, version_id, name, experiment_id)
 
 
@@ -97,20 +109,43 @@ def package_default_config(path: Path) -> dict[str, Any] | None:
     try:
         return document["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
     except KeyError:
-        raise KftuneError(f"{path}: a pipeline package without a `config` parameter default; compile it with `kftune compile`") from None
+        raise KftuneError(
+            f"{path}: a pipeline package without a `config` parameter default; compile it with `kftune compile`"
+        ) from None
 
 
-def submit(client: Any, package: Path, experiment: str, run_name: str, params: dict | None = None,
-           namespace: str | None = None, service_account: str | None = None) -> str:
+def submit(
+    client: Any,
+    package: Path,
+    experiment: str,
+    run_name: str,
+    params: dict | None = None,
+    namespace: str | None = None,
+    service_account: str | None = None,
+) -> str:
     """Publish and start one run; returns the run id."""
     published = publish(client, package, experiment, namespace)
-    run = client.run_pipeline(published.experiment_id, run_name, pipeline_id=published.pipeline_id, version_id=published.version_id,
-                              params=params, service_account=service_account)
+    run = client.run_pipeline(
+        published.experiment_id,
+        run_name,
+        pipeline_id=published.pipeline_id,
+        version_id=published.version_id,
+        params=params,
+        service_account=service_account,
+    )
     return run.run_id
 
 
-def schedule(client: Any, package: Path, experiment: str, job_name: str, cron: str, params: dict | None = None,
-             namespace: str | None = None, service_account: str | None = None) -> str:
+def schedule(
+    client: Any,
+    package: Path,
+    experiment: str,
+    job_name: str,
+    cron: str,
+    params: dict | None = None,
+    namespace: str | None = None,
+    service_account: str | None = None,
+) -> str:
     """Publish and create the recurring run `job_name`, replacing one of that name (KFP cannot edit one in place)."""
     cron = kfp_cron(cron)
     published = publish(client, package, experiment, namespace)
@@ -118,9 +153,16 @@ def schedule(client: Any, package: Path, experiment: str, job_name: str, cron: s
         if old.display_name == job_name:
             client.delete_recurring_run(old.recurring_run_id)
     created = client.create_recurring_run(
-        published.experiment_id, job_name, description=f"kftune {published.version_name}", cron_expression=cron,
-        max_concurrency=1, no_catchup=True, pipeline_id=published.pipeline_id, version_id=published.version_id,
-        params=params, service_account=service_account,
+        published.experiment_id,
+        job_name,
+        description=f"kftune {published.version_name}",
+        cron_expression=cron,
+        max_concurrency=1,
+        no_catchup=True,
+        pipeline_id=published.pipeline_id,
+        version_id=published.version_id,
+        params=params,
+        service_account=service_account,
     )
     return created.recurring_run_id
 
@@ -132,10 +174,15 @@ def connect(host: str, namespace: str | None = None, token: str | None = None) -
 
     try:
         return Client(host=host, namespace=namespace, existing_token=token)
-    except TimeoutError:  # without a namespace kfp.Client asks /healthz whether KFP is multi-user, 5 times, then gives up
+    except (
+        TimeoutError
+    ):  # without a namespace kfp.Client asks /healthz whether KFP is multi-user, 5 times, then gives up
         status = _healthz_status(host, token)
-        raise KftuneError(refusal(host, status, "", namespace, token) if status in (401, 403) else
-                          f"Kubeflow Pipelines at {host}: its health check ({HEALTHZ}) failed (HTTP {status})") from None
+        raise KftuneError(
+            refusal(host, status, "", namespace, token)
+            if status in (401, 403)
+            else f"Kubeflow Pipelines at {host}: its health check ({HEALTHZ}) failed (HTTP {status})"
+        ) from None
 
 
 HEALTHZ = "/apis/v2beta1/healthz"
@@ -145,7 +192,9 @@ def _healthz_status(host: str, token: str | None) -> int | None:
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(host.rstrip("/") + HEALTHZ, headers={"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(
+        host.rstrip("/") + HEALTHZ, headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
@@ -159,10 +208,18 @@ def refusal(host: str, status: int, detail: str, namespace: str | None, token: s
     """What to pass when Kubeflow Pipelines answers 401 (no accepted credentials) or 403 (not allowed)."""
     said = f": {detail.strip()}" if detail.strip() else ""
     if status == 401:
-        missing = "the bearer token given with --token-file was not accepted" if token else "no credentials were sent: pass a bearer token with --token-file"
-        return (f"Kubeflow Pipelines at {host} answered 401 Unauthorized{said}. {missing.capitalize()} "
-                "(multi-user Kubeflow: e.g. `kubectl -n <profile> create token default-editor --audience=pipelines.kubeflow.org`).")
+        missing = (
+            "the bearer token given with --token-file was not accepted"
+            if token
+            else "no credentials were sent: pass a bearer token with --token-file"
+        )
+        return (
+            f"Kubeflow Pipelines at {host} answered 401 Unauthorized{said}. {missing.capitalize()} "
+            "(multi-user Kubeflow: e.g. `kubectl -n <profile> create token default-editor --audience=pipelines.kubeflow.org`)."
+        )
     hints = [] if namespace else ["--namespace <your profile> (multi-user Kubeflow authorizes per profile namespace)"]
-    hints.append("an account allowed pipelines, pipelines/versions, experiments, runs and jobs in pipelines.kubeflow.org there "
-                 "(a profile's editor is; see docs/kubernetes.md)" + ("" if token else ", its token given with --token-file"))
+    hints.append(
+        "an account allowed pipelines, pipelines/versions, experiments, runs and jobs in pipelines.kubeflow.org there "
+        "(a profile's editor is; see docs/kubernetes.md)" + ("" if token else ", its token given with --token-file")
+    )
     return f"Kubeflow Pipelines at {host} answered 403 Forbidden{said}. Missing: " + "; ".join(hints) + "."

@@ -23,15 +23,23 @@ def local_only_locations(config: RunConfig) -> list[str]:
         fields.append(("model.name_or_path", config.model.name_or_path))
     if config.prompt.template not in PACKAGED_TEMPLATES:
         fields.append(("prompt.template", config.prompt.template))
-    on_volume = f"a path under cluster.volume.mount_path ({volume.mount_path})" if volume else "a path on a volume (set cluster.volume: a PVC every step mounts)"
-    aliases = {"model.name_or_path": f"a packaged model ({', '.join(sorted(PACKAGED_MODELS))})",
-               "prompt.template": f"a packaged template ({', '.join(PACKAGED_TEMPLATES)})"}
+    on_volume = (
+        f"a path under cluster.volume.mount_path ({volume.mount_path})"
+        if volume
+        else "a path on a volume (set cluster.volume: a PVC every step mounts)"
+    )
+    aliases = {
+        "model.name_or_path": f"a packaged model ({', '.join(sorted(PACKAGED_MODELS))})",
+        "prompt.template": f"a packaged template ({', '.join(PACKAGED_TEMPLATES)})",
+    }
     problems = []
     for field, value in fields:
         if "://" in value or (volume and PurePosixPath(value).is_relative_to(volume.mount_path)):
             continue
         options = [on_volume, "an s3:// URI"] + ([aliases[field]] if field in aliases else [])
-        problems.append(f"{field}: {value} is on this machine, not where the pipeline's pods run; use {', or '.join(options)}")
+        problems.append(
+            f"{field}: {value} is on this machine, not where the pipeline's pods run; use {', or '.join(options)}"
+        )
     return problems
 
 

@@ -53,7 +53,9 @@ def sized_for_rayjob(config: RunConfig) -> RunConfig:
     rayjob = config.cluster.rayjob
     train = config.train.model_copy(update={"workers": rayjob.ray_workers(), "use_gpu": rayjob.worker.gpus > 0})
     cluster = config.cluster.model_copy(update={"rayjob": rayjob.model_copy(update={"enabled": False})})
-    return parse_config(config_to_dict(config.model_copy(update={"train": train, "cluster": cluster})), source="cluster.rayjob")
+    return parse_config(
+        config_to_dict(config.model_copy(update={"train": train, "cluster": cluster})), source="cluster.rayjob"
+    )
 
 
 def build_rayjob(config: RunConfig, run_name: str, work_dir: str) -> dict[str, Any]:
@@ -93,23 +95,43 @@ def build_rayjob(config: RunConfig, run_name: str, work_dir: str) -> dict[str, A
         spec["activeDeadlineSeconds"] = rayjob.active_deadline_seconds
     spec["backoffLimit"] = rayjob.backoff_limit
     spec["submissionMode"] = rayjob.submission_mode
-    if rayjob.submission_mode == "K8sJobMode":  # KubeRay's default submitter pod sets no security context; KubeRay fills in the command
-        spec["submitterPodTemplate"] = _pod_template("ray-job-submitter", image, SUBMITTER, cluster.steps, cluster, mounts_volume=False)
+    if (
+        rayjob.submission_mode == "K8sJobMode"
+    ):  # KubeRay's default submitter pod sets no security context; KubeRay fills in the command
+        spec["submitterPodTemplate"] = _pod_template(
+            "ray-job-submitter", image, SUBMITTER, cluster.steps, cluster, mounts_volume=False
+        )
         spec["submitterPodTemplate"]["spec"]["restartPolicy"] = "Never"
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:40]
     labels = {"app.kubernetes.io/name": "kftune", "app.kubernetes.io/component": "train", SPEC_LABEL: digest}
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob", "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels}, "spec": spec}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels},
+        "spec": spec,
+    }
 
 
-def _pod_template(container: str, image: str, resources: Resources, placement: Placement, cluster: ClusterSection, *,
-                  mounts_volume: bool = True) -> dict[str, Any]:
+def _pod_template(
+    container: str,
+    image: str,
+    resources: Resources,
+    placement: Placement,
+    cluster: ClusterSection,
+    *,
+    mounts_volume: bool = True,
+) -> dict[str, Any]:
     """`mounts_volume` False for the submitter: it only talks to the head, and a ReadWriteOnce claim may be on another node."""
     requests = {"cpu": resources.cpu, "memory": resources.memory}
     limits = {"memory": resources.memory}
     if resources.gpus:
         requests[resources.accelerator] = limits[resources.accelerator] = str(resources.gpus)
-    main: dict[str, Any] = {"name": container, "image": image, "resources": {"requests": requests, "limits": limits},
-                            "securityContext": container_security_context()}
+    main: dict[str, Any] = {
+        "name": container,
+        "image": image,
+        "resources": {"requests": requests, "limits": limits},
+        "securityContext": container_security_context(),
+    }
     pod: dict[str, Any] = {"securityContext": pod_security_context(cluster.run_as_user), "containers": [main]}
     volumes, mounts = shared_memory(resources.gpus)
     if cluster.volume and mounts_volume:
@@ -160,8 +182,10 @@ class RayJobApi(Protocol):
 
     def create(self, manifest: dict[str, Any]) -> bool:
         """False when a RayJob of that name already exists."""
+
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The RayJob, or None when there is none of that name."""
+
     def status(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def submitter_log(self, namespace: str, name: str) -> Iterable[str] | None: ...
     def delete(self, namespace: str, name: str) -> None: ...
@@ -183,7 +207,9 @@ class KubernetesRayJobApi:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.objects.create_namespaced_custom_object(GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest)
+            self.objects.create_namespaced_custom_object(
+                GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest
+            )
         except ApiException as exc:
             if exc.status != 409:  # 409 Conflict: AlreadyExists
                 raise
@@ -209,15 +235,24 @@ class KubernetesRayJobApi:
         running = [pod for pod in pods if pod.status.phase in ("Running", "Succeeded", "Failed")]
         if not running:
             return None
-        stream = self.core.read_namespaced_pod_log(running[-1].metadata.name, namespace, follow=True, _preload_content=False)
+        stream = self.core.read_namespaced_pod_log(
+            running[-1].metadata.name, namespace, follow=True, _preload_content=False
+        )
         return (line.decode(errors="replace").rstrip("\n") for line in stream.stream())
 
     def delete(self, namespace, name):
         self.objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
 
-def run_rayjob(manifest: dict[str, Any], api: RayJobApi, *, delete_after: bool, poll_seconds: float = 10.0,
-               echo: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep) -> Outcome:
+def run_rayjob(
+    manifest: dict[str, Any],
+    api: RayJobApi,
+    *,
+    delete_after: bool,
+    poll_seconds: float = 10.0,
+    echo: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Outcome:
     """Create the RayJob (or re-attach, see `start`), stream its log, wait for a terminal status; raises KftuneError when it failed."""
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     start(manifest, api, poll_seconds=poll_seconds, echo=echo, sleep=sleep)
@@ -249,7 +284,14 @@ def run_rayjob(manifest: dict[str, Any], api: RayJobApi, *, delete_after: bool, 
 REPLACE_POLLS = 60
 
 
-def start(manifest: dict[str, Any], api: RayJobApi, *, poll_seconds: float, echo: Callable[[str], None], sleep: Callable[[float], None]) -> None:
+def start(
+    manifest: dict[str, Any],
+    api: RayJobApi,
+    *,
+    poll_seconds: float,
+    echo: Callable[[str], None],
+    sleep: Callable[[float], None],
+) -> None:
     """Create the RayJob. When one of that name exists (a retried train step), follow it if it comes from the same
     spec and is running or succeeded; replace it if it failed or comes from another spec, so a retry trains again."""
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
@@ -257,12 +299,17 @@ def start(manifest: dict[str, Any], api: RayJobApi, *, poll_seconds: float, echo
         echo(f"kftune: created RayJob {namespace}/{name}")
         return
     existing = api.get(namespace, name) or {}
-    same_spec = (existing.get("metadata", {}).get("labels") or {}).get(SPEC_LABEL) == manifest["metadata"]["labels"][SPEC_LABEL]
+    same_spec = (existing.get("metadata", {}).get("labels") or {}).get(SPEC_LABEL) == manifest["metadata"]["labels"][
+        SPEC_LABEL
+    ]
     result = outcome(existing.get("status"))
     if existing and same_spec and not (result.finished and not result.succeeded):
         echo(f"kftune: following the existing RayJob {namespace}/{name} ({result.summary})")
         return
-    echo(f"kftune: replacing the existing RayJob {namespace}/{name}: " + (f"it failed: {result.summary}" if same_spec else "built from another spec"))
+    echo(
+        f"kftune: replacing the existing RayJob {namespace}/{name}: "
+        + (f"it failed: {result.summary}" if same_spec else "built from another spec")
+    )
     if existing:
         api.delete(namespace, name)
     for _ in range(REPLACE_POLLS):  # deletion waits for KubeRay's finalizer
@@ -270,16 +317,26 @@ def start(manifest: dict[str, Any], api: RayJobApi, *, poll_seconds: float, echo
             echo(f"kftune: created RayJob {namespace}/{name}")
             return
         sleep(poll_seconds)
-    raise KftuneError(f"RayJob {namespace}/{name}: the old one was not gone after {REPLACE_POLLS} polls; delete it and retry the step")
+    raise KftuneError(
+        f"RayJob {namespace}/{name}: the old one was not gone after {REPLACE_POLLS} polls; delete it and retry the step"
+    )
 
 
-def train_on_rayjob(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, run_name: str,
-                    api: RayJobApi | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def train_on_rayjob(
+    config: RunConfig,
+    prompts_dir: str | Path,
+    model_dir: str | Path,
+    run_name: str,
+    api: RayJobApi | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """The pipeline's train step on a cluster: stage the prompts on the shared volume, run the RayJob,
     copy the trained Model folder back into the step's artifact. Returns the train log."""
     work = Path(config.cluster.volume.mount_path) / "kftune-runs" / rayjob_name(run_name)
     shutil.copytree(prompts_dir, work / "prompts", dirs_exist_ok=True)
     manifest = build_rayjob(config, run_name, str(work))
-    run_rayjob(manifest, api or KubernetesRayJobApi(), delete_after=config.cluster.rayjob.delete_after_follow, echo=echo)
+    run_rayjob(
+        manifest, api or KubernetesRayJobApi(), delete_after=config.cluster.rayjob.delete_after_follow, echo=echo
+    )
     shutil.copytree(work / "model", model_dir, dirs_exist_ok=True)
     return json.loads((Path(model_dir) / TRAIN_LOG_FILE).read_text())

@@ -24,4 +24,6 @@ def shared_memory(gpus: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     """(volumes, mounts) giving a pod with more than one GPU a memory-backed /dev/shm; none for one GPU or none."""
     if gpus <= 1:
         return [], []
-    return [{"name": SHARED_MEMORY_VOLUME, "emptyDir": {"medium": "Memory"}}], [{"name": SHARED_MEMORY_VOLUME, "mountPath": "/dev/shm"}]
+    return [{"name": SHARED_MEMORY_VOLUME, "emptyDir": {"medium": "Memory"}}], [
+        {"name": SHARED_MEMORY_VOLUME, "mountPath": "/dev/shm"}
+    ]

@@ -10,8 +10,11 @@ from pydantic import BeforeValidator, Field, StringConstraints
 
 from kftune.section import Section
 
-Quantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v),
-                     StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")]
+Quantity = Annotated[
+    str,
+    BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v),
+    StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"),
+]
 """A Kubernetes resource quantity: `500m`, `2`, `16Gi` (a YAML number such as `cpu: 8` is read as its text)."""
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)]
 """A Kubernetes object name (DNS subdomain)."""
@@ -52,8 +55,12 @@ class SecretEnv(Section):
     name: Name
     """A Secret in the pipeline's namespace."""
     env: dict[str, str] = Field(
-        default_factory=lambda: {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
-                                 "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+        default_factory=lambda: {
+            "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        }
     )
     """Secret key -> environment variable of the steps that talk to MLflow."""
 

@@ -36,8 +36,15 @@ def placement_arguments(cluster: ClusterSection) -> dict[str, Any]:
     return arguments
 
 
-def configure_task(task: PipelineTask, group: str, cluster: ClusterSection, parameters: dict[str, Any], *,
-                   uses_mlflow: bool = False, retries: int = 0) -> PipelineTask:
+def configure_task(
+    task: PipelineTask,
+    group: str,
+    cluster: ClusterSection,
+    parameters: dict[str, Any],
+    *,
+    uses_mlflow: bool = False,
+    retries: int = 0,
+) -> PipelineTask:
     """`parameters` holds the pipeline's channels named as in `placement_arguments`; `group` one of GROUPS;
     `retries` with the backoff of `cluster.retries`."""
     memory = parameters[f"{group}_memory"]
@@ -50,8 +57,12 @@ def configure_task(task: PipelineTask, group: str, cluster: ClusterSection, para
     kubernetes.set_security_context(task, run_as_user=cluster.run_as_user, run_as_non_root=True)
     if retries:
         backoff = cluster.retries
-        task.set_retry(retries, backoff_duration=f"{backoff.backoff_seconds}s", backoff_factor=backoff.backoff_factor,
-                       backoff_max_duration=f"{backoff.max_backoff_seconds}s")
+        task.set_retry(
+            retries,
+            backoff_duration=f"{backoff.backoff_seconds}s",
+            backoff_factor=backoff.backoff_factor,
+            backoff_max_duration=f"{backoff.max_backoff_seconds}s",
+        )
     kubernetes.add_node_selector_json(task, parameters[f"{group}_node_selector"])
     kubernetes.add_toleration_json(task, parameters[f"{group}_tolerations"])
     if cluster.volume:
@@ -59,5 +70,7 @@ def configure_task(task: PipelineTask, group: str, cluster: ClusterSection, para
     if cluster.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
     if uses_mlflow and cluster.mlflow_secret:
-        kubernetes.use_secret_as_env(task, secret_name=cluster.mlflow_secret.name, secret_key_to_env=cluster.mlflow_secret.env)
+        kubernetes.use_secret_as_env(
+            task, secret_name=cluster.mlflow_secret.name, secret_key_to_env=cluster.mlflow_secret.env
+        )
     return task

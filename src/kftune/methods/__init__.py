@@ -11,7 +11,8 @@ from kftune.methods import adapters, freezing, full, ia3, layer_prompt, lora, pr
 from kftune.methods.base import METHODS, MethodOptions, MethodSpec
 from kftune.methods.layers import parameter_positions
 
-MethodConfig = Annotated[Union[tuple(spec.options for spec in METHODS.values())], Field(discriminator="name")]
+# A union built at run time from the registry: `X | Y` has no form for that, so typing.Union it is.
+MethodConfig = Annotated[Union[tuple(spec.options for spec in METHODS.values())], Field(discriminator="name")]  # noqa: UP007
 
 
 def method_supports_task(options: MethodOptions, task: str) -> bool:
@@ -50,7 +51,9 @@ def may_train(model, options: MethodOptions) -> list:
     return hook(model, options) if hook else [p for p in model.parameters() if p.requires_grad]
 
 
-def optimizer_parameter_groups(model, options: MethodOptions, lr: float, layer_lr_decay: float | None = None) -> list[dict]:
+def optimizer_parameter_groups(
+    model, options: MethodOptions, lr: float, layer_lr_decay: float | None = None
+) -> list[dict]:
     """AdamW parameter groups over every parameter the method may train. With `layer_lr_decay` d,
     a parameter `k` blocks below the top block gets lr * d**k (discriminative fine-tuning, seed 001
     §3.5): the top block and what sits above it get lr, the embeddings lr * d**blocks."""
@@ -85,7 +88,11 @@ def save_tuned_model(model, options: MethodOptions, out) -> None:
 
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; a gradient-masked parameter counts its unmasked entries."""
-    trainable = sum(int(p.gradient_mask.sum()) if hasattr(p, "gradient_mask") else full_numel(p) for p in model.parameters() if p.requires_grad)
+    trainable = sum(
+        int(p.gradient_mask.sum()) if hasattr(p, "gradient_mask") else full_numel(p)
+        for p in model.parameters()
+        if p.requires_grad
+    )
     return trainable, sum(full_numel(p) for p in model.parameters())
 
 
@@ -95,6 +102,19 @@ def full_numel(parameter) -> int:
 
 
 __all__ = [
-    "METHODS", "MethodConfig", "MethodOptions", "MethodSpec", "apply_method", "architecture_problem", "calibrate_method", "check_method_fits_model", "full_numel", "may_train",
-    "method_supports_task", "on_step", "optimizer_parameter_groups", "save_tuned_model", "trainable_parameters",
+    "METHODS",
+    "MethodConfig",
+    "MethodOptions",
+    "MethodSpec",
+    "apply_method",
+    "architecture_problem",
+    "calibrate_method",
+    "check_method_fits_model",
+    "full_numel",
+    "may_train",
+    "method_supports_task",
+    "on_step",
+    "optimizer_parameter_groups",
+    "save_tuned_model",
+    "trainable_parameters",
 ]

@@ -47,15 +47,31 @@ class AdapterOptions(MethodOptions):
     """Bottleneck width = hidden size / reduction_factor."""
 
 
-@register(AdapterOptions, "Bottleneck adapters after attention and/or feed-forward; adapters and norms train.", artifact=TRAINED_PARAMETERS, check=check_known_layout)
+@register(
+    AdapterOptions,
+    "Bottleneck adapters after attention and/or feed-forward; adapters and norms train.",
+    artifact=TRAINED_PARAMETERS,
+    check=check_known_layout,
+)
 def apply(model, options: AdapterOptions, task: str):
     blocks = layout(model)
-    places = [blocks.feedforward_output] if options.placement == "pfeiffer" else [blocks.attention_output, blocks.feedforward_output]
+    places = (
+        [blocks.feedforward_output]
+        if options.placement == "pfeiffer"
+        else [blocks.attention_output, blocks.feedforward_output]
+    )
     for relative in places:
         for _, projection in block_modules(model, relative):
             size = projection.out_features
-            projection.adapter = Bottleneck(size, max(1, size // options.reduction_factor)).to(projection.weight.device, projection.weight.dtype)
+            projection.adapter = Bottleneck(size, max(1, size // options.reduction_factor)).to(
+                projection.weight.device, projection.weight.dtype
+            )
             projection.register_forward_hook(run_adapter)
-    norms = {f"{module_name}.{name}" for module_name, module in model.named_modules() if "Norm" in type(module).__name__ for name, _ in module.named_parameters()}
+    norms = {
+        f"{module_name}.{name}"
+        for module_name, module in model.named_modules()
+        if "Norm" in type(module).__name__
+        for name, _ in module.named_parameters()
+    }
     adapters = {name for name, _ in model.named_parameters() if ".adapter." in name}
     return train_only(model, with_task_head(model, adapters | norms, task))

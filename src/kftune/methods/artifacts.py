@@ -16,9 +16,9 @@ with its task head, from `path` or from the run's base model when None.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from kftune.errors import KftuneError
 
@@ -53,7 +53,11 @@ def save_trained_parameters(model, options, out: Path) -> None:
 
     trained = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
     save_file(trained, str(out / TRAINED_PARAMETERS_FILE))
-    method = {"base_model": model.config._name_or_path, "method": options.model_dump(), "trained_parameters": sorted(trained)}
+    method = {
+        "base_model": model.config._name_or_path,
+        "method": options.model_dump(),
+        "trained_parameters": sorted(trained),
+    }
     (out / METHOD_FILE).write_text(json.dumps(method, indent=2))
 
 
@@ -67,7 +71,9 @@ def load_trained_parameters(model_dir: Path, options, task: str, load_base: Call
     unexpected = model.load_state_dict(trained, strict=False).unexpected_keys
     missing = {name for name, p in model.named_parameters() if p.requires_grad} - set(trained)
     if unexpected or missing:
-        raise KftuneError(f"{model_dir}: {TRAINED_PARAMETERS_FILE} does not fit method {options.name!r} (unexpected {unexpected[:3]}, missing {sorted(missing)[:3]})")
+        raise KftuneError(
+            f"{model_dir}: {TRAINED_PARAMETERS_FILE} does not fit method {options.name!r} (unexpected {unexpected[:3]}, missing {sorted(missing)[:3]})"
+        )
     return model
 
 

@@ -26,8 +26,9 @@ Besides `apply`, a method may declare:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from kftune.methods.artifacts import Artifact
 
 TASKS = ("sequence_classification", "causal_lm")
-WITH_MASKED_LM = TASKS + ("masked_lm",)  # methods that work on any module tree (PET through an MLM head)
+WITH_MASKED_LM = (*TASKS, "masked_lm")  # methods that work on any module tree (PET through an MLM head)
 
 
 class MethodOptions(BaseModel):
@@ -69,7 +70,13 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(options: type[MethodOptions], description: str, tasks: tuple[str, ...] = TASKS, artifact: Artifact | None = None, **hooks):
+def register(
+    options: type[MethodOptions],
+    description: str,
+    tasks: tuple[str, ...] = TASKS,
+    artifact: Artifact | None = None,
+    **hooks,
+):
     """Register the decorated `apply` under `options`' name; `hooks` are the optional MethodSpec fields."""
     from kftune.methods.artifacts import WHOLE_MODEL
 

@@ -15,9 +15,17 @@ class IA3Options(MethodOptions):
     """Which of target_modules are feed-forward layers (scaled on their input); None: peft's default."""
 
 
-@register(IA3Options, "Learned rescaling vectors on keys, values and feed-forward activations (peft IA3).", artifact=PEFT_ADAPTER)
+@register(
+    IA3Options,
+    "Learned rescaling vectors on keys, values and feed-forward activations (peft IA3).",
+    artifact=PEFT_ADAPTER,
+)
 def apply(model, options: IA3Options, task: str):
     import peft
 
-    config = peft.IA3Config(task_type=peft_task_type(task), target_modules=options.target_modules, feedforward_modules=options.feedforward_modules)
+    config = peft.IA3Config(
+        task_type=peft_task_type(task),
+        target_modules=options.target_modules,
+        feedforward_modules=options.feedforward_modules,
+    )
     return peft.get_peft_model(model, config)

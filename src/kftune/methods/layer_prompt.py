@@ -33,16 +33,27 @@ def add_vector(attention: nn.Module, vector_name: str):
     return hook
 
 
-@register(LayerPromptOptions, "A trained vector per layer added to the attention's queries, keys and values.", artifact=TRAINED_PARAMETERS, check=check_known_layout)
+@register(
+    LayerPromptOptions,
+    "A trained vector per layer added to the attention's queries, keys and values.",
+    artifact=TRAINED_PARAMETERS,
+    check=check_known_layout,
+)
 def apply(model, options: LayerPromptOptions, task: str):
     blocks = layout(model)
     attention_name = blocks.query.rsplit(".", 1)[0]
-    for (_, attention), (_, query), (_, key), (_, value) in zip(*(block_modules(model, name) for name in (attention_name, blocks.query, blocks.key, blocks.value))):
-        attention.layer_prompt = nn.Parameter(torch.zeros(query.out_features, device=query.weight.device, dtype=query.weight.dtype))
+    for (_, attention), (_, query), (_, key), (_, value) in zip(
+        *(block_modules(model, name) for name in (attention_name, blocks.query, blocks.key, blocks.value)), strict=False
+    ):
+        attention.layer_prompt = nn.Parameter(
+            torch.zeros(query.out_features, device=query.weight.device, dtype=query.weight.dtype)
+        )
         key_value_vector = "layer_prompt"
         if key.out_features != query.out_features:
             key_value_vector = "layer_prompt_kv"
-            attention.layer_prompt_kv = nn.Parameter(torch.zeros(key.out_features, device=key.weight.device, dtype=key.weight.dtype))
+            attention.layer_prompt_kv = nn.Parameter(
+                torch.zeros(key.out_features, device=key.weight.device, dtype=key.weight.dtype)
+            )
         query.register_forward_hook(add_vector(attention, "layer_prompt"))
         key.register_forward_hook(add_vector(attention, key_value_vector))
         value.register_forward_hook(add_vector(attention, key_value_vector))

@@ -30,7 +30,9 @@ class Layout:
 
 
 LAYOUTS = {
-    "bert": Layout("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "output.dense"),
+    "bert": Layout(
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "output.dense"
+    ),
     "llama": Layout("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"),
 }
 
@@ -54,7 +56,9 @@ def transformer_blocks(model) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and BLOCK_LIST.search(name):
             return name, module
-    raise KftuneError(f"method.name: cannot find the transformer blocks of {type(model).__name__} (a ModuleList named layer, layers, h or blocks)")
+    raise KftuneError(
+        f"method.name: cannot find the transformer blocks of {type(model).__name__} (a ModuleList named layer, layers, h or blocks)"
+    )
 
 
 def parameter_positions(model) -> tuple[dict[str, int], int]:
@@ -85,4 +89,3 @@ def block_modules(model, relative_name: str) -> list[tuple[str, nn.Module]]:
     """(full name, module) of `relative_name` (e.g. `self_attn.q_proj`) in every block."""
     prefix, blocks = transformer_blocks(model)
     return [(f"{prefix}.{i}.{relative_name}", block.get_submodule(relative_name)) for i, block in enumerate(blocks)]
-

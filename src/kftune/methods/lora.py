@@ -40,7 +40,12 @@ def load_lora(model_dir: Path, options: LoraOptions, task: str, load_base):
     return (WHOLE_MODEL if options.merge else PEFT_ADAPTER).load(model_dir, options, task, load_base)
 
 
-@register(LoraOptions, "Low-rank updates on chosen linear layers; the task head trains too.", WITH_MASKED_LM, artifact=Artifact(save_lora, load_lora))
+@register(
+    LoraOptions,
+    "Low-rank updates on chosen linear layers; the task head trains too.",
+    WITH_MASKED_LM,
+    artifact=Artifact(save_lora, load_lora),
+)
 def apply(model, options: LoraOptions, task: str):
     import peft
 

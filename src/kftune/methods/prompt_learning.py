@@ -25,7 +25,9 @@ class PromptLearningOptions(MethodOptions):
 def get_peft_model(model, config_class, task: str, options: PromptLearningOptions, **settings):
     import peft
 
-    return peft.get_peft_model(model, config_class(task_type=peft_task_type(task), num_virtual_tokens=options.virtual_tokens, **settings))
+    return peft.get_peft_model(
+        model, config_class(task_type=peft_task_type(task), num_virtual_tokens=options.virtual_tokens, **settings)
+    )
 
 
 class PrefixTuningOptions(PromptLearningOptions):
@@ -35,11 +37,23 @@ class PrefixTuningOptions(PromptLearningOptions):
     projection_size: int = Field(default=128, ge=1)
 
 
-@register(PrefixTuningOptions, "Trained key/value prefixes in every attention layer (peft prefix tuning).", artifact=PEFT_ADAPTER, packs=False)
+@register(
+    PrefixTuningOptions,
+    "Trained key/value prefixes in every attention layer (peft prefix tuning).",
+    artifact=PEFT_ADAPTER,
+    packs=False,
+)
 def apply_prefix_tuning(model, options: PrefixTuningOptions, task: str):
     import peft
 
-    return get_peft_model(model, peft.PrefixTuningConfig, task, options, prefix_projection=options.projection, encoder_hidden_size=options.projection_size)
+    return get_peft_model(
+        model,
+        peft.PrefixTuningConfig,
+        task,
+        options,
+        prefix_projection=options.projection,
+        encoder_hidden_size=options.projection_size,
+    )
 
 
 class PromptTuningOptions(PromptLearningOptions):
@@ -55,15 +69,25 @@ class PromptTuningOptions(PromptLearningOptions):
         return self
 
 
-@register(PromptTuningOptions, "Trained soft-prompt embeddings prepended to the input (peft prompt tuning).", artifact=PEFT_ADAPTER, packs=False)
+@register(
+    PromptTuningOptions,
+    "Trained soft-prompt embeddings prepended to the input (peft prompt tuning).",
+    artifact=PEFT_ADAPTER,
+    packs=False,
+)
 def apply_prompt_tuning(model, options: PromptTuningOptions, task: str):
     import peft
 
     if options.init == "random":
         return get_peft_model(model, peft.PromptTuningConfig, task, options)
     return get_peft_model(
-        model, peft.PromptTuningConfig, task, options,
-        prompt_tuning_init=peft.PromptTuningInit.TEXT, prompt_tuning_init_text=options.init_text, tokenizer_name_or_path=model.config._name_or_path,
+        model,
+        peft.PromptTuningConfig,
+        task,
+        options,
+        prompt_tuning_init=peft.PromptTuningInit.TEXT,
+        prompt_tuning_init_text=options.init_text,
+        tokenizer_name_or_path=model.config._name_or_path,
     )
 
 
@@ -73,8 +97,20 @@ class PTuningOptions(PromptLearningOptions):
     encoder_size: int = Field(default=128, ge=1)
 
 
-@register(PTuningOptions, "Virtual-token embeddings produced by a trained prompt encoder (peft P-tuning).", artifact=PEFT_ADAPTER, packs=False)
+@register(
+    PTuningOptions,
+    "Virtual-token embeddings produced by a trained prompt encoder (peft P-tuning).",
+    artifact=PEFT_ADAPTER,
+    packs=False,
+)
 def apply_p_tuning(model, options: PTuningOptions, task: str):
     import peft
 
-    return get_peft_model(model, peft.PromptEncoderConfig, task, options, encoder_reparameterization_type=options.encoder, encoder_hidden_size=options.encoder_size)
+    return get_peft_model(
+        model,
+        peft.PromptEncoderConfig,
+        task,
+        options,
+        encoder_reparameterization_type=options.encoder,
+        encoder_hidden_size=options.encoder_size,
+    )

@@ -44,7 +44,10 @@ def head_mask(heads: list[int], group: int, head_dim: int, features: int) -> tor
 def check_no_weight_decay(config) -> tuple[str, str] | None:
     masked = config.method.name == "subnetwork" or getattr(config.method, "heads", None) is not None
     if masked and config.train.weight_decay:
-        return "train.weight_decay", f"{config.method.name} masks gradients, and weight decay would still move the masked entries; use 0"
+        return (
+            "train.weight_decay",
+            f"{config.method.name} masks gradients, and weight decay would still move the masked entries; use 0",
+        )
     return None
 
 
@@ -70,8 +73,16 @@ def check_attention_only(model_config, options: AttentionOnlyOptions) -> str | N
 )
 def apply_attention_only(model, options: AttentionOnlyOptions, task: str):
     blocks = layout(model)
-    projections = {relative: block_modules(model, relative) for relative in (blocks.query, blocks.key, blocks.value, blocks.attention_output)}
-    names = {f"{full}.{p}" for modules in projections.values() for full, module in modules for p, _ in module.named_parameters()}
+    projections = {
+        relative: block_modules(model, relative)
+        for relative in (blocks.query, blocks.key, blocks.value, blocks.attention_output)
+    }
+    names = {
+        f"{full}.{p}"
+        for modules in projections.values()
+        for full, module in modules
+        for p, _ in module.named_parameters()
+    }
     train_only(model, with_task_head(model, names, task))
     if options.heads is None:
         return model
@@ -79,7 +90,12 @@ def apply_attention_only(model, options: AttentionOnlyOptions, task: str):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for relative in (blocks.query, blocks.key, blocks.value):
         for _, module in projections[relative]:
-            rows = head_mask(options.heads, config.num_attention_heads * head_dim // module.out_features, head_dim, module.out_features)
+            rows = head_mask(
+                options.heads,
+                config.num_attention_heads * head_dim // module.out_features,
+                head_dim,
+                module.out_features,
+            )
             mask_gradient(module.weight, rows[:, None])
             if module.bias is not None:
                 mask_gradient(module.bias, rows)
@@ -100,9 +116,16 @@ def check_has_biases(model_config, options) -> str | None:
     return None
 
 
-@register(BitFitOptions, "Train only the bias terms (and the classification head).", artifact=TRAINED_PARAMETERS, check=check_has_biases)
+@register(
+    BitFitOptions,
+    "Train only the bias terms (and the classification head).",
+    artifact=TRAINED_PARAMETERS,
+    check=check_has_biases,
+)
 def apply_bitfit(model, options: BitFitOptions, task: str):
-    return train_only(model, with_task_head(model, {name for name, _ in model.named_parameters() if name.endswith(".bias")}, task))
+    return train_only(
+        model, with_task_head(model, {name for name, _ in model.named_parameters() if name.endswith(".bias")}, task)
+    )
 
 
 class SubnetworkOptions(MethodOptions):

@@ -46,8 +46,18 @@ def build_prompts(config: RunConfig, data_dir: str | Path, out_dir: str | Path) 
         encoded_rows = []
         for index, row in enumerate(read_split(data_dir, split)):
             label = label_names[row["label"]] if template.labelled else None
-            examples = encode_example(config.model.task, template, tokenizer, config.prompt.max_length, label_names, index, row,
-                                      counts, label, demos.for_row(split, index, row))
+            examples = encode_example(
+                config.model.task,
+                template,
+                tokenizer,
+                config.prompt.max_length,
+                label_names,
+                index,
+                row,
+                counts,
+                label,
+                demos.for_row(split, index, row),
+            )
             for segments, encoded in examples:
                 if encoded is None:
                     continue
@@ -61,7 +71,7 @@ def build_prompts(config: RunConfig, data_dir: str | Path, out_dir: str | Path) 
                 counts[f"tokens_{_bucket(len(encoded['input_ids']))}"] += 1
                 if split == "train" and len(preview) < PREVIEW_ROWS:
                     classified = config.model.task == "sequence_classification"  # the head predicts the label: show it
-                    shown = segments[:-1] + [(label_names[row["label"]], True)] if classified else segments
+                    shown = [*segments[:-1], (label_names[row["label"]], True)] if classified else segments
                     preview.append({"segments": shown, "tokens": len(encoded["input_ids"])})
         if split == "train" and config.prompt.packing:
             encoded_rows, packing = pack_rows(encoded_rows, config.prompt.max_length)
@@ -93,8 +103,10 @@ class Demonstrations:
         for row in train:
             self.pools[row["label"] if label_names else None].append(row)
         if k and label_names and any(len(self.pools[i]) < -(-k // len(label_names)) for i in range(len(label_names))):
-            raise KftuneError(f"prompt.few_shot: {k} demonstrations stratified over {len(label_names)} labels need "
-                              f"{-(-k // len(label_names))} training rows of every label")
+            raise KftuneError(
+                f"prompt.few_shot: {k} demonstrations stratified over {len(label_names)} labels need "
+                f"{-(-k // len(label_names))} training rows of every label"
+            )
 
     def for_row(self, split: str, index: int, row: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.k:
@@ -110,8 +122,18 @@ class Demonstrations:
         return [{**r, "label_name": self.label_names[r["label"]] if self.label_names else None} for r in chosen]
 
 
-def encode_example(task: str, template: Template, tokenizer, max_length: int, label_names: list[str], index: int, row: dict[str, Any],
-                   counts: Counter, label: str | None = None, demos: list[dict[str, Any]] = ()) -> list[tuple[list[Segment], dict | None]]:
+def encode_example(
+    task: str,
+    template: Template,
+    tokenizer,
+    max_length: int,
+    label_names: list[str],
+    index: int,
+    row: dict[str, Any],
+    counts: Counter,
+    label: str | None = None,
+    demos: list[dict[str, Any]] = (),
+) -> list[tuple[list[Segment], dict | None]]:
     """One example's rendered segments and encoded row (None: too long, counted); build_prompts and serving share it.
     Entailment gives one row per label's hypothesis, grouped by `index` so scoring picks the best one."""
     hypotheses = label_names if template.hypotheses is not None else [None]
@@ -125,7 +147,9 @@ def encode_example(task: str, template: Template, tokenizer, max_length: int, la
     return examples
 
 
-def encode(task: str, tokenizer, segments: list[Segment], max_length: int, template: Template, counts: Counter) -> dict | None:
+def encode(
+    task: str, tokenizer, segments: list[Segment], max_length: int, template: Template, counts: Counter
+) -> dict | None:
     """Token ids and per-token labels of rendered segments; None (counted) when the row must be dropped."""
     prompt = "".join(text for text, trained in segments if not trained)
     if task == "sequence_classification":
@@ -141,7 +165,11 @@ def encode(task: str, tokenizer, segments: list[Segment], max_length: int, templ
     text = ""
     for i, (piece, trained) in enumerate(segments):
         special = not template.chat  # a chat template writes its own special tokens
-        new = tokenizer(piece, add_special_tokens=special)["input_ids"] if i == 0 else continuation_ids(tokenizer, text, ids, piece, special)
+        new = (
+            tokenizer(piece, add_special_tokens=special)["input_ids"]
+            if i == 0
+            else continuation_ids(tokenizer, text, ids, piece, special)
+        )
         ids += new
         labels += new if trained else [IGNORE_INDEX] * len(new)
         text += piece
@@ -171,12 +199,16 @@ def _encode_masked(tokenizer, prompt: str, word: str, max_length: int, counts: C
 def single_token_id(tokenizer, word: str) -> int:
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise KftuneError(f"prompt.template: verbalizer word {word!r} is {len(ids)} tokens for this tokenizer; "
-                          "a masked LM scores one token at the [MASK] slot")
+        raise KftuneError(
+            f"prompt.template: verbalizer word {word!r} is {len(ids)} tokens for this tokenizer; "
+            "a masked LM scores one token at the [MASK] slot"
+        )
     return ids[0]
 
 
-def continuation_ids(tokenizer, prompt: str, prompt_ids: list[int], text: str, add_special_tokens: bool = True) -> list[int]:
+def continuation_ids(
+    tokenizer, prompt: str, prompt_ids: list[int], text: str, add_special_tokens: bool = True
+) -> list[int]:
     """Token ids of `text` as it continues `prompt`. Tokenized together, so a word such as " great"
     gets the ids it has after the prompt (SentencePiece merges the leading space differently alone)."""
     if prompt:
@@ -200,7 +232,9 @@ def write_split(out: Path, split: str, rows: list[dict[str, Any]]) -> None:
         return
     import pyarrow as pa
 
-    columns = dict.fromkeys(key for row in rows for key in row)  # every row's keys (from_pylist would take the first row's only)
+    columns = dict.fromkeys(
+        key for row in rows for key in row
+    )  # every row's keys (from_pylist would take the first row's only)
     table = pa.Table.from_pydict({key: [row.get(key) for row in rows] for key in columns})
     with pa.OSFile(str(out / f"{split}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=ARROW_BATCH_ROWS)
@@ -266,7 +300,8 @@ def read_meta(prompts_dir: str | Path) -> dict[str, Any]:
 def preview_html(meta: dict[str, Any]) -> str:
     """First rendered rows (trained-on text highlighted), token-length histogram, truncation and packing counts, for the KFP UI."""
     rows = "".join(
-        "<tr><td><pre>" + "".join(f"<mark>{html.escape(t)}</mark>" if trained else html.escape(t) for t, trained in r["segments"])
+        "<tr><td><pre>"
+        + "".join(f"<mark>{html.escape(t)}</mark>" if trained else html.escape(t) for t, trained in r["segments"])
         + f"</pre></td><td>{r['tokens']}</td></tr>"
         for r in meta["preview"]
     )
@@ -286,7 +321,8 @@ def preview_html(meta: dict[str, Any]) -> str:
         f"<h3>Packing</h3><p>{packing['examples']} training examples in {packing['rows']} rows of at most {meta['max_length']} tokens "
         f"({packing['examples_per_row']} per row, {packing['fill']:.1%} of the row tokens are real, "
         f"{packing['padding_saved']:.1%} of the padding saved); examples never attend to each other.</p>"
-        if packing else ""
+        if packing
+        else ""
     )
     return (
         f"<html><body style='font-family:sans-serif'><h2>Prompts: template <code>{html.escape(meta['template'])}</code>, "

@@ -33,7 +33,6 @@ class Collator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-
 class PackedCollator:
     """Packed rows as one batch. With a mask: padded to the longest row, padding positions get position
     id 0 each, so each is a one-token segment of its own (no query row of the mask is empty: an
@@ -46,7 +45,10 @@ class PackedCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.varlen:
-            return {key: torch.tensor([[value for row in rows for value in row[key]]]) for key in ("input_ids", "labels", "position_ids")}
+            return {
+                key: torch.tensor([[value for row in rows for value in row[key]]])
+                for key in ("input_ids", "labels", "position_ids")
+            }
         longest = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
         labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
@@ -56,7 +58,12 @@ class PackedCollator:
             ids[i, :n] = torch.tensor(row["input_ids"])
             labels[i, :n] = torch.tensor(row["labels"])
             positions[i, :n] = torch.tensor(row["position_ids"])
-        return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": block_diagonal_mask(positions)}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": positions,
+            "attention_mask": block_diagonal_mask(positions),
+        }
 
 
 def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -66,7 +73,9 @@ def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     same = segment[:, :, None] == segment[:, None, :]
     causal = torch.tril(torch.ones(position_ids.shape[1], position_ids.shape[1], dtype=torch.bool))
     allowed = same & causal
-    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)[
+        :, None
+    ]
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 IGNORE_INDEX = -100
 
 
@@ -41,7 +40,7 @@ def pack_rows(rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict[st
         for i in members:
             ids = rows[i]["input_ids"]
             row["input_ids"] += ids
-            row["labels"] += [IGNORE_INDEX] + rows[i]["labels"][1:]
+            row["labels"] += [IGNORE_INDEX, *rows[i]["labels"][1:]]
             row["position_ids"] += list(range(len(ids)))
             row["sources"].append(rows[i]["source"])
         packed.append(row)
@@ -52,6 +51,8 @@ def pack_rows(rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict[st
         "rows": len(packed),
         "examples_per_row": round(len(rows) / max(len(packed), 1), 2),
         "fill": round(tokens / max(len(packed) * max_length, 1), 4),
-        "padding_saved": round(1 - (len(packed) * max_length - tokens) / unpacked_padding, 4) if unpacked_padding else 0.0,
+        "padding_saved": round(1 - (len(packed) * max_length - tokens) / unpacked_padding, 4)
+        if unpacked_padding
+        else 0.0,
     }
     return packed, stats

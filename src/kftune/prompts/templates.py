@@ -152,8 +152,14 @@ class Template(_Spec):
         """The labels the template has words (or hypotheses) for."""
         return list(self.verbalizer or self.hypotheses or {})
 
-    def render(self, row: dict[str, Any], label: str | None = None, demos: list[dict[str, Any]] = (), tokenizer=None,
-               hypothesis: str | None = None) -> list[Segment]:
+    def render(
+        self,
+        row: dict[str, Any],
+        label: str | None = None,
+        demos: list[dict[str, Any]] = (),
+        tokenizer=None,
+        hypothesis: str | None = None,
+    ) -> list[Segment]:
         """The row as segments (text, trained-on). `label` is the row's label name; `demos` are few-shot
         rows (each with its `label_name`) rendered before it; `hypothesis` is the label whose hypothesis an
         entailment template asks about. Chat templates need the tokenizer."""
@@ -162,8 +168,11 @@ class Template(_Spec):
             if self.conversation:
                 messages = _turns(row[self.conversation])
             else:
-                messages = [{"role": role, "content": text} for pair in pairs + [self._pair(row, label, hypothesis)]
-                            for role, text in zip(("user", "assistant"), pair)]
+                messages = [
+                    {"role": role, "content": text}
+                    for pair in [*pairs, self._pair(row, label, hypothesis)]
+                    for role, text in zip(("user", "assistant"), pair, strict=False)
+                ]
             if self.system and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": self.system})
             return chat_segments(tokenizer, messages)
@@ -208,7 +217,9 @@ def chat_segments(tokenizer, messages: list[dict[str, str]]) -> list[Segment]:
     Each reply is what the template adds after the generation prompt, end-of-turn marker included,
     so the model learns to stop."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise KftuneError("prompt.template: a chat template needs a tokenizer with a chat template (tokenizer_config.json chat_template)")
+        raise KftuneError(
+            "prompt.template: a chat template needs a tokenizer with a chat template (tokenizer_config.json chat_template)"
+        )
     segments: list[Segment] = []
     done = 0
     for i, message in enumerate(messages):
@@ -217,9 +228,11 @@ def chat_segments(tokenizer, messages: list[dict[str, str]]) -> list[Segment]:
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (after.startswith(before) and before.startswith("".join(text for text, _ in segments))):
-            raise KftuneError("prompt.template: the tokenizer's chat template renders earlier turns differently once later ones follow; "
-                              "loss masking per turn needs a prefix-stable template")
-        segments += [(before[done:], False), (after[len(before):], True)]
+            raise KftuneError(
+                "prompt.template: the tokenizer's chat template renders earlier turns differently once later ones follow; "
+                "loss masking per turn needs a prefix-stable template"
+            )
+        segments += [(before[done:], False), (after[len(before) :], True)]
         done = len(after)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if full[done:]:
@@ -242,7 +255,9 @@ def _load(path: Path, name: str) -> Template:
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
             message = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{path}: {where + ': ' if where else ''}{'unknown key' if err['type'] == 'extra_forbidden' else message}")
+            problems.append(
+                f"{path}: {where + ': ' if where else ''}{'unknown key' if err['type'] == 'extra_forbidden' else message}"
+            )
         raise KftuneError("prompt.template: invalid template:\n  " + "\n  ".join(problems)) from None
 
 
@@ -266,4 +281,6 @@ def template_file(name_or_path: str) -> Path:
         if not path.is_file():
             raise KftuneError(f"prompt.template: template file {path} does not exist")
         return path
-    raise KftuneError(f"prompt.template: unknown template {name_or_path!r}; choose from: {', '.join(PACKAGED)}, or give a path to a .yaml file")
+    raise KftuneError(
+        f"prompt.template: unknown template {name_or_path!r}; choose from: {', '.join(PACKAGED)}, or give a path to a .yaml file"
+    )

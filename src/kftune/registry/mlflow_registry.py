@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,19 +73,41 @@ def register_model(
     registry = config.registry
     gate = registry.gate
     if gate.metric not in evaluation["tuned"]:
-        raise KftuneError(f"registry.gate.metric: the evaluation produced no {gate.metric!r} (it has: {', '.join(sorted(evaluation['tuned']))})")
+        raise KftuneError(
+            f"registry.gate.metric: the evaluation produced no {gate.metric!r} (it has: {', '.join(sorted(evaluation['tuned']))})"
+        )
     client = connect(registry.tracking_uri, registry.retries, registry.backoff_seconds)
     keep = f"the trained model is kept at {model_dir}"
     try:
         existing = _version_for_pipeline_run(client, registry.model_name, lineage[RUN_ID_TAG])
         if existing is not None:  # a retried register step: report what the first attempt did
-            return _summary(client, registry.model_name, existing, promoted=None, gate=existing.tags.get("kftune.gate", ""), reused=True)
+            return _summary(
+                client,
+                registry.model_name,
+                existing,
+                promoted=None,
+                gate=existing.tags.get("kftune.gate", ""),
+                reused=True,
+            )
         model_uri = _log_run(config, model_dir, evaluation, train_log, attachments, lineage, dataset_dir)
-        version = _create_version(registry.model_name, model_uri, {
-            **lineage, GATE_METRIC_TAG: f"{gate.metric}={evaluation['tuned'][gate.metric]}", SPLIT_TAG: evaluation.get("split_sha256", ""),
-        })
+        version = _create_version(
+            registry.model_name,
+            model_uri,
+            {
+                **lineage,
+                GATE_METRIC_TAG: f"{gate.metric}={evaluation['tuned'][gate.metric]}",
+                SPLIT_TAG: evaluation.get("split_sha256", ""),
+            },
+        )
         _set_alias(client, registry.model_name, CHALLENGER, version.version)
-        promoted, reason = _gate(client, registry.model_name, gate.metric, gate.margin, evaluation["tuned"][gate.metric], evaluation.get("split_sha256", ""))
+        promoted, reason = _gate(
+            client,
+            registry.model_name,
+            gate.metric,
+            gate.margin,
+            evaluation["tuned"][gate.metric],
+            evaluation.get("split_sha256", ""),
+        )
         if promoted:
             _move_champion(client, registry.model_name, version.version, f"gate: {reason}")
         client.set_model_version_tag(registry.model_name, version.version, "kftune.gate", reason)
@@ -116,9 +138,16 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
         if lineage.get(DATASET_TAG):
             dataset = training_dataset(config, lineage[DATASET_TAG])
             mlflow.log_input(dataset, context="training", tags={DATASET_TAG: lineage[DATASET_TAG]})
-        mlflow.log_metrics({k: train_log[k] for k in ("final_loss", "seconds", "seconds_per_step", "trainable_parameters")})
+        mlflow.log_metrics(
+            {k: train_log[k] for k in ("final_loss", "seconds", "seconds_per_step", "trainable_parameters")}
+        )
         now = int(time.time() * 1000)
-        per_step = [Metric(f"train_{key}", value, now, record["step"]) for record in train_log["history"] for key, value in record.items() if key != "step"]
+        per_step = [
+            Metric(f"train_{key}", value, now, record["step"])
+            for record in train_log["history"]
+            for key, value in record.items()
+            if key != "step"
+        ]
         MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=per_step)  # one request, not one per point
         mlflow.set_tags(lineage)
         for path in attachments:
@@ -165,14 +194,17 @@ def _gate(client, name: str, metric: str, margin: float, value: float, split_sha
     if champion_metric != metric:
         return False, f"champion v{champion.version} has no {metric} recorded ({recorded!r}); promote by hand"
     if champion.tags.get(SPLIT_TAG, "") != split_sha256:
-        return False, f"champion v{champion.version} was evaluated on a different test split; compare by hand, then `kftune promote`"
+        return (
+            False,
+            f"champion v{champion.version} was evaluated on a different test split; compare by hand, then `kftune promote`",
+        )
     champion_value = float(champion_value)
-    if HIGHER_IS_BETTER.get(metric, True):
-        passed = value > champion_value + margin
-    else:
-        passed = value < champion_value - margin
+    passed = value > champion_value + margin if HIGHER_IS_BETTER.get(metric, True) else value < champion_value - margin
     verdict = "promoted" if passed else "kept champion"
-    return passed, f"{verdict}: {metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} (margin {margin})"
+    return (
+        passed,
+        f"{verdict}: {metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} (margin {margin})",
+    )
 
 
 def _set_alias(client, name: str, alias: str, version: str, attempts: int = 5) -> None:
@@ -210,7 +242,7 @@ def _move_champion(client, name: str, version: str, reason: str) -> str | None:
     _point_champion(client, name, str(version))
     audit = {
         PROMOTED_FROM_TAG: str(previous.version) if previous else "",
-        PROMOTED_AT_TAG: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        PROMOTED_AT_TAG: datetime.now(UTC).isoformat(timespec="seconds"),
         "kftune.promoted_why": reason,
     }
     for key, value in audit.items():
@@ -256,27 +288,37 @@ def rollback(tracking_uri: str | None, name: str, reason: str) -> str:
     last_set = _registered_model_tag(client, name, KFTUNE_CHAMPION_TAG)
     if champion is None:
         if last_set:
-            raise KftuneError(f"model {name!r} has no alias {CHAMPION!r}: it was removed outside kftune, which last set it to "
-                              f"v{last_set}; `kftune promote {name} {last_set}` restores that one")
-        raise KftuneError(f"model {name!r} has no alias {CHAMPION!r} to roll back (versions: {_versions(client, name)})")
+            raise KftuneError(
+                f"model {name!r} has no alias {CHAMPION!r}: it was removed outside kftune, which last set it to "
+                f"v{last_set}; `kftune promote {name} {last_set}` restores that one"
+            )
+        raise KftuneError(
+            f"model {name!r} has no alias {CHAMPION!r} to roll back (versions: {_versions(client, name)})"
+        )
     note = ""
     if last_set and last_set != str(champion.version):
         previous = last_set
-        note = (f"; v{champion.version} had been made champion outside kftune, which records no alias history, "
-                f"so v{previous} is the last champion known (any version set by hand in between is not)")
+        note = (
+            f"; v{champion.version} had been made champion outside kftune, which records no alias history, "
+            f"so v{previous} is the last champion known (any version set by hand in between is not)"
+        )
     elif champion.tags.get(PROMOTED_AT_TAG):
         previous = champion.tags.get(PROMOTED_FROM_TAG)
         if not previous:
             raise KftuneError(f"{name} v{champion.version} was the first champion; there is nothing to roll back to")
     else:
-        raise KftuneError(f"{name} v{champion.version} was made champion outside kftune and kftune recorded no champion "
-                          f"before it, so the registry cannot say which version that was; choose one with "
-                          f"`kftune promote {name} VERSION` (versions: {_versions(client, name)})")
+        raise KftuneError(
+            f"{name} v{champion.version} was made champion outside kftune and kftune recorded no champion "
+            f"before it, so the registry cannot say which version that was; choose one with "
+            f"`kftune promote {name} VERSION` (versions: {_versions(client, name)})"
+        )
     if not _version_exists(client, name, previous):
-        raise KftuneError(f"{name}: the champion before v{champion.version} was v{previous}, which no longer exists "
-                          f"(versions: {_versions(client, name)}); choose one with `kftune promote {name} VERSION`")
+        raise KftuneError(
+            f"{name}: the champion before v{champion.version} was v{previous}, which no longer exists "
+            f"(versions: {_versions(client, name)}); choose one with `kftune promote {name} VERSION`"
+        )
     _point_champion(client, name, previous)
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     client.set_model_version_tag(name, champion.version, "kftune.rolled_back_at", stamp)
     client.set_model_version_tag(name, champion.version, "kftune.rolled_back_why", reason)
     return f"{name}: champion v{champion.version} -> v{previous} (rollback){note}"

@@ -75,7 +75,10 @@ def signature(config: RunConfig):
     from mlflow.types.schema import Map
 
     required, optional = input_columns(config)
-    inputs = Schema([ColSpec(DataType.string, c) for c in required] + [ColSpec(DataType.string, c, required=False) for c in optional])
+    inputs = Schema(
+        [ColSpec(DataType.string, c) for c in required]
+        + [ColSpec(DataType.string, c, required=False) for c in optional]
+    )
     if config.model.task == "sequence_classification":
         outputs = [ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score")]
     elif config.has_labels:

@@ -14,7 +14,12 @@ from kftune.train.launch import run_training
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m kftune.train")
-    parser.add_argument("--work-dir", required=True, type=Path, help="holds prompts/ (build_prompts output); model/ and ray/ are written")
+    parser.add_argument(
+        "--work-dir",
+        required=True,
+        type=Path,
+        help="holds prompts/ (build_prompts output); model/ and ray/ are written",
+    )
     args = parser.parse_args()
     config = parse_config(json.loads(os.environ[CONFIG_ENV]), source=f"${CONFIG_ENV}")
     log = run_training(config, args.work_dir / "prompts", args.work_dir / "model", args.work_dir / "ray")

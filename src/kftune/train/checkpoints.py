@@ -67,8 +67,14 @@ def save_trainer_state(directory: Path, rank: int, state: dict[str, Any]) -> Non
     """Rank 0 writes the shared state; every worker writes its own RNG streams (dropout differs per worker)."""
     if rank == 0:
         (directory / STATE_FILE).write_text(json.dumps(state))
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, directory / f"rng_rank{rank}.pt")
+    torch.save(
+        {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        directory / f"rng_rank{rank}.pt",
+    )
 
 
 def load_trainer_state(directory: Path, rank: int, identity: str, world: int) -> dict[str, Any]:
@@ -80,9 +86,13 @@ def load_trainer_state(directory: Path, rank: int, identity: str, world: int) ->
     except (OSError, ValueError, RuntimeError) as exc:
         raise KftuneError(f"checkpoint {directory} is unreadable ({exc}); delete it to start over") from None
     if state.get("identity") != identity:
-        raise KftuneError(f"{path}: written by another run (identity {str(state.get('identity'))[:12]}, this run {identity[:12]})")
+        raise KftuneError(
+            f"{path}: written by another run (identity {str(state.get('identity'))[:12]}, this run {identity[:12]})"
+        )
     if state.get("workers") != world:
-        raise KftuneError(f"{path}: written by {state.get('workers')} workers, this run has {world}; set train.workers back to resume")
+        raise KftuneError(
+            f"{path}: written by {state.get('workers')} workers, this run has {world}; set train.workers back to resume"
+        )
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"]:

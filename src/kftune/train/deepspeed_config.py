@@ -13,7 +13,14 @@ from typing import Any
 from kftune.config import TrainSection
 from kftune.errors import KftuneError
 
-OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16", "gradient_clipping")
+OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "bf16",
+    "fp16",
+    "gradient_clipping",
+)
 
 
 def deepspeed_config(train: TrainSection, world: int) -> dict[str, Any]:
@@ -31,14 +38,16 @@ def deepspeed_config(train: TrainSection, world: int) -> dict[str, Any]:
     }
     if settings.config_file:
         config.update(read_user_config(settings.config_file))
-    config.update({
-        "train_batch_size": train.batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch(world),
-        "gradient_accumulation_steps": train.gradient_accumulation,
-        "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
-        "gradient_clipping": train.max_grad_norm or 0.0,
-    })
+    config.update(
+        {
+            "train_batch_size": train.batch_size,
+            "train_micro_batch_size_per_gpu": train.micro_batch(world),
+            "gradient_accumulation_steps": train.gradient_accumulation,
+            "bf16": {"enabled": train.precision == "bf16"},
+            "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
+            "gradient_clipping": train.max_grad_norm or 0.0,
+        }
+    )
     return config
 
 
@@ -55,6 +64,8 @@ def read_user_config(path: str) -> dict[str, Any]:
         raise KftuneError(f"{path}: expected a JSON object of DeepSpeed settings")
     owned = [key for key in OWNED_KEYS if key in data]
     if owned:
-        raise KftuneError(f"{path}: {', '.join(owned)} come from the run config's train section (batch_size, gradient_accumulation, "
-                          "precision, max_grad_norm); remove them from the file")
+        raise KftuneError(
+            f"{path}: {', '.join(owned)} come from the run config's train section (batch_size, gradient_accumulation, "
+            "precision, max_grad_norm); remove them from the file"
+        )
     return data

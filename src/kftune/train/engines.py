@@ -59,9 +59,13 @@ def partitioned_construction(train: TrainSection, world: int, method: str):
 
     if not train.use_gpu:
         skip_shm_op()
-    if torch.distributed.is_initialized():  # zero.Init partitions over DeepSpeed's view of the (Ray Train) process group
+    if (
+        torch.distributed.is_initialized()
+    ):  # zero.Init partitions over DeepSpeed's view of the (Ray Train) process group
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
-    settings = HfDeepSpeedConfig(deepspeed_config(train, world))  # transformers holds it weakly: alive for this block only
+    settings = HfDeepSpeedConfig(
+        deepspeed_config(train, world)
+    )  # transformers holds it weakly: alive for this block only
     try:
         yield settings
     finally:
@@ -77,7 +81,9 @@ class DDPEngine:
     """torch DDP across workers (over whatever process group the launcher set up: Ray Train's, or a
     plain torch.distributed one), AdamW, autocast, GradScaler for fp16."""
 
-    def __init__(self, model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device):
+    def __init__(
+        self, model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device
+    ):
         self.train, self.world, self.device = train, world, device
         self.module = model.to(device)
         self.model = self._replicated()
@@ -98,7 +104,11 @@ class DDPEngine:
     @contextlib.contextmanager
     def micro_step(self):
         """Forward and backward of one micro-batch: autocast, and no gradient all-reduce until the last one."""
-        sync = contextlib.nullcontext() if self.at_boundary() or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        sync = (
+            contextlib.nullcontext()
+            if self.at_boundary() or not hasattr(self.model, "no_sync")
+            else self.model.no_sync()
+        )
         with sync, autocast(self.train.precision, self.device):
             yield
 
@@ -126,7 +136,9 @@ class DDPEngine:
         """The module under DDP when there are several workers (as Ray Train's prepare_model does), else itself."""
         if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             return self.module
-        return torch.nn.parallel.DistributedDataParallel(self.module, device_ids=[self.device] if self.device.type == "cuda" else None)
+        return torch.nn.parallel.DistributedDataParallel(
+            self.module, device_ids=[self.device] if self.device.type == "cuda" else None
+        )
 
     def trainable_set_changed(self) -> None:
         """DDP hooks the parameters that were trainable when it wrapped the model: after gradual
@@ -143,22 +155,29 @@ class DDPEngine:
     def save(self, directory: Path, rank: int) -> None:
         """Rank 0 writes the trained parameters with optimizer, schedule and scaler state (DDP keeps them identical on every worker)."""
         if rank == 0:
-            torch.save({
-                "parameters": self.trained_state(rank),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-            }, directory / DDP_STATE_FILE)
+            torch.save(
+                {
+                    "parameters": self.trained_state(rank),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                },
+                directory / DDP_STATE_FILE,
+            )
 
     def load(self, directory: Path) -> None:
         path = directory / DDP_STATE_FILE
         if not path.is_file():
-            raise KftuneError(f"{path}: missing; this checkpoint was not written by the DDP engine (was train.deepspeed set?)")
+            raise KftuneError(
+                f"{path}: missing; this checkpoint was not written by the DDP engine (was train.deepspeed set?)"
+            )
         state = torch.load(path, map_location=self.device, weights_only=True)
         own = dict(self.module.named_parameters())
         missing = sorted(set(state["parameters"]) - set(own))
         if missing:
-            raise KftuneError(f"{path}: parameters {missing[:3]} are not in this model; the checkpoint belongs to another model or method")
+            raise KftuneError(
+                f"{path}: parameters {missing[:3]} are not in this model; the checkpoint belongs to another model or method"
+            )
         _copy_into(self.module, state["parameters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -177,7 +196,9 @@ class DeepSpeedEngine:
     built at install time or on first use) when the optimizer state is offloaded to the CPU: that is the
     op the offloaded step runs on, GPUs or not, and several times faster there than torch's."""
 
-    def __init__(self, model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device):
+    def __init__(
+        self, model, groups: list[dict], train: TrainSection, total_steps: int, world: int, device: torch.device
+    ):
         import deepspeed
 
         from kftune.train.deepspeed_config import deepspeed_config
@@ -223,7 +244,9 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[-1]
 
     def trainable_set_changed(self) -> None:
-        raise KftuneError("DeepSpeed cannot change the trained parameter set mid-run (config validation refuses such methods)")
+        raise KftuneError(
+            "DeepSpeed cannot change the trained parameter set mid-run (config validation refuses such methods)"
+        )
 
     def save(self, directory: Path, rank: int) -> None:
         """Every worker writes its shard of the ZeRO state; Ray Train gathers them into one checkpoint."""
@@ -231,7 +254,9 @@ class DeepSpeedEngine:
 
     def load(self, directory: Path) -> None:
         if not (directory / DEEPSPEED_TAG).is_dir():
-            raise KftuneError(f"{directory / DEEPSPEED_TAG}: missing; this checkpoint was not written by the DeepSpeed engine")
+            raise KftuneError(
+                f"{directory / DEEPSPEED_TAG}: missing; this checkpoint was not written by the DeepSpeed engine"
+            )
         loaded, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False)
         if loaded is None:
             raise KftuneError(f"{directory / DEEPSPEED_TAG}: DeepSpeed could not load this checkpoint")
@@ -246,7 +271,9 @@ class DeepSpeedEngine:
         state = {}
         with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
             for name, parameter in trainable:
-                master = safe_get_full_fp32_param(parameter)  # collective under ZeRO-3: every worker asks for every parameter
+                master = safe_get_full_fp32_param(
+                    parameter
+                )  # collective under ZeRO-3: every worker asks for every parameter
                 if rank == 0:
                     state[name] = (parameter.detach() if master is None else master).float().cpu().clone()
         return state

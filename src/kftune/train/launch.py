@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,13 @@ from kftune.train.checkpoints import check_writable, run_identity
 from kftune.train.loop import TRAIN_LOG_FILE, train_worker
 
 
-def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, default_storage: str | Path) -> dict[str, Any]:
+def run_training(
+    config: RunConfig, prompts_dir: str | Path, model_dir: str | Path, default_storage: str | Path
+) -> dict[str, Any]:
     """Train with `config.train.workers` Ray workers; returns the train log (steps, timings, loss history).
     Checkpoints go to `train.checkpoint.storage`, or to `default_storage` when that is empty."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     settings = config.train
@@ -37,11 +37,20 @@ def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Pa
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")  # set on a cluster (KubeRay); empty: start Ray in-process
         local_cpus = None if address else max(os.cpu_count() or 1, settings.workers * settings.cpus_per_worker)
-        ray.init(address=address, num_cpus=local_cpus, log_to_driver=True, logging_level="WARNING",
-                 runtime_env={"env_vars": WORKER_ENV})
+        ray.init(
+            address=address,
+            num_cpus=local_cpus,
+            log_to_driver=True,
+            logging_level="WARNING",
+            runtime_env={"env_vars": WORKER_ENV},
+        )
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config_to_dict(config), "prompts_dir": str(Path(prompts_dir).resolve()), "identity": identity},
+        train_loop_config={
+            "config": config_to_dict(config),
+            "prompts_dir": str(Path(prompts_dir).resolve()),
+            "identity": identity,
+        },
         scaling_config=ScalingConfig(
             num_workers=settings.workers,
             use_gpu=settings.use_gpu,
@@ -52,7 +61,9 @@ def run_training(config: RunConfig, prompts_dir: str | Path, model_dir: str | Pa
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoint.keep),
             failure_config=FailureConfig(max_failures=settings.checkpoint.max_failures),
-            logging_config=LoggingConfig(log_level="ERROR"),  # Ray Train's own INFO/WARNING chatter; our progress lines still print
+            logging_config=LoggingConfig(
+                log_level="ERROR"
+            ),  # Ray Train's own INFO/WARNING chatter; our progress lines still print
         ),
     )
     result = trainer.fit()
@@ -78,5 +89,8 @@ def _say_what_storage_holds(storage: str, run_name: str, model_name: str) -> Non
     if run_name in runs:
         print(f"train: resuming run {run_name} from {storage}", flush=True)
     elif runs:
-        print(f"train: starting run {run_name} fresh; {storage} also holds {len(runs)} other run(s) of {model_name} "
-              f"({', '.join(sorted(runs)[:3])}) with a different config or data", flush=True)
+        print(
+            f"train: starting run {run_name} fresh; {storage} also holds {len(runs)} other run(s) of {model_name} "
+            f"({', '.join(sorted(runs)[:3])}) with a different config or data",
+            flush=True,
+        )

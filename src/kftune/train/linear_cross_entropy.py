@@ -18,7 +18,9 @@ CHUNK_LOGITS = 2**26
 """Logits alive at once: 256 MiB in fp32, whatever the vocabulary."""
 
 
-def _chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+def _chunks(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """Each chunk's rows, fp32 logits and log-partition (logsumexp)."""
     rows = max(1, CHUNK_LOGITS // weight.shape[0])
     for start in range(0, len(targets), rows):
@@ -48,7 +50,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             chosen = targets[part, None]
             total += (log_partition - logits.gather(1, chosen).squeeze(1)).sum()
             # d loss / d logits = softmax - one-hot, built in place over the logits.
-            grad_logits = logits.sub_(log_partition[:, None]).exp_().scatter_add_(1, chosen, torch.full_like(chosen, -1.0, dtype=logits.dtype))
+            grad_logits = (
+                logits.sub_(log_partition[:, None])
+                .exp_()
+                .scatter_add_(1, chosen, torch.full_like(chosen, -1.0, dtype=logits.dtype))
+            )
             if want_hidden:
                 grad_hidden[part] = grad_logits.to(weight.dtype) @ weight
             if want_weight:

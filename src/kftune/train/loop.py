@@ -22,9 +22,25 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from kftune.config import RunConfig, TrainSection, config_to_dict
 from kftune.errors import KftuneError
-from kftune.methods import apply_method, calibrate_method, may_train, on_step, optimizer_parameter_groups, save_tuned_model, trainable_parameters
-from kftune.models import (LABELS_FILE, TUNED_CONFIG_FILE, cast_floating_parameters, check_quantization_runs, load_base_model, load_tokenizer,
-                           resolve_model_path, weights_dtype)
+from kftune.methods import (
+    apply_method,
+    calibrate_method,
+    may_train,
+    on_step,
+    optimizer_parameter_groups,
+    save_tuned_model,
+    trainable_parameters,
+)
+from kftune.models import (
+    LABELS_FILE,
+    TUNED_CONFIG_FILE,
+    cast_floating_parameters,
+    check_quantization_runs,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+    weights_dtype,
+)
 from kftune.prompts.build import open_prompts, read_meta, read_prompts
 from kftune.prompts.collate import Collator, batch_tokens, make_collator, uses_varlen_attention
 from kftune.train import TRAIN_LOG_FILE
@@ -68,7 +84,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     with partitioned_construction(settings, world, config.method.name):  # ZeRO-3: each worker builds only its part
         model = build_model(config, num_labels, for_training=True)
     rows = open_prompts(prompts_dir, "train")  # memory-mapped: each worker reads only the rows its sampler hands it
-    collate = make_collator(meta, task, varlen=uses_varlen_attention(model))  # packed rows when build_prompts packed them
+    collate = make_collator(
+        meta, task, varlen=uses_varlen_attention(model)
+    )  # packed rows when build_prompts packed them
     with autocast(settings.precision, torch.device("cpu")):  # the same rows in every worker
         calibrate_method(model, config.method, lambda n: summed_loss(model, collate(rows[:n]), task))
     trainable, total = trainable_parameters(model)
@@ -83,8 +101,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     groups = optimizer_parameter_groups(model, config.method, settings.lr, settings.layer_lr_decay)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
-        check_fits(model, settings, config.prompt.max_length, world, task, torch.cuda.get_device_properties(device).total_memory)
-    engine = make_engine(model, groups, settings, total_steps, world, device)  # compiles the model when train.compile asks
+        check_fits(
+            model,
+            settings,
+            config.prompt.max_length,
+            world,
+            task,
+            torch.cuda.get_device_properties(device).total_memory,
+        )
+    engine = make_engine(
+        model, groups, settings, total_steps, world, device
+    )  # compiles the model when train.compile asks
 
     # Validation during training: every worker scores its share of the (unpacked) validation rows.
     validation_rows = open_prompts(prompts_dir, "validation") if settings.eval_every_steps else []
@@ -96,8 +123,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             state = load_trainer_state(Path(directory), rank, identity, world)
             engine.load(Path(directory))
             best_state = load_best_state(Path(directory), rank) if settings.keep_best else None
-        step, history, seconds_before, resumed_at = state["step"], state["history"], state["seconds"], state["resumed_at"] + [state["step"]]
-        if any([on_step(engine.module, config.method, past) for past in range(1, step + 1)]):  # gradual unfreezing so far
+        step, history, seconds_before, resumed_at = (
+            state["step"],
+            state["history"],
+            state["seconds"],
+            state["resumed_at"] + [state["step"]],
+        )
+        if any(on_step(engine.module, config.method, past) for past in range(1, step + 1)):  # gradual unfreezing so far
             engine.trainable_set_changed()
         if rank == 0:
             print(f"train: resumed at step {step}/{total_steps} from {checkpoint.path}", flush=True)
@@ -132,28 +164,55 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             every = settings.checkpoint.every_steps
             checkpoint_now = every and step % every == 0 and step < total_steps
             validate_now = settings.eval_every_steps and (step % settings.eval_every_steps == 0 or step == total_steps)
-            if step % settings.log_every_steps == 0 or step == total_steps or checkpoint_now or validate_now:  # these close the interval
+            if (
+                step % settings.log_every_steps == 0 or step == total_steps or checkpoint_now or validate_now
+            ):  # these close the interval
                 mean_loss = _all_reduce_sum(interval_loss).item() / (step - (history[-1]["step"] if history else 0))
                 elapsed = time.perf_counter() - interval_started
                 history.append(_record(step, mean_loss, engine.lr(), interval_tokens * world / elapsed, device))
                 interval_loss.zero_()
                 interval_tokens, interval_started = 0, time.perf_counter()
             if validate_now:
-                history[-1].update(validate(engine.module, validation_rows, validation_collate, task, settings.micro_batch(world),
-                                            settings.precision, device, rank, world))
+                history[-1].update(
+                    validate(
+                        engine.module,
+                        validation_rows,
+                        validation_collate,
+                        task,
+                        settings.micro_batch(world),
+                        settings.precision,
+                        device,
+                        rank,
+                        world,
+                    )
+                )
                 if settings.keep_best and best_evaluation(history) is history[-1]:
                     best_state = engine.trained_state(rank)  # collective under ZeRO-3; the weights only rank 0 keeps
                 stop_early = settings.patience is not None and evaluations_since_best(history) >= settings.patience
             if progress and history:
                 progress.update(step, history[-1]["loss"])
             if checkpoint_now:
-                _save_checkpoint(engine, rank, {"identity": identity, "workers": world, "step": step, "history": history, "resumed_at": resumed_at,
-                                                "seconds": seconds_before + time.perf_counter() - started}, best_state)
+                _save_checkpoint(
+                    engine,
+                    rank,
+                    {
+                        "identity": identity,
+                        "workers": world,
+                        "step": step,
+                        "history": history,
+                        "resumed_at": resumed_at,
+                        "seconds": seconds_before + time.perf_counter() - started,
+                    },
+                    best_state,
+                )
             if step >= total_steps or stop_early:
                 break
         if stop_early:
             if rank == 0:
-                print(f"train: stopping early at step {step}: no lower validation loss in {settings.patience} evaluations", flush=True)
+                print(
+                    f"train: stopping early at step {step}: no lower validation loss in {settings.patience} evaluations",
+                    flush=True,
+                )
             break
     seconds = seconds_before + time.perf_counter() - started
 
@@ -173,32 +232,44 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     }
     best = best_evaluation(history)
     if best:
-        log["best_evaluation"] = {key: value for key, value in best.items() if key == "step" or key.startswith("validation_")}
+        log["best_evaluation"] = {
+            key: value for key, value in best.items() if key == "step" or key.startswith("validation_")
+        }
     if stop_early:
         log["stopped_early_at_step"] = step
     chosen = best_state if settings.keep_best and best else None  # the same decision on every worker (the history is)
     log["weights_from_step"] = best["step"] if chosen is not None else step
-    trained = engine.consolidated(lambda: build_model(config, num_labels, for_training=False), rank, chosen)  # collective under ZeRO-3
+    trained = engine.consolidated(
+        lambda: build_model(config, num_labels, for_training=False), rank, chosen
+    )  # collective under ZeRO-3
     with tempfile.TemporaryDirectory() as out:
         if rank == 0:
             save_artifact(trained, config, resolved, log, meta, prompts_dir, Path(out))
-        ray.train.report({"final_loss": log["final_loss"], "steps": step}, checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None)
+        ray.train.report(
+            {"final_loss": log["final_loss"], "steps": step},
+            checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None,
+        )
 
 
 def check_device_runs(config: RunConfig, device: torch.device) -> None:
     """What validation could not know: whether this worker's device runs the precision and quantization asked for."""
     if device.type == "cuda" and config.train.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise KftuneError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 on this GPU")
+        raise KftuneError(
+            f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 on this GPU"
+        )
     if config.model.quantization:
         check_quantization_runs(config.model.quantization, device)
 
 
-def worker_loader(rows, collate, settings: TrainSection, rank: int, world: int) -> tuple[DataLoader, DistributedSampler]:
+def worker_loader(
+    rows, collate, settings: TrainSection, rank: int, world: int
+) -> tuple[DataLoader, DistributedSampler]:
     """This worker's micro-batches: its share of one seeded permutation of all rows per epoch (disjoint
     from the other workers'), so 1 worker and 2 see the same global batches."""
     sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
-    loader = DataLoader(rows, batch_size=settings.micro_batch(world), sampler=sampler, collate_fn=collate,
-                        generator=torch.Generator())  # not the global RNG: a resumed run's dropout must draw what the uninterrupted one drew
+    loader = DataLoader(
+        rows, batch_size=settings.micro_batch(world), sampler=sampler, collate_fn=collate, generator=torch.Generator()
+    )  # not the global RNG: a resumed run's dropout must draw what the uninterrupted one drew
     return loader, sampler
 
 
@@ -206,14 +277,22 @@ def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
     """The seeded base model with the method applied; the same in every worker and in every rebuild.
     Its frozen weights are in `weights_dtype`; under DDP what the optimizer steps is fp32."""
     train = config.train
-    base = load_base_model(resolve_model_path(config.model.name_or_path), config.model.task, num_labels, train.seed,
-                           config.model.attn_implementation, weights_dtype(train.precision, config.method.name, bool(train.deepspeed)),
-                           config.model.quantization)
+    base = load_base_model(
+        resolve_model_path(config.model.name_or_path),
+        config.model.task,
+        num_labels,
+        train.seed,
+        config.model.attn_implementation,
+        weights_dtype(train.precision, config.method.name, bool(train.deepspeed)),
+        config.model.quantization,
+    )
     if for_training:
         checkpoint_activations(base, train)
     if for_training and config.prompt.packing:
         base.config.use_cache = False  # transformers finds packed examples' boundaries only when no KV cache is passed
-    torch.manual_seed(train.seed)  # the method's new weights start the same however the base was built (whole or partitioned)
+    torch.manual_seed(
+        train.seed
+    )  # the method's new weights start the same however the base was built (whole or partitioned)
     model = apply_method(base, config.method, config.model.task)
     if for_training and not train.deepspeed:  # DeepSpeed keeps its own fp32 master copies
         keep_fp32_master_weights(may_train(model, config.method))
@@ -231,7 +310,9 @@ def keep_fp32_master_weights(parameters) -> None:
 def checkpoint_activations(model, train: TrainSection) -> None:
     """Recompute activations in the backward pass, in every `gradient_checkpointing_every`-th decoder layer, when the run asks."""
     if train.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=train.gradient_checkpointing_every)
+        model.activation_checkpointing_enable(
+            {"use_reentrant": False}, every_n_layers=train.gradient_checkpointing_every
+        )
 
 
 def load_best_state(directory: Path, rank: int) -> dict[str, torch.Tensor] | None:
@@ -270,13 +351,18 @@ def save_artifact(model, config: RunConfig, resolved: dict, log: dict, meta: dic
     """The method's artifact (see kftune.methods.artifacts), tokenizer, resolved config, train log, probe predictions.
     Saving may fold a method into `model` (merged LoRA): it is the tuned model, not a training state, after."""
     save_tuned_model(model, config.method, out)
-    cast_floating_parameters(model, weights_dtype(config.train.precision, config.method.name, bool(config.train.deepspeed)))  # as load_tuned_model reads it back
+    cast_floating_parameters(
+        model, weights_dtype(config.train.precision, config.method.name, bool(config.train.deepspeed))
+    )  # as load_tuned_model reads it back
     load_tokenizer(resolve_model_path(config.model.name_or_path)).save_pretrained(str(out))
     (out / TUNED_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
     (out / TRAIN_LOG_FILE).write_text(json.dumps(log, indent=2))
     (out / LABELS_FILE).write_text(json.dumps(meta["label_names"]))
     probe_rows = read_prompts(prompts_dir, "test")[:PROBE_ROWS]
-    probe = {"sources": [r["source"] for r in probe_rows], "outputs": probe_outputs(model, probe_rows, meta["pad_token_id"], config.model.task)}
+    probe = {
+        "sources": [r["source"] for r in probe_rows],
+        "outputs": probe_outputs(model, probe_rows, meta["pad_token_id"], config.model.task),
+    }
     (out / PROBE_FILE).write_text(json.dumps(probe))
 
 

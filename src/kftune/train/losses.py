@@ -58,7 +58,9 @@ def _predicting_hidden_states(model, batch: dict[str, torch.Tensor]) -> tuple[to
     labels = batch["labels"]
     hidden = model(**_causal_inputs(batch), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     predicting = labels[:, 1:] != IGNORE_INDEX
-    return hidden[:, -labels.shape[1] : -1][predicting], labels[:, 1:][predicting]  # prompt-learning methods prepend virtual tokens
+    return hidden[:, -labels.shape[1] : -1][predicting], labels[:, 1:][
+        predicting
+    ]  # prompt-learning methods prepend virtual tokens
 
 
 def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,7 +74,9 @@ def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             losses[labels[:, 1:] != IGNORE_INDEX] = linear_cross_entropy(hidden, head, targets)
         return losses
     logits = model(**_causal_inputs(batch)).logits.float()[:, -labels.shape[1] :]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
 
 
 def token_losses(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -81,7 +85,9 @@ def token_losses(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tens
     if task != "masked_lm":
         return next_token_losses(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE_INDEX, reduction="none")
+    return torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE_INDEX, reduction="none"
+    )
 
 
 def summed_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -100,5 +106,7 @@ def loss_items(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """How many items `summed_loss` adds up: the batch's rows or labelled tokens."""
     if task == "sequence_classification":
         return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
-    predicted = batch["labels"] if task == "masked_lm" else batch["labels"][:, 1:]  # nothing predicts a causal LM's first token
+    predicted = (
+        batch["labels"] if task == "masked_lm" else batch["labels"][:, 1:]
+    )  # nothing predicts a causal LM's first token
     return (predicted != IGNORE_INDEX).sum()

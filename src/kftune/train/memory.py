@@ -27,9 +27,13 @@ def estimate_bytes(model, train: TrainSection, sequence: int, world: int, task: 
     half = train.precision in ("bf16", "fp16")
     weight_bytes = 2 if half and train.deepspeed else 4  # what trains: DDP autocast keeps fp32 master weights
     frozen_bytes = 2 if half else 4  # see kftune.models.weights_dtype
-    total_weight_bytes = trainable * weight_bytes + sum(full_numel(p) for p in model.parameters() if not p.requires_grad) * frozen_bytes
+    total_weight_bytes = (
+        trainable * weight_bytes + sum(full_numel(p) for p in model.parameters() if not p.requires_grad) * frozen_bytes
+    )
     # Adam: two fp32 moments, plus an fp32 master copy when DeepSpeed trains 16-bit weights.
-    optimizer_bytes = 0 if train.deepspeed and train.deepspeed.offload_optimizer else 8 + (4 if weight_bytes == 2 else 0)
+    optimizer_bytes = (
+        0 if train.deepspeed and train.deepspeed.offload_optimizer else 8 + (4 if weight_bytes == 2 else 0)
+    )
     config = model.config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     micro = train.micro_batch(world)
@@ -39,7 +43,11 @@ def estimate_bytes(model, train: TrainSection, sequence: int, world: int, task: 
     recomputed = -(-layers // train.gradient_checkpointing_every) if train.gradient_checkpointing else 0
     kept = recomputed * layer_input + (layers - recomputed) * per_layer + (per_layer if recomputed else 0)
     # fp32 logits and their gradient: all of them, or one chunk when the loss goes through the head in chunks
-    logits = 0 if task != "causal_lm" else 2 * 4 * (CHUNK_LOGITS if plain_output_head(model) else micro * sequence * config.vocab_size)
+    logits = (
+        0
+        if task != "causal_lm"
+        else 2 * 4 * (CHUNK_LOGITS if plain_output_head(model) else micro * sequence * config.vocab_size)
+    )
     return {
         "weights": total_weight_bytes / (world if stage == 3 else 1),
         "gradients": trainable * weight_bytes / (world if stage >= 2 else 1),
@@ -52,9 +60,17 @@ def estimate_bytes(model, train: TrainSection, sequence: int, world: int, task: 
 def check_fits(model, train: TrainSection, sequence: int, world: int, task: str, capacity_bytes: int) -> None:
     parts = estimate_bytes(model, train, sequence, world, task)
     needed = sum(parts.values())
-    sharded = train.model_copy(update={"deepspeed": (train.deepspeed or DeepSpeedSection()).model_copy(update={"stage": 3})})
-    states = sum(v for k, v in estimate_bytes(model, sharded, sequence, world, task).items() if k in ("weights", "gradients", "optimizer"))
-    if states > capacity_bytes:  # no batch setting helps: the model's own states do not fit even partitioned over every GPU
+    sharded = train.model_copy(
+        update={"deepspeed": (train.deepspeed or DeepSpeedSection()).model_copy(update={"stage": 3})}
+    )
+    states = sum(
+        v
+        for k, v in estimate_bytes(model, sharded, sequence, world, task).items()
+        if k in ("weights", "gradients", "optimizer")
+    )
+    if (
+        states > capacity_bytes
+    ):  # no batch setting helps: the model's own states do not fit even partitioned over every GPU
         raise KftuneError(
             f"train.workers: the model's weights, gradients and optimizer state need about {states / GIB:.1f} GiB per GPU even "
             f"partitioned with ZeRO-3 over {world} GPUs of {capacity_bytes / GIB:.1f} GiB; declare more GPUs (train.workers, "

@@ -8,9 +8,23 @@ import time
 
 
 class ProgressLine:
-    def __init__(self, total: int, label: str = "train", every_seconds: float = 5.0, width: int = 24, start_step: int = 0,
-                 unit: str = "step"):
-        self.total, self.label, self.every, self.width, self.start_step, self.unit = total, label, every_seconds, width, start_step, unit
+    def __init__(
+        self,
+        total: int,
+        label: str = "train",
+        every_seconds: float = 5.0,
+        width: int = 24,
+        start_step: int = 0,
+        unit: str = "step",
+    ):
+        self.total, self.label, self.every, self.width, self.start_step, self.unit = (
+            total,
+            label,
+            every_seconds,
+            width,
+            start_step,
+            unit,
+        )
         self.start = time.perf_counter()
         self.last_print = 0.0
 

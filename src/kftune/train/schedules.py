@@ -8,7 +8,7 @@ schedule of seed 002 §3.3 sits beside the usual ones.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from kftune.config import TrainSection
 

@@ -15,7 +15,10 @@ def engine_problem(config) -> tuple[str, str] | None:
         return None
     if deepspeed.stage not in method.zero_stages:
         allowed = ", ".join(map(str, method.zero_stages)) or "none"
-        return "train.deepspeed.stage", f"method {method.name} does not work under ZeRO stage {deepspeed.stage} (supported stages: {allowed}); {method.zero_note}"
+        return (
+            "train.deepspeed.stage",
+            f"method {method.name} does not work under ZeRO stage {deepspeed.stage} (supported stages: {allowed}); {method.zero_note}",
+        )
     if deepspeed.offload_optimizer and deepspeed.stage == 0:
         return "train.deepspeed.offload_optimizer", "offloading optimizer state needs ZeRO stage 1 or higher"
     if deepspeed.offload_params and deepspeed.stage != 3:

@@ -14,8 +14,17 @@ from kftune.train.losses import loss_items, summed_loss
 
 
 @torch.no_grad()
-def validate(model, rows: list[dict[str, Any]], collate, task: str, micro_batch: int, precision: str, device: torch.device,
-             rank: int, world: int) -> dict[str, float]:
+def validate(
+    model,
+    rows: list[dict[str, Any]],
+    collate,
+    task: str,
+    micro_batch: int,
+    precision: str,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
     """Mean validation loss over its items (rows or labelled tokens) across all workers; each scores
     every `world`-th row. Every worker runs the same number of forward passes, one on a row it does
     not count when it has run out: under ZeRO-3 a forward pass gathers parameters from all workers."""

@@ -23,7 +23,7 @@ from kftune.prompts.build import read_meta, read_prompts
 from kftune.train.loop import PROBE_FILE, PROBE_ROWS, probe_outputs
 
 STEPS = ("prepare-data", "build-prompts", "train", "evaluate", "register")
-PROGRESS_UPDATE = re.compile(r"^\s*[a-z]+ \[[#-]+\] ")
+PROGRESS_UPDATE = re.compile(r"^\s*[a-z]+(?: [a-z]+)? \[[#-]+\] ")
 
 
 @pytest.mark.slow
@@ -41,6 +41,7 @@ def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tm
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
     assert "train [" in log and "4/4 100%" in log  # the progress bar reached the end
+    assert "evaluate tuned [" in log and "evaluate base [" in log  # evaluation's passes show theirs
     assert "kftune run: tiny v1" in log and "@champion" in log
     # One screen: the steps, progress, the table. Executor input, Ray's and the libraries' logs are in the step logs.
     shown = [line for line in log.splitlines() if not PROGRESS_UPDATE.match(line)]

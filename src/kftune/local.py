@@ -40,8 +40,9 @@ STREAM_STARTS = " - INFO - Streamed logs:"
 """kfp.local's line before a step's own output; the task's end line closes it."""
 RAY_PREFIX = re.compile(r"^\((?:\w+ )?pid=\d+(?:, ip=[\d.]+)?\) ")
 """Ray's prefix on lines forwarded from its workers and actors: `(RayTrainWorker pid=123) `."""
-USER_LINE = re.compile(r"^[a-z][\w-]*(?:: | \[[#-]+\] )")
-"""What a step addresses to the user: `train: resumed at step 40` and progress lines `train [###---] 4/8 50% ...`."""
+USER_LINE = re.compile(r"^[a-z][\w-]*(?:: |(?: [a-z]+)? \[[#-]+\] )")
+"""What a step addresses to the user: `train: resumed at step 40` and progress lines `train [###---] 4/8 50% ...`,
+`evaluate tuned [###---] 32/64 50% ...`."""
 TRACEBACK_LAST_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt|Exit)\b.*")
 KFP_INDENT = "    "
 

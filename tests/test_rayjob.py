@@ -279,3 +279,5 @@ def test_train_step_stages_prompts_on_the_volume_and_brings_the_model_back(make_
 def test_kftune_run_trains_on_this_machine_even_with_a_rayjob_configured(make_config):
     config = parse_config(make_config(cluster={"volume": {"claim": "data"}, "rayjob": {"enabled": True}}))
     assert not on_this_machine(config).cluster.rayjob.enabled and on_this_machine(config).cluster.volume.claim == "data"
+    retries = on_this_machine(config).cluster.retries  # a local failure shows at once, not after minutes of backoff
+    assert (retries.train_step, retries.register_step) == (0, 0) and config.cluster.retries.train_step > 0

@@ -61,9 +61,14 @@ def with_local_registry(config: RunConfig, out_dir: Path) -> RunConfig:
 
 
 def on_this_machine(config: RunConfig) -> RunConfig:
-    """Train here even when the config hands training to a RayJob on a cluster."""
+    """Train here even when the config hands training to a RayJob on a cluster, and fail at once: the
+    step retries are for a cluster's passing faults (a lost node, a busy tracking server), and kfp.local
+    would sleep out their backoff (minutes) before the failure a local user needs to see."""
     rayjob = config.cluster.rayjob.model_copy(update={"enabled": False})
-    return config.model_copy(update={"cluster": config.cluster.model_copy(update={"rayjob": rayjob})})
+    retries = config.cluster.retries.model_copy(update={"train_step": 0, "register_step": 0})
+    return config.model_copy(
+        update={"cluster": config.cluster.model_copy(update={"rayjob": rayjob, "retries": retries})}
+    )
 
 
 class StepLogs(io.TextIOBase):
@@ -162,9 +167,8 @@ def run_pipeline(
     logs = StepLogs(out / LOG_FOLDER, sys.stdout, verbose)
     try:
         with contextlib.redirect_stdout(logs):
-            task = build_pipeline(config.cluster)(
-                **{**pipeline_arguments(on_this_machine(config)), **(arguments or {})}
-            )  # cluster settings: no-ops here
+            here = on_this_machine(config)
+            task = build_pipeline(here.cluster)(**{**pipeline_arguments(here), **(arguments or {})})
     except RuntimeError:
         raise KftuneError(logs.failure()) from None
     finally:

@@ -370,3 +370,38 @@ def packed_build(tmp_path_factory):
         unpacked,
     )
     return config, meta, read_prompts(folder / "prompts", "train"), read_prompts(unpacked, "train")
+
+
+TRAIN_LOG = {
+    "final_loss": 0.5,
+    "seconds": 1.0,
+    "seconds_per_step": 0.1,
+    "trainable_parameters": 10,
+    "history": [
+        {"step": 10, "loss": 0.7, "lr": 0.001, "tokens_per_second": 900.0},
+        {"step": 20, "loss": 0.5, "lr": 0.0005, "tokens_per_second": 950.0},
+    ],
+}
+"""A train step's log, as the registry reads it."""
+
+
+def stories_run(tmp_path, model_name: str, method: dict, train: dict, **model) -> dict:
+    """A causal-LM run config on stories260K over 200 SST-2 phrases, 2 workers, MLflow in `tmp_path`."""
+    return {
+        "model": {"name_or_path": str(STORIES), "task": "causal_lm", **model},
+        "data": {
+            "path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"),
+            "columns": {"text": "sentence"},
+            "max_rows": 200,
+            "split": {"test": 0.1},
+        },
+        "prompt": {"template": "text", "max_length": 48},
+        "method": method,
+        "train": {"batch_size": 8, "workers": 2, **train},
+        "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
+        "registry": {
+            "model_name": model_name,
+            "gate": {"metric": "perplexity"},
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },
+    }

@@ -12,22 +12,11 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import free_port, serve_until
+from conftest import TRAIN_LOG, free_port, serve_until
 from kftune.cli import main
 from kftune.config import parse_config
 from kftune.errors import KftuneError
 from kftune.registry.mlflow_registry import promote, register_model, rollback
-
-TRAIN_LOG = {
-    "final_loss": 0.5,
-    "seconds": 1.0,
-    "seconds_per_step": 0.1,
-    "trainable_parameters": 10,
-    "history": [
-        {"step": 10, "loss": 0.7, "lr": 0.001, "tokens_per_second": 900.0},
-        {"step": 20, "loss": 0.5, "lr": 0.0005, "tokens_per_second": 950.0},
-    ],
-}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import EXAMPLES, STORIES
+from conftest import stories_run
 from kftune import steps
 from kftune.config import parse_config
 from kftune.methods import may_train
@@ -24,24 +24,7 @@ LORA = {"name": "lora", "r": 4, "target_modules": "all-linear"}
 
 def story_config(tmp_path, method=LORA, **train):
     return parse_config(
-        {
-            "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
-            "data": {
-                "path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"),
-                "columns": {"text": "sentence"},
-                "max_rows": 200,
-                "split": {"test": 0.1},
-            },
-            "prompt": {"template": "text", "max_length": 48},
-            "method": method,
-            "train": {"batch_size": 8, "max_steps": 6, "lr": 5e-3, "workers": 2, "log_every_steps": 3, **train},
-            "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
-            "registry": {
-                "model_name": "precision",
-                "gate": {"metric": "perplexity"},
-                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            },
-        }
+        stories_run(tmp_path, "precision", method, {"max_steps": 6, "lr": 5e-3, "log_every_steps": 3, **train})
     )
 
 

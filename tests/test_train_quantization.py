@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import EXAMPLES, STORIES
+from conftest import stories_run
 from kftune import steps
 from kftune.config import parse_config
 from kftune.errors import KftuneError
@@ -23,24 +23,8 @@ LORA = {"name": "lora", "r": 4, "target_modules": "all-linear"}
 
 
 def story_config(tmp_path, quantization="4bit", method=LORA, **train):
-    return {
-        "model": {"name_or_path": str(STORIES), "task": "causal_lm", "quantization": quantization},
-        "data": {
-            "path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"),
-            "columns": {"text": "sentence"},
-            "max_rows": 200,
-            "split": {"test": 0.1},
-        },
-        "prompt": {"template": "text", "max_length": 48},
-        "method": method,
-        "train": {"batch_size": 8, "max_steps": 8, "lr": 1e-2, "workers": 2, "log_every_steps": 4, **train},
-        "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
-        "registry": {
-            "model_name": "qlora",
-            "gate": {"metric": "perplexity"},
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        },
-    }
+    train = {"max_steps": 8, "lr": 1e-2, "log_every_steps": 4, **train}
+    return stories_run(tmp_path, "qlora", method, train, quantization=quantization)
 
 
 @pytest.mark.parametrize(("quantization", "layer"), [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])

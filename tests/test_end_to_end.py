@@ -91,7 +91,8 @@ def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tm
         json.loads(line)["text"]
         for line in next(out.glob("pipeline/*/prepare-data/dataset")).joinpath("test.jsonl").read_text().splitlines()
     ][:PROBE_ROWS]
-    labels = served.predict(pd.DataFrame({"text": texts}))["label"].tolist()
+    frame = pd.DataFrame({"sentence": texts})  # the data's column (data.columns.text), as the signature names it
+    labels = served.predict(frame)["label"].tolist()
     assert labels == [str(max(range(2), key=lambda i: logits[i])) for logits in probe["outputs"]]
 
 

@@ -3,6 +3,7 @@ Then the registered adapter is downloaded from MLflow and must reproduce the pre
 model made at the end of training."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -100,8 +101,12 @@ def test_kftune_run_registers_a_reloadable_adapter(make_config, write_config, tm
 def test_a_failing_step_reports_its_root_cause_then_its_log(make_config, tmp_path, capsys):
     # Preflight would stop this config (tests/test_bad_input.py); without it, a Ray worker meets the mismatch.
     config = parse_config(make_config(method={"name": "lora", "r": 4, "target_modules": ["q_proj"]}))
+    environment = dict(os.environ)
     with pytest.raises(KftuneError) as failure:
         run_pipeline(config, tmp_path / "run", verbose=True)
+    assert (
+        dict(os.environ) == environment
+    )  # the steps' settings (Ray's auth mode) do not leak into this process's own Ray
     log = tmp_path / "run" / "logs" / "train.log"
     first, second = str(failure.value).splitlines()
     assert first.startswith("step train failed: NoMatchingPeftModuleError: No modules were targeted for adaptation")

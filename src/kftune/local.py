@@ -60,6 +60,21 @@ def with_local_registry(config: RunConfig, out_dir: Path) -> RunConfig:
     return config.model_copy(update={"registry": registry})
 
 
+@contextlib.contextmanager
+def step_environment():
+    """STEP_ENV and RAY_AUTH_MODE for the steps kfp.local starts (they inherit this process's
+    environment), put back as they were afterwards: a caller's own Ray (a notebook, a test process)
+    must not start with the steps' settings."""
+    saved = dict(os.environ)
+    os.environ.update(STEP_ENV)
+    os.environ.setdefault("RAY_AUTH_MODE", RAY_AUTH_MODE)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def on_this_machine(config: RunConfig) -> RunConfig:
     """Train here even when the config hands training to a RayJob on a cluster, and fail at once: the
     step retries are for a cluster's passing faults (a lost node, a busy tracking server), and kfp.local
@@ -157,8 +172,6 @@ def run_pipeline(
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.update(STEP_ENV)
-    os.environ.setdefault("RAY_AUTH_MODE", RAY_AUTH_MODE)
     # The local runner ignores display names and cannot tell our images hold Python; both are expected here.
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
@@ -166,7 +179,7 @@ def run_pipeline(
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "pipeline"))
     logs = StepLogs(out / LOG_FOLDER, sys.stdout, verbose)
     try:
-        with contextlib.redirect_stdout(logs):
+        with contextlib.redirect_stdout(logs), step_environment():
             here = on_this_machine(config)
             task = build_pipeline(here.cluster)(**{**pipeline_arguments(here), **(arguments or {})})
     except RuntimeError:

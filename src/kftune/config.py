@@ -133,7 +133,7 @@ class TrainSection(Section):
     warmup: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Fraction of the steps spent warming the learning rate up from zero."""
     cycle_steps: int | None = Field(default=None, ge=2)
-    """Cyclical schedule (seed 002 §3.3): steps per triangle from lr * cycle_floor up to lr and back;
+    """Cyclical schedule (Smith 2017, cyclical learning rates): steps per triangle from lr * cycle_floor up to lr and back;
     empty: a quarter of the run."""
     cycle_floor: float = Field(default=0.1, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
@@ -183,7 +183,7 @@ class EvalSection(Section):
     compare_base: bool = True
     batch_size: int = Field(default=64, ge=1)
     forgetting: bool = True
-    """Also measure how much tuning moved the model on general text (seed 002 §2.5, §3.4)."""
+    """Also measure how much tuning moved the model on general text (catastrophic forgetting)."""
     general_text: str | None = None
     """One passage per line; empty: the packaged Botchan excerpt."""
     generate_rows: int = Field(default=64, ge=1)

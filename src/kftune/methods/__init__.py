@@ -55,8 +55,8 @@ def optimizer_parameter_groups(
     model, options: MethodOptions, lr: float, layer_lr_decay: float | None = None
 ) -> list[dict]:
     """AdamW parameter groups over every parameter the method may train. With `layer_lr_decay` d,
-    a parameter `k` blocks below the top block gets lr * d**k (discriminative fine-tuning, seed 001
-    §3.5): the top block and what sits above it get lr, the embeddings lr * d**blocks."""
+    a parameter `k` blocks below the top block gets lr * d**k (discriminative fine-tuning,
+    ULMFiT, Howard & Ruder 2018): the top block and what sits above it get lr, the embeddings lr * d**blocks."""
     parameters = may_train(model, options)
     if layer_lr_decay is None:
         return [{"params": parameters, "lr": lr}]

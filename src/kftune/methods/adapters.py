@@ -1,4 +1,4 @@
-"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020; seed 003 §2.1).
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020).
 
 A small down-project / ReLU / up-project module with a residual connection follows the attention
 output projection and the feed-forward output projection of every block (`houlsby`), or the

@@ -1,5 +1,5 @@
-"""Freezing methods: the pretrained body stays fixed and only chosen layers train (seed 003 §1.2,
-seed 004 §3.2.1 layer-wise fine-tuning, seed 002 §3.3 / seed 003 §1.2.4 gradual unfreezing).
+"""Freezing methods: the pretrained body stays fixed and only chosen layers train (layer-wise
+fine-tuning; gradual unfreezing as in ULMFiT, Howard & Ruder 2018).
 
 Layers are the transformer blocks (`bert.encoder.layer.N`, `model.layers.N`); what sits above them
 (pooler or final norm, and the task or LM head) trains with the top block, the embeddings below

@@ -1,4 +1,4 @@
-"""Layer prompts (seed 000 §3.2): a trained vector e_l per layer added to the attention's queries,
+"""Layer prompts (deep prompts in the spirit of P-Tuning v2, Liu et al. 2022): a trained vector e_l per layer added to the attention's queries,
 keys and values, Q' = Q + e_l, K' = K + e_l, V' = V + e_l; everything else stays frozen (the
 classification head trains).
 

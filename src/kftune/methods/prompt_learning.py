@@ -1,7 +1,7 @@
 """Prompt-learning methods through `peft`: the model stays frozen and learns virtual tokens.
 
-- `prefix_tuning` (Li & Liang 2021; seed 004 §3.2.4): trained key/value prefixes in every layer.
-- `prompt_tuning` (Lester et al. 2021; seed 002 §2.4): trained input embeddings of virtual tokens,
+- `prefix_tuning` (Li & Liang 2021): trained key/value prefixes in every layer.
+- `prompt_tuning` (Lester et al. 2021): trained input embeddings of virtual tokens,
   initialised randomly or from the embeddings of a text.
 - `p_tuning` (Liu et al. 2021): virtual-token embeddings produced by a small prompt encoder (MLP or LSTM).
 

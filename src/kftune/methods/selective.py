@@ -1,9 +1,9 @@
 """Selective methods: train a chosen subset of the existing weights, nothing added.
 
-- `attention_only` (seed 004 §3.2.3 attention-head fine-tuning): the attention projections;
+- `attention_only` (attention-head fine-tuning): the attention projections;
   `heads` narrows updates to chosen heads with gradient masks.
 - `bitfit` (Ben Zaken et al. 2021): bias terms only.
-- `subnetwork` (seed 004 §3.2.2): a mask picks a fraction of each block weight matrix, by weight
+- `subnetwork` (a sparse subnetwork, cf. Xu et al. 2021, Child-Tuning): a mask picks a fraction of each block weight matrix, by weight
   magnitude or by the task's squared gradients (Fisher information) on a few training rows; the
   other entries get zero gradient.
 

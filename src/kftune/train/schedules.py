@@ -2,7 +2,7 @@
 
 A plain function (wrapped in torch's LambdaLR) rather than transformers' scheduler zoo: DeepSpeed
 and DDP step the same object, a checkpoint restores it from the step count alone, and the cyclical
-schedule of seed 002 §3.3 sits beside the usual ones.
+schedule (Smith 2017) sits beside the usual ones.
 """
 
 from __future__ import annotations

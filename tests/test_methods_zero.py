@@ -90,6 +90,12 @@ def test_cpu_offload_trains_the_same_weights(offload, families):
     assert all((weights[n] - expected[n]).norm() <= 1e-5 * expected[n].norm() for n in expected)
 
 
+def one_step_engine(model, options, train: TrainSection):
+    """The engine `train` asks for, on the CPU, over the method's parameter groups (one step, constant schedule)."""
+    groups = optimizer_parameter_groups(model, options, train.lr)
+    return make_engine(model, groups, train, total_steps=1, world=1, device=torch.device("cpu"))
+
+
 def test_offloaded_optimizer_state_is_stepped_by_deepspeeds_cpu_adam():
     """With offload_optimizer the engine hands DeepSpeed its CPU Adam (the generated config names no
     optimizer, so without one handed in there would be none to step)."""
@@ -98,14 +104,7 @@ def test_offloaded_optimizer_state_is_stepped_by_deepspeeds_cpu_adam():
     lora = METHODS["lora"].options.model_validate({"name": "lora", "r": 4})
     model = build(lora)
     train = TrainSection(batch_size=4, workers=1, deepspeed={"stage": 2, "offload_optimizer": True})
-    engine = make_engine(
-        model,
-        optimizer_parameter_groups(model, lora, train.lr),
-        train,
-        total_steps=1,
-        world=1,
-        device=torch.device("cpu"),
-    )
+    engine = one_step_engine(model, lora, train)
     try:
         assert isinstance(engine.engine.optimizer.optimizer, DeepSpeedCPUAdam)
     finally:
@@ -145,14 +144,7 @@ def test_zero3_gathers_a_frozen_head_for_the_chunked_loss(families, tmp_path):
         deepspeed={"stage": 3, "config_file": str(every_parameter_partitioned)},
     )
     model = build(lora)
-    engine = make_engine(
-        model,
-        optimizer_parameter_groups(model, lora, train.lr),
-        train,
-        total_steps=1,
-        world=1,
-        device=torch.device("cpu"),
-    )
+    engine = one_step_engine(model, lora, train)
     try:
         head = plain_output_head(engine.model)
         assert head is not None and head.weight.numel() == 0  # a shard
@@ -174,14 +166,7 @@ def test_zero3_gathers_a_frozen_head_for_the_chunked_loss(families, tmp_path):
         engine.engine.destroy()
     full = METHODS["full"].options.model_validate({"name": "full"})
     model = build(full)
-    engine = make_engine(
-        model,
-        optimizer_parameter_groups(model, full, train.lr),
-        train,
-        total_steps=1,
-        world=1,
-        device=torch.device("cpu"),
-    )
+    engine = one_step_engine(model, full, train)
     try:
         assert plain_output_head(engine.model) is None
     finally:

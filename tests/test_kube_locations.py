@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import yaml
+
 from conftest import CLUSTER, CLUSTER_RUN_CONFIG, EXAMPLES, ON_VOLUME
 from kftune.cli import main
 from kftune.config import parse_config
 from kftune.kube.locations import local_only_locations
+from kftune.prompts.templates import resolve_template
 
 
 def test_compiling_the_local_example_names_each_local_path_and_the_options(tmp_path, capsys):
@@ -64,3 +67,24 @@ def test_a_set_override_on_a_compiled_package_is_checked_too(tmp_path, capsys):
         == 2
     )
     assert "data.path: /home/me/train.tsv is on this machine" in capsys.readouterr().err
+
+
+def test_a_user_template_file_travels_inside_the_compiled_config(tmp_path):
+    """The pods render with the template's contents, carried in the compiled config, not with the file."""
+    (tmp_path / "review.yaml").write_text(
+        'description: Reviews.\ntasks: [sequence_classification]\nprompt: "Review: {text}"\n'
+    )
+    config = yaml.safe_load(CLUSTER_RUN_CONFIG.read_text())
+    config["prompt"]["template"] = "review.yaml"  # relative to the config file
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    package = tmp_path / "p.yaml"
+    assert main(["compile", str(tmp_path / "run.yaml"), "-o", str(package)]) == 0
+    (tmp_path / "review.yaml").unlink()
+    ir = next(yaml.safe_load_all(package.read_text()))
+    compiled = ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
+    assert compiled["prompt"]["template"]["prompt"] == "Review: {text}"
+    assert resolve_template(parse_config(compiled).prompt.template).render({"text": "great"})[0] == (
+        "Review: great",
+        False,
+    )
+    assert ir["root"]["inputDefinitions"]["parameters"]["template"]["defaultValue"] == "review.yaml"

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from conftest import EXAMPLES, STORIES
-from kftune.config import load_config, parse_config
+from kftune.config import config_to_dict, load_config, parse_config
 from kftune.data.prepare import prepare, write_prepared
 from kftune.errors import KftuneError
 from kftune.models import load_base_model, load_tokenizer
+from kftune.preflight import check_template_file
 from kftune.prompts.build import IGNORE_INDEX, build_prompts, preview_html, read_prompts
-from kftune.prompts.templates import get_template
+from kftune.prompts.templates import get_template, resolve_template
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -218,10 +219,10 @@ def test_a_user_template_file_is_used_and_its_errors_name_the_file_and_field(mak
         registry={"model_name": "x", "gate": {"metric": "perplexity"}},
     )
     loaded = load_config(write_config(config))  # relative to the config file
-    assert loaded.prompt.template == str(good) and get_template(loaded.prompt.template).render({"text": "hi"}) == [
-        ("Say: hi\n", False),
-        ("hi", True),
-    ]
+    assert loaded.prompt.template["name"] == "mine.yaml"  # read into the config: pods need no file
+    good.unlink()
+    again = parse_config(config_to_dict(loaded))
+    assert resolve_template(again.prompt.template).render({"text": "hi"}) == [("Say: hi\n", False), ("hi", True)]
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(
@@ -243,6 +244,18 @@ def test_a_user_template_file_is_used_and_its_errors_name_the_file_and_field(mak
         load_config(write_config({**config, "prompt": {"template": "braces.yaml"}}))
     with pytest.raises(KftuneError, match=r"prompt.template: template file .*missing.yaml does not exist"):
         load_config(write_config({**config, "prompt": {"template": "missing.yaml"}}))
+
+
+def test_validation_reads_no_template_file_and_preflight_does(make_config, tmp_path):
+    """Validation runs in every pod, where a submitting machine's file does not exist: it reads none.
+    Preflight, before any step, reads a template given by path and checks it against the run."""
+    path = tmp_path / "for-classifiers.yaml"
+    config = parse_config(make_config(prompt={"template": str(path)}))  # no such file yet: validation is silent
+    with pytest.raises(KftuneError, match="template file .*for-classifiers.yaml does not exist"):
+        check_template_file(config)
+    path.write_text('description: LM only.\ntasks: [causal_lm]\nprompt: "{sentence}"\ntarget: "{sentence}"\n')
+    with pytest.raises(KftuneError, match="prompt.template: .*is for causal_lm, not sequence_classification"):
+        check_template_file(config)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,8 @@ from kftune.errors import KftuneError
 from kftune.kube.settings import ClusterSection
 from kftune.methods import METHODS, MethodConfig, method_supports_task
 from kftune.models import PACKAGED_MODELS
-from kftune.prompts.templates import get_template
+from kftune.prompts.templates import PACKAGED as PACKAGED_TEMPLATES
+from kftune.prompts.templates import Template, resolve_template, template_contents
 from kftune.section import Section
 from kftune.train.support import engine_problem
 
@@ -84,8 +85,10 @@ class DataSection(Section):
 
 
 class PromptSection(Section):
-    template: str = "plain"
-    """A packaged template name (src/kftune/prompts/templates/) or the path of a user's YAML template file."""
+    template: str | dict[str, Any] = "plain"
+    """A packaged template name (src/kftune/prompts/templates/), or a user's template: the path of its YAML
+    file, which the config loader reads into the config (a compiled pipeline's pods render with its contents,
+    not with a file only the submitting machine has), or those contents inline."""
     max_length: int = Field(default=128, ge=8)
     few_shot: int = Field(default=0, ge=0)
     """In-context demonstrations before each prompt, drawn (seeded, stratified by label) from the train split only."""
@@ -241,15 +244,8 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
         task = self.model.task
-        try:
-            template = get_template(self.prompt.template)
-        except KftuneError as exc:
-            raise _FieldError("prompt.template", str(exc).removeprefix("prompt.template: ")) from None
-        if task not in template.tasks:
-            raise _FieldError(
-                "prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}"
-            )
-        if self.prompt.few_shot and (task != "causal_lm" or template.conversation):
+        template = self._template_unread_or_checked()
+        if self.prompt.few_shot and (task != "causal_lm" or (template and template.conversation)):
             raise _FieldError(
                 "prompt.few_shot",
                 "in-context demonstrations need a causal LM and a template that renders one row at a time",
@@ -273,7 +269,7 @@ class RunConfig(Section):
         allowed = (
             CLASSIFICATION_METRICS
             if task != "causal_lm"
-            else LM_METRICS | (CLASSIFICATION_METRICS if template.labelled else set())
+            else LM_METRICS | (CLASSIFICATION_METRICS if template is None or template.labelled else set())
         )
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
@@ -330,18 +326,40 @@ class RunConfig(Section):
             )
         return self
 
+    def _template_unread_or_checked(self) -> Template | None:
+        """The template, checked against the task; None for a file path, which validation does not read
+        (`load_config` and preflight read it into the config, and the checks run then)."""
+        value = self.prompt.template
+        if isinstance(value, str) and value not in PACKAGED_TEMPLATES:
+            if Path(value).suffix not in (".yaml", ".yml"):
+                raise _FieldError(
+                    "prompt.template",
+                    f"unknown template {value!r}; choose from: {', '.join(PACKAGED_TEMPLATES)}, or give a .yaml file",
+                )
+            return None
+        try:
+            template = resolve_template(value)
+        except KftuneError as exc:
+            raise _FieldError("prompt.template", str(exc).removeprefix("prompt.template: ")) from None
+        if self.model.task not in template.tasks:
+            raise _FieldError(
+                "prompt.template",
+                f"template {template.name!r} is for {', '.join(template.tasks)}, not {self.model.task}",
+            )
+        return template
+
     def columns_for(self, field: str) -> str:
         """The data column that feeds a template field (or `label`)."""
         return self.data.columns.get(field, field)
 
     def required_fields(self) -> list[str]:
-        fields = get_template(self.prompt.template).fields
+        fields = resolve_template(self.prompt.template).fields
         return fields + (["label"] if self.has_labels else [])
 
     @property
     def has_labels(self) -> bool:
         """Classification data: a task head, or a causal LM scoring a verbalizer's words."""
-        return self.model.task == "sequence_classification" or get_template(self.prompt.template).labelled
+        return self.model.task == "sequence_classification" or resolve_template(self.prompt.template).labelled
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: two runs with the same config share it (a lineage tag)."""
@@ -416,7 +434,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     data = apply_overrides(data, overrides)
     prompt = data.get("prompt")
     if isinstance(prompt, dict) and Path(str(prompt.get("template", ""))).suffix in (".yaml", ".yml"):
-        prompt["template"] = _resolve_path(prompt["template"], path.parent)  # validation reads the file
+        prompt["template"] = template_contents(_resolve_path(prompt["template"], path.parent))
     config = parse_config(data, str(path), _key_lines(text))
     return _resolve_relative_paths(config, path.parent)
 

@@ -9,7 +9,7 @@ import re
 import warnings
 from pathlib import Path
 
-from kftune.config import RunConfig
+from kftune.config import RunConfig, config_to_dict, parse_config
 from kftune.errors import KftuneError
 
 MODULE_NAMES_SHOWN = 16
@@ -19,8 +19,20 @@ def preflight(config: RunConfig) -> list[str]:
     """Raise KftuneError at the first problem; return the warnings a user should see before training."""
     from kftune.data.prepare import prepare
 
+    check_template_file(config)
     check_method_on_model(config)
     return prepare(config).warnings
+
+
+def check_template_file(config: RunConfig) -> None:
+    """A template given by path (from Python; `load_config` reads it already): read it and check it against
+    the run, as validation does for templates it holds."""
+    from kftune.prompts.templates import PACKAGED, template_contents
+
+    if isinstance(config.prompt.template, str) and config.prompt.template not in PACKAGED:
+        data = config_to_dict(config)
+        data["prompt"]["template"] = template_contents(config.prompt.template)
+        parse_config(data)
 
 
 def check_method_on_model(config: RunConfig) -> None:

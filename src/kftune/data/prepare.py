@@ -17,7 +17,7 @@ from typing import Any
 from kftune.config import RunConfig
 from kftune.data.readers import Table, read_table
 from kftune.errors import KftuneError
-from kftune.prompts.templates import get_template
+from kftune.prompts.templates import resolve_template
 
 SPLITS = ("train", "validation", "test")
 DROPPED_LINES_SHOWN = 20
@@ -90,7 +90,7 @@ def _clean(config: RunConfig, table: Table, dropped: dict[str, list[str]]) -> li
             raise KftuneError(
                 f"{key}: column {column!r} is not in {table.path} (its columns: {', '.join(table.columns)})"
             )
-    optional = [f for f in get_template(config.prompt.template).optional if config.columns_for(f) in table.columns]
+    optional = [f for f in resolve_template(config.prompt.template).optional if config.columns_for(f) in table.columns]
     seen: set[tuple] = set()
     rows = []
     for record in table.records:
@@ -201,13 +201,13 @@ def _imbalance_warnings(train: list[dict[str, Any]], label_names: list[str]) -> 
 
 
 def _check_verbalizer(config: RunConfig, label_names: list[str]) -> None:
-    template = get_template(config.prompt.template)
+    template = resolve_template(config.prompt.template)
     covered = template.label_names
     missing = [name for name in label_names if template.labelled and name not in covered]
     if missing:
         what = "verbalizer" if template.verbalizer is not None else "hypotheses"
         raise KftuneError(
-            f"prompt.template: the {what} of {config.prompt.template!r} has no words for label(s) {', '.join(missing)} (it covers: {', '.join(covered)})"
+            f"prompt.template: the {what} of {template.name!r} has no words for label(s) {', '.join(missing)} (it covers: {', '.join(covered)})"
         )
 
 

@@ -27,7 +27,7 @@ from kftune.evaluate import metrics
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts, single_token_id
 from kftune.prompts.collate import Collator
-from kftune.prompts.templates import Template, get_template
+from kftune.prompts.templates import Template, resolve_template
 from kftune.train.losses import next_token_losses
 from kftune.train.progress import ProgressLine
 
@@ -136,7 +136,7 @@ def score(model, rows: list[dict], config: RunConfig, tokenizer, label_names: li
         predictions = class_logits(model, rows, tokenizer.pad_token_id, size).argmax(dim=-1).tolist()
         matrix = metrics.confusion_matrix([r["labels"] for r in rows], predictions, len(label_names))
         return {"accuracy": metrics.accuracy(matrix), "macro_f1": metrics.macro_f1(matrix), "confusion_matrix": matrix}
-    template = get_template(config.prompt.template)
+    template = resolve_template(config.prompt.template)
     scores: dict[str, Any] = {}
     if "perplexity" in config.eval.metrics:  # a pass over every test row: only when asked for
         collate = Collator(tokenizer.pad_token_id, config.model.task)

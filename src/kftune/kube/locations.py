@@ -21,7 +21,7 @@ def local_only_locations(config: RunConfig) -> list[str]:
         fields.append(("data.split.test", config.data.split.test))
     if config.model.name_or_path not in PACKAGED_MODELS:
         fields.append(("model.name_or_path", config.model.name_or_path))
-    if config.prompt.template not in PACKAGED_TEMPLATES:
+    if isinstance(config.prompt.template, str) and config.prompt.template not in PACKAGED_TEMPLATES:
         fields.append(("prompt.template", config.prompt.template))
     on_volume = (
         f"a path under cluster.volume.mount_path ({volume.mount_path})"

@@ -34,6 +34,8 @@ def run_form_arguments(config: dict[str, Any]) -> dict[str, Any]:
     arguments = {}
     for name, (path, kind) in RUN_FORM.items():
         value = _get(config, path)
+        if name == "template" and isinstance(value, dict):
+            value = value.get("name", "")  # a user's template travels inline in `config`; the form shows its name
         arguments[name] = NO_DEEPSPEED if value is None and name == "zero_stage" else kind(value)
     return arguments
 

@@ -20,7 +20,7 @@ from kftune.data.prepare import SPLITS, read_split
 from kftune.errors import KftuneError
 from kftune.models import load_tokenizer, resolve_model_path
 from kftune.prompts.packing import IGNORE_INDEX, pack_rows
-from kftune.prompts.templates import MASK, Segment, Template, get_template
+from kftune.prompts.templates import MASK, Segment, Template, resolve_template
 
 META_FILE = "prompts_meta.json"
 STREAMED_SPLITS = ("train", "validation")
@@ -31,7 +31,7 @@ PREVIEW_ROWS = 8
 
 def build_prompts(config: RunConfig, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Tokenize every split of a prepared dataset into `out_dir`; returns the metadata written."""
-    template = get_template(config.prompt.template)
+    template = resolve_template(config.prompt.template)
     tokenizer = load_tokenizer(resolve_model_path(config.model.name_or_path))
     data_card = json.loads((Path(data_dir) / "data_card.json").read_text())
     label_names = data_card["label_names"]

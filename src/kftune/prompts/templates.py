@@ -49,7 +49,7 @@ class Example(_Spec):
 
 
 class Instruction(_Spec):
-    """Seed 003 §3.4.2: how a task is described to an instruction-tuned model."""
+    """How a task is described to an instruction-tuned model (Natural Instructions, Mishra et al. 2022)."""
 
     title: str
     definition: str
@@ -271,9 +271,31 @@ def get_template(name_or_path: str) -> Template:
     return _load(path, name_or_path if name_or_path in PACKAGED else str(path))
 
 
+def resolve_template(value: str | dict[str, Any]) -> Template:
+    """The run's template: its contents inline (what a compiled config carries), a packaged name, or a file."""
+    if isinstance(value, str):
+        return get_template(value)
+    try:
+        return Template.model_validate(value)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise KftuneError("prompt.template: invalid inline template: " + "; ".join(problems)) from None
+
+
+def template_contents(path: str | Path) -> dict[str, Any]:
+    """A user's template file, read and validated, as the mapping a config carries inline: the pods of a
+    compiled pipeline render with it without the file, which exists only where the run was submitted."""
+    return get_template(str(path)).model_dump(exclude_defaults=True) | {"name": Path(path).name}
+
+
+def write_template(template: Template, path: Path) -> Path:
+    """The template as a YAML file (what a registered model carries, so serving renders rows as training did)."""
+    path.write_text(yaml.safe_dump(template.model_dump(exclude_defaults=True), allow_unicode=True, sort_keys=False))
+    return path
+
+
 def template_file(name_or_path: str) -> Path:
-    """The YAML file behind a template name or path: the registered model carries it, so serving renders
-    rows with the very template the run trained with."""
+    """The YAML file behind a template name or path."""
     if name_or_path in PACKAGED:
         return PACKAGED[name_or_path]
     path = Path(name_or_path).expanduser()

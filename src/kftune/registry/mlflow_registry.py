@@ -6,6 +6,7 @@ that moves `champion`; and hand promotion / rollback with an audit trail on the 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,12 +129,14 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from kftune.prompts.templates import template_file
+    from kftune.prompts.templates import resolve_template, write_template
     from kftune.registry.packaging import log_served_model, training_dataset
     from kftune.registry.pyfunc_model import MODEL_ARTIFACT, TEMPLATE_ARTIFACT
 
     with mlflow.start_run(experiment_id=_experiment_id(config), run_name=lineage.get("kftune.run_name")):
-        mlflow.log_params(_flatten(config_to_dict(config)))
+        params = config_to_dict(config)
+        params["prompt"]["template"] = resolve_template(config.prompt.template).name  # its contents: the model's file
+        mlflow.log_params(_flatten(params))
         dataset = None
         if lineage.get(DATASET_TAG):
             dataset = training_dataset(config, lineage[DATASET_TAG])
@@ -152,8 +155,11 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
         mlflow.set_tags(lineage)
         for path in attachments:
             mlflow.log_artifact(str(path))
-        artifacts = {MODEL_ARTIFACT: str(model_dir), TEMPLATE_ARTIFACT: str(template_file(config.prompt.template))}
-        info = log_served_model(config, artifacts, dataset_dir)
+        with tempfile.TemporaryDirectory() as scratch:
+            template = write_template(resolve_template(config.prompt.template), Path(scratch) / "template.yaml")
+            info = log_served_model(
+                config, {MODEL_ARTIFACT: str(model_dir), TEMPLATE_ARTIFACT: str(template)}, dataset_dir
+            )
         for kind in ("tuned", "base"):  # the tuned metrics describe the logged model; base ones the run's baseline
             if kind in evaluation:
                 values = {f"{kind}_{m}": v for m, v in evaluation[kind].items() if isinstance(v, (int, float))}

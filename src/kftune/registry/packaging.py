@@ -61,9 +61,9 @@ def copy_kftune_code(out_dir: Path) -> Path:
 def input_columns(config: RunConfig) -> tuple[list[str], list[str]]:
     """(required, optional) input columns: each template field read from its data column; a causal LM
     without labels continues a `prompt`."""
-    from kftune.prompts.templates import get_template
+    from kftune.prompts.templates import resolve_template
 
-    template = get_template(config.prompt.template)
+    template = resolve_template(config.prompt.template)
     if not config.has_labels:
         return ["prompt"], []
     return [config.columns_for(f) for f in template.fields], [config.columns_for(f) for f in template.optional]
@@ -93,9 +93,9 @@ def input_example(config: RunConfig, dataset_dir: str | Path):
     import pandas as pd
 
     from kftune.data.prepare import read_split
-    from kftune.prompts.templates import get_template
+    from kftune.prompts.templates import resolve_template
 
-    template = get_template(config.prompt.template)
+    template = resolve_template(config.prompt.template)
     rows = read_split(dataset_dir, "test")[:EXAMPLE_ROWS]
     if not config.has_labels:
         return pd.DataFrame({"prompt": [template.render(row)[0][0] for row in rows]})

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from conftest import TRAIN_LOG
 from kftune.config import parse_config
 from kftune.errors import KftuneError
-from kftune.registry.mlflow_registry import register_model, rollback
+from kftune.registry.mlflow_registry import CONFIG_TAG, DATASET_TAG, register_model, rollback
 
 
 @pytest.fixture
@@ -188,3 +188,22 @@ def test_rollback_when_the_alias_was_moved_outside_kftune(make_config, model_dir
     ):
         rollback(uri, "by-hand", "unknown")
     mlflow.set_tracking_uri(None)
+
+
+def test_the_same_data_and_config_register_once_unless_asked(make_config, model_dir):
+    """A scheduled retraining whose data did not change adds no version; new data, or asking, does."""
+    config = parse_config(make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy"}}))
+    evaluation = {"tuned": {"accuracy": 0.8}, "base": {"accuracy": 0.5}}
+
+    def register_night(night: str, data: str, config=config):
+        lineage = {"kftune.pipeline_run_id": night, DATASET_TAG: data, CONFIG_TAG: "config-sha256"}
+        return register_model(config, model_dir, evaluation, TRAIN_LOG, [], lineage)
+
+    assert register_night("monday", "rows-v1")["version"] == 1
+    again = register_night("tuesday", "rows-v1")
+    assert (again["version"], again["reused"]) == (1, True) and "not registered: version 1" in again["gate"]
+    assert register_night("wednesday", "rows-v2")["version"] == 2
+    asked = config.model_copy(update={"registry": config.registry.model_copy(update={"allow_duplicate": True})})
+    assert register_night("thursday", "rows-v2", asked)["version"] == 3
+    names = {int(v.version) for v in MlflowClient(config.registry.tracking_uri).search_model_versions("name = 'tiny'")}
+    assert names == {1, 2, 3}

@@ -216,6 +216,9 @@ class RegistrySection(Section):
     """HTTP retries against a tracking server, with exponential backoff, before the step fails."""
     backoff_seconds: int = Field(default=1, ge=0)
     """Base of the exponential backoff between retries (MLflow waits backoff * 2**attempt seconds)."""
+    allow_duplicate: bool = False
+    """Register a new version even when one was trained on the same data (its content hash) with the same
+    config: by default a retraining whose data did not change hands back that version instead."""
 
 
 class _FieldError(ValueError):

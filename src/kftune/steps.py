@@ -170,7 +170,7 @@ def register(
     pipeline_run_id: str,
 ) -> dict[str, Any]:
     """Registers the model; returns the summary a user sees at the end of a run."""
-    from kftune.registry.mlflow_registry import register_model
+    from kftune.registry.mlflow_registry import CONFIG_TAG, DATASET_TAG, register_model
     from kftune.train.loop import TRAIN_LOG_FILE
 
     run_config = _config(config)
@@ -183,9 +183,9 @@ def register(
     lineage = {
         "kftune.base_model": run_config.model.name_or_path,
         "kftune.method": run_config.method.name,
-        "kftune.dataset_sha256": card["dataset_sha256"],
+        DATASET_TAG: card["dataset_sha256"],
         "kftune.data_fingerprint": card["source_fingerprint"],
-        "kftune.config_sha256": run_config.fingerprint(),
+        CONFIG_TAG: run_config.fingerprint(),
         "kftune.pipeline_run_id": pipeline_run_id,
         "kftune.version": __version__,
         "kftune.run_name": f"{run_config.registry.model_name}-{pipeline_run_id}",

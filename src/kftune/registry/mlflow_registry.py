@@ -21,6 +21,7 @@ GATE_METRIC_TAG = "kftune.gate_metric"
 SPLIT_TAG = "kftune.eval_split_sha256"
 RUN_ID_TAG = "kftune.pipeline_run_id"
 DATASET_TAG = "kftune.dataset_sha256"
+CONFIG_TAG = "kftune.config_sha256"
 PROMOTED_FROM_TAG = "kftune.promoted_from"
 PROMOTED_AT_TAG = "kftune.promoted_at"
 KFTUNE_CHAMPION_TAG = "kftune.champion"
@@ -90,6 +91,17 @@ def register_model(
                 gate=existing.tags.get("kftune.gate", ""),
                 reused=True,
             )
+        alike = None if registry.allow_duplicate else _version_trained_alike(client, registry.model_name, lineage)
+        if alike is not None:  # e.g. a scheduled retraining whose data did not change
+            return _summary(
+                client,
+                registry.model_name,
+                alike,
+                promoted=None,
+                gate=f"not registered: version {alike.version} was trained on the same data with the same config "
+                "(set registry.allow_duplicate: true to register another)",
+                reused=True,
+            )
         model_uri = _log_run(config, model_dir, evaluation, train_log, attachments, lineage, dataset_dir)
         version = _create_version(
             registry.model_name,
@@ -120,6 +132,17 @@ def register_model(
 def _version_for_pipeline_run(client, name: str, pipeline_run_id: str):
     found = client.search_model_versions(f"name = '{name}' and tags.`{RUN_ID_TAG}` = '{pipeline_run_id}'")
     return found[0] if found else None
+
+
+def _version_trained_alike(client, name: str, lineage: dict[str, str]):
+    """A version trained on the same prepared data (its content hash) with the same config, if the lineage says."""
+    if not (lineage.get(DATASET_TAG) and lineage.get(CONFIG_TAG)):
+        return None
+    found = client.search_model_versions(
+        f"name = '{name}' and tags.`{DATASET_TAG}` = '{lineage[DATASET_TAG]}' "
+        f"and tags.`{CONFIG_TAG}` = '{lineage[CONFIG_TAG]}'"
+    )
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, lineage, dataset_dir) -> str:

@@ -13,7 +13,7 @@ always runs and its output keys prepare_data's cache, so a scheduled run over ch
 """
 
 from kfp import dsl
-from kfp.dsl import Artifact
+from kfp.dsl import Artifact, Dataset, Model
 
 from kftune.components import build_prompts, evaluate, fingerprint_data, prepare_data, register, resolve_config, train
 from kftune.kube.run_form import RUN_FORM, run_form_arguments
@@ -64,13 +64,15 @@ def build_pipeline(cluster: ClusterSection, compiled_form: dict | None = None):
         def step(task, group="steps", **options):
             return configure_task(task, group, cluster, placement, **options)
 
-        config = step(
+        resolved = step(
             resolve_config(config=config, compiled_form=compiled_form or {}, **form).set_display_name("run settings")
-        ).output
+        )
+        config = resolved.outputs["config"]
 
         fingerprint = step(
             fingerprint_data(config=config).set_display_name("fingerprint data").set_caching_options(False)
         )
+        lineage_sources(resolved.outputs, fingerprint.output)
         data = step(prepare_data(config=config, data_fingerprint=fingerprint.output).set_display_name("prepare data"))
         prompts = step(build_prompts(config=config, dataset=data.outputs["dataset"]).set_display_name("build prompts"))
         model = step(
@@ -104,6 +106,21 @@ def build_pipeline(cluster: ClusterSection, compiled_form: dict | None = None):
         return registered.outputs["summary"]
 
     return kftune_pipeline
+
+
+def lineage_sources(resolved, data_fingerprint) -> None:
+    """The data source and the base model as artifacts in KFP's metadata, for the lineage view. They are not
+    inputs of the steps: KFP's launcher downloads every input artifact from its object store before a step
+    starts (and fails on a volume path, which is no bucket URI), while the steps read data and models where
+    they are. The steps' own artifacts name them too (`source`, `base_model` in their metadata)."""
+    dsl.importer(
+        artifact_uri=resolved["data_source"],
+        artifact_class=Dataset,
+        metadata={"role": "training data", "fingerprint": data_fingerprint},
+    ).set_display_name("data source")
+    dsl.importer(
+        artifact_uri=resolved["base_model"], artifact_class=Model, metadata={"role": "base model"}
+    ).set_display_name("base model")
 
 
 def pipeline_arguments(config) -> dict:

@@ -2,7 +2,8 @@
 file. The second must read the new rows and register a version carrying the new data fingerprint, which on
 Kubeflow Pipelines is also what keys prepare_data's cache (tests/test_pipeline_compile.py checks the IR).
 The second run also sets run-form parameters (as a run started from the Kubeflow UI would), which must
-reach training; and evaluate's Metrics and ClassificationMetrics must be in kfp.local's executor output."""
+reach training; evaluate's Metrics and ClassificationMetrics, and the data source and base model the steps'
+artifacts name for the lineage view, must be in kfp.local's executor output."""
 
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ def test_a_run_after_the_data_changed_trains_on_the_new_rows(make_config, tiny_d
     assert [category["displayName"] for category in matrix["annotationSpecs"]] == ["0", "1"]
     assert sum(sum(row["row"]) for row in matrix["rows"]) == 32, "the KFP UI's confusion matrix counts the 32 test rows"
     assert set(executed["metrics"]["artifacts"][0]["metadata"]) >= {"tuned_accuracy", "tuned_macro_f1"}
+    prepared = json.loads(outputs("second", "prepare-data", "executor_output.json").read_text())["artifacts"]
+    assert prepared["dataset"]["artifacts"][0]["metadata"]["source"] == str(data)  # lineage: where the rows came from
+    trained = json.loads(outputs("second", "train", "executor_output.json").read_text())["artifacts"]
+    assert trained["model"]["artifacts"][0]["metadata"]["base_model"] == config["model"]["name_or_path"]
     trained_with = [
         json.loads((outputs(run, "train", "model") / "kftune_config.json").read_text()) for run in ("first", "second")
     ]

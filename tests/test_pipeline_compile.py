@@ -10,6 +10,7 @@ from conftest import CLUSTER_RUN_CONFIG
 from kftune.config import config_to_dict, load_config
 
 STEPS = ["resolve-config", "fingerprint-data", "prepare-data", "build-prompts", "train", "evaluate", "register"]
+LINEAGE = {"importer": "data source", "importer-2": "base model"}
 
 
 def test_compiled_ir_has_the_steps_in_order(tmp_path):
@@ -24,20 +25,24 @@ def test_compiled_ir_has_the_steps_in_order(tmp_path):
     ir = next(yaml.safe_load_all(out.read_text()))  # then the Kubernetes platform spec
     assert ir["pipelineInfo"]["name"] == "kftune"
     tasks = ir["root"]["dag"]["tasks"]
-    assert sorted(tasks) == sorted(STEPS)
+    assert sorted(tasks) == sorted(STEPS + list(LINEAGE))
     for before, after in itertools.pairwise(STEPS):
         assert before in tasks[after].get("dependentTasks", []), f"{after} must run after {before}"
     default = ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
     assert default == config_to_dict(load_config(example, ["train.lr=5e-4"]))
     executors = ir["deploymentSpec"]["executors"]
-    images = {name: spec["container"]["image"] for name, spec in executors.items()}
+    images = {name: spec["container"]["image"] for name, spec in executors.items() if "container" in spec}
     trainer = {
         "exec-train",
         "exec-evaluate",
     }  # evaluate scores the model where it fits: CUDA torch, GPUs from cluster.evaluate
     assert all(images[name].startswith("ghcr.io/kftune/kftune-trainer:") for name in trainer)
     assert all(image.startswith("ghcr.io/kftune/kftune-step:") for name, image in images.items() if name not in trainer)
-    assert all("pip install" not in " ".join(spec["container"]["command"]) for spec in executors.values())
+    assert all(
+        "pip install" not in " ".join(spec["container"]["command"])
+        for spec in executors.values()
+        if "container" in spec
+    )
 
     from kfp import components
 
@@ -65,7 +70,7 @@ def test_prepare_data_is_keyed_by_the_data_fingerprint_which_is_never_cached(tmp
         "producerTask": "fingerprint-data",
         "outputParameterKey": "Output",
     }
-    assert {name: task["cachingOptions"] for name, task in tasks.items() if name != "fingerprint-data"} == {
+    assert {name: tasks[name]["cachingOptions"] for name in STEPS if name != "fingerprint-data"} == {
         key: {"enableCache": True} for key in [step for step in STEPS if step != "fingerprint-data"]
     }
 
@@ -75,3 +80,36 @@ def test_prepare_data_is_keyed_by_the_data_fingerprint_which_is_never_cached(tmp
     assert list(yaml.safe_load_all(on.read_text())) == list(yaml.safe_load_all(out.read_text())), (
         "--cache restores the compiled settings"
     )
+
+
+def test_the_data_source_and_base_model_are_lineage_artifacts_no_step_downloads(tmp_path):
+    """dsl.importer records where the run's data and base model are (as resolved for this run) in KFP's metadata;
+    no step takes them as inputs, since KFP's launcher would download (or, for a volume path, fail on) them."""
+    out = tmp_path / "pipeline.yaml"
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), "-o", str(out)]
+        ).returncode
+        == 0
+    )
+    ir = next(yaml.safe_load_all(out.read_text()))
+    tasks, executors = ir["root"]["dag"]["tasks"], ir["deploymentSpec"]["executors"]
+    sources = {"data source": ("data_source", "system.Dataset"), "base model": ("base_model", "system.Model")}
+    for name, shown in LINEAGE.items():
+        assert tasks[name]["taskInfo"]["name"] == shown
+        key, schema = sources[shown]
+        assert tasks[name]["inputs"]["parameters"]["uri"]["taskOutputParameter"] == {
+            "producerTask": "resolve-config",
+            "outputParameterKey": key,
+        }
+        assert executors[f"exec-{name}"]["importer"]["typeSchema"]["schemaTitle"] == schema
+    assert (
+        tasks["importer"]["inputs"]["parameters"]["metadata"]["taskOutputParameter"]["producerTask"]
+        == "fingerprint-data"
+    )
+    consumed = [
+        artifact["taskOutputArtifact"]["producerTask"]
+        for task in tasks.values()
+        for artifact in task.get("inputs", {}).get("artifacts", {}).values()
+    ]
+    assert not set(consumed) & set(LINEAGE)

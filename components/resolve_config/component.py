@@ -1,3 +1,5 @@
+from typing import NamedTuple
+
 from kfp import dsl
 
 from kftune.components.images import STEP_IMAGE
@@ -19,9 +21,14 @@ def resolve_config(
     registered_model_name: str,
     gate_metric: str,
     gate_margin: float,
-) -> dict:
-    """The run's config: `config` with the run form's values written in where they differ from the compiled ones."""
+) -> NamedTuple("Resolved", [("config", dict), ("data_source", str), ("base_model", str)]):
+    """The run's config: `config` with the run form's values written in where they differ from the compiled ones;
+    and where its data and base model are, for the lineage of what the run produces."""
     form = {name: value for name, value in locals().items() if name not in ("config", "compiled_form")}
+    from collections import namedtuple
+
     from kftune.steps import resolve_config as step
 
-    return step(config, compiled_form, form)
+    resolved = step(config, compiled_form, form)
+    Resolved = namedtuple("Resolved", ["config", "data_source", "base_model"])
+    return Resolved(resolved, resolved["data"]["path"], resolved["model"]["name_or_path"])

@@ -90,9 +90,11 @@ def prepare_data(
     """`data_fingerprint` (the source files', see `kftune.data.fingerprint`) goes into the data card and on to the registered version."""
     from kftune.data.prepare import data_card_markdown, prepare, write_prepared
 
-    card = write_prepared(prepare(_config(config)), dataset_dir, source_fingerprint=data_fingerprint)
+    run_config = _config(config)
+    card = write_prepared(prepare(run_config), dataset_dir, source_fingerprint=data_fingerprint)
     Path(card_path).write_text(data_card_markdown(card), encoding="utf-8")
     return {
+        "source": run_config.data.path,
         "dataset_sha256": card["dataset_sha256"],
         "data_fingerprint": data_fingerprint,
         **{f"{k}_rows": v["rows"] for k, v in card["splits"].items()},
@@ -122,7 +124,10 @@ def train(config: dict[str, Any], prompts_dir: str, model_dir: str, run_name: st
             prefix="kftune-ray-"
         ) as scratch:  # checkpoints, unless train.checkpoint.storage keeps them
             log = run_training(run_config, prompts_dir, model_dir, scratch)
-    return {k: log[k] for k in ("steps", "seconds", "seconds_per_step", "trainable_parameters", "final_loss")}
+    return {
+        "base_model": run_config.model.name_or_path,
+        **{k: log[k] for k in ("steps", "seconds", "seconds_per_step", "trainable_parameters", "final_loss")},
+    }
 
 
 @reports_root_cause

@@ -14,7 +14,7 @@ from kftune.config import config_to_dict, parse_config
 from kftune.kube.run_form import RUN_FORM, apply_run_form, run_form_arguments
 from kftune.pipelines.kftune_pipeline import compile_pipeline
 
-KFP_TYPES = {str: "STRING", float: "NUMBER_DOUBLE", int: "NUMBER_INTEGER"}
+KFP_TYPES = {str: "STRING", float: "NUMBER_DOUBLE", int: "NUMBER_INTEGER", dict: "STRUCT"}
 
 
 def test_the_form_fields_are_typed_parameters_defaulting_to_the_config(make_config, tmp_path):
@@ -66,6 +66,22 @@ def test_a_new_method_starts_from_its_defaults_and_deepspeed_turns_off(make_conf
     compiled = run_form_arguments(config)
     resolved = apply_run_form(config, compiled, {**compiled, "method": "bitfit", "zero_stage": -1})
     assert resolved["method"] == {"name": "bitfit"} and "deepspeed" not in resolved["train"]
+
+
+def test_method_options_and_the_rayjob_gpus_come_from_the_form(make_config):
+    config = config_to_dict(parse_config(make_config(cluster=CLUSTER, data=ON_VOLUME)))
+    compiled = run_form_arguments(config)
+    assert compiled["method_options"] == {k: v for k, v in config["method"].items() if k != "name"}
+    wider = {**compiled["method_options"], "r": 16, "alpha": 32}
+    resolved = steps.resolve_config(
+        config, compiled, {**compiled, "method_options": wider, "gpu_nodes": 3, "gpus_per_node": 4}
+    )
+    assert resolved["method"] == {"name": "lora", **wider}
+    assert (resolved["cluster"]["rayjob"]["nodes"], resolved["cluster"]["rayjob"]["worker"]["gpus"]) == (3, 4)
+    switched = apply_run_form(
+        config, compiled, {**compiled, "method": "ia3", "method_options": {"target_modules": ["value"]}}
+    )
+    assert switched["method"] == {"name": "ia3", "target_modules": ["value"]}
 
 
 def test_a_bad_form_value_is_an_error_naming_the_field(make_config):

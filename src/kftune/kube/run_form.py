@@ -16,16 +16,21 @@ RUN_FORM: dict[str, tuple[str, type]] = {
     "data_path": ("data.path", str),
     "template": ("prompt.template", str),
     "method": ("method.name", str),
+    "method_options": ("method", dict),
     "learning_rate": ("train.lr", float),
     "epochs": ("train.epochs", int),
     "batch_size": ("train.batch_size", int),
     "workers": ("train.workers", int),
+    "gpu_nodes": ("cluster.rayjob.nodes", int),
+    "gpus_per_node": ("cluster.rayjob.worker.gpus", int),
     "zero_stage": ("train.deepspeed.stage", int),
     "registered_model_name": ("registry.model_name", str),
     "gate_metric": ("registry.gate.metric", str),
     "gate_margin": ("registry.gate.margin", float),
 }
-"""Pipeline parameter -> (config field, type). zero_stage -1: DeepSpeed off."""
+"""Pipeline parameter -> (config field, type). `method_options`: the method section without its name (LoRA's
+r, alpha, target_modules, ...). zero_stage -1: DeepSpeed off. The GPUs are the RayJob's (`cluster.rayjob`),
+which the train step creates at run time; a train pod's own GPUs are part of its compiled pod spec."""
 NO_DEEPSPEED = -1
 
 
@@ -36,21 +41,26 @@ def run_form_arguments(config: dict[str, Any]) -> dict[str, Any]:
         value = _get(config, path)
         if name == "template" and isinstance(value, dict):
             value = value.get("name", "")  # a user's template travels inline in `config`; the form shows its name
+        if name == "method_options":
+            value = {key: option for key, option in value.items() if key != "name"}
         arguments[name] = NO_DEEPSPEED if value is None and name == "zero_stage" else kind(value)
     return arguments
 
 
 def apply_run_form(config: dict[str, Any], compiled: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """`config` with every run-form value that differs from its compiled default written into its field.
-    A new method starts from that method's defaults (its options belong to the method it replaces)."""
+    A new method starts from that method's defaults, or the form's method options when those changed too
+    (the config's options belong to the method it replaces)."""
     config = copy.deepcopy(config)
-    for name, (path, kind) in RUN_FORM.items():
-        if given[name] == compiled[name]:
-            continue
+    changed = {name for name in RUN_FORM if given[name] != compiled[name]}
+    if changed & {"method", "method_options"}:
+        method = str(given["method"]) if "method" in changed else config["method"]["name"]
+        options = dict(given["method_options"]) if "method_options" in changed else {}
+        config["method"] = {"name": method, **options}
+    for name in sorted(changed - {"method", "method_options"}):
+        path, kind = RUN_FORM[name]
         value = kind(given[name])
-        if name == "method":
-            config["method"] = {"name": value}
-        elif name == "zero_stage":
+        if name == "zero_stage":
             train = config.setdefault("train", {})
             train["deepspeed"] = None if value == NO_DEEPSPEED else {**(train.get("deepspeed") or {}), "stage": value}
             if train["deepspeed"] is None:

@@ -58,15 +58,15 @@ def copy_kftune_code(out_dir: Path) -> Path:
     return Path(shutil.copytree(source, out_dir / "kftune", ignore=skipped))
 
 
-def input_columns(config: RunConfig) -> tuple[list[str], list[str]]:
-    """(required, optional) input columns: each template field read from its data column; a causal LM
+def input_columns(config: RunConfig) -> list[str]:
+    """The input columns: each template field (required ones first) read from its data column; a causal LM
     without labels continues a `prompt`."""
     from kftune.prompts.templates import resolve_template
 
     template = resolve_template(config.prompt.template)
     if not config.has_labels:
-        return ["prompt"], []
-    return [config.columns_for(f) for f in template.fields], [config.columns_for(f) for f in template.optional]
+        return ["prompt"]
+    return [config.columns_for(f) for f in template.fields + template.optional]
 
 
 def signature(config: RunConfig):
@@ -74,11 +74,9 @@ def signature(config: RunConfig):
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Map
 
-    required, optional = input_columns(config)
-    inputs = Schema(
-        [ColSpec(DataType.string, c) for c in required]
-        + [ColSpec(DataType.string, c, required=False) for c in optional]
-    )
+    # Every column optional to MLflow's own input check: the model names a missing one itself, in an error
+    # that MLServer answers with 400 too (`pyfunc_model.bad_request`); MLflow's check would give it a 500 there.
+    inputs = Schema([ColSpec(DataType.string, c, required=False) for c in input_columns(config)])
     if config.model.task == "sequence_classification":
         outputs = [ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score")]
     elif config.has_labels:

@@ -11,6 +11,7 @@ LMs take a `prompt` column and continue it as evaluation does.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -50,7 +51,7 @@ class TunedModel(mlflow.pyfunc.PythonModel):
         task, size = self.config["model"]["task"], self.config["eval"]["batch_size"]
         if task != "sequence_classification" and not self.template.labelled:
             if "prompt" not in model_input.columns:
-                raise ValueError(f"input needs a column 'prompt'; it has {list(model_input.columns)}")
+                raise bad_request("input needs a column 'prompt'")  # MLflow drops the columns its signature lacks
             prompts = [self.tokenizer(str(text))["input_ids"] for text in model_input["prompt"]]
             rows = [{"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)} for ids in prompts]
             return pd.DataFrame(
@@ -100,7 +101,7 @@ class TunedModel(mlflow.pyfunc.PythonModel):
                 too_long.append(index)
             rows += [encoded for _, encoded in examples]
         if too_long:
-            raise ValueError(
+            raise bad_request(
                 f"rows {too_long} are longer than prompt.max_length={max_length} tokens once rendered; "
                 "evaluation drops such rows, so they have no prediction to serve"
             )
@@ -108,13 +109,38 @@ class TunedModel(mlflow.pyfunc.PythonModel):
 
     def _columns(self, frame) -> dict[str, str]:
         """Template field -> its input column, the data column `data.columns` maps it to (the version's
-        signature names them); a missing required one is named, with the columns the input has."""
+        signature names them); a missing required one is named."""
         mapped = self.config["data"].get("columns", {})
         wanted = {name: mapped.get(name, name) for name in [*self.template.fields, *self.template.optional]}
         missing = [repr(wanted[name]) for name in self.template.fields if wanted[name] not in frame.columns]
         if missing:
-            raise ValueError(f"input needs column(s) {', '.join(missing)}; it has {list(frame.columns)}")
+            raise bad_request(f"input needs column(s) {', '.join(missing)}")
         return {name: column for name, column in wanted.items() if column in frame.columns}
+
+
+def bad_request(message: str) -> Exception:
+    """A problem with a request's input, which both servers answer with 400 and the message, and keep serving:
+    MLflow's scoring server does so for an MlflowException of INVALID_PARAMETER_VALUE, MLServer for its own
+    MLServerError (its MLflow runtime passes other exceptions on as 500)."""
+    return _bad_request_class()(message)
+
+
+@functools.cache
+def _bad_request_class() -> type[Exception]:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    try:
+        from mlserver.errors import InferenceError
+    except ImportError:  # not served by MLServer
+        InferenceError = Exception
+
+    class BadRequest(MlflowException, InferenceError):
+        def __init__(self, message: str) -> None:
+            MlflowException.__init__(self, message, INVALID_PARAMETER_VALUE)
+            self.status_code = 400  # MLServer's
+
+    return BadRequest
 
 
 def _text(values: list):

@@ -50,7 +50,8 @@ def run_sweep(
     names the MLflow store. Returns the trials, the best one and where the best config was written."""
     from kftune.preflight import check_method_on_model, preflight
 
-    base = config_to_dict(config)
+    # The fields as written (paths resolved): a searched method.name must not meet another method's defaults.
+    base = json.loads(config.model_dump_json(exclude_unset=True, exclude_none=True))
     domains, configs = check_sweep(base, settings, available_resources())
     for distinct in {json.dumps(config_to_dict(c)["method"], sort_keys=True): c for c in configs}.values():
         check_method_on_model(distinct)  # searched method options, on the model's architecture

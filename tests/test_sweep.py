@@ -1,5 +1,5 @@
 """`kftune sweep`: bad search spaces, metrics and parallelism refused before any trial (no Ray), the
-report, and one real sweep on Ray Tune (stories260K, three trials of eight steps, MLflow in sqlite)
+report, and one real sweep on Ray Tune (stories260K, three trials of four steps, MLflow in sqlite)
 interrupted after two trials and resumed."""
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_
         tmp_path,
         "sweepy",
         {"name": "lora", "r": 4, "target_modules": "all-linear"},
-        {"workers": 1, "max_steps": 8, "eval_every_steps": 2, "schedule": "constant", "log_every_steps": 100},
+        {"workers": 1, "max_steps": 4, "eval_every_steps": 2, "schedule": "constant", "log_every_steps": 100},
     )
     config["data"]["split"]["validation"] = 0.25
     config["registry"]["artifact_location"] = (tmp_path / "artifacts").as_uri()
@@ -198,7 +198,7 @@ def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_
     steps = {
         r.info.run_name: [m.step for m in client.get_metric_history(r.info.run_id, "validation_loss")] for r in children
     }
-    assert steps["trial-0"] == [2, 4, 6, 8] and steps["trial-1"][0] == 2
+    assert steps["trial-0"] == [2, 4] and steps["trial-1"][0] == 2
     best = parent.data.tags["kftune.sweep.best_trial"]
     assert best in ("trial-0", "trial-2")
     assert parent.data.metrics["best_validation_loss"] == min(
@@ -212,3 +212,23 @@ def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_
     assert best_config.train.lr == {"trial-0": 0.01, "trial-2": 0.001}[best]
     report = (out / "sweep_report.html").read_text()
     assert report.count("<circle") == 3 and "stopped by ASHA at step 2" in report
+
+
+def test_a_sweep_file_is_read_and_the_flags_and_set_domains_override_it(tmp_path):
+    from kftune.sweep.space import load_sweep_settings
+
+    path = tmp_path / "space.yaml"
+    path.write_text("space: {train.lr: 'loguniform(1e-5, 1e-3)'}\nmetric: validation_accuracy\nparallel: 2\n")
+    settings = load_sweep_settings(str(path), {"method.r": "choice(4, 8)"}, {"parallel": 1, "samples": None})
+    assert settings.space == {"train.lr": "loguniform(1e-5, 1e-3)", "method.r": "choice(4, 8)"}
+    assert (settings.metric, settings.mode, settings.parallel, settings.samples) == (
+        "validation_accuracy",
+        "max",
+        1,
+        None,
+    )
+    path.write_text("space: {train.lr: 'grid(1e-4)'}\nparalel: 2\n")
+    with pytest.raises(
+        KftuneError, match=r"invalid sweep settings \(.*space.yaml\):\n  paralel: Extra inputs are not permitted"
+    ):
+        load_sweep_settings(str(path), {}, {})

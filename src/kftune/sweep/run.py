@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kftune.config import RunConfig, config_to_dict, parse_config, with_values
+from kftune.config import RunConfig, config_to_dict, with_values
 from kftune.errors import KftuneError
 from kftune.sweep.space import SweepSettings, check_sweep, samples_per_point, trial_count
 
@@ -25,6 +26,8 @@ STATE_FILE = "sweep.json"
 BEST_CONFIG_FILE = "best.yaml"
 REPORT_FILE = "sweep_report.html"
 TUNE_FOLDER = "tune"
+TRIAL_ID = re.compile(r"[0-9a-f]{5}_[0-9]{5}")
+"""Tune's trial id (`a1b2c_00003`), also in a trial folder's name (for a trial that failed before reporting)."""
 TRIAL_DRIVER_MEMORY = 512 * 2**20
 """What a trial's own process (the driver of its Ray Train run) reserves: memory, no CPU (Tune needs some resource)."""
 
@@ -48,7 +51,11 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume) the sweep of `config` in `out`; `tracking` is the config whose registry section
     names the MLflow store. Returns the trials, the best one and where the best config was written."""
+    import ray
+
     from kftune.preflight import check_method_on_model, preflight
+    from kftune.prompts.build import read_meta
+    from kftune.sweep.trial import prompts_for
 
     # The fields as written (paths resolved): a searched method.name must not meet another method's defaults.
     base = json.loads(config.model_dump_json(exclude_unset=True, exclude_none=True))
@@ -59,9 +66,6 @@ def run_sweep(
         say(f"kftune: warning: {warning}")
     out = out.resolve()
     state = _sweep_state(out, {"config": base, "settings": settings.model_dump()})
-    from kftune.prompts.build import read_meta
-    from kftune.sweep.trial import prompts_for
-
     train_rows = read_meta(prompts_for(config, out / "prompts"))["splits"]["train"]["rows"]
     client, experiment, parent = _parent_run(tracking, settings, state, out, say)
     trials = trial_count(domains, settings.samples)
@@ -69,8 +73,6 @@ def run_sweep(
         f"sweep: {trials} trials, {min(settings.parallel, trials)} at once, by {settings.metric}; folder {out}"
         " (the trials' own output: Ray's session logs, /tmp/ray/session_latest/logs)"
     )
-    import ray
-
     try:
         results = _tune(base, settings, domains, configs, train_rows, out, tracking, experiment, parent)
     finally:
@@ -83,8 +85,8 @@ def run_sweep(
     best = _best(rows, settings.mode)
     summary = {"interrupted": False, "parent_run_id": parent, "trials": rows, "best": best}
     if best:
-        best_config = parse_config(with_values(base, best["values"]), source="the best trial")
-        (out / BEST_CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(best_config), sort_keys=False))
+        best_config = with_values(base, best["values"])  # as the user wrote theirs, runnable with `kftune run`
+        (out / BEST_CONFIG_FILE).write_text(yaml.safe_dump(best_config, sort_keys=False))
         summary["best_config"] = str(out / BEST_CONFIG_FILE)
     _finish_parent(client, parent, settings, domains, rows, best, out)
     return summary
@@ -187,7 +189,7 @@ def _trial_rows(results, client, experiment: str, parent: str, metric: str) -> l
     }
     rows = []
     for result in results:
-        trial_id = result.metrics.get("trial_id") or Path(result.path).name
+        trial_id = result.metrics.get("trial_id") or TRIAL_ID.search(Path(result.path).name).group(0)
         rows.append(
             {
                 "trial": trial_name(trial_id),

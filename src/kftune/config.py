@@ -440,7 +440,7 @@ def with_values(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise KftuneError(f"--set {field}: {part} is not a section")
+                raise KftuneError(f"{field}: {part} is not a section")
             node = child
         node[leaf] = value
     return data

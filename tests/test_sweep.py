@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import STORIES, stories_run
+from conftest import EXAMPLES, STORIES, stories_run
 from kftune.cli import main
 from kftune.config import config_to_dict, load_config, parse_config
 from kftune.errors import KftuneError
@@ -232,3 +232,14 @@ def test_a_sweep_file_is_read_and_the_flags_and_set_domains_override_it(tmp_path
         KftuneError, match=r"invalid sweep settings \(.*space.yaml\):\n  paralel: Extra inputs are not permitted"
     ):
         load_sweep_settings(str(path), {}, {})
+
+
+def test_the_example_sweep_file_checks_against_its_config_as_the_docs_run_it():
+    from kftune.sweep.space import load_sweep_settings
+
+    overrides = ["data.max_rows=2000", "data.split.validation=0.1", "train.max_steps=40"]
+    overrides += ["train.eval_every_steps=10", "train.workers=1", "train.batch_size=16"]
+    config = load_config(EXAMPLES / "sst2-minilm-lora.yaml", overrides)
+    settings = load_sweep_settings(str(EXAMPLES / "sweeps" / "sst2-minilm-lora.yaml"), {}, {"samples": 4})
+    domains, configs = check_sweep(config_to_dict(config), settings, TWO_CPUS)
+    assert set(domains) == {"train.lr", "method.r"} and settings.parallel == 2 and len(configs) == 9

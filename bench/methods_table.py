@@ -2,6 +2,10 @@
 batch 32, max_length 64, one Ray worker with 2 CPUs; scored on the 872-sentence SST-2 dev set.
 
     python bench/methods_table.py [ROW ...]    # all rows, or the named ones
+    python bench/methods_table.py --sweep 'lora r8 q,v=runs/lora-sweep' 'lora r8 q,v'
+
+`--sweep ROW=FOLDER` takes the row's learning rate from a `kftune sweep` folder (its best.yaml), and the
+row's record names that sweep (folder and parent MLflow run), so a table says how each rate was chosen.
 
 Runs the pipeline's step functions in one process (data prepared and tokenized once, Ray started
 once; MLflow registration skipped), so the per-method cost is training plus evaluation. Prints a
@@ -67,11 +71,26 @@ def weights_megabytes(model_dir: Path) -> float:
     return sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e6
 
 
-def run_row(row: str, prompts_dir: Path, work: Path) -> dict:
+def swept_lr(folder: Path) -> tuple[float, dict]:
+    """The best trial's learning rate in a `kftune sweep` folder, and what to record about that sweep."""
+    from kftune.config import load_config
+    from kftune.sweep.run import BEST_CONFIG_FILE, STATE_FILE
+
+    state = json.loads((folder / STATE_FILE).read_text())
+    lr = load_config(folder / BEST_CONFIG_FILE).train.lr
+    return lr, {
+        "folder": str(folder.resolve()),
+        "parent_run_id": state["parent_run_id"],
+        "space": state["spec"]["settings"]["space"],
+    }
+
+
+def run_row(row: str, prompts_dir: Path, work: Path, sweep: Path | None = None) -> dict:
     from kftune import steps
     from kftune.config import config_to_dict, load_config
 
     method, lr = ROWS[row]
+    lr, chosen_by = swept_lr(sweep) if sweep else (lr, "hand-picked")
     config = config_to_dict(load_config(CONFIG, [*BUDGET, f"method={method}", f"train.lr={lr}", *EXTRA.get(row, [])]))
     model_dir = work / "model"
     train = steps.train(config, str(prompts_dir), str(model_dir), run_name=f"bench-{abs(hash(row))}")
@@ -82,6 +101,7 @@ def run_row(row: str, prompts_dir: Path, work: Path) -> dict:
         "row": row,
         "method": method,
         "lr": lr,
+        "lr_chosen_by": chosen_by,
         "dev_accuracy": evaluation["tuned"]["accuracy"],
         "trainable": train["trainable_parameters"],
         "trainable_percent": 100 * train["trainable_parameters"] / log["total_parameters"],
@@ -103,12 +123,22 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(names: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    import argparse
+
     from kftune import steps
     from kftune.config import config_to_dict, load_config
 
+    parser = argparse.ArgumentParser(prog="bench/methods_table.py")
+    parser.add_argument("rows", nargs="*", help="rows to run (default: all)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="ROW=FOLDER", help="the row's lr from a sweep")
+    args = parser.parse_args(argv)
+    sweeps = {row: Path(folder) for row, _, folder in (item.rpartition("=") for item in args.sweep)}
+    unknown = sorted(set(args.rows) - set(ROWS)) + sorted(set(sweeps) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"unknown rows: {', '.join(unknown)} (rows: {', '.join(ROWS)})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rows = names or list(ROWS)
+    rows = args.rows or list(ROWS)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -117,7 +147,7 @@ def main(names: list[str]) -> None:
         steps.build_prompts(base, str(work / "dataset"), str(work / "prompts"), str(work / "preview.html"))
         for row in rows:
             print(f"== {row}", flush=True)
-            result = run_row(row, work / "prompts", work / "run")
+            result = run_row(row, work / "prompts", work / "run", sweeps.get(row))
             print(json.dumps(result), flush=True)
             results.append(result)
             record = result | {

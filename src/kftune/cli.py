@@ -1,4 +1,4 @@
-"""`kftune` command line: run | compile | submit | schedule | validate | methods | promote | rollback."""
+"""`kftune` command line: run | sweep | compile | submit | schedule | validate | methods | promote | rollback."""
 
 from __future__ import annotations
 
@@ -18,19 +18,75 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from kftune.evaluate.evaluate import placement
-    from kftune.local import LOG_FOLDER, run_pipeline, with_local_registry
+    from kftune.local import with_local_registry
 
-    config = _load(args)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    config = with_local_registry(config, out)
-    print(f"kftune: checking config, model and data ({args.config}) ...", flush=True)
+    _run_here(with_local_registry(_load(args), out), out, args.config, args.verbose)
+    return 0
+
+
+def _run_here(config, out: Path, source: str, verbose: bool) -> None:
+    """The pipeline on this machine (train, evaluate, register), after the checks, with its summary printed."""
+    from kftune.evaluate.evaluate import placement
+    from kftune.local import LOG_FOLDER, run_pipeline
+
+    print(f"kftune: checking config, model and data ({source}) ...", flush=True)
     _preflight(config, sys.stdout)
     placement(config.eval)  # the evaluate step runs on this machine: eval.device cuda needs a GPU here
     print(f"kftune: running the pipeline; outputs and step logs ({LOG_FOLDER}/) in {out}", flush=True)
-    summary = run_pipeline(config, out, verbose=args.verbose)
+    summary = run_pipeline(config, out, verbose=verbose)
     _print_summary(config, summary)
+
+
+def cmd_sweep(args) -> int:
+    """A search over config fields on Ray Tune (kftune.sweep); with --train-best, the best config through `kftune run`'s path."""
+    from kftune.config import load_config
+    from kftune.local import with_local_registry
+    from kftune.sweep.run import run_sweep
+    from kftune.sweep.space import is_domain, load_sweep_settings
+
+    overrides, space = [], {}
+    for item in args.set or []:
+        field, _, value = item.partition("=")
+        if is_domain(value):
+            space[field] = value
+        else:
+            overrides.append(item)
+    config = load_config(args.config, overrides)
+    flags = {"metric": args.metric, "samples": args.samples, "parallel": args.parallel, "grace_steps": args.grace_steps}
+    settings = load_sweep_settings(args.space, space, flags)
+    out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-sweep").resolve()
+    summary = run_sweep(config, settings, out, with_local_registry(config, out))
+    if summary["interrupted"]:
+        return 130
+    _print_sweep(summary, settings.metric)
+    if args.train_best:
+        if not summary["best"]:
+            raise KftuneError("--train-best: no trial reported the metric, so there is no best config")
+        best = load_config(summary["best_config"])
+        _run_here(with_local_registry(best, out), out / "best", summary["best_config"], args.verbose)
     return 0
+
+
+def _print_sweep(summary: dict, metric: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    best = summary["best"]
+    table = Table(title=f"kftune sweep: MLflow run {summary['parent_run_id']}", title_justify="left")
+    fields = list(summary["trials"][0]["values"]) if summary["trials"] else []
+    for header in ["trial", *fields, "outcome", "steps", metric]:
+        table.add_column(header)
+    for row in summary["trials"]:
+        marker = " (best)" if best and row["trial"] == best["trial"] else ""
+        score = "-" if row["metric"] is None else f"{row['metric']:.4f}"
+        table.add_row(
+            row["trial"] + marker, *(str(row["values"][f]) for f in fields), row["outcome"], str(row["step"]), score
+        )
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    if best:
+        console.print(f"best config: {summary['best_config']}  (train it: kftune run {summary['best_config']})")
 
 
 def _preflight(config, stream) -> None:
@@ -247,6 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="show every step's full log as it runs (always written to <out>/logs/)",
     )
     run.set_defaults(func=cmd_run)
+    sweep = with_config(
+        "sweep",
+        "search config fields on Ray Tune (ASHA early stopping); --set FIELD=choice(...)|grid(...)|uniform(lo,hi)|loguniform(lo,hi)|randint(lo,hi) adds a field",
+    )
+    sweep.add_argument(
+        "--space", help="a sweep file (YAML): space, metric, samples, parallel, grace_steps, reduction_factor, seed"
+    )
+    sweep.add_argument("--metric", choices=["validation_loss", "validation_accuracy"], help="default: validation_loss")
+    sweep.add_argument("--samples", type=int, help="trials drawn (each grid point this many times)")
+    sweep.add_argument("--parallel", type=int, help="trials training at once (default 1)")
+    sweep.add_argument(
+        "--grace-steps", type=int, help="ASHA's grace period in optimizer steps (default: train.eval_every_steps)"
+    )
+    sweep.add_argument(
+        "--out", help="sweep folder (default: runs/<config name>-sweep); the same command on it resumes the sweep"
+    )
+    sweep.add_argument(
+        "--train-best", action="store_true", help="then train, evaluate and register the best config, as kftune run"
+    )
+    sweep.add_argument("-v", "--verbose", action="store_true", help="with --train-best: every step's full log")
+    sweep.set_defaults(func=cmd_sweep)
     compile_ = with_config("compile", "compile the pipeline to KFP IR YAML with this config as default")
     compile_.add_argument("-o", "--output", default="pipeline.yaml")
     compile_.set_defaults(func=cmd_compile)

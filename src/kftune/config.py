@@ -443,19 +443,27 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = copy.deepcopy(data)
+    values = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise KftuneError(f"--set {item!r}: expected key.path=value, e.g. train.lr=5e-4")
+        values[key] = yaml.safe_load(raw) if raw else ""
+    return with_values(data, values)
+
+
+def with_values(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict with dotted fields set to values (sections created as needed)."""
+    data = copy.deepcopy(data)
+    for field, value in values.items():
         node = data
-        *parents, leaf = key.split(".")
+        *parents, leaf = field.split(".")
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise KftuneError(f"--set {item!r}: {part} is not a section")
+                raise KftuneError(f"{field}: {part} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = value
     return data
 
 

@@ -156,7 +156,7 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
     from kftune.registry.packaging import log_served_model, training_dataset
     from kftune.registry.pyfunc_model import MODEL_ARTIFACT, TEMPLATE_ARTIFACT
 
-    with mlflow.start_run(experiment_id=_experiment_id(config), run_name=lineage.get("kftune.run_name")):
+    with mlflow.start_run(experiment_id=experiment_id(config), run_name=lineage.get("kftune.run_name")):
         params = config_to_dict(config)
         params["prompt"]["template"] = resolve_template(config.prompt.template).name  # its contents: the model's file
         mlflow.log_params(_flatten(params))
@@ -190,7 +190,7 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
     return info.model_uri
 
 
-def _experiment_id(config: RunConfig) -> str:
+def experiment_id(config: RunConfig) -> str:
     """The experiment's id, created on first use (a concurrent creator may win the race: then reuse theirs)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

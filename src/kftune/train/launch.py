@@ -24,32 +24,62 @@ def run_training(
 ) -> dict[str, Any]:
     """Train with `config.train.workers` Ray workers; returns the train log (steps, timings, loss history).
     Checkpoints go to `train.checkpoint.storage`, or to `default_storage` when that is empty."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     settings = config.train
     storage = storage_location(settings.checkpoint.storage, default_storage)
     check_writable(storage)
     identity = run_identity(config, prompts_dir)
     run_name = f"{config.registry.model_name}-{identity[:16]}"
     _say_what_storage_holds(storage, run_name, config.registry.model_name)
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")  # set on a cluster (KubeRay); empty: start Ray in-process
-        local_cpus = None if address else max(os.cpu_count() or 1, settings.workers * settings.cpus_per_worker)
-        ray.init(
-            address=address,
-            num_cpus=local_cpus,
-            log_to_driver=True,
-            logging_level="WARNING",
-            runtime_env={"env_vars": WORKER_ENV},
-        )
-    trainer = TorchTrainer(
+    start_ray(settings.workers * settings.cpus_per_worker)
+    trainer = make_trainer(config, prompts_dir, identity, storage, run_name)
+    result = trainer.fit()
+    model_dir = Path(model_dir)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    result.checkpoint.to_directory(str(model_dir))
+    return json.loads((model_dir / TRAIN_LOG_FILE).read_text())
+
+
+def start_ray(cpus: int, log_to_driver: bool = True) -> None:
+    """Join the cluster at $RAY_ADDRESS (KubeRay sets it), or start Ray in this process with at least `cpus` CPUs.
+    `log_to_driver`: the workers' output is shown here too (it is always in Ray's session logs)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        num_cpus=None if address else max(os.cpu_count() or 1, cpus),
+        log_to_driver=log_to_driver,
+        logging_level="WARNING",
+        runtime_env={"env_vars": WORKER_ENV},
+    )
+
+
+def make_trainer(
+    config: RunConfig,
+    prompts_dir: str | Path,
+    identity: str,
+    storage: str,
+    run_name: str,
+    callbacks: tuple = (),
+    report_validation: bool = False,
+):
+    """Ray Train's TorchTrainer running `train_worker` with `config`; a run named `run_name` in `storage`
+    resumes from its own checkpoints. `report_validation` makes the workers report each validation
+    during training (a sweep's scheduler reads it; see kftune.sweep)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    settings = config.train
+    return TorchTrainer(
         train_worker,
         train_loop_config={
             "config": config_to_dict(config),
             "prompts_dir": str(Path(prompts_dir).resolve()),
             "identity": identity,
+            "report_validation": report_validation,
         },
         scaling_config=ScalingConfig(
             num_workers=settings.workers,
@@ -64,14 +94,9 @@ def run_training(
             logging_config=LoggingConfig(
                 log_level="ERROR"
             ),  # Ray Train's own INFO/WARNING chatter; our progress lines still print
+            callbacks=list(callbacks),
         ),
     )
-    result = trainer.fit()
-    model_dir = Path(model_dir)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    result.checkpoint.to_directory(str(model_dir))
-    return json.loads((model_dir / TRAIN_LOG_FILE).read_text())
 
 
 def storage_location(configured: str | None, default: str | Path) -> str:

@@ -4,8 +4,8 @@ Ray Train runs `train_worker` once per worker. The engine (`kftune.train.engines
 (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO. Each optimizer step takes `gradient_accumulation`
 micro-batches per worker and minimises the mean loss over the items (rows, or labelled tokens) of
 the whole global batch, so the result does not depend on how the batch is split. Workers talk to
-Ray Train only at checkpoints and at the end: every `ray.train.report` is a synchronisation point
-that costs seconds.
+Ray Train only at checkpoints and at the end (and, in a sweep's trial, at each validation): every
+`ray.train.report` is a synchronisation point that costs seconds.
 """
 
 from __future__ import annotations
@@ -189,6 +189,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 if settings.keep_best and best_evaluation(history) is history[-1]:
                     best_state = engine.trained_state(rank)  # collective under ZeRO-3; the weights only rank 0 keeps
                 stop_early = settings.patience is not None and evaluations_since_best(history) >= settings.patience
+                if loop_config.get("report_validation"):  # a sweep's trial: its scheduler (ASHA) reads this
+                    ray.train.report({**history[-1], "total_steps": total_steps})
             if progress and history:
                 progress.update(step, history[-1]["loss"])
             if checkpoint_now:

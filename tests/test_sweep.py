@@ -1,0 +1,245 @@
+"""`kftune sweep`: bad search spaces, metrics and parallelism refused before any trial (no Ray), the
+report, and one real sweep on Ray Tune (stories260K, three trials of four steps, MLflow in sqlite)
+interrupted after two trials and resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES, STORIES, stories_run
+from kftune.cli import main
+from kftune.config import config_to_dict, load_config, parse_config
+from kftune.errors import KftuneError
+from kftune.sweep.report import render_sweep_report
+from kftune.sweep.space import Domain, SweepSettings, check_sweep, trial_count
+
+TWO_CPUS = {"CPU": 2.0, "GPU": 0.0}
+
+
+@pytest.fixture
+def validated(make_config):
+    """A tiny MiniLM classification config (dict) that validates during training."""
+
+    def build(**train) -> dict:
+        config = make_config(train={"eval_every_steps": 2, **train})
+        config["data"]["split"]["validation"] = 0.25
+        return config_to_dict(parse_config(config))
+
+    return build
+
+
+def refusal(base: dict, resources=TWO_CPUS, **settings) -> str:
+    with pytest.raises(KftuneError) as caught:
+        check_sweep(base, SweepSettings.model_validate(settings), resources)
+    return str(caught.value)
+
+
+def test_fields_that_do_not_exist_and_values_of_the_wrong_type_are_refused_naming_the_field(validated):
+    message = refusal(
+        validated(),
+        space={
+            "train.lrr": "loguniform(1e-5, 1e-3)",
+            "train.lr": "choice(fast, slow)",
+            "train.epochs": "uniform(1, 3)",  # a float where the field takes whole epochs: shown by the interior point
+        },
+    )
+    assert "train.lrr: unknown key" in message
+    assert "train.lr: Input should be a valid number" in message
+    assert "train.epochs: Input should be a valid integer, got a number with a fractional part" in message
+    assert "uniform(1, 3)" not in message  # each point is named by its values: train.epochs=1.76...
+    assert "train.epochs=1.76" in message
+
+
+def test_a_method_option_searched_with_a_method_that_lacks_it_is_refused(validated):
+    message = refusal(validated(), space={"method.name": "choice(lora, ia3)"})
+    assert "method.name='ia3'" in message and "method.r: unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("loguniform(0, 1e-3)", "loguniform(lo, hi) needs lo > 0"),
+        ("uniform(0.3, 0.1)", "takes two numbers with lo < hi"),
+        ("randint(1.5, 4)", "randint(lo, hi) takes integers"),
+        ("choice()", "choice() needs at least one value"),
+        ("between(1, 2)", "is not a search domain"),
+    ],
+)
+def test_malformed_domains_are_refused_naming_the_field(validated, text, problem):
+    message = refusal(validated(), space={"train.warmup": text})
+    assert "train.warmup:" in message and problem in message
+
+
+def test_a_metric_the_runs_do_not_report_is_refused(validated, make_config):
+    no_validation = config_to_dict(parse_config(make_config()))
+    message = refusal(no_validation, space={"train.lr": "loguniform(1e-5, 1e-3)"})
+    assert "metric: validation_loss is not reported during training: set train.eval_every_steps" in message
+    causal = validated()
+    causal["model"] = {"name_or_path": str(STORIES), "task": "causal_lm"}
+    causal.update(
+        prompt={"template": "text", "max_length": 32},
+        eval={"metrics": ["perplexity"]},
+        registry={**causal["registry"], "gate": {"metric": "perplexity"}},
+    )
+    message = refusal(causal, space={"train.lr": "loguniform(1e-5, 1e-3)"}, metric="validation_accuracy")
+    assert "metric: validation_accuracy is reported by classification heads" in message and "not causal_lm" in message
+
+
+def test_more_parallel_trials_than_the_resources_hold_are_refused(validated):
+    space = {"train.lr": "grid(1e-4, 3e-4, 1e-3)"}
+    message = refusal(validated(workers=1), space=space, parallel=3)
+    assert "parallel: 3 trials at once need 3 CPUs (1 each" in message and "Ray has 2, enough for 2 at once" in message
+    check_sweep(validated(workers=1), SweepSettings(space=space, parallel=2), TWO_CPUS)  # fits
+    message = refusal(validated(workers=1, use_gpu=True), space=space)
+    assert "parallel: 1 trial(s) at once need 1 GPUs" in message and "Ray has 0" in message
+
+
+def test_the_command_refuses_a_bad_space_before_starting_ray(validated, write_config, capsys):
+    import ray
+
+    path = write_config(validated())
+    assert main(["sweep", str(path), "--set", "train.lrr=loguniform(1e-5, 1e-3)", "--set", "train.max_steps=4"]) == 2
+    assert "train.lrr: unknown key" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_domains_read_their_values_as_yaml_and_count_trials():
+    modules = Domain.parse("method.target_modules", "choice([query, value], all-linear)")
+    assert modules.checked_values() == [["query", "value"], "all-linear"]
+    assert Domain.parse("method.r", "randint(4, 17)").checked_values() == [4, 16]  # the upper bound is excluded
+    domains = {"train.lr": Domain.parse("train.lr", "grid(1e-4, 1e-3)"), "method.r": modules}
+    assert trial_count(domains, None) == 8 and trial_count(domains, 1) == 2
+    assert trial_count({"train.lr": domains["train.lr"]}, None) == 2  # a grid alone: each point once
+
+
+def test_the_report_has_a_row_per_trial_and_a_point_per_trial_and_field():
+    trials = [
+        {
+            "trial": "trial-0",
+            "values": {"train.lr": 1e-4, "method.r": 4},
+            "outcome": "finished",
+            "step": 8,
+            "metric": 0.9,
+        },
+        {
+            "trial": "trial-1",
+            "values": {"train.lr": 1e-2, "method.r": 8},
+            "outcome": "stopped by ASHA at step 2",
+            "step": 2,
+            "metric": 1.4,
+        },
+        {
+            "trial": "trial-2",
+            "values": {"train.lr": 1e-3, "method.r": 4},
+            "outcome": "failed",
+            "step": 0,
+            "metric": None,
+        },
+    ]
+    fields = {"train.lr": "loguniform(1e-4, 1e-2)", "method.r": "choice(4, 8)"}
+    page = render_sweep_report("demo", fields, "validation_loss", "min", trials, "trial-0")
+    assert page.count("<tr") == 4 and "stopped by ASHA at step 2" in page
+    assert page.count("<circle") == 4  # two trials reported the metric, two fields
+    assert "<title>trial-0: 0.0001 -&gt; 0.9000</title>" in page and "fill='#d0594a'" in page  # the best in red
+
+
+def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_parent(tmp_path):
+    """lr 0.01 finishes; lr 1e-6 trails it at the first rung (step 2) and ASHA stops it; the sweep is
+    interrupted (SIGINT, as Ctrl+C) when the third trial starts, and the same command resumes it."""
+    from mlflow import MlflowClient
+
+    config = stories_run(
+        tmp_path,
+        "sweepy",
+        {"name": "lora", "r": 4, "target_modules": "all-linear"},
+        {"workers": 1, "max_steps": 4, "eval_every_steps": 2, "schedule": "constant", "log_every_steps": 100},
+    )
+    config["data"]["split"]["validation"] = 0.25
+    config["registry"]["artifact_location"] = (tmp_path / "artifacts").as_uri()
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "sweep"
+    command = ["sweep", str(path), "--set", "train.lr=grid(0.01, 0.000001, 0.001)", "--out", str(out)]
+
+    first = subprocess.Popen(
+        [sys.executable, "-m", "kftune.cli", *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in first.stdout:
+        lines.append(line)
+        if line.startswith("sweep: trial-2 started"):
+            os.kill(first.pid, signal.SIGINT)
+    assert first.wait(timeout=120) == 130, "".join(lines)
+    printed = "".join(lines)
+    assert "sweep: trial-0 finished" in printed and "sweep: trial-1 stopped by ASHA at step 2" in printed
+    assert "interrupted with 2 of 3 trials done" in printed
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "kftune.cli", *command], capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming the sweep of MLflow run" in resumed.stdout
+    assert "trial-2 started" in resumed.stdout and "trial-0 started" not in resumed.stdout  # finished trials stay
+
+    client = MlflowClient(config["registry"]["tracking_uri"])
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("kftune").experiment_id], "tags.`kftune.sweep` = 'parent'"
+    )
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    outcomes = {run.info.run_name: run.data.tags["kftune.sweep.outcome"] for run in children}
+    assert outcomes == {"trial-0": "finished", "trial-1": "stopped by ASHA at step 2", "trial-2": "finished"}
+    assert all(run.info.status == "FINISHED" for run in [parent, *children])
+    steps = {
+        r.info.run_name: [m.step for m in client.get_metric_history(r.info.run_id, "validation_loss")] for r in children
+    }
+    assert steps["trial-0"] == [2, 4] and steps["trial-1"][0] == 2
+    best = parent.data.tags["kftune.sweep.best_trial"]
+    assert best in ("trial-0", "trial-2")
+    assert parent.data.metrics["best_validation_loss"] == min(
+        client.get_metric_history(r.info.run_id, "validation_loss")[-1].value
+        for r in children
+        if r.info.run_name in ("trial-0", "trial-2")
+    )
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert artifacts == {"sweep_report.html", "best.yaml"}
+    best_config = load_config(out / "best.yaml")
+    assert best_config.train.lr == {"trial-0": 0.01, "trial-2": 0.001}[best]
+    report = (out / "sweep_report.html").read_text()
+    assert report.count("<circle") == 3 and "stopped by ASHA at step 2" in report
+
+
+def test_a_sweep_file_is_read_and_the_flags_and_set_domains_override_it(tmp_path):
+    from kftune.sweep.space import load_sweep_settings
+
+    path = tmp_path / "space.yaml"
+    path.write_text("space: {train.lr: 'loguniform(1e-5, 1e-3)'}\nmetric: validation_accuracy\nparallel: 2\n")
+    settings = load_sweep_settings(str(path), {"method.r": "choice(4, 8)"}, {"parallel": 1, "samples": None})
+    assert settings.space == {"train.lr": "loguniform(1e-5, 1e-3)", "method.r": "choice(4, 8)"}
+    assert (settings.metric, settings.mode, settings.parallel, settings.samples) == (
+        "validation_accuracy",
+        "max",
+        1,
+        None,
+    )
+    path.write_text("space: {train.lr: 'grid(1e-4)'}\nparalel: 2\n")
+    with pytest.raises(
+        KftuneError, match=r"invalid sweep settings \(.*space.yaml\):\n  paralel: Extra inputs are not permitted"
+    ):
+        load_sweep_settings(str(path), {}, {})
+
+
+def test_the_example_sweep_file_checks_against_its_config_as_the_docs_run_it():
+    from kftune.sweep.space import load_sweep_settings
+
+    overrides = ["data.max_rows=2000", "data.split.validation=0.1", "train.max_steps=40"]
+    overrides += ["train.eval_every_steps=10", "train.workers=1", "train.batch_size=16"]
+    config = load_config(EXAMPLES / "sst2-minilm-lora.yaml", overrides)
+    settings = load_sweep_settings(str(EXAMPLES / "sweeps" / "sst2-minilm-lora.yaml"), {}, {"samples": 4})
+    domains, configs = check_sweep(config_to_dict(config), settings, TWO_CPUS)
+    assert set(domains) == {"train.lr", "method.r"} and settings.parallel == 2 and len(configs) == 9

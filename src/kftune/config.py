@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from kftune.alignment.config import ALIGNMENT_METRICS, PreferenceSection, Stage, alignment_problem
 from kftune.errors import KftuneError
 from kftune.kube.settings import ClusterSection
 from kftune.methods import METHODS, MethodConfig, method_supports_task
@@ -174,12 +175,17 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    metrics: list[Literal["accuracy", "macro_f1", "perplexity", "exact_match", "rouge_l", "bleu"]] = Field(
+    metrics: list[
+        Literal[
+            "accuracy", "macro_f1", "perplexity", "exact_match", "rouge_l", "bleu", "preference_accuracy", "reward_margin"
+        ]
+    ] = Field(
         default_factory=lambda: ["accuracy", "macro_f1"]
     )
     """What the test split is scored by. Classification (a head, or a causal or masked LM through a
     verbalizer): accuracy, macro_f1, from one pass. Causal LM: perplexity on the target tokens and, on
-    greedy generations, exact_match, rouge_l, bleu: each costs a pass, made only when listed."""
+    greedy generations, exact_match, rouge_l, bleu: each costs a pass, made only when listed. Alignment
+    stages (see `kftune.alignment.evaluate`): preference_accuracy, reward_margin."""
     compare_base: bool = True
     batch_size: int = Field(default=64, ge=1)
     forgetting: bool = True
@@ -228,6 +234,9 @@ LM_METRICS = {"perplexity", "exact_match", "rouge_l", "bleu"}
 
 
 class RunConfig(Section):
+    stage: Stage = "sft"
+    """The training objective: supervised fine-tuning, a reward model, or preference alignment (see
+    `kftune.alignment`)."""
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
     prompt: PromptSection = Field(default_factory=PromptSection)
@@ -235,6 +244,7 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     """Where and how the compiled pipeline runs on Kubernetes; `kftune run` ignores it."""
 
@@ -245,6 +255,9 @@ class RunConfig(Section):
             template = get_template(self.prompt.template)
         except KftuneError as exc:
             raise _FieldError("prompt.template", str(exc).removeprefix("prompt.template: ")) from None
+        problem = alignment_problem(self)
+        if problem:
+            raise _FieldError(*problem)
         if task not in template.tasks:
             raise _FieldError(
                 "prompt.template", f"template {template.name!r} is for {', '.join(template.tasks)}, not {task}"
@@ -271,7 +284,9 @@ class RunConfig(Section):
         if problem:
             raise _FieldError(*problem)
         allowed = (
-            CLASSIFICATION_METRICS
+            ALIGNMENT_METRICS
+            if self.stage != "sft"
+            else CLASSIFICATION_METRICS
             if task != "causal_lm"
             else LM_METRICS | (CLASSIFICATION_METRICS if template.labelled else set())
         )
@@ -341,6 +356,8 @@ class RunConfig(Section):
     @property
     def has_labels(self) -> bool:
         """Classification data: a task head, or a causal LM scoring a verbalizer's words."""
+        if self.stage != "sft":  # a reward model's head is a score, KTO's label a judgement
+            return False
         return self.model.task == "sequence_classification" or get_template(self.prompt.template).labelled
 
     def fingerprint(self) -> str:

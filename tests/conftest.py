@@ -432,3 +432,15 @@ def preference_run(tmp_path, stage: str, data: Path, **sections) -> dict:
         },
     }
     return {**config, **sections}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-model tests: on a loaded 2-core machine two threads
+    spin against each other and a 260K-parameter forward pass takes 100x longer."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

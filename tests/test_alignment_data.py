@@ -13,6 +13,8 @@ from kftune.data.prepare import prepare, write_prepared
 from kftune.errors import KftuneError
 from kftune.prompts.build import IGNORE_INDEX, build_prompts, read_prompts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def prepared(tmp_path, stage: str, data, **sections):
     config = parse_config(preference_run(tmp_path, stage, data, **sections))

@@ -1,0 +1,173 @@
+"""Each alignment loss against its paper's formula, computed independently on the same batch: log-probabilities
+from the model's full logits in float64 (not the chunked loss path training uses), the reference model as a
+separately loaded base, the formulas in plain Python floats."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import PREFERENCE_DATA, STORIES, preference_run
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kftune.alignment.collate import FeedbackCollator, PairCollator
+from kftune.alignment.config import PreferenceSection
+from kftune.alignment.objective import Preference, Reference, RewardModel
+from kftune.config import parse_config
+from kftune.prompts.build import IGNORE_INDEX
+from kftune.train.loop import build_model
+
+PAIRS = [
+    ("One day, Tom went to", " the park with his dog.", " a big red ball."),
+    ("Lily saw a cat.", " She gave it some milk and it was happy.", " The cat was sad."),
+    ("The sun was", " warm and bright.", " blue."),
+]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(STORIES))
+
+
+def encoded(tokenizer, prompt: str, response: str) -> dict[str, list[int]]:
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :], "prompt_length": len(prompt_ids)}
+
+
+@pytest.fixture(scope="module")
+def pair_rows(tokenizer):
+    rows = []
+    for prompt, chosen, rejected in PAIRS:
+        c, r = encoded(tokenizer, prompt, chosen), encoded(tokenizer, prompt, rejected)
+        rows.append({"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"],
+                     "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """stories260K under LoRA with its adapter moved off zero, so the policy differs from the reference."""
+    config = parse_config(preference_run(tmp_path_factory.mktemp("run"), "dpo", PREFERENCE_DATA["hh_rlhf"]))
+    model = build_model(config, None, for_training=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base():
+    return AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
+
+
+def independent_logp(model, ids: list[int], labels: list[int]) -> float:
+    """log p(response | prompt) from the full logits, in float64."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    return sum(logprobs[i, label].item() for i, label in enumerate(labels[1:]) if label != IGNORE_INDEX)
+
+
+def pair_logps(model, rows, side):
+    return [independent_logp(model, r[f"{side}_input_ids"], r[f"{side}_labels"]) for r in rows]
+
+
+def response_tokens(rows, side):
+    return [sum(label != IGNORE_INDEX for label in r[f"{side}_labels"][1:]) for r in rows]
+
+
+def expected_pair_losses(stage, settings, policy, base, rows):
+    pc, pr = pair_logps(policy, rows, "chosen"), pair_logps(policy, rows, "rejected")
+    rc, rr = pair_logps(base, rows, "chosen"), pair_logps(base, rows, "rejected")
+    nc, nr = response_tokens(rows, "chosen"), response_tokens(rows, "rejected")
+    beta, out = settings.beta_for(stage), []
+    for i in range(len(rows)):
+        h = (pc[i] - rc[i]) - (pr[i] - rr[i])
+        if stage == "dpo" and settings.loss == "ipo":
+            out.append((h - 1 / (2 * beta)) ** 2)
+        elif stage == "dpo":
+            eps = settings.label_smoothing
+            out.append(-(1 - eps) * math.log(sigmoid(beta * h)) - eps * math.log(sigmoid(-beta * h)))
+        elif stage == "simpo":
+            out.append(-math.log(sigmoid(beta * (pc[i] / nc[i] - pr[i] / nr[i]) - settings.simpo_gamma)))
+        else:  # orpo
+            mc, mr = pc[i] / nc[i], pr[i] / nr[i]
+            odds = (mc - math.log(1 - math.exp(mc))) - (mr - math.log(1 - math.exp(mr)))
+            out.append(-mc - beta * math.log(sigmoid(odds)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("stage", "settings"),
+    [
+        ("dpo", PreferenceSection()),
+        ("dpo", PreferenceSection(loss="ipo", beta=0.5)),
+        ("dpo", PreferenceSection(label_smoothing=0.2)),
+        ("orpo", PreferenceSection()),
+        ("simpo", PreferenceSection()),
+    ],
+    ids=["sigmoid", "ipo", "cdpo", "orpo", "simpo"],
+)
+def test_pair_losses_match_the_papers(stage, settings, policy, base, pair_rows):
+    reference = Reference("adapter", policy) if stage == "dpo" else None
+    objective = Preference(stage, settings, reference, PairCollator(0))
+    with torch.no_grad():
+        losses = objective.example_losses(policy, objective.collate(pair_rows))
+    expected = expected_pair_losses(stage, settings, policy, base, pair_rows)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert max(expected) > 1e-3  # not a trivially zero loss
+
+
+def test_copied_reference_is_the_starting_model(tmp_path, base, pair_rows):
+    config = parse_config(preference_run(tmp_path, "dpo", PREFERENCE_DATA["hh_rlhf"]))
+    reference = Reference("copy", build_model(config, None, for_training=False))
+    logps = reference.logps(None, PairCollator(0)(pair_rows))[0].tolist()
+    assert logps == pytest.approx(pair_logps(base, pair_rows, "chosen") + pair_logps(base, pair_rows, "rejected"), rel=1e-5)
+
+
+def test_kto_matches_the_paper(tokenizer, policy, base):
+    rows = [{**encoded(tokenizer, p, c if i % 2 == 0 else r), "desirable": int(i % 2 == 0)} for i, (p, c, r) in enumerate(PAIRS)]
+    settings = PreferenceSection(desirable_weight=1.0, undesirable_weight=1.5)
+    objective = Preference("kto", settings, Reference("adapter", policy), FeedbackCollator(0))
+    with torch.no_grad():
+        losses = objective.example_losses(policy, objective.collate(rows)).tolist()
+    n, beta = len(rows), settings.beta_for("kto")
+    ratio = [independent_logp(policy, r["input_ids"], r["labels"]) - independent_logp(base, r["input_ids"], r["labels"]) for r in rows]
+    kl_terms = []
+    for i in range(n):
+        prompt, other = rows[i], rows[(i + 1) % n]
+        ids = prompt["input_ids"][: prompt["prompt_length"]] + other["input_ids"][other["prompt_length"] :]
+        labels = [IGNORE_INDEX] * prompt["prompt_length"] + ids[prompt["prompt_length"] :]
+        kl_terms.append(independent_logp(policy, ids, labels) - independent_logp(base, ids, labels))
+    z = max(0.0, sum(kl_terms) / n)
+    expected = [
+        1.0 * (1 - sigmoid(beta * (ratio[i] - z))) if rows[i]["desirable"] else 1.5 * (1 - sigmoid(beta * (z - ratio[i])))
+        for i in range(n)
+    ]
+    assert losses == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_reward_model_bradley_terry(tmp_path, pair_rows):
+    config = parse_config(preference_run(tmp_path, "reward", PREFERENCE_DATA["hh_rlhf"]))
+    model = build_model(config, 1, for_training=False).eval()
+    batch = PairCollator(0)(pair_rows)
+    with torch.no_grad():
+        loss = RewardModel(PairCollator(0)).loss(model, batch).item()
+        scores = [
+            model(input_ids=torch.tensor([r[f"{side}_input_ids"]])).logits[0, 0].item()
+            for side in ("chosen", "rejected")
+            for r in pair_rows
+        ]
+    n = len(pair_rows)
+    expected = sum(-math.log(sigmoid(scores[i] - scores[n + i])) for i in range(n))
+    assert loss == pytest.approx(expected, rel=1e-4)

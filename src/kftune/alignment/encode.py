@@ -15,6 +15,8 @@ from kftune.models import load_tokenizer, resolve_model_path
 from kftune.prompts.build import IGNORE_INDEX, META_FILE, PREVIEW_ROWS, _bucket, encode, write_split
 from kftune.prompts.templates import Segment, Template, chat_segments, get_template
 
+REWARD_LABELS = ["reward"]
+"""A reward model's one output: the head is built with one label, the scalar reward."""
 SPEAKERS = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
@@ -48,7 +50,7 @@ def build_preference_prompts(config, data_dir: str | Path, out_dir: str | Path) 
         "template": template.name,
         "max_length": config.prompt.max_length,
         "few_shot": 0,
-        "label_names": [],
+        "label_names": REWARD_LABELS if config.stage == "reward" else [],
         "dataset_sha256": data_card["dataset_sha256"],
         "pad_token_id": tokenizer.pad_token_id,
         "splits": stats,

@@ -74,12 +74,14 @@ def signature(config: RunConfig):
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Map
 
-    required, optional = input_columns(config)
+    required, optional = (["prompt", "response"], []) if config.stage == "reward" else input_columns(config)
     inputs = Schema(
         [ColSpec(DataType.string, c) for c in required]
         + [ColSpec(DataType.string, c, required=False) for c in optional]
     )
-    if config.model.task == "sequence_classification":
+    if config.stage == "reward":  # kftune.alignment.serving
+        outputs = [ColSpec(DataType.double, "reward")]
+    elif config.model.task == "sequence_classification":
         outputs = [ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score")]
     elif config.has_labels:
         outputs = [ColSpec(DataType.string, "label"), ColSpec(Map(DataType.double), "scores")]
@@ -97,6 +99,10 @@ def input_example(config: RunConfig, dataset_dir: str | Path):
 
     template = get_template(config.prompt.template)
     rows = read_split(dataset_dir, "test")[:EXAMPLE_ROWS]
+    if config.stage != "sft":
+        from kftune.alignment.serving import input_example as alignment_example
+
+        return alignment_example(config, rows)
     if not config.has_labels:
         return pd.DataFrame({"prompt": [template.render(row)[0][0] for row in rows]})
     fields = [f for f in template.fields + template.optional if all(row.get(f) is not None for row in rows)]

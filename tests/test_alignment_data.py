@@ -129,3 +129,37 @@ def test_impossible_stage_combinations_are_refused_by_name(tmp_path, change, mes
     config.update(change)
     with pytest.raises(KftuneError, match=message):
         parse_config(config)
+
+
+def test_an_alignment_run_compiles_to_the_same_dag(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import CLUSTER_RUN_CONFIG
+
+    from kftune.config import config_to_dict, load_config
+
+    reward = [
+        "stage=reward",
+        "data.path=/data/hh/pairs.jsonl",
+        "data.columns={}",
+        "data.split.test=0.2",
+        "prompt.template=preference",
+        "eval.metrics=[preference_accuracy, reward_margin]",
+        "registry.gate.metric=preference_accuracy",
+    ]
+    out = tmp_path / "pipeline.yaml"
+    overrides = [arg for item in reward for arg in ("--set", item)]
+    done = subprocess.run(
+        [sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), *overrides, "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    ir = next(yaml.safe_load_all(out.read_text()))
+    assert sorted(ir["root"]["dag"]["tasks"]) == sorted(
+        ["resolve-config", "fingerprint-data", "prepare-data", "build-prompts", "train", "evaluate", "register"]
+    )
+    default = ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
+    assert default["stage"] == "reward" and default == config_to_dict(load_config(CLUSTER_RUN_CONFIG, reward))

@@ -9,12 +9,13 @@ import math
 import pytest
 import torch
 from conftest import PREFERENCE_DATA, STORIES, preference_run
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from kftune.alignment.collate import FeedbackCollator, PairCollator
 from kftune.alignment.config import PreferenceSection
 from kftune.alignment.objective import Preference, Reference, RewardModel
 from kftune.config import parse_config
+from kftune.models import load_tokenizer
 from kftune.prompts.build import IGNORE_INDEX
 from kftune.train.loop import build_model
 
@@ -33,7 +34,7 @@ def sigmoid(x: float) -> float:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(str(STORIES))
+    return load_tokenizer(STORIES)
 
 
 def encoded(tokenizer, prompt: str, response: str) -> dict[str, list[int]]:
@@ -171,3 +172,44 @@ def test_reward_model_bradley_terry(tmp_path, pair_rows):
     n = len(pair_rows)
     expected = sum(-math.log(sigmoid(scores[i] - scores[n + i])) for i in range(n))
     assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def independent_token_logps(model, ids: list[int], labels: list[int]) -> list[float]:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    return [logprobs[i, label].item() for i, label in enumerate(labels[1:]) if label != IGNORE_INDEX]
+
+
+def test_grpo_matches_the_paper(tokenizer, policy, base):
+    from kftune.alignment.collate import PromptCollator
+    from kftune.alignment.config import OnlineSection
+    from kftune.alignment.online import GroupRelative, grpo_losses, token_logps
+
+    settings = OnlineSection(reward_function="unused.py:f", group_size=3, max_new_tokens=6, kl_beta=0.1)
+    length = lambda prompts, completions: [float(len(c)) for c in completions]  # noqa: E731
+    objective = GroupRelative(settings, Reference("adapter", policy), PromptCollator(0), tokenizer, length)
+    prompts = [tokenizer(p)["input_ids"] for p, _, _ in PAIRS[:2]]
+    torch.manual_seed(0)
+    rollout = objective.rollout(policy, objective.collate([{"input_ids": ids} for ids in prompts]))
+    assert rollout["input_ids"].shape[0] == 6 and objective.items(objective.collate([{"input_ids": p} for p in prompts])) == 6
+    mask = (rollout["labels"][:, 1:] != IGNORE_INDEX).float()
+    with torch.no_grad():
+        losses = grpo_losses(token_logps(policy, rollout), rollout["reference"], mask, rollout["advantages"], 0.1)
+    expected = []
+    for i in range(6):
+        n = int(rollout["attention_mask"][i].sum())
+        ids, labels = rollout["input_ids"][i, :n].tolist(), rollout["labels"][i, :n].tolist()
+        assert ids[: len(prompts[i // 3])] == prompts[i // 3]  # each completion continues its own prompt
+        completion = tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)
+        group = [
+            float(len(tokenizer.decode([t for t in rollout["labels"][j].tolist() if t != IGNORE_INDEX], skip_special_tokens=True)))
+            for j in range(i // 3 * 3, i // 3 * 3 + 3)
+        ]
+        mean = sum(group) / 3
+        std = math.sqrt(sum((g - mean) ** 2 for g in group) / 2)
+        advantage = (len(completion) - mean) / (std + 1e-4)
+        pi, ref = independent_token_logps(policy, ids, labels), independent_token_logps(base, ids, labels)
+        terms = [-advantage + 0.1 * (math.exp(r - p) - (r - p) - 1) for p, r in zip(pi, ref, strict=True)]
+        expected.append(sum(terms) / len(terms))
+    assert losses.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-5)

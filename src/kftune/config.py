@@ -16,7 +16,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kftune.alignment.config import ALIGNMENT_METRICS, PreferenceSection, Stage, alignment_problem
+from kftune.alignment.config import (
+    ALIGNMENT_METRICS,
+    ONLINE_METRICS,
+    OnlineSection,
+    PreferenceSection,
+    Stage,
+    alignment_problem,
+)
 from kftune.errors import KftuneError
 from kftune.kube.settings import ClusterSection
 from kftune.methods import METHODS, MethodConfig, method_supports_task
@@ -177,7 +184,17 @@ class TrainSection(Section):
 class EvalSection(Section):
     metrics: list[
         Literal[
-            "accuracy", "macro_f1", "perplexity", "exact_match", "rouge_l", "bleu", "preference_accuracy", "reward_margin"
+            "accuracy",
+            "macro_f1",
+            "perplexity",
+            "exact_match",
+            "rouge_l",
+            "bleu",
+            "preference_accuracy",
+            "reward_margin",
+            "mean_reward",
+            "win_rate",
+            "kl",
         ]
     ] = Field(
         default_factory=lambda: ["accuracy", "macro_f1"]
@@ -185,7 +202,8 @@ class EvalSection(Section):
     """What the test split is scored by. Classification (a head, or a causal or masked LM through a
     verbalizer): accuracy, macro_f1, from one pass. Causal LM: perplexity on the target tokens and, on
     greedy generations, exact_match, rouge_l, bleu: each costs a pass, made only when listed. Alignment
-    stages (see `kftune.alignment.evaluate`): preference_accuracy, reward_margin."""
+    stages (see `kftune.alignment.evaluate`): preference_accuracy, reward_margin; grpo: mean_reward,
+    win_rate, kl."""
     compare_base: bool = True
     batch_size: int = Field(default=64, ge=1)
     forgetting: bool = True
@@ -245,6 +263,7 @@ class RunConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    online: OnlineSection = Field(default_factory=OnlineSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     """Where and how the compiled pipeline runs on Kubernetes; `kftune run` ignores it."""
 
@@ -284,7 +303,7 @@ class RunConfig(Section):
         if problem:
             raise _FieldError(*problem)
         allowed = (
-            ALIGNMENT_METRICS
+            ALIGNMENT_METRICS | ONLINE_METRICS
             if self.stage != "sft"
             else CLASSIFICATION_METRICS
             if task != "causal_lm"
@@ -486,7 +505,11 @@ def _resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
     model = config.model
     if model.name_or_path not in PACKAGED_MODELS:
         model = model.model_copy(update={"name_or_path": _resolve_path(model.name_or_path, base)})
-    return config.model_copy(update={"data": data, "model": model})
+    online = config.online
+    if online.reward_function:  # path/to/file.py:function
+        file, _, function = online.reward_function.rpartition(":")
+        online = online.model_copy(update={"reward_function": f"{_resolve_path(file, base)}:{function}"})
+    return config.model_copy(update={"data": data, "model": model, "online": online})
 
 
 def _resolve_path(value: str, base: Path) -> str:

@@ -45,6 +45,20 @@ def mismatch(prompt_row: dict[str, Any], completion_row: dict[str, Any]) -> dict
     return {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
 
 
+class PromptCollator:
+    """Prompts padded on the left, so that sampling continues every row from its last token."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+        return {
+            "input_ids": torch.tensor([[self.pad] * (width - len(r["input_ids"])) + r["input_ids"] for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r["input_ids"])) + [1] * len(r["input_ids"]) for r in rows]),
+        }
+
+
 def as_sequences(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
     """Rows as single sequences, for what reads one sequence per row (the reload probe): a pair's chosen
     sequence (its label, under a reward model's head, a placeholder); other rows as they are."""
@@ -55,6 +69,8 @@ def as_sequences(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
             "labels": 0 if task == "sequence_classification" else row["chosen_labels"],
         }
         if "chosen_input_ids" in row
+        else {**row, "labels": row["input_ids"]}
+        if "labels" not in row  # a prompt of online RL: scored as text
         else row
         for row in rows
     ]

@@ -9,12 +9,14 @@ from pydantic import Field
 
 from kftune.section import Section
 
-Stage = Literal["sft", "reward", "dpo", "kto", "orpo", "simpo"]
+Stage = Literal["sft", "reward", "dpo", "kto", "orpo", "simpo", "grpo"]
 PAIRED_STAGES = ("reward", "dpo", "orpo", "simpo")
 """Stages trained on pairs (a prompt, a chosen and a rejected response); KTO reads unpaired feedback."""
-REFERENCE_STAGES = ("dpo", "kto")
+REFERENCE_STAGES = ("dpo", "kto", "grpo")
 """Stages whose loss compares the policy with a frozen reference model; ORPO and SimPO need none."""
 ALIGNMENT_METRICS = {"preference_accuracy", "reward_margin"}
+ONLINE_METRICS = {"mean_reward", "win_rate", "kl"}
+"""What the evaluate step measures of a policy trained online (grpo), on greedy generations."""
 DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
 """The defaults of the papers (and TRL): DPO, KTO beta; ORPO's lambda; SimPO's beta."""
 RESPONSE_FIELDS = {"prompt", "response"}
@@ -47,6 +49,20 @@ class PreferenceSection(Section):
 
     def beta_for(self, stage: str) -> float:
         return self.beta if self.beta is not None else DEFAULT_BETA[stage]
+
+
+class OnlineSection(Section):
+    """grpo: the policy samples completions of the training prompts during training and learns from their rewards."""
+
+    reward_function: str | None = None
+    """`path/to/file.py:function`: called with the prompts (rendered text) and completions (lists of str),
+    returns one float per completion. A relative path is taken from the run config's folder."""
+    group_size: int = Field(default=4, ge=2)
+    """Completions sampled per prompt; GRPO's advantage is a completion's reward standardised within its group."""
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    kl_beta: float = Field(default=0.04, ge=0)
+    """Weight of the KL penalty to the reference model (Shao et al. 2024 use 0.04)."""
 
 
 def resolved_reference(config) -> str:
@@ -92,11 +108,19 @@ def alignment_problem(config) -> tuple[str, str] | None:
     if config.prompt.packing or config.prompt.few_shot:
         field = "prompt.packing" if config.prompt.packing else "prompt.few_shot"
         return field, f"stage {stage} compares whole responses row by row; remove {field}"
-    forms = ("unpaired",) if stage == "kto" else ("pairs", "hh_rlhf", "conversations")
+    if stage == "grpo" and not config.online.reward_function:
+        return "online.reward_function", "grpo needs rewards: give a Python function as path/to/file.py:function"
+    if stage == "grpo" and ":" not in config.online.reward_function:
+        return "online.reward_function", f"{config.online.reward_function!r}: write it as path/to/file.py:function"
+    if stage != "grpo" and config.online != OnlineSection():
+        return "online", f"applies to online RL (stage: grpo), not {stage}"
+    forms = {"kto": ("unpaired",), "grpo": ("prompts",)}.get(stage, ("pairs", "hh_rlhf", "conversations"))
     if preference.format not in ("auto", *forms):
         return "preference.format", f"stage {stage} reads {' or '.join(forms)} data, not {preference.format}"
     if preference.label_smoothing and not (stage == "dpo" and preference.loss == "sigmoid"):
         return "preference.label_smoothing", "conservative DPO smooths the sigmoid DPO loss (stage: dpo, loss: sigmoid)"
+    if stage == "grpo" and config.train.deepspeed and config.train.deepspeed.stage == 3:
+        return "train.deepspeed.stage", "grpo samples completions inside each worker; ZeRO-3 would gather every layer per token"
     if preference.loss != "sigmoid" and stage != "dpo":
         return "preference.loss", f"chooses the dpo stage's loss; stage {stage} has its own"
     if stage == "kto" and config.train.micro_batch() < 2:
@@ -124,10 +148,8 @@ def alignment_problem(config) -> tuple[str, str] | None:
             )
     elif preference.reference != "auto":
         return "preference.reference", f"stage {stage} uses no reference model"
-    wrong = [m for m in config.eval.metrics if m not in ALIGNMENT_METRICS]
+    allowed = ONLINE_METRICS if stage == "grpo" else ALIGNMENT_METRICS
+    wrong = [m for m in config.eval.metrics if m not in allowed]
     if wrong:
-        return (
-            "eval.metrics",
-            f"{', '.join(wrong)} not available for stage {stage}; use {', '.join(sorted(ALIGNMENT_METRICS))}",
-        )
+        return "eval.metrics", f"{', '.join(wrong)} not available for stage {stage}; use {', '.join(sorted(allowed))}"
     return None

@@ -34,7 +34,9 @@ def data_form(config, table: Table) -> str:
     if chosen == "auto":
         has = {field for field in ("prompt", "conversations", "chosen") if config.columns_for(field) in table.columns}
         chosen = (
-            "unpaired"
+            "prompts"
+            if config.stage == "grpo"
+            else "unpaired"
             if config.stage == "kto"
             else "conversations"
             if "conversations" in has

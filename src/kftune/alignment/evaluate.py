@@ -56,6 +56,9 @@ def evaluate_alignment(config, prompts_dir: str | Path, model_dir: str | Path) -
             with progress(f"evaluate {name}: rewards"):
                 result[name] = preference_metrics(*pair_rewards(model, rows, pad, size))
         return result
+    if config.stage == "grpo":
+        result.update(online_metrics(config, models, rows, tokenizer))
+        return result
     with progress("evaluate: log-probabilities"):
         logps = {name: response_logps(model, rows, pad, size) for name, model in models.items()}
     beta = config.preference.beta_for(config.stage)
@@ -114,3 +117,62 @@ def prompt_only(row: dict) -> dict[str, list[int]]:
     ids, labels = (row["chosen_input_ids"], row["chosen_labels"]) if "chosen_input_ids" in row else (row["input_ids"], row["labels"])
     prompt = ids[: next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)]
     return {"input_ids": prompt, "labels": [IGNORE_INDEX] * len(prompt)}
+
+
+def online_metrics(config, models: dict, rows: list[dict], tokenizer) -> dict[str, Any]:
+    """A policy trained online, on greedy completions of the held-out prompts: mean reward of tuned and
+    base; the tuned model's win rate over the base (ties half); KL to the base (the reference): the mean
+    over prompts of log pi(y|x) - log pi_ref(y|x) on the tuned model's own completions."""
+    from kftune.alignment.online import load_reward_function
+
+    reward = load_reward_function(config.online.reward_function)
+    prompts = [row["input_ids"] for row in rows]
+    prompt_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+    completions, rewards = {}, {}
+    for name, model in models.items():
+        with progress(f"evaluate {name}: generations"):
+            completions[name] = greedy(model, prompts, tokenizer, config.eval.max_new_tokens, config.eval.batch_size)
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions[name]]
+        rewards[name] = torch.tensor(reward(prompt_texts, texts), dtype=torch.float64)
+    sequences = [
+        {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c} for p, c in zip(prompts, completions["tuned"], strict=True)
+    ]
+    collate = Collator(tokenizer.pad_token_id, "causal_lm")
+    with torch.no_grad():
+        log_ratio = torch.cat(
+            [
+                sequence_logps(models["tuned"], on_device(models["tuned"], collate(chunk)))[0].cpu()
+                - sequence_logps(models["base"], on_device(models["base"], collate(chunk)))[0].cpu()
+                for chunk in batched(sequences, config.eval.batch_size)
+            ]
+        )
+    win = preference_metrics(rewards["tuned"], rewards["base"])["preference_accuracy"]
+    samples = [
+        {"generated": tokenizer.decode(t, skip_special_tokens=True), "reference": f"(base model) {tokenizer.decode(b, skip_special_tokens=True)}"}
+        for t, b in list(zip(completions["tuned"], completions["base"], strict=True))[:SAMPLE_PROMPTS]
+    ]
+    return {
+        "tuned": {"mean_reward": round(rewards["tuned"].mean().item(), 4), "win_rate": win, "kl": round(log_ratio.mean().item(), 4), "samples": samples},
+        "base": {"mean_reward": round(rewards["base"].mean().item(), 4), "win_rate": 0.5, "kl": 0.0},
+    }
+
+
+@torch.no_grad()
+def greedy(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, size: int) -> list[list[int]]:
+    """Greedy completion ids of each prompt, up to and including the end-of-sequence token."""
+    from kftune.alignment.online import until_eos
+    from kftune.alignment.collate import PromptCollator
+
+    collate, completions = PromptCollator(tokenizer.pad_token_id), []
+    for chunk in batched(prompts, size):
+        batch = on_device(model, collate([{"input_ids": ids} for ids in chunk]))
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        completions += [until_eos(ids, tokenizer.eos_token_id) for ids in output[:, batch["input_ids"].shape[1] :].tolist()]
+    return completions

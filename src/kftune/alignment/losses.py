@@ -21,6 +21,11 @@ from kftune.prompts.build import IGNORE_INDEX
 from kftune.train.losses import next_token_losses
 
 
+def unwrapped(model):
+    """The module under a DDP wrapper or DeepSpeed engine (no-grad passes bypass the wrapper)."""
+    return getattr(model, "module", model)
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor], prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its labelled (response) tokens, and how many there are.
     `prefix` selects another sequence set of the batch (KTO's mismatched `kl_` rows)."""

@@ -8,16 +8,18 @@ adapter switched off (no second copy of the weights), otherwise a frozen copy of
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
 import torch
 
 from kftune.alignment import losses
-from kftune.alignment.collate import FeedbackCollator, PairCollator
-from kftune.alignment.config import resolved_reference
+from kftune.alignment.collate import FeedbackCollator, PairCollator, PromptCollator
+from kftune.alignment.config import REFERENCE_STAGES, resolved_reference
+from kftune.alignment.losses import unwrapped
 from kftune.prompts.collate import make_collator
-from kftune.train.losses import loss_items, summed_loss
+from kftune.train.losses import loss_items, next_token_losses, summed_loss
 
 
 def training_objective(config, meta: dict[str, Any], model, varlen: bool = False):
@@ -26,14 +28,16 @@ def training_objective(config, meta: dict[str, Any], model, varlen: bool = False
         return Supervised(config.model.task, make_collator(meta, config.model.task, varlen=varlen))
     if config.stage == "reward":
         return RewardModel(PairCollator(meta["pad_token_id"]))
-    reference = Reference(resolved_reference(config), model) if config.stage in ("dpo", "kto") else None
+    reference = Reference(resolved_reference(config), model) if config.stage in REFERENCE_STAGES else None
+    if config.stage == "grpo":
+        from kftune.alignment.online import GroupRelative, load_reward_function
+        from kftune.models import load_tokenizer, resolve_model_path
+
+        tokenizer = load_tokenizer(resolve_model_path(config.model.name_or_path))
+        reward = load_reward_function(config.online.reward_function)
+        return GroupRelative(config.online, reference, PromptCollator(meta["pad_token_id"]), tokenizer, reward)
     collate = FeedbackCollator if config.stage == "kto" else PairCollator
     return Preference(config.stage, config.preference, reference, collate(meta["pad_token_id"]))
-
-
-def unwrapped(model):
-    """The module under a DDP wrapper or DeepSpeed engine (no-grad passes bypass the wrapper)."""
-    return getattr(model, "module", model)
 
 
 class Supervised:
@@ -83,12 +87,24 @@ class Reference:
 
     @torch.no_grad()
     def logps(self, policy, batch: dict[str, torch.Tensor], prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed response log-probability and its token count."""
+        with self.model(policy, batch["input_ids"].device) as model:
+            return losses.sequence_logps(model, batch, prefix)
+
+    @torch.no_grad()
+    def token_logps(self, policy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The log-probability of each labelled token (0 elsewhere)."""
+        with self.model(policy, batch["input_ids"].device) as model:
+            return -next_token_losses(model, batch)
+
+    @contextlib.contextmanager
+    def model(self, policy, device: torch.device):
         if self.copy is not None:
-            self.copy.to(batch["input_ids"].device)
-            return losses.sequence_logps(self.copy, batch, prefix)
+            yield self.copy.to(device)
+            return
         module = unwrapped(policy)
         with module.disable_adapter():
-            return losses.sequence_logps(module, batch, prefix)
+            yield module
 
 
 class Preference:

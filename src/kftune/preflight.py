@@ -20,6 +20,10 @@ def preflight(config: RunConfig) -> list[str]:
     from kftune.data.prepare import prepare
 
     check_method_on_model(config)
+    if config.stage == "grpo":  # the reward function's file imports and has the function
+        from kftune.alignment.online import load_reward_function
+
+        load_reward_function(config.online.reward_function)
     return prepare(config).warnings
 
 

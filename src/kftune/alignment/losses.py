@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kftune.prompts.build import IGNORE_INDEX
-from kftune.train.losses import next_token_losses
+from kftune.train.losses import row_losses
 
 
 def unwrapped(model):
@@ -31,7 +31,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], prefix: str = "") -> t
     `prefix` selects another sequence set of the batch (KTO's mismatched `kl_` rows)."""
     inputs = {key: batch[prefix + key] for key in ("input_ids", "attention_mask", "labels")}
     counts = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
-    return -next_token_losses(model, inputs).sum(dim=1), counts
+    return -row_losses(model, inputs), counts
 
 
 def bradley_terry_losses(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PREFERENCE_DATA, STORIES, preference_run
 
+from conftest import PREFERENCE_DATA, STORIES, preference_run
 from kftune.alignment.collate import FeedbackCollator, PairCollator
 from kftune.config import parse_config
 from kftune.data.prepare import prepare, write_prepared
@@ -65,14 +65,18 @@ def test_missing_columns_and_bad_feedback_labels_are_named(tmp_path):
 
 
 def test_pairs_encode_the_response_only_and_drop_long_prompts(tmp_path):
-    rows = [{"prompt": f"Tell me about the cat number {i}.", "chosen": "A cat sat.", "rejected": "No."} for i in range(11)]
+    rows = [
+        {"prompt": f"Tell me about the cat number {i}.", "chosen": "A cat sat.", "rejected": "No."} for i in range(11)
+    ]
     rows.append({"prompt": "long " * 300, "chosen": "yes", "rejected": "no"})
     config, data = prepared(tmp_path, "dpo", write_jsonl(tmp_path / "pairs.jsonl", rows))
     write_prepared(data, tmp_path / "data")
     meta = build_prompts(config, tmp_path / "data", tmp_path / "prompts")
     assert sum(c.get("dropped_prompt_too_long", 0) for c in meta["splits"].values()) == 1
     row = read_prompts(tmp_path / "prompts", "train")[0]
-    prompt = [i for i, label in zip(row["chosen_input_ids"], row["chosen_labels"], strict=True) if label == IGNORE_INDEX]
+    prompt = [
+        i for i, label in zip(row["chosen_input_ids"], row["chosen_labels"], strict=True) if label == IGNORE_INDEX
+    ]
     assert prompt == row["rejected_input_ids"][: len(prompt)]  # the same prompt tokens, unlabelled
     trained = [label for label in row["chosen_labels"] if label != IGNORE_INDEX]
     assert trained == row["chosen_input_ids"][len(prompt) :] and trained
@@ -104,7 +108,11 @@ def test_chat_template_renders_the_dialogue(tmp_path):
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+    ]
     segments = render_response(get_template("preference_chat"), tokenizer, turns, "ciao")
     assert [text for text, trained in segments if trained] == ["ciao</s>"]  # earlier assistant turns are context
     assert "".join(text for text, _ in segments).startswith("<user>hi</s><assistant>hello</s><user>bye</s>")
@@ -123,7 +131,10 @@ def test_chat_template_renders_the_dialogue(tmp_path):
         ({"stage": "ppo"}, "stage: Input should be 'sft', 'reward', 'dpo', 'kto', 'orpo', 'simpo' or 'grpo'"),
         ({"stage": "grpo", "eval": {"metrics": ["mean_reward"]}}, "online.reward_function: grpo needs rewards"),
         ({"online": {"group_size": 8}}, "online: applies to online RL"),
-        ({"method": {"name": "full"}, "train": {"batch_size": 4, "workers": 1, "deepspeed": {"stage": 3}}}, "a frozen copy of the starting model is not partitioned"),
+        (
+            {"method": {"name": "full"}, "train": {"batch_size": 4, "workers": 1, "deepspeed": {"stage": 3}}},
+            "a frozen copy of the starting model is not partitioned",
+        ),
     ],
 )
 def test_impossible_stage_combinations_are_refused_by_name(tmp_path, change, message):
@@ -138,8 +149,8 @@ def test_an_alignment_run_compiles_to_the_same_dag(tmp_path):
     import sys
 
     import yaml
-    from conftest import CLUSTER_RUN_CONFIG
 
+    from conftest import CLUSTER_RUN_CONFIG
     from kftune.config import config_to_dict, load_config
 
     reward = [

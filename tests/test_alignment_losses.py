@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from conftest import PREFERENCE_DATA, STORIES, preference_run
 from transformers import AutoModelForCausalLM
 
+from conftest import PREFERENCE_DATA, STORIES, preference_run
 from kftune.alignment.collate import FeedbackCollator, PairCollator
 from kftune.alignment.config import PreferenceSection
 from kftune.alignment.objective import Preference, Reference, RewardModel
@@ -40,7 +40,11 @@ def tokenizer():
 def encoded(tokenizer, prompt: str, response: str) -> dict[str, list[int]]:
     prompt_ids = tokenizer(prompt)["input_ids"]
     ids = prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :], "prompt_length": len(prompt_ids)}
+    return {
+        "input_ids": ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :],
+        "prompt_length": len(prompt_ids),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,14 @@ def pair_rows(tokenizer):
     rows = []
     for prompt, chosen, rejected in PAIRS:
         c, r = encoded(tokenizer, prompt, chosen), encoded(tokenizer, prompt, rejected)
-        rows.append({"chosen_input_ids": c["input_ids"], "chosen_labels": c["labels"],
-                     "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"]})
+        rows.append(
+            {
+                "chosen_input_ids": c["input_ids"],
+                "chosen_labels": c["labels"],
+                "rejected_input_ids": r["input_ids"],
+                "rejected_labels": r["labels"],
+            }
+        )
     return rows
 
 
@@ -133,17 +143,25 @@ def test_copied_reference_is_the_starting_model(tmp_path, base, pair_rows):
     config = parse_config(preference_run(tmp_path, "dpo", PREFERENCE_DATA["hh_rlhf"]))
     reference = Reference("copy", build_model(config, None, for_training=False))
     logps = reference.logps(None, PairCollator(0)(pair_rows))[0].tolist()
-    assert logps == pytest.approx(pair_logps(base, pair_rows, "chosen") + pair_logps(base, pair_rows, "rejected"), rel=1e-5)
+    assert logps == pytest.approx(
+        pair_logps(base, pair_rows, "chosen") + pair_logps(base, pair_rows, "rejected"), rel=1e-5
+    )
 
 
 def test_kto_matches_the_paper(tokenizer, policy, base):
-    rows = [{**encoded(tokenizer, p, c if i % 2 == 0 else r), "desirable": int(i % 2 == 0)} for i, (p, c, r) in enumerate(PAIRS)]
+    rows = [
+        {**encoded(tokenizer, p, c if i % 2 == 0 else r), "desirable": int(i % 2 == 0)}
+        for i, (p, c, r) in enumerate(PAIRS)
+    ]
     settings = PreferenceSection(desirable_weight=1.0, undesirable_weight=1.5)
     objective = Preference("kto", settings, Reference("adapter", policy), FeedbackCollator(0))
     with torch.no_grad():
         losses = objective.example_losses(policy, objective.collate(rows)).tolist()
     n, beta = len(rows), settings.beta_for("kto")
-    ratio = [independent_logp(policy, r["input_ids"], r["labels"]) - independent_logp(base, r["input_ids"], r["labels"]) for r in rows]
+    ratio = [
+        independent_logp(policy, r["input_ids"], r["labels"]) - independent_logp(base, r["input_ids"], r["labels"])
+        for r in rows
+    ]
     kl_terms = []
     for i in range(n):
         prompt, other = rows[i], rows[(i + 1) % n]
@@ -152,7 +170,9 @@ def test_kto_matches_the_paper(tokenizer, policy, base):
         kl_terms.append(independent_logp(policy, ids, labels) - independent_logp(base, ids, labels))
     z = max(0.0, sum(kl_terms) / n)
     expected = [
-        1.0 * (1 - sigmoid(beta * (ratio[i] - z))) if rows[i]["desirable"] else 1.5 * (1 - sigmoid(beta * (z - ratio[i])))
+        1.0 * (1 - sigmoid(beta * (ratio[i] - z)))
+        if rows[i]["desirable"]
+        else 1.5 * (1 - sigmoid(beta * (z - ratio[i])))
         for i in range(n)
     ]
     assert losses == pytest.approx(expected, rel=1e-4, abs=1e-6)
@@ -192,7 +212,10 @@ def test_grpo_matches_the_paper(tokenizer, policy, base):
     prompts = [tokenizer(p)["input_ids"] for p, _, _ in PAIRS[:2]]
     torch.manual_seed(0)
     rollout = objective.rollout(policy, objective.collate([{"input_ids": ids} for ids in prompts]))
-    assert rollout["input_ids"].shape[0] == 6 and objective.items(objective.collate([{"input_ids": p} for p in prompts])) == 6
+    assert (
+        rollout["input_ids"].shape[0] == 6
+        and objective.items(objective.collate([{"input_ids": p} for p in prompts])) == 6
+    )
     mask = (rollout["labels"][:, 1:] != IGNORE_INDEX).float()
     with torch.no_grad():
         losses = grpo_losses(token_logps(policy, rollout), rollout["reference"], mask, rollout["advantages"], 0.1)
@@ -203,7 +226,13 @@ def test_grpo_matches_the_paper(tokenizer, policy, base):
         assert ids[: len(prompts[i // 3])] == prompts[i // 3]  # each completion continues its own prompt
         completion = tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)
         group = [
-            float(len(tokenizer.decode([t for t in rollout["labels"][j].tolist() if t != IGNORE_INDEX], skip_special_tokens=True)))
+            float(
+                len(
+                    tokenizer.decode(
+                        [t for t in rollout["labels"][j].tolist() if t != IGNORE_INDEX], skip_special_tokens=True
+                    )
+                )
+            )
             for j in range(i // 3 * 3, i // 3 * 3 + 3)
         ]
         mean = sum(group) / 3

@@ -9,8 +9,8 @@ import json
 import mlflow
 import pandas as pd
 import pytest
-from conftest import preference_run
 
+from conftest import preference_run
 from kftune import steps
 from kftune.steps import EVALUATION_FILE as WRITTEN
 
@@ -20,7 +20,11 @@ ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "lion", "fox", 
 def pairs_file(tmp_path):
     """Pairs a tiny model can learn to tell apart: a story sentence over letter noise."""
     rows = [
-        {"prompt": f"Tell me about the {animal} number {i}.", "chosen": f"The {animal} was happy and played.", "rejected": f"zq xv kj {animal} qq."}
+        {
+            "prompt": f"Tell me about the {animal} number {i}.",
+            "chosen": f"The {animal} was happy and played.",
+            "rejected": f"zq xv kj {animal} qq.",
+        }
         for i in range(4)
         for animal in ANIMALS
     ]
@@ -35,7 +39,9 @@ def run_steps(config: dict, tmp_path, name: str) -> dict:
     steps.build_prompts(config, d["data"], d["prompts"], str(tmp_path / f"{name}-preview.html"))
     steps.train(config, d["prompts"], d["model"], name)
     steps.evaluate(config, d["prompts"], d["model"], d["evaluation"], str(tmp_path / f"{name}-report.html"))
-    summary = steps.register(config, d["data"], d["model"], d["evaluation"], str(tmp_path / f"{name}-report.html"), name)
+    summary = steps.register(
+        config, d["data"], d["model"], d["evaluation"], str(tmp_path / f"{name}-report.html"), name
+    )
     return {**summary, "evaluation": json.loads((tmp_path / name / "evaluation" / WRITTEN).read_text())}
 
 

@@ -55,7 +55,9 @@ class PromptCollator:
         width = max(len(row["input_ids"]) for row in rows)
         return {
             "input_ids": torch.tensor([[self.pad] * (width - len(r["input_ids"])) + r["input_ids"] for r in rows]),
-            "attention_mask": torch.tensor([[0] * (width - len(r["input_ids"])) + [1] * len(r["input_ids"]) for r in rows]),
+            "attention_mask": torch.tensor(
+                [[0] * (width - len(r["input_ids"])) + [1] * len(r["input_ids"]) for r in rows]
+            ),
         }
 
 

@@ -120,7 +120,10 @@ def alignment_problem(config) -> tuple[str, str] | None:
     if preference.label_smoothing and not (stage == "dpo" and preference.loss == "sigmoid"):
         return "preference.label_smoothing", "conservative DPO smooths the sigmoid DPO loss (stage: dpo, loss: sigmoid)"
     if stage == "grpo" and config.train.deepspeed and config.train.deepspeed.stage == 3:
-        return "train.deepspeed.stage", "grpo samples completions inside each worker; ZeRO-3 would gather every layer per token"
+        return (
+            "train.deepspeed.stage",
+            "grpo samples completions inside each worker; ZeRO-3 would gather every layer per token",
+        )
     if preference.loss != "sigmoid" and stage != "dpo":
         return "preference.loss", f"chooses the dpo stage's loss; stage {stage} has its own"
     if stage == "kto" and config.train.micro_batch() < 2:

@@ -37,7 +37,9 @@ def evaluate_alignment(config, prompts_dir: str | Path, model_dir: str | Path) -
     models = {
         "tuned": place(load_tuned_model(model_dir), config.eval),
         "base": place(
-            load_base_model(base_path, config.model.task, num_labels, config.train.seed, config.model.attn_implementation),
+            load_base_model(
+                base_path, config.model.task, num_labels, config.train.seed, config.model.attn_implementation
+            ),
             config.eval,
         ),
     }
@@ -64,10 +66,8 @@ def evaluate_alignment(config, prompts_dir: str | Path, model_dir: str | Path) -
     beta = config.preference.beta_for(config.stage)
     for name in models:
         total, counts = logps[name]
-        if config.stage in ("dpo", "kto"):
-            rewards = beta * (total - logps["base"][0])  # the base model is the reference
-        else:
-            rewards = beta * total / counts
+        reference = logps["base"][0] if config.stage in ("dpo", "kto") else None  # the base model
+        rewards = beta * (total - reference) if reference is not None else beta * total / counts
         if config.stage == "kto":
             desirable = torch.tensor([row["desirable"] for row in rows], dtype=torch.bool)
             result[name] = preference_metrics(torch.where(desirable, rewards, -rewards), torch.zeros_like(rewards))
@@ -114,7 +114,11 @@ def side_by_side(models: dict, rows: list[dict], tokenizer, max_new_tokens: int)
 
 
 def prompt_only(row: dict) -> dict[str, list[int]]:
-    ids, labels = (row["chosen_input_ids"], row["chosen_labels"]) if "chosen_input_ids" in row else (row["input_ids"], row["labels"])
+    ids, labels = (
+        (row["chosen_input_ids"], row["chosen_labels"])
+        if "chosen_input_ids" in row
+        else (row["input_ids"], row["labels"])
+    )
     prompt = ids[: next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)]
     return {"input_ids": prompt, "labels": [IGNORE_INDEX] * len(prompt)}
 
@@ -135,7 +139,8 @@ def online_metrics(config, models: dict, rows: list[dict], tokenizer) -> dict[st
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions[name]]
         rewards[name] = torch.tensor(reward(prompt_texts, texts), dtype=torch.float64)
     sequences = [
-        {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c} for p, c in zip(prompts, completions["tuned"], strict=True)
+        {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
+        for p, c in zip(prompts, completions["tuned"], strict=True)
     ]
     collate = Collator(tokenizer.pad_token_id, "causal_lm")
     with torch.no_grad():
@@ -148,11 +153,19 @@ def online_metrics(config, models: dict, rows: list[dict], tokenizer) -> dict[st
         )
     win = preference_metrics(rewards["tuned"], rewards["base"])["preference_accuracy"]
     samples = [
-        {"generated": tokenizer.decode(t, skip_special_tokens=True), "reference": f"(base model) {tokenizer.decode(b, skip_special_tokens=True)}"}
+        {
+            "generated": tokenizer.decode(t, skip_special_tokens=True),
+            "reference": f"(base model) {tokenizer.decode(b, skip_special_tokens=True)}",
+        }
         for t, b in list(zip(completions["tuned"], completions["base"], strict=True))[:SAMPLE_PROMPTS]
     ]
     return {
-        "tuned": {"mean_reward": round(rewards["tuned"].mean().item(), 4), "win_rate": win, "kl": round(log_ratio.mean().item(), 4), "samples": samples},
+        "tuned": {
+            "mean_reward": round(rewards["tuned"].mean().item(), 4),
+            "win_rate": win,
+            "kl": round(log_ratio.mean().item(), 4),
+            "samples": samples,
+        },
         "base": {"mean_reward": round(rewards["base"].mean().item(), 4), "win_rate": 0.5, "kl": 0.0},
     }
 
@@ -160,8 +173,8 @@ def online_metrics(config, models: dict, rows: list[dict], tokenizer) -> dict[st
 @torch.no_grad()
 def greedy(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, size: int) -> list[list[int]]:
     """Greedy completion ids of each prompt, up to and including the end-of-sequence token."""
-    from kftune.alignment.online import until_eos
     from kftune.alignment.collate import PromptCollator
+    from kftune.alignment.online import until_eos
 
     collate, completions = PromptCollator(tokenizer.pad_token_id), []
     for chunk in batched(prompts, size):
@@ -174,5 +187,7 @@ def greedy(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, size
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        completions += [until_eos(ids, tokenizer.eos_token_id) for ids in output[:, batch["input_ids"].shape[1] :].tolist()]
+        completions += [
+            until_eos(ids, tokenizer.eos_token_id) for ids in output[:, batch["input_ids"].shape[1] :].tolist()
+        ]
     return completions

@@ -119,7 +119,9 @@ class Preference:
 
     def items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (
-            torch.tensor(len(batch["desirable"]), device=batch["desirable"].device) if self.stage == "kto" else pairs(batch)
+            torch.tensor(len(batch["desirable"]), device=batch["desirable"].device)
+            if self.stage == "kto"
+            else pairs(batch)
         )
 
     def example_losses(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -128,7 +130,10 @@ class Preference:
         if self.stage == "kto":
             reference, _ = self.reference.logps(model, batch)
             with torch.no_grad():
-                kl = losses.sequence_logps(unwrapped(model), batch, "kl_")[0] - self.reference.logps(model, batch, "kl_")[0]
+                kl = (
+                    losses.sequence_logps(unwrapped(model), batch, "kl_")[0]
+                    - self.reference.logps(model, batch, "kl_")[0]
+                )
             return losses.kto_losses(
                 policy,
                 reference,

@@ -91,7 +91,9 @@ class GroupRelative:
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
         )
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+        prompts = [
+            ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
         rows, prompt_texts, completion_texts = [], [], []
         for i, generated in enumerate(output[:, width:].tolist()):
             prompt = prompts[i // settings.group_size]

@@ -41,7 +41,10 @@ def input_example(config, rows: list[dict[str, Any]]):
 
     if config.stage == "reward":
         return pd.DataFrame(
-            {"prompt": [transcript(r["prompt"]) for r in rows], "response": [r.get("chosen", r.get("completion")) for r in rows]}
+            {
+                "prompt": [transcript(r["prompt"]) for r in rows],
+                "response": [r.get("chosen", r.get("completion")) for r in rows],
+            }
         )
     template = get_template(config.prompt.template)
     tokenizer = load_tokenizer(resolve_model_path(config.model.name_or_path)) if template.chat else None

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import preference_run
 from kftune import steps
+from kftune.alignment.online import check_reward_model, load_reward_model
+from kftune.errors import KftuneError
 from kftune.steps import EVALUATION_FILE as WRITTEN
 
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "lion", "fox", "owl"]
@@ -73,3 +75,12 @@ def test_reward_model_and_dpo_policy_through_the_steps(tmp_path):
         )
     )["reward"].tolist()
     assert scores[0] > scores[1]
+
+    # As GRPO's reward: only a reward model is accepted; it reads a policy's rendered prompt as a transcript.
+    uri = reward["registry"]["tracking_uri"]
+    with pytest.raises(KftuneError, match=r"models:/tiny-dpo@champion was trained with stage dpo"):
+        check_reward_model("models:/tiny-dpo@champion", uri)
+    rewards = load_reward_model("models:/tiny-reward@champion", uri)(
+        ["Human: Tell me about the owl number 9.\n\nAssistant:"] * 2, ["The owl was happy and played.", "zq xv kj owl qq."]
+    )
+    assert rewards[0] > rewards[1]

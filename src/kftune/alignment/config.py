@@ -57,6 +57,10 @@ class OnlineSection(Section):
     reward_function: str | None = None
     """`path/to/file.py:function`: called with the prompts (rendered text) and completions (lists of str),
     returns one float per completion. A relative path is taken from the run config's folder."""
+    reward_model: str | None = None
+    """A registered kftune reward model (stage: reward), `models:/NAME@ALIAS` or `models:/NAME/VERSION`,
+    in this run's MLflow (`registry.tracking_uri`); it scores the decoded prompt and completion texts,
+    so the policy's tokenizer need not be its own."""
     group_size: int = Field(default=4, ge=2)
     """Completions sampled per prompt; GRPO's advantage is a completion's reward standardised within its group."""
     max_new_tokens: int = Field(default=32, ge=1)
@@ -108,9 +112,15 @@ def alignment_problem(config) -> tuple[str, str] | None:
     if config.prompt.packing or config.prompt.few_shot:
         field = "prompt.packing" if config.prompt.packing else "prompt.few_shot"
         return field, f"stage {stage} compares whole responses row by row; remove {field}"
-    if stage == "grpo" and not config.online.reward_function:
-        return "online.reward_function", "grpo needs rewards: give a Python function as path/to/file.py:function"
-    if stage == "grpo" and ":" not in config.online.reward_function:
+    online = config.online
+    if stage == "grpo" and bool(online.reward_function) == bool(online.reward_model):
+        return (
+            "online.reward_function",
+            "grpo needs one source of rewards: a Python function (path/to/file.py:function) or online.reward_model",
+        )
+    if stage == "grpo" and online.reward_model and not online.reward_model.startswith("models:/"):
+        return "online.reward_model", f"{online.reward_model!r}: name a registered model as models:/NAME@ALIAS"
+    if stage == "grpo" and online.reward_function and ":" not in online.reward_function:
         return "online.reward_function", f"{config.online.reward_function!r}: write it as path/to/file.py:function"
     if stage != "grpo" and config.online != OnlineSection():
         return "online", f"applies to online RL (stage: grpo), not {stage}"

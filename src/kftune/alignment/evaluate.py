@@ -127,9 +127,9 @@ def online_metrics(config, models: dict, rows: list[dict], tokenizer) -> dict[st
     """A policy trained online, on greedy completions of the held-out prompts: mean reward of tuned and
     base; the tuned model's win rate over the base (ties half); KL to the base (the reference): the mean
     over prompts of log pi(y|x) - log pi_ref(y|x) on the tuned model's own completions."""
-    from kftune.alignment.online import load_reward_function
+    from kftune.alignment.online import load_rewards
 
-    reward = load_reward_function(config.online.reward_function)
+    reward = load_rewards(config)
     prompts = [row["input_ids"] for row in rows]
     prompt_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
     completions, rewards = {}, {}

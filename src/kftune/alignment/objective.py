@@ -30,11 +30,11 @@ def training_objective(config, meta: dict[str, Any], model, varlen: bool = False
         return RewardModel(PairCollator(meta["pad_token_id"]))
     reference = Reference(resolved_reference(config), model) if config.stage in REFERENCE_STAGES else None
     if config.stage == "grpo":
-        from kftune.alignment.online import GroupRelative, load_reward_function
+        from kftune.alignment.online import GroupRelative, load_rewards
         from kftune.models import load_tokenizer, resolve_model_path
 
         tokenizer = load_tokenizer(resolve_model_path(config.model.name_or_path))
-        reward = load_reward_function(config.online.reward_function)
+        reward = load_rewards(config)
         return GroupRelative(config.online, reference, PromptCollator(meta["pad_token_id"]), tokenizer, reward)
     collate = FeedbackCollator if config.stage == "kto" else PairCollator
     return Preference(config.stage, config.preference, reference, collate(meta["pad_token_id"]))

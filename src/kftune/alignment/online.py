@@ -5,7 +5,8 @@ the reference model (the k3 estimator, exp(ref - pi) - (ref - pi) - 1), averaged
 completion's tokens. One optimizer step per rollout, so the importance ratio pi / pi_old is 1 in
 value and only its gradient (that of log pi) remains, as in the paper's on-policy case.
 
-Rewards come from a Python function given by path (`online.reward_function`).
+Rewards come from a Python function given by path (`online.reward_function`) or a registered kftune
+reward model (`online.reward_model`), which re-tokenizes the texts with its own tokenizer.
 """
 
 from __future__ import annotations
@@ -37,6 +38,51 @@ def load_reward_function(spec: str) -> RewardFunction:
     if not callable(function):
         raise KftuneError(f"online.reward_function: {path} has no function {name!r}")
     return function
+
+
+def load_rewards(config) -> RewardFunction:
+    """The run's source of rewards: `online.reward_function` or `online.reward_model`."""
+    if config.online.reward_function:
+        return load_reward_function(config.online.reward_function)
+    return load_reward_model(config.online.reward_model, config.registry.tracking_uri)
+
+
+def check_reward_model(uri: str, tracking_uri: str | None) -> None:
+    """Fail unless `uri` names a registered version trained with stage: reward."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    name, _, selector = uri.removeprefix("models:/").replace("@", "/@").partition("/")
+    client = MlflowClient()
+    try:
+        version = (
+            client.get_model_version_by_alias(name, selector[1:])
+            if selector.startswith("@")
+            else client.get_model_version(name, selector)
+        )
+        stage = client.get_run(version.run_id).data.params.get("stage", "sft")
+    except mlflow.exceptions.MlflowException as exc:
+        raise KftuneError(f"online.reward_model: {uri} is not in MLflow at {mlflow.get_tracking_uri()} ({exc})") from None
+    if stage != "reward":
+        raise KftuneError(f"online.reward_model: {uri} was trained with stage {stage}, not as a reward model (stage: reward)")
+
+
+def load_reward_model(uri: str, tracking_uri: str | None) -> RewardFunction:
+    """A registered reward model's pyfunc as a reward function: a policy prompt rendered as
+    Human/Assistant text is passed on as a transcript, its completion as the response."""
+    import mlflow
+    import pandas as pd
+
+    check_reward_model(uri, tracking_uri)
+    served = mlflow.pyfunc.load_model(uri)
+
+    def rewards(prompts: list[str], completions: list[str]) -> list[float]:
+        frame = pd.DataFrame({"prompt": prompts, "response": completions})
+        return served.predict(frame)["reward"].tolist()
+
+    return rewards
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

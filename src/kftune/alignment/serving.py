@@ -20,9 +20,10 @@ def dialogue(prompt: str) -> list[dict[str, str]]:
     text = str(prompt)
     if text.lstrip().startswith(HH_HUMAN.strip()):
         try:
-            return _hh_turns(HH_HUMAN + text.lstrip().removeprefix(HH_HUMAN.strip()))
+            turns = _hh_turns(HH_HUMAN + text.lstrip().removeprefix(HH_HUMAN.strip()))
         except _Unusable as exc:
             raise ValueError(f"prompt {text[:60]!r}: {exc}") from None
+        return turns[:-1] if turns[-1] == {"role": "assistant", "content": ""} else turns  # a policy's rendered prompt
     return [{"role": "user", "content": text.strip()}]
 
 

@@ -405,3 +405,42 @@ def stories_run(tmp_path, model_name: str, method: dict, train: dict, **model) -
             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         },
     }
+
+
+PREFERENCE_DATA = {
+    "hh_rlhf": EXAMPLES / "data" / "hh_rlhf_harmless_base_test_300.jsonl",
+    "conversations": EXAMPLES / "data" / "llamafactory_dpo_en_demo_150.json",
+}
+
+
+def preference_run(tmp_path, stage: str, data: Path, **sections) -> dict:
+    """An alignment run config (`stage`) on stories260K with LoRA, 1 worker, MLflow in `tmp_path`;
+    keyword sections replace the defaults."""
+    config = {
+        "stage": stage,
+        "model": {"name_or_path": str(STORIES), "task": "sequence_classification" if stage == "reward" else "causal_lm"},
+        "data": {"path": str(data), "max_rows": 24, "split": {"test": 0.25}},
+        "prompt": {"template": "preference", "max_length": 256},
+        "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "train": {"batch_size": 4, "workers": 1, "max_steps": 2, "lr": 1e-2},
+        "eval": {"metrics": ["preference_accuracy", "reward_margin"], "forgetting": False, "batch_size": 8},
+        "registry": {
+            "model_name": f"tiny-{stage}",
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "artifact_location": (tmp_path / "artifacts").as_uri(),
+            "gate": {"metric": "preference_accuracy"},
+        },
+    }
+    return {**config, **sections}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-model tests: on a loaded 2-core machine two threads
+    spin against each other and a 260K-parameter forward pass takes 100x longer."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

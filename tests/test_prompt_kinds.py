@@ -251,10 +251,10 @@ def test_validation_reads_no_template_file_and_preflight_does(make_config, tmp_p
     Preflight, before any step, reads a template given by path and checks it against the run."""
     path = tmp_path / "for-classifiers.yaml"
     config = parse_config(make_config(prompt={"template": str(path)}))  # no such file yet: validation is silent
-    with pytest.raises(KftuneError, match="template file .*for-classifiers.yaml does not exist"):
+    with pytest.raises(KftuneError, match=r"template file .*for-classifiers.yaml does not exist"):
         check_template_file(config)
     path.write_text('description: LM only.\ntasks: [causal_lm]\nprompt: "{sentence}"\ntarget: "{sentence}"\n')
-    with pytest.raises(KftuneError, match="prompt.template: .*is for causal_lm, not sequence_classification"):
+    with pytest.raises(KftuneError, match=r"prompt.template: .*is for causal_lm, not sequence_classification"):
         check_template_file(config)
 
 

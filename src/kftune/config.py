@@ -16,12 +16,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from kftune.alignment.config import (
+    ALIGNMENT_METRICS,
+    ONLINE_METRICS,
+    OnlineSection,
+    PreferenceSection,
+    Stage,
+    alignment_problem,
+)
 from kftune.errors import KftuneError
 from kftune.kube.settings import ClusterSection
 from kftune.methods import METHODS, MethodConfig, method_supports_task
 from kftune.models import PACKAGED_MODELS
-from kftune.prompts.templates import PACKAGED as PACKAGED_TEMPLATES
-from kftune.prompts.templates import Template, resolve_template, template_contents
+from kftune.prompts.templates import PACKAGED as PACKAGED_TEMPLATES, Template, resolve_template, template_contents
 from kftune.section import Section
 from kftune.train.support import engine_problem
 
@@ -177,12 +184,26 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    metrics: list[Literal["accuracy", "macro_f1", "perplexity", "exact_match", "rouge_l", "bleu"]] = Field(
-        default_factory=lambda: ["accuracy", "macro_f1"]
-    )
+    metrics: list[
+        Literal[
+            "accuracy",
+            "macro_f1",
+            "perplexity",
+            "exact_match",
+            "rouge_l",
+            "bleu",
+            "preference_accuracy",
+            "reward_margin",
+            "mean_reward",
+            "win_rate",
+            "kl",
+        ]
+    ] = Field(default_factory=lambda: ["accuracy", "macro_f1"])
     """What the test split is scored by. Classification (a head, or a causal or masked LM through a
     verbalizer): accuracy, macro_f1, from one pass. Causal LM: perplexity on the target tokens and, on
-    greedy generations, exact_match, rouge_l, bleu: each costs a pass, made only when listed."""
+    greedy generations, exact_match, rouge_l, bleu: each costs a pass, made only when listed. Alignment
+    stages (see `kftune.alignment.evaluate`): preference_accuracy, reward_margin; grpo: mean_reward,
+    win_rate, kl."""
     compare_base: bool = True
     batch_size: int = Field(default=64, ge=1)
     forgetting: bool = True
@@ -234,6 +255,9 @@ LM_METRICS = {"perplexity", "exact_match", "rouge_l", "bleu"}
 
 
 class RunConfig(Section):
+    stage: Stage = "sft"
+    """The training objective: supervised fine-tuning, a reward model, or preference alignment (see
+    `kftune.alignment`)."""
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
     prompt: PromptSection = Field(default_factory=PromptSection)
@@ -241,6 +265,8 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    online: OnlineSection = Field(default_factory=OnlineSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     """Where and how the compiled pipeline runs on Kubernetes; `kftune run` ignores it."""
 
@@ -248,6 +274,9 @@ class RunConfig(Section):
     def _combinations(self) -> RunConfig:
         task = self.model.task
         template = self._template_unread_or_checked()
+        problem = alignment_problem(self, template)
+        if problem:
+            raise _FieldError(*problem)
         if self.prompt.few_shot and (task != "causal_lm" or (template and template.conversation)):
             raise _FieldError(
                 "prompt.few_shot",
@@ -270,7 +299,9 @@ class RunConfig(Section):
         if problem:
             raise _FieldError(*problem)
         allowed = (
-            CLASSIFICATION_METRICS
+            ALIGNMENT_METRICS | ONLINE_METRICS
+            if self.stage != "sft"
+            else CLASSIFICATION_METRICS
             if task != "causal_lm"
             else LM_METRICS | (CLASSIFICATION_METRICS if template is None or template.labelled else set())
         )
@@ -362,6 +393,8 @@ class RunConfig(Section):
     @property
     def has_labels(self) -> bool:
         """Classification data: a task head, or a causal LM scoring a verbalizer's words."""
+        if self.stage != "sft":  # a reward model's head is a score, KTO's label a judgement
+            return False
         return self.model.task == "sequence_classification" or resolve_template(self.prompt.template).labelled
 
     def fingerprint(self) -> str:
@@ -498,7 +531,11 @@ def _resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
     model = config.model
     if model.name_or_path not in PACKAGED_MODELS:
         model = model.model_copy(update={"name_or_path": _resolve_path(model.name_or_path, base)})
-    return config.model_copy(update={"data": data, "model": model})
+    online = config.online
+    if online.reward_function:  # path/to/file.py:function
+        file, _, function = online.reward_function.rpartition(":")
+        online = online.model_copy(update={"reward_function": f"{_resolve_path(file, base)}:{function}"})
+    return config.model_copy(update={"data": data, "model": model, "online": online})
 
 
 def _resolve_path(value: str, base: Path) -> str:

@@ -21,6 +21,13 @@ def preflight(config: RunConfig) -> list[str]:
 
     check_template_file(config)
     check_method_on_model(config)
+    if config.stage == "grpo":  # the reward function imports; the reward model is one
+        from kftune.alignment.online import check_reward_model, load_reward_function
+
+        if config.online.reward_function:
+            load_reward_function(config.online.reward_function)
+        else:
+            check_reward_model(config.online.reward_model, config.registry.tracking_uri)
     return prepare(config).warnings
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kftune.alignment.data import preference_rows
 from kftune.config import RunConfig
 from kftune.data.readers import Table, read_table
 from kftune.errors import KftuneError
@@ -44,7 +45,8 @@ def prepare(config: RunConfig) -> PreparedData:
     data = config.data
     train_table = read_table(data.path, data.format, data.max_rows, data.encoding)
     dropped: dict[str, list[str]] = defaultdict(list)
-    rows = _clean(config, train_table, dropped)
+    clean = _clean if config.stage == "sft" else preference_rows  # alignment stages read preference data
+    rows = clean(config, train_table, dropped)
     hashes = [train_table.sha256]
 
     rng = random.Random(config.train.seed)
@@ -53,7 +55,7 @@ def prepare(config: RunConfig) -> PreparedData:
     if isinstance(data.split.test, str):
         test_table = read_table(data.split.test, data.format, encoding=data.encoding)
         hashes.append(test_table.sha256)
-        test = _clean(config, test_table, dropped)
+        test = clean(config, test_table, dropped)
         n_test = 0
     else:
         n_test = round(len(rows) * data.split.test)

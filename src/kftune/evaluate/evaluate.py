@@ -94,6 +94,10 @@ def batched(rows: list, size: int) -> Iterator[list]:
 
 def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) -> dict[str, Any]:
     """{"tuned": {...}, "base": {...}, "forgetting": {...}} on the test split, plus row counts and timings."""
+    if config.stage != "sft":
+        from kftune.alignment.evaluate import evaluate_alignment
+
+        return evaluate_alignment(config, prompts_dir, model_dir)
     meta = read_meta(prompts_dir)
     rows = read_prompts(prompts_dir, "test")
     num_labels = len(meta["label_names"]) or None

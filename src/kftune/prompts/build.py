@@ -31,6 +31,10 @@ PREVIEW_ROWS = 8
 
 def build_prompts(config: RunConfig, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Tokenize every split of a prepared dataset into `out_dir`; returns the metadata written."""
+    if config.stage != "sft":
+        from kftune.alignment.encode import build_preference_prompts
+
+        return build_preference_prompts(config, data_dir, out_dir)
     template = resolve_template(config.prompt.template)
     tokenizer = load_tokenizer(resolve_model_path(config.model.name_or_path))
     data_card = json.loads((Path(data_dir) / "data_card.json").read_text())

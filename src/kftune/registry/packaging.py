@@ -76,8 +76,11 @@ def signature(config: RunConfig):
 
     # Every column optional to MLflow's own input check: the model names a missing one itself, in an error
     # that MLServer answers with 400 too (`pyfunc_model.bad_request`); MLflow's check would give it a 500 there.
-    inputs = Schema([ColSpec(DataType.string, c, required=False) for c in input_columns(config)])
-    if config.model.task == "sequence_classification":
+    columns = ["prompt", "response"] if config.stage == "reward" else input_columns(config)
+    inputs = Schema([ColSpec(DataType.string, c, required=False) for c in columns])
+    if config.stage == "reward":  # kftune.alignment.serving
+        outputs = [ColSpec(DataType.double, "reward")]
+    elif config.model.task == "sequence_classification":
         outputs = [ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score")]
     elif config.has_labels:
         outputs = [ColSpec(DataType.string, "label"), ColSpec(Map(DataType.double), "scores")]
@@ -95,6 +98,10 @@ def input_example(config: RunConfig, dataset_dir: str | Path):
 
     template = resolve_template(config.prompt.template)
     rows = read_split(dataset_dir, "test")[:EXAMPLE_ROWS]
+    if config.stage != "sft":
+        from kftune.alignment.serving import input_example as alignment_example
+
+        return alignment_example(config, rows)
     if not config.has_labels:
         return pd.DataFrame({"prompt": [template.render(row)[0][0] for row in rows]})
     fields = [f for f in template.fields + template.optional if all(row.get(f) is not None for row in rows)]

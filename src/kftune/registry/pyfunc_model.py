@@ -49,6 +49,11 @@ class TunedModel(mlflow.pyfunc.PythonModel):
         from kftune.prompts.packing import IGNORE_INDEX
 
         task, size = self.config["model"]["task"], self.config["eval"]["batch_size"]
+        if self.config.get("stage") == "reward":  # kftune.alignment.serving
+            from kftune.alignment.serving import reward_scores
+
+            max_length = self.config["prompt"]["max_length"]
+            return pd.DataFrame({"reward": reward_scores(self.model, self.tokenizer, self.template, model_input, max_length, size)})
         if task != "sequence_classification" and not self.template.labelled:
             if "prompt" not in model_input.columns:
                 raise bad_request("input needs a column 'prompt'")  # MLflow drops the columns its signature lacks

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from kftune.alignment.collate import as_sequences
+from kftune.alignment.objective import training_objective
 from kftune.config import RunConfig, TrainSection, config_to_dict
 from kftune.errors import KftuneError
 from kftune.methods import (
@@ -42,11 +44,11 @@ from kftune.models import (
     weights_dtype,
 )
 from kftune.prompts.build import open_prompts, read_meta, read_prompts
-from kftune.prompts.collate import Collator, batch_tokens, make_collator, uses_varlen_attention
+from kftune.prompts.collate import Collator, batch_tokens, uses_varlen_attention
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
 from kftune.train.engines import autocast, make_engine, partitioned_construction
-from kftune.train.losses import loss_items, summed_loss, token_losses
+from kftune.train.losses import token_losses
 from kftune.train.memory import check_fits
 from kftune.train.progress import ProgressLine
 from kftune.train.validation import best_evaluation, evaluations_since_best, validate
@@ -84,11 +86,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     with partitioned_construction(settings, world, config.method.name):  # ZeRO-3: each worker builds only its part
         model = build_model(config, num_labels, for_training=True)
     rows = open_prompts(prompts_dir, "train")  # memory-mapped: each worker reads only the rows its sampler hands it
-    collate = make_collator(
-        meta, task, varlen=uses_varlen_attention(model)
-    )  # packed rows when build_prompts packed them
+    objective = training_objective(
+        config, meta, model, varlen=uses_varlen_attention(model)
+    )  # the stage's loss (kftune.alignment): SFT's token cross-entropy, a reward model's or the DPO family's
+    collate = objective.collate  # packed rows when build_prompts packed them
     with autocast(settings.precision, torch.device("cpu")):  # the same rows in every worker
-        calibrate_method(model, config.method, lambda n: summed_loss(model, collate(rows[:n]), task))
+        calibrate_method(model, config.method, lambda n: objective.loss(model, collate(rows[:n])))
     trainable, total = trainable_parameters(model)
 
     # Data: each worker reads its shard; an optimizer step takes `gradient_accumulation` micro-batches from it.
@@ -147,10 +150,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             micro_batches = list(itertools.islice(batches, settings.gradient_accumulation))
             interval_tokens += sum(batch_tokens(b) for b in micro_batches)  # counted on the host: no device sync
             micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
-            items = _all_reduce_sum(sum(loss_items(b, task) for b in micro_batches).float())
+            items = _all_reduce_sum(sum(objective.items(b) for b in micro_batches).float())
             for batch in micro_batches:
                 with engine.micro_step():
-                    loss_share = summed_loss(engine.model, batch, task) / items
+                    loss_share = objective.loss(engine.model, batch) / items
                     engine.backward(loss_share)
                 engine.step()
                 interval_loss += loss_share.detach().float()
@@ -360,7 +363,7 @@ def save_artifact(model, config: RunConfig, resolved: dict, log: dict, meta: dic
     (out / TUNED_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
     (out / TRAIN_LOG_FILE).write_text(json.dumps(log, indent=2))
     (out / LABELS_FILE).write_text(json.dumps(meta["label_names"]))
-    probe_rows = read_prompts(prompts_dir, "test")[:PROBE_ROWS]
+    probe_rows = as_sequences(read_prompts(prompts_dir, "test")[:PROBE_ROWS], config.model.task)
     probe = {
         "sources": [r["source"] for r in probe_rows],
         "outputs": probe_outputs(model, probe_rows, meta["pad_token_id"], config.model.task),

@@ -73,10 +73,32 @@ def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with _whole(head):
             losses[labels[:, 1:] != IGNORE_INDEX] = linear_cross_entropy(hidden, head, targets)
         return losses
+    return logits_token_losses(model, batch)
+
+
+def logits_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`next_token_losses` from the model's full logits: differentiable per position (online RL weighs each token)."""
+    labels = batch["labels"]
     logits = model(**_causal_inputs(batch)).logits.float()[:, -labels.shape[1] :]
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
     )
+
+
+def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row, the summed causal-LM loss of its labelled tokens (a response's negative log-likelihood),
+    differentiable: through the head chunk by chunk, one row at a time, where the family allows."""
+    if not (torch.is_grad_enabled() and (head := plain_output_head(model))):
+        return next_token_losses(model, batch).sum(dim=1)
+    hidden, targets = _predicting_hidden_states(model, batch)
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+    with _whole(head):
+        return torch.stack(
+            [
+                linear_cross_entropy_sum(h, head, t)
+                for h, t in zip(hidden.split(counts), targets.split(counts), strict=True)
+            ]
+        )
 
 
 def token_losses(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:

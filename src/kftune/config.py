@@ -21,6 +21,7 @@ from kftune.kube.settings import ClusterSection
 from kftune.methods import METHODS, MethodConfig, method_supports_task
 from kftune.models import PACKAGED_MODELS
 from kftune.prompts.templates import get_template
+from kftune.retention.config import RetentionSection, retention_problem
 from kftune.section import Section
 from kftune.train.support import engine_problem
 
@@ -199,6 +200,10 @@ class GateSection(Section):
     metric: str = "accuracy"
     """Evaluation metric compared against the current champion (higher is better, perplexity lower)."""
     margin: float = 0.0
+    max_forgetting: float | None = Field(default=None, ge=0)
+    """Refuse to promote a version that forgot more than this (the evaluation's `forgetting.score`: the
+    relative rise of perplexity on held-out general text for causal LMs, 1 - the rank correlation of
+    sentence similarities for encoders). Empty: forgetting does not gate."""
 
 
 class RegistrySection(Section):
@@ -235,6 +240,8 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection
+    retention: RetentionSection = Field(default_factory=RetentionSection)
+    """Remedies against catastrophic forgetting (`kftune.retention`); off unless asked for."""
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     """Where and how the compiled pipeline runs on Kubernetes; `kftune run` ignores it."""
 
@@ -309,7 +316,7 @@ class RunConfig(Section):
             problem = _quantization_problem(self)
             if problem:
                 raise _FieldError(*problem)
-        problem = engine_problem(self)
+        problem = engine_problem(self) or retention_problem(self)
         if problem:
             raise _FieldError(*problem)
         rayjob = self.cluster.rayjob
@@ -328,6 +335,8 @@ class RunConfig(Section):
             raise _FieldError(
                 "registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}"
             )
+        if self.registry.gate.max_forgetting is not None and not self.eval.forgetting:
+            raise _FieldError("registry.gate.max_forgetting", "needs the forgetting measured: set eval.forgetting: true")
         return self
 
     def columns_for(self, field: str) -> str:
@@ -469,7 +478,8 @@ def _resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
     model = config.model
     if model.name_or_path not in PACKAGED_MODELS:
         model = model.model_copy(update={"name_or_path": _resolve_path(model.name_or_path, base)})
-    return config.model_copy(update={"data": data, "model": model})
+    retention = config.retention.with_paths(lambda value: _resolve_path(value, base))
+    return config.model_copy(update={"data": data, "model": model, "retention": retention})
 
 
 def _resolve_path(value: str, base: Path) -> str:

@@ -20,7 +20,23 @@ def preflight(config: RunConfig) -> list[str]:
     from kftune.data.prepare import prepare
 
     check_method_on_model(config)
+    check_retention_files(config)
     return prepare(config).warnings
+
+
+def check_retention_files(config: RunConfig) -> None:
+    """The general data retention and the forgetting measure read, and a Fisher file to reuse, made for this base."""
+    from kftune.models import resolve_model_path
+    from kftune.retention.fisher import check_fisher_file, model_fingerprint
+    from kftune.retention.general import held_out_lines, training_lines
+
+    retention = config.retention
+    if retention.uses_general_data:
+        training_lines(retention.general_data, retention.general_rows)
+    if config.eval.forgetting:
+        held_out_lines(config.eval.general_text)
+    if retention.ewc and retention.ewc.fisher_file:
+        check_fisher_file(retention.ewc.fisher_file, model_fingerprint(resolve_model_path(config.model.name_or_path)))
 
 
 def check_method_on_model(config: RunConfig) -> None:

@@ -50,6 +50,7 @@ def run_training(
             "config": config_to_dict(config),
             "prompts_dir": str(Path(prompts_dir).resolve()),
             "identity": identity,
+            "storage": storage,  # retention caches what it computes from the base here
         },
         scaling_config=ScalingConfig(
             num_workers=settings.workers,

@@ -1,0 +1,232 @@
+"""Knowledge retention (kftune.retention) on stories260K: where it cannot apply the config says so and
+which field; L2-SP and EWC penalise exactly the change of the pretrained weights (in place, or a LoRA
+update) and hold them closer under DDP and ZeRO-2; the Fisher is cached by content hash and refused for
+another base; distillation's teacher is the base (adapter disabled); replay draws general rows per
+micro-batch reproducibly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import STORIES, build_on_stories, process_group
+from kftune.config import parse_config
+from kftune.errors import KftuneError
+from kftune.methods import METHODS, may_train
+from kftune.models import load_base_model, load_tokenizer
+from kftune.retention.anchor import Anchor, anchored_weights
+from kftune.retention.distill import Teacher, distillation_sum, output_logits
+from kftune.retention.fisher import cache_path, check_fisher_file, general_fingerprint, model_fingerprint
+from kftune.retention.general import language_model_rows, training_lines
+from kftune.retention.terms import GeneralBatches, _fisher
+
+FULL = METHODS["full"].options.model_validate({"name": "full"})
+LORA = METHODS["lora"].options.model_validate({"name": "lora", "r": 4, "target_modules": "all-linear"})
+
+
+def stories_config(tmp_path, retention: dict, method: dict | None = None, **sections) -> dict:
+    return {
+        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+        "data": {"path": str(tmp_path / "data.jsonl")},
+        "prompt": {"template": "text", "max_length": 48},
+        "method": method or {"name": "full"},
+        "eval": {"metrics": ["perplexity"]},
+        "registry": {"model_name": "retention", "gate": {"metric": "perplexity"}},
+        "retention": retention,
+        **sections,
+    }
+
+
+@pytest.mark.parametrize(
+    ("retention", "method", "sections", "expected"),
+    [
+        (
+            {"l2_sp": {"alpha": 1.0}},
+            {"name": "prompt_tuning"},
+            {},
+            "retention.l2_sp: method prompt_tuning trains only new parameters (virtual-token embeddings)",
+        ),
+        ({"ewc": {"strength": 1.0}}, {"name": "adapter"}, {}, "retention.ewc: method adapter trains only new"),
+        (
+            {"l2_sp": {"alpha": 1.0}},
+            None,
+            {"train": {"deepspeed": {"stage": 3}}},
+            "retention.l2_sp: ZeRO-3 holds each weight only while its layer runs",
+        ),
+        (
+            {"distill": {"weight": 1.0}},
+            None,
+            {"train": {"deepspeed": {"stage": 3}}},
+            "retention.distill: method full needs a frozen copy",
+        ),
+        ({"replay": {"ratio": 0.0}}, None, {}, "retention.replay.ratio"),
+        ({"distill": {"weight": 1.0, "inputs": []}}, None, {}, "retention.distill.inputs"),
+        (
+            {},
+            None,
+            {
+                "eval": {"forgetting": False, "metrics": ["perplexity"]},
+                "registry": {"model_name": "r", "gate": {"metric": "perplexity", "max_forgetting": 0.1}},
+            },
+            "registry.gate.max_forgetting: needs the forgetting measured",
+        ),
+    ],
+)
+def test_retention_where_it_cannot_apply_names_the_field(tmp_path, retention, method, sections, expected):
+    with pytest.raises(KftuneError) as error:
+        parse_config(stories_config(tmp_path, retention, method, **sections))
+    assert expected in str(error.value)
+
+
+def test_classification_refuses_what_needs_a_language_model_head(make_config):
+    with pytest.raises(KftuneError, match=r"retention.replay: a classification model has no language-model head"):
+        parse_config(make_config(retention={"replay": {"ratio": 0.5}}))
+    parse_config(make_config(retention={"l2_sp": {"alpha": 0.1}}))  # L2-SP applies to the pretrained encoder
+
+
+def test_l2_sp_penalises_the_change_of_weights_trained_in_place():
+    model = build_on_stories(FULL)
+    anchor = Anchor(anchored_weights(model, may_train(model, FULL), set()), 2.0, 0.0, None, "retention.l2_sp")
+    assert anchor.penalty().item() == 0.0
+    weight = model.model.layers[0].mlp.up_proj.weight
+    change = torch.randn_like(weight) * 0.01
+    with torch.no_grad():
+        weight += change
+    penalty = anchor.penalty()
+    assert penalty.item() == pytest.approx(0.5 * 2.0 * change.pow(2).sum().item(), rel=1e-4)
+    penalty.backward()
+    assert torch.allclose(weight.grad, 2.0 * change, atol=1e-6)
+
+
+def test_l2_sp_on_lora_is_the_distance_of_the_merged_weights_from_the_base():
+    model = build_on_stories(LORA)
+    anchor = Anchor(anchored_weights(model, may_train(model, LORA), set()), 1.0, 0.0, None, "retention.l2_sp")
+    assert not any(w.reference is not None for w in anchor.weights)  # no copy of theta_0 under LoRA
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    penalty = anchor.penalty().item()
+    base = dict(load_base_model(STORIES, "causal_lm", None, seed=0).named_parameters())
+    merged = dict(model.merge_and_unload().named_parameters())
+    expected = 0.5 * sum((merged[n] - base[n]).pow(2).sum().item() for n in base)
+    assert penalty == pytest.approx(expected, rel=1e-3)
+
+
+def test_the_fisher_is_cached_by_content_hash_and_refused_for_another_base(tmp_path, capsys):
+    config = parse_config(stories_config(tmp_path, {"ewc": {"strength": 1.0, "fisher_rows": 4}}))
+    tokenizer = load_tokenizer(STORIES)
+    rows = language_model_rows(training_lines(None, 8), tokenizer, "causal_lm", 48)
+    fisher = _fisher(config, rows, str(tmp_path))
+    assert "computed on 4 general rows, cached at" in capsys.readouterr().out
+    assert set(fisher) == {n for n, _ in load_base_model(STORIES, "causal_lm", None, 0).named_parameters()}
+    assert torch.cat([f.flatten() for f in fisher.values()]).mean().item() == pytest.approx(1.0, rel=1e-4)
+    again = _fisher(config, rows, str(tmp_path))
+    assert "EWC Fisher reused from" in capsys.readouterr().out
+    assert all(torch.equal(fisher[n], again[n]) for n in fisher)
+
+    base = model_fingerprint(STORIES)
+    cached = cache_path(tmp_path, base, general_fingerprint([str(r["input_ids"]) for r in rows[:4]], "causal_lm", 48))
+    assert cached.is_file()
+    with pytest.raises(KftuneError, match=r"retention.ewc.fisher_file: .* was made for another base model"):
+        check_fisher_file(cached, "sha256:another-base")
+    other = parse_config(
+        stories_config(tmp_path, {"ewc": {"strength": 1.0, "fisher_rows": 2, "fisher_file": str(cached)}})
+    )
+    with pytest.raises(KftuneError, match=r"retention.ewc.fisher_file: .* was made on other general data"):
+        _fisher(other, rows, None)
+
+
+def test_ewc_weighs_each_weight_by_its_fisher():
+    model = build_on_stories(FULL)
+    weights = anchored_weights(model, may_train(model, FULL), set())
+    fisher = {w.name: torch.full_like(w.reference, 3.0) for w in weights}
+    anchor = Anchor(weights, 0.5, 2.0, fisher, "retention.ewc")
+    weight = model.model.norm.weight
+    with torch.no_grad():
+        weight += 0.1
+    assert anchor.penalty().item() == pytest.approx(0.5 * (0.5 + 2.0 * 3.0) * 0.01 * weight.numel(), rel=1e-4)
+
+
+def test_distillation_teacher_is_the_base_with_the_adapter_disabled(families):
+    batch = families["stories"][3]
+    model = build_on_stories(LORA)
+    teacher = Teacher(model).logits(batch, "causal_lm")
+    base = load_base_model(STORIES, "causal_lm", None, seed=0)
+    with torch.no_grad():
+        assert torch.allclose(
+            teacher, base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, atol=1e-5
+        )
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    student = output_logits(model, batch, "causal_lm")
+    assert distillation_sum(teacher, teacher, batch["attention_mask"], 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    kl = distillation_sum(student, teacher, batch["attention_mask"], 2.0)
+    assert kl.item() > 1e-4
+    kl.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_general_rows_are_drawn_reproducibly_per_micro_batch_and_worker():
+    rows = [{"input_ids": [i + 1, i + 2], "labels": [i + 1, i + 2]} for i in range(10)]
+    first = [GeneralBatches(rows, 3, 0, "causal_lm", seed=0, rank=r, world=2) for r in (0, 1)]
+    again = GeneralBatches(rows, 3, 0, "causal_lm", seed=0, rank=0, world=2)
+    assert torch.equal(first[0].draw(5)["input_ids"], again.draw(5)["input_ids"])
+    assert not torch.equal(first[0].draw(0)["input_ids"], first[1].draw(0)["input_ids"])
+    with pytest.raises(KftuneError, match=r"retention.general_data"):
+        GeneralBatches([], 3, 0, "causal_lm", 0, 0, 1)
+
+
+def anchored_distance(tmp_path, families, retention: dict, deepspeed: dict | None) -> float:
+    """How far 4 steps of full fine-tuning (lr 1e-2) move the weights from the base, with `retention`
+    plugged in as the training loop does, under DDP or a DeepSpeed engine (a world of one)."""
+    from kftune.methods import optimizer_parameter_groups
+    from kftune.retention.terms import build_retention
+    from kftune.train.engines import make_engine
+    from kftune.train.losses import summed_loss
+
+    config = parse_config(
+        stories_config(
+            tmp_path,
+            retention,
+            train={"batch_size": 4, "workers": 1, "lr": 1e-2, "gradient_accumulation": 2, "deepspeed": deepspeed},
+        )
+    )
+    batch = families["stories"][3]
+    model = build_on_stories(FULL)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with process_group("gloo"):
+        engine = make_engine(
+            model, optimizer_parameter_groups(model, FULL, 1e-2), config.train, 4, 1, torch.device("cpu")
+        )
+        try:
+            terms = build_retention(config, engine.module, FULL, str(tmp_path), 0, 1, torch.device("cpu"))
+            for step in range(4):
+                for half in (batch_rows(batch, 0, 2), batch_rows(batch, 2, 4)):
+                    with engine.micro_step():
+                        loss = summed_loss(engine.model, half, "causal_lm") / (batch["labels"][:, 1:] != -100).sum()
+                        engine.backward(
+                            loss + (terms.loss(engine.module, half, step, torch.tensor(4)) if terms else 0.0)
+                        )
+                    engine.step()
+            trained = engine.consolidated(lambda: build_on_stories(FULL), rank=0)
+        finally:
+            if deepspeed:
+                engine.engine.destroy()
+    return sum((p.detach() - base[n]).pow(2).sum().item() for n, p in trained.named_parameters()) ** 0.5
+
+
+def batch_rows(batch: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def test_l2_sp_and_ewc_hold_the_weights_near_the_base_under_zero2(tmp_path, families):
+    """DDP with two workers: tests/test_retention_train.py."""
+    zero2 = {"stage": 2}
+    free = anchored_distance(tmp_path, families, {}, zero2)
+    held = anchored_distance(
+        tmp_path, families, {"l2_sp": {"alpha": 50.0}, "ewc": {"strength": 50.0, "fisher_rows": 4}}, zero2
+    )
+    assert held < 0.7 * free

@@ -12,11 +12,7 @@ bench/results/methods.jsonl.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
-import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,30 +100,10 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(names: list[str]) -> None:
-    from kftune import steps
-    from kftune.config import config_to_dict, load_config
+    from step_tables import run_table
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rows = names or list(ROWS)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        base = config_to_dict(load_config(CONFIG, BUDGET))
-        steps.prepare_data(base, str(work / "dataset"), str(work / "card.md"))
-        steps.build_prompts(base, str(work / "dataset"), str(work / "prompts"), str(work / "preview.html"))
-        for row in rows:
-            print(f"== {row}", flush=True)
-            result = run_row(row, work / "prompts", work / "run")
-            print(json.dumps(result), flush=True)
-            results.append(result)
-            record = result | {
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                "budget": BUDGET,
-            }
-            (REPO / "bench" / "results").mkdir(exist_ok=True)
-            with open(REPO / "bench" / "results" / "methods.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+    command = "python bench/methods_table.py " + " ".join(names)
+    results = run_table(CONFIG, BUDGET, names or list(ROWS), run_row, "methods.jsonl", command)
     print(markdown(results))
 
 

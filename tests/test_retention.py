@@ -6,8 +6,11 @@ micro-batch reproducibly."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import STORIES, build_on_stories, process_group
 from kftune.config import parse_config
@@ -19,6 +22,16 @@ from kftune.retention.distill import Teacher, distillation_sum, output_logits
 from kftune.retention.fisher import cache_path, check_fisher_file, general_fingerprint, model_fingerprint
 from kftune.retention.general import language_model_rows, training_lines
 from kftune.retention.terms import GeneralBatches, _fisher
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread is tens of times faster than oversubscribed ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 FULL = METHODS["full"].options.model_validate({"name": "full"})
 LORA = METHODS["lora"].options.model_validate({"name": "lora", "r": 4, "target_modules": "all-linear"})
@@ -230,3 +243,132 @@ def test_l2_sp_and_ewc_hold_the_weights_near_the_base_under_zero2(tmp_path, fami
         tmp_path, families, {"l2_sp": {"alpha": 50.0}, "ewc": {"strength": 50.0, "fisher_rows": 4}}, zero2
     )
     assert held < 0.7 * free
+
+
+def perturbed_lora(path, task: str, num_labels=None, std: float = 0.1):
+    """A LoRA model whose random B makes it differ from its base."""
+    from kftune.methods import apply_method
+
+    model = apply_method(load_base_model(path, task, num_labels, seed=0), LORA, task).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=std)
+    return model
+
+
+def test_forgetting_of_a_causal_lm_on_held_out_text_and_the_bases_own_answers():
+    from kftune.retention.forgetting import measure_forgetting
+    from kftune.retention.general import held_out_lines
+
+    lines, tokenizer = held_out_lines(None)[:12], load_tokenizer(STORIES)
+    assert not set(lines) & set(training_lines(None, 1000))  # retention never trains on what forgetting is scored on
+    base = load_base_model(STORIES, "causal_lm", None, seed=0).eval()
+    same = measure_forgetting(base, base, lines, tokenizer, "causal_lm", 48, 8)
+    assert same["score"] == pytest.approx(0.0, abs=1e-6)
+    changed = measure_forgetting(base, perturbed_lora(STORIES, "causal_lm"), lines, tokenizer, "causal_lm", 48, 8)
+    assert changed["score"] > 0.01 and changed["tuned"] > changed["base"]
+    assert changed["base_answer_loss"]["tuned"] > changed["base_answer_loss"]["base"] + 0.01
+
+
+def test_forgetting_of_an_encoder_is_how_well_its_similarity_structure_survives():
+    from kftune.models import resolve_model_path
+    from kftune.retention.forgetting import measure_forgetting
+    from kftune.retention.general import held_out_lines
+
+    path = resolve_model_path("minilm-l6")
+    lines, tokenizer = held_out_lines(None)[:16], load_tokenizer(path)
+    base = load_base_model(path, "sequence_classification", 2, seed=0).eval()
+    same = measure_forgetting(base, base, lines, tokenizer, "sequence_classification", 48, 16)
+    assert same["tuned"] == pytest.approx(1.0) and same["score"] == pytest.approx(0.0, abs=1e-9)
+    changed = measure_forgetting(
+        base,
+        perturbed_lora(path, "sequence_classification", 2, std=0.02),
+        lines,
+        tokenizer,
+        "sequence_classification",
+        48,
+        16,
+    )
+    assert 0.001 < changed["score"] < 0.5 and changed["metric"] == "similarity_rank_correlation"
+
+
+def test_evaluate_reports_forgetting_next_to_the_task_metrics(make_config, tmp_path):
+    """A LoRA model with random B saved as the train step saves it, scored by the evaluate step."""
+    from conftest import SERVING_TRAIN_LOG
+    from kftune.data.prepare import prepare, write_prepared
+    from kftune.evaluate.evaluate import evaluate
+    from kftune.evaluate.report import render_report
+    from kftune.prompts.build import build_prompts
+    from kftune.retention.forgetting import forgetting_refusal
+    from kftune.train.loop import save_artifact
+
+    config = parse_config(
+        make_config(
+            model={"name_or_path": str(STORIES), "task": "causal_lm"},
+            prompt={"template": "text", "max_length": 48},
+            method={"name": "lora", "r": 4, "target_modules": "all-linear"},
+            eval={"metrics": ["perplexity"], "compare_base": False, "batch_size": 16},
+            registry={"gate": {"metric": "perplexity", "max_forgetting": 0.05}},
+        )
+    )
+    write_prepared(prepare(config), tmp_path / "data")
+    meta = build_prompts(config, tmp_path / "data", tmp_path / "prompts")
+    resolved = json.loads(config.model_dump_json(exclude_none=True))
+    save_artifact(
+        perturbed_lora(STORIES, "causal_lm"),
+        config,
+        resolved,
+        SERVING_TRAIN_LOG,
+        meta,
+        str(tmp_path / "prompts"),
+        tmp_path / "model",
+    )
+    evaluation = evaluate(config, tmp_path / "prompts", tmp_path / "model")
+    forgetting = evaluation["forgetting"]
+    assert "perplexity" in evaluation["tuned"] and forgetting["lines"] == 79 and forgetting["score"] > 0.05, forgetting
+    assert forgetting["base_answer_loss"]["tuned"] > forgetting["base_answer_loss"]["base"]
+    report = render_report(
+        "r", evaluation, {**SERVING_TRAIN_LOG, "steps": 1, "total_parameters": 100, "workers": 1}, ["perplexity"]
+    )
+    assert "own answers to general prompts" in report and f"forgetting score: {forgetting['score']:.4f}" in report
+    assert "forgot too much" in forgetting_refusal(config.registry.gate.max_forgetting, evaluation)
+
+
+def test_the_gate_refuses_a_version_that_forgot_more_than_allowed(make_config, tmp_path):
+    from conftest import TRAIN_LOG
+    from kftune.registry.mlflow_registry import register_model
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = parse_config(make_config(registry={"gate": {"metric": "accuracy", "max_forgetting": 0.2}}))
+
+    def register(accuracy: float, forgetting: float, run: str) -> dict:
+        evaluation = {
+            "tuned": {"accuracy": accuracy},
+            "forgetting": {"metric": "similarity_rank_correlation", "score": forgetting},
+        }
+        return register_model(config, folder, evaluation, TRAIN_LOG, [], {"kftune.pipeline_run_id": run})
+
+    assert register(0.80, 0.1, "a")["promoted"]
+    refused = register(0.90, 0.35, "b")  # better at the task, but forgot too much
+    assert not refused["promoted"]
+    assert "forgot too much (forgetting score 0.3500 > registry.gate.max_forgetting 0.2)" in refused["gate"]
+    assert register(0.90, 0.15, "c")["promoted"]
+
+
+def test_missing_or_empty_general_data_fails_before_training(make_config, tmp_path):
+    from kftune.preflight import check_retention_files
+
+    empty = tmp_path / "general.txt"
+    empty.write_text("\n  \n")
+    for general, expected in ((tmp_path / "absent.txt", "is not a file"), (empty, "holds no text")):
+        config = parse_config(stories_config(tmp_path, {"replay": {"ratio": 0.5}, "general_data": str(general)}))
+        with pytest.raises(KftuneError, match=f"retention.general_data: .*{expected}"):
+            check_retention_files(config)
+    fisher = tmp_path / "fisher.safetensors"
+    save_file({"w": torch.zeros(1)}, str(fisher), metadata={"base": "sha256:another", "general": "x"})
+    config = parse_config(stories_config(tmp_path, {"ewc": {"strength": 1.0, "fisher_file": str(fisher)}}))
+    with pytest.raises(KftuneError, match=r"retention.ewc.fisher_file: .* was made for another base model"):
+        check_retention_files(config)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import EXAMPLES, STORIES
+from conftest import stories_run
 from kftune import steps
 from kftune.config import config_to_dict, parse_config
 from kftune.train.launch import run_training
@@ -28,25 +28,11 @@ RETENTION = {
 
 
 def config(folder: Path, **train) -> dict:
-    return config_to_dict(
-        parse_config(
-            {
-                "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
-                "data": {
-                    "path": str(EXAMPLES / "data" / "sst2_train_16k.tsv"),
-                    "columns": {"text": "sentence"},
-                    "max_rows": 120,
-                    "split": {"test": 0.1},
-                },
-                "prompt": {"template": "text", "max_length": 32},
-                "method": {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"},
-                "train": {"batch_size": 8, "max_steps": 4, "lr": 5e-3, "workers": 2, "log_every_steps": 2, **train},
-                "eval": {"metrics": ["perplexity"], "compare_base": False, "forgetting": False},
-                "registry": {"model_name": "retention", "gate": {"metric": "perplexity"}},
-                "retention": RETENTION,
-            }
-        )
+    settings = {"max_steps": 4, "lr": 5e-3, "log_every_steps": 2, **train}
+    run = stories_run(
+        folder, "retention", {"name": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}, settings
     )
+    return config_to_dict(parse_config({**run, "retention": RETENTION}))
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,8 @@ class EvalSection(Section):
     forgetting: bool = True
     """Also measure how much tuning moved the model on general text (catastrophic forgetting)."""
     general_text: str | None = None
-    """One passage per line; empty: the packaged Botchan excerpt."""
+    """One passage per line; empty: the held-out (odd) lines of the packaged Botchan excerpt (retention
+    trains on the even ones, see `kftune.retention.general`)."""
     generate_rows: int = Field(default=64, ge=1)
     """Causal LM: test rows decoded greedily for exact_match / rouge_l / bleu."""
     max_new_tokens: int = Field(default=64, ge=1)
@@ -336,7 +337,9 @@ class RunConfig(Section):
                 "registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}"
             )
         if self.registry.gate.max_forgetting is not None and not self.eval.forgetting:
-            raise _FieldError("registry.gate.max_forgetting", "needs the forgetting measured: set eval.forgetting: true")
+            raise _FieldError(
+                "registry.gate.max_forgetting", "needs the forgetting measured: set eval.forgetting: true"
+            )
         return self
 
     def columns_for(self, field: str) -> str:

@@ -372,3 +372,51 @@ def test_missing_or_empty_general_data_fails_before_training(make_config, tmp_pa
     config = parse_config(stories_config(tmp_path, {"ewc": {"strength": 1.0, "fisher_file": str(fisher)}}))
     with pytest.raises(KftuneError, match=r"retention.ewc.fisher_file: .* was made for another base model"):
         check_retention_files(config)
+
+
+def test_a_masked_lm_replays_and_distils_with_its_own_objective(random_mlm, tmp_path):
+    """Replay rows mask some tokens and label only those; EWC's Fisher and the terms run on the MLM head."""
+    from kftune.retention.terms import build_retention
+
+    config = parse_config(
+        {
+            **stories_config(
+                tmp_path,
+                {
+                    "ewc": {"strength": 1.0, "fisher_rows": 4},
+                    "replay": {"ratio": 1.0},
+                    "distill": {"weight": 1.0, "inputs": ["general"]},
+                },
+                {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+                train={"batch_size": 2, "workers": 1},
+            ),
+            "model": {"name_or_path": str(random_mlm), "task": "masked_lm"},
+            "prompt": {"template": "pet_sst2_mlm", "max_length": 32},
+            "eval": {"metrics": ["accuracy"]},
+            "registry": {"model_name": "mlm", "gate": {"metric": "accuracy"}},
+        }
+    )
+    tokenizer = load_tokenizer(random_mlm)
+    rows = language_model_rows(training_lines(None, 4), tokenizer, "masked_lm", 32)
+    for row in rows:
+        masked = [i for i, label in enumerate(row["labels"]) if label != -100]
+        assert masked and all(row["input_ids"][i] == tokenizer.mask_token_id for i in masked)
+    model = perturbed_lora(random_mlm, "masked_lm")
+    terms = build_retention(config, model.train(), config.method, str(tmp_path), 0, 1, torch.device("cpu"))
+    batch = GeneralBatches(rows, 2, tokenizer.pad_token_id, "masked_lm", 0, 0, 1).draw(0)
+    loss = terms.loss(model, batch, 0, torch.tensor(2))
+    loss.backward()
+    assert set(terms.report()) == {"retention_anchor", "retention_distill_general", "retention_replay"}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_generated_replay_rows_are_the_bases_answers_cached_in_the_storage(tmp_path, capsys):
+    from kftune.retention.terms import _generated_rows
+
+    config = parse_config(stories_config(tmp_path, {"replay": {"ratio": 0.5, "generated": True}}))
+    lines, tokenizer = training_lines(None, 4), load_tokenizer(STORIES)
+    rows = _generated_rows(config, lines, tokenizer, str(tmp_path), torch.device("cpu"))
+    assert len(rows) == 4 and all(r["labels"][0] == -100 and r["labels"][-1] != -100 for r in rows)
+    assert "cached at" in capsys.readouterr().out
+    assert _generated_rows(config, lines, tokenizer, str(tmp_path), torch.device("cpu")) == rows
+    assert "reused from" in capsys.readouterr().out

@@ -420,3 +420,18 @@ def test_generated_replay_rows_are_the_bases_answers_cached_in_the_storage(tmp_p
     assert "cached at" in capsys.readouterr().out
     assert _generated_rows(config, lines, tokenizer, str(tmp_path), torch.device("cpu")) == rows
     assert "reused from" in capsys.readouterr().out
+
+
+def test_general_data_and_a_fisher_file_are_found_next_to_the_config(tmp_path, write_config):
+    from kftune.config import load_config
+
+    (tmp_path / "general.txt").write_text("One passage.\n")
+    (tmp_path / "data.jsonl").write_text("")
+    path = write_config(
+        stories_config(
+            tmp_path, {"general_data": "general.txt", "ewc": {"strength": 1.0, "fisher_file": "f.safetensors"}}
+        )
+    )
+    retention = load_config(path).retention
+    assert retention.general_data == str(tmp_path / "general.txt")
+    assert retention.ewc.fisher_file == "f.safetensors"  # absent: left as written, preflight names it

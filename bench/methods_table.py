@@ -16,11 +16,7 @@ bench/results/methods.jsonl.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
-import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,8 +122,7 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str]) -> None:
     import argparse
 
-    from kftune import steps
-    from kftune.config import config_to_dict, load_config
+    from step_tables import run_table
 
     parser = argparse.ArgumentParser(prog="bench/methods_table.py")
     parser.add_argument("rows", nargs="*", help="rows to run (default: all)")
@@ -137,27 +132,15 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(args.rows) - set(ROWS)) + sorted(set(sweeps) - set(ROWS))
     if unknown:
         raise SystemExit(f"unknown rows: {', '.join(unknown)} (rows: {', '.join(ROWS)})")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rows = args.rows or list(ROWS)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        base = config_to_dict(load_config(CONFIG, BUDGET))
-        steps.prepare_data(base, str(work / "dataset"), str(work / "card.md"))
-        steps.build_prompts(base, str(work / "dataset"), str(work / "prompts"), str(work / "preview.html"))
-        for row in rows:
-            print(f"== {row}", flush=True)
-            result = run_row(row, work / "prompts", work / "run", sweeps.get(row))
-            print(json.dumps(result), flush=True)
-            results.append(result)
-            record = result | {
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                "budget": BUDGET,
-            }
-            (REPO / "bench" / "results").mkdir(exist_ok=True)
-            with open(REPO / "bench" / "results" / "methods.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+    command = "python bench/methods_table.py " + " ".join(argv)
+    results = run_table(
+        CONFIG,
+        BUDGET,
+        args.rows or list(ROWS),
+        lambda row, prompts, work: run_row(row, prompts, work, sweeps.get(row)),
+        "methods.jsonl",
+        command,
+    )
     print(markdown(results))
 
 

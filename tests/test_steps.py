@@ -52,7 +52,7 @@ def test_prepare_build_train_evaluate_register_on_stories260k(make_config, tmp_p
     scores = steps.evaluate(config, d["prompts"], d["model"], d["evaluation"], str(tmp_path / "report.html"))
     assert scores["tuned_perplexity"] < scores["base_perplexity"], scores
     assert scores["tuned_rouge_l"] > scores["base_rouge_l"], scores  # it learned the answer's form
-    assert {"tuned_exact_match", "tuned_bleu", "forgetting_general_perplexity"} <= set(scores)
+    assert {"tuned_exact_match", "tuned_bleu", "forgetting_general_perplexity", "forgetting_score"} <= set(scores)
     report = (tmp_path / "report.html").read_text()
     assert "<svg" in report and "perplexity on general text" in report and "Generations" in report
 

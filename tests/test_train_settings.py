@@ -153,6 +153,7 @@ def test_run_identity_follows_what_shapes_the_weights(make_config, tmp_path):
     before = run_identity(base, prompts)
     assert before == run_identity(same, prompts)  # where and how often to checkpoint does not change the weights
     assert before != run_identity(parse_config(make_config(train={"lr": 1e-5})), prompts)
+    assert before != run_identity(parse_config(make_config(retention={"l2_sp": {"alpha": 1.0}})), prompts)
     write_split(prompts, "train", [{"input_ids": [1, 3]}])  # scheduled retraining on new data starts its own run
     assert before != run_identity(base, prompts)
 

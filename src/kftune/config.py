@@ -29,6 +29,7 @@ from kftune.kube.settings import ClusterSection
 from kftune.methods import METHODS, MethodConfig, method_supports_task
 from kftune.models import PACKAGED_MODELS
 from kftune.prompts.templates import PACKAGED as PACKAGED_TEMPLATES, Template, resolve_template, template_contents
+from kftune.retention.config import RetentionSection, retention_problem
 from kftune.section import Section
 from kftune.train.support import engine_problem
 
@@ -209,7 +210,8 @@ class EvalSection(Section):
     forgetting: bool = True
     """Also measure how much tuning moved the model on general text (catastrophic forgetting)."""
     general_text: str | None = None
-    """One passage per line; empty: the packaged Botchan excerpt."""
+    """One passage per line; empty: the held-out (odd) lines of the packaged Botchan excerpt (retention
+    trains on the even ones, see `kftune.retention.general`)."""
     generate_rows: int = Field(default=64, ge=1)
     """Causal LM: test rows decoded greedily for exact_match / rouge_l / bleu."""
     max_new_tokens: int = Field(default=64, ge=1)
@@ -223,6 +225,10 @@ class GateSection(Section):
     metric: str = "accuracy"
     """Evaluation metric compared against the current champion (higher is better, perplexity lower)."""
     margin: float = 0.0
+    max_forgetting: float | None = Field(default=None, ge=0)
+    """Refuse to promote a version that forgot more than this (the evaluation's `forgetting.score`: the
+    relative rise of perplexity on held-out general text for causal LMs, 1 - the rank correlation of
+    sentence similarities for encoders). Empty: forgetting does not gate."""
 
 
 class RegistrySection(Section):
@@ -267,6 +273,8 @@ class RunConfig(Section):
     registry: RegistrySection
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     online: OnlineSection = Field(default_factory=OnlineSection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
+    """Remedies against catastrophic forgetting (`kftune.retention`); off unless asked for."""
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     """Where and how the compiled pipeline runs on Kubernetes; `kftune run` ignores it."""
 
@@ -339,7 +347,7 @@ class RunConfig(Section):
             problem = _quantization_problem(self)
             if problem:
                 raise _FieldError(*problem)
-        problem = engine_problem(self)
+        problem = engine_problem(self) or retention_problem(self)
         if problem:
             raise _FieldError(*problem)
         rayjob = self.cluster.rayjob
@@ -357,6 +365,10 @@ class RunConfig(Section):
         if self.registry.gate.metric not in self.eval.metrics:
             raise _FieldError(
                 "registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}"
+            )
+        if self.registry.gate.max_forgetting is not None and not self.eval.forgetting:
+            raise _FieldError(
+                "registry.gate.max_forgetting", "needs the forgetting measured: set eval.forgetting: true"
             )
         return self
 
@@ -535,7 +547,8 @@ def _resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
     if online.reward_function:  # path/to/file.py:function
         file, _, function = online.reward_function.rpartition(":")
         online = online.model_copy(update={"reward_function": f"{_resolve_path(file, base)}:{function}"})
-    return config.model_copy(update={"data": data, "model": model, "online": online})
+    retention = config.retention.with_paths(lambda value: _resolve_path(value, base))
+    return config.model_copy(update={"data": data, "model": model, "online": online, "retention": retention})
 
 
 def _resolve_path(value: str, base: Path) -> str:

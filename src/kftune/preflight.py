@@ -28,6 +28,7 @@ def preflight(config: RunConfig) -> list[str]:
             load_reward_function(config.online.reward_function)
         else:
             check_reward_model(config.online.reward_model, config.registry.tracking_uri)
+    check_retention_files(config)
     return prepare(config).warnings
 
 
@@ -40,6 +41,21 @@ def check_template_file(config: RunConfig) -> None:
         data = config_to_dict(config)
         data["prompt"]["template"] = template_contents(config.prompt.template)
         parse_config(data)
+
+
+def check_retention_files(config: RunConfig) -> None:
+    """The general data retention and the forgetting measure read, and a Fisher file to reuse, made for this base."""
+    from kftune.models import resolve_model_path
+    from kftune.retention.fisher import check_fisher_file, model_fingerprint
+    from kftune.retention.general import held_out_lines, training_lines
+
+    retention = config.retention
+    if retention.uses_general_data:
+        training_lines(retention.general_data, retention.general_rows)
+    if config.eval.forgetting:
+        held_out_lines(config.eval.general_text)
+    if retention.ewc and retention.ewc.fisher_file:
+        check_fisher_file(retention.ewc.fisher_file, model_fingerprint(resolve_model_path(config.model.name_or_path)))
 
 
 def check_method_on_model(config: RunConfig) -> None:

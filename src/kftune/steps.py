@@ -155,6 +155,7 @@ def evaluate(
     }
     if "forgetting" in evaluation:
         flat[f"forgetting_{evaluation['forgetting']['metric']}"] = evaluation["forgetting"]["tuned"]
+        flat["forgetting_score"] = evaluation["forgetting"]["score"]
     return flat
 
 

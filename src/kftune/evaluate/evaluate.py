@@ -1,8 +1,9 @@
 """The evaluate step: score the tuned model and the base model on the same test split, and measure
 forgetting on general text.
 
-Forgetting is perplexity on general text for causal LMs; for classifiers (which have no LM head)
-it is representation similarity: the mean cosine between base and tuned sentence embeddings.
+Forgetting is measured on held-out general text (`kftune.retention.forgetting`): perplexity and the
+likelihood of the base's own answers for causal LMs, the survival of the base's sentence-similarity
+structure for encoders.
 
 The scoring functions run wherever the model's parameters are (`eval.device`, `eval.precision`
 place it); serving calls the same ones. Inside `evaluate`, each pass over the rows prints a progress line.
@@ -28,10 +29,11 @@ from kftune.models import load_base_model, load_tokenizer, load_tuned_model, res
 from kftune.prompts.build import IGNORE_INDEX, continuation_ids, read_meta, read_prompts, single_token_id
 from kftune.prompts.collate import Collator
 from kftune.prompts.templates import Template, resolve_template
+from kftune.retention.forgetting import measure_forgetting
+from kftune.retention.general import held_out_lines
 from kftune.train.losses import next_token_losses
 from kftune.train.progress import ProgressLine
 
-GENERAL_TEXT = Path(__file__).with_name("data") / "general_text.txt"
 GENERATION_METRICS = {"exact_match": metrics.exact_match, "rouge_l": metrics.rouge_l, "bleu": metrics.bleu}
 _PROGRESS_LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("evaluation_progress", default=None)
 
@@ -127,9 +129,17 @@ def evaluate(config: RunConfig, prompts_dir: str | Path, model_dir: str | Path) 
             result[name] = score(model, rows, config, tokenizer, meta["label_names"])
         result[name]["seconds"] = round(time.perf_counter() - started, 2)
     if config.eval.forgetting:
-        lines = _general_text(config, tokenizer)
-        with progress("evaluate forgetting"):
-            result["forgetting"] = forgetting(models["base"], models["tuned"], lines, config, tokenizer.pad_token_id)
+        started = time.perf_counter()
+        result["forgetting"] = measure_forgetting(
+            models["base"],
+            models["tuned"],
+            held_out_lines(config.eval.general_text),
+            tokenizer,
+            config.model.task,
+            config.prompt.max_length,
+            config.eval.batch_size,
+        )
+        result["forgetting"]["seconds"] = round(time.perf_counter() - started, 2)
     return result
 
 
@@ -286,32 +296,3 @@ def generate(
             for row, p in zip(chunk, prompts, strict=False)
         ]
     return generated, references
-
-
-def _general_text(config: RunConfig, tokenizer) -> list[list[int]]:
-    path = Path(config.eval.general_text) if config.eval.general_text else GENERAL_TEXT
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [tokenizer(line, truncation=True, max_length=config.prompt.max_length)["input_ids"] for line in lines]
-
-
-@torch.no_grad()
-def forgetting(base, tuned, lines: list[list[int]], config: RunConfig, pad_token_id: int) -> dict[str, Any]:
-    if config.model.task == "causal_lm":
-        rows = [{"input_ids": ids, "labels": ids} for ids in lines]
-        collate = Collator(pad_token_id, "causal_lm")
-        before = metrics.perplexity(*_lm_loss(base, rows, collate, config.eval.batch_size))
-        after = metrics.perplexity(*_lm_loss(tuned, rows, collate, config.eval.batch_size))
-        return {"metric": "general_perplexity", "base": before, "tuned": after, "change": after - before}
-    similarities = []
-    collate = Collator(pad_token_id, "sequence_classification")
-    for chunk in batched(lines, config.eval.batch_size):
-        batch = on_device(tuned, collate([{"input_ids": ids, "labels": 0} for ids in chunk]))
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = []
-        for model in (base, tuned):
-            hidden = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
-            ).hidden_states[-1]
-            pooled.append((hidden * mask).sum(1) / mask.sum(1))
-        similarities += torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=-1).tolist()
-    return {"metric": "representation_similarity", "tuned": sum(similarities) / len(similarities), "lines": len(lines)}

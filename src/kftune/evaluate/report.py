@@ -74,10 +74,22 @@ def _forgetting(evaluation: dict[str, Any]) -> str:
     if not result:
         return ""
     if result["metric"] == "general_perplexity":
-        text = f"perplexity on general text: base {result['base']:.3f}, tuned {result['tuned']:.3f} ({result['change']:+.3f})"
+        answers = result["base_answer_loss"]
+        lines = [
+            f"perplexity on general text ({result['lines']} held-out passages): base {result['base']:.3f}, tuned {result['tuned']:.3f} ({result['change']:+.3f})",
+            f"loss on the base model's own answers to general prompts (per token): base {answers['base']:.4f}, tuned {answers['tuned']:.4f}",
+        ]
     else:
-        text = f"representation similarity to the base model on {result['lines']} general-text passages: {result['tuned']:.4f} (1.0 = unchanged)"
-    return f"<h3>Forgetting</h3><p>{html.escape(text)}</p>"
+        lines = [
+            f"rank correlation of pairwise sentence similarities on {result['lines']} held-out general passages, tuned vs base: {result['tuned']:.4f} (1.0 = unchanged)"
+        ]
+        if "masked_lm_loss" in result:
+            loss = result["masked_lm_loss"]
+            lines.append(f"masked-LM loss on them: base {loss['base']:.4f}, tuned {loss['tuned']:.4f}")
+    lines.append(
+        f"forgetting score: {result['score']:.4f} (0 = nothing forgotten; registry.gate.max_forgetting compares it)"
+    )
+    return "<h3>Forgetting</h3>" + "".join(f"<p>{html.escape(line)}</p>" for line in lines)
 
 
 def _samples(evaluation: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from kftune.config import RunConfig, config_to_dict
 from kftune.errors import KftuneError
 from kftune.evaluate.metrics import HIGHER_IS_BETTER
+from kftune.retention.forgetting import forgetting_refusal
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 GATE_METRIC_TAG = "kftune.gate_metric"
@@ -121,6 +122,9 @@ def register_model(
             evaluation["tuned"][gate.metric],
             evaluation.get("split_sha256", ""),
         )
+        refusal = forgetting_refusal(gate.max_forgetting, evaluation)  # better at the task, but forgot too much
+        if refusal:
+            promoted, reason = False, refusal
         if promoted:
             _move_champion(client, registry.model_name, version.version, f"gate: {reason}")
         client.set_model_version_tag(registry.model_name, version.version, "kftune.gate", reason)
@@ -187,6 +191,8 @@ def _log_run(config: RunConfig, model_dir, evaluation, train_log, attachments, l
             if kind in evaluation:
                 values = {f"{kind}_{m}": v for m, v in evaluation[kind].items() if isinstance(v, (int, float))}
                 mlflow.log_metrics(values, model_id=info.model_id if kind == "tuned" else None, dataset=dataset)
+        if "forgetting" in evaluation:
+            mlflow.log_metric("forgetting_score", evaluation["forgetting"]["score"], model_id=info.model_id)
     return info.model_uri
 
 

@@ -23,7 +23,7 @@ from kftune.errors import KftuneError
 from kftune.prompts.build import META_FILE, split_file
 
 STATE_FILE = "trainer_state.json"
-IDENTITY_SECTIONS = ("model", "data", "prompt", "method", "train")
+IDENTITY_SECTIONS = ("model", "data", "prompt", "method", "train", "retention")
 IDENTITY_IGNORED_TRAIN_KEYS = ("checkpoint", "log_every_steps", "cpus_per_worker")
 
 

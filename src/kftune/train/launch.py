@@ -80,6 +80,7 @@ def make_trainer(
             "prompts_dir": str(Path(prompts_dir).resolve()),
             "identity": identity,
             "report_validation": report_validation,
+            "storage": storage,  # retention caches what it computes from the base here
         },
         scaling_config=ScalingConfig(
             num_workers=settings.workers,

@@ -45,6 +45,7 @@ from kftune.models import (
 )
 from kftune.prompts.build import open_prompts, read_meta, read_prompts
 from kftune.prompts.collate import Collator, batch_tokens, uses_varlen_attention
+from kftune.retention.terms import build_retention
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
 from kftune.train.engines import autocast, make_engine, partitioned_construction
@@ -115,6 +116,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     engine = make_engine(
         model, groups, settings, total_steps, world, device
     )  # compiles the model when train.compile asks
+    retention = build_retention(  # before a checkpoint's weights load: theta_0 is the base's
+        config, engine.module, config.method, loop_config.get("storage"), rank, world, device
+    )
 
     # Validation during training: every worker scores its share of the (unpacked) validation rows.
     validation_rows = open_prompts(prompts_dir, "validation") if settings.eval_every_steps else []
@@ -154,7 +158,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             for batch in micro_batches:
                 with engine.micro_step():
                     loss_share = objective.loss(engine.model, batch) / items
-                    engine.backward(loss_share)
+                    extra = retention.loss(engine.module, batch, step, items) if retention else 0.0
+                    engine.backward(loss_share + extra)
                 engine.step()
                 interval_loss += loss_share.detach().float()
             step += 1
@@ -173,6 +178,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 mean_loss = _all_reduce_sum(interval_loss).item() / (step - (history[-1]["step"] if history else 0))
                 elapsed = time.perf_counter() - interval_started
                 history.append(_record(step, mean_loss, engine.lr(), interval_tokens * world / elapsed, device))
+                if retention:
+                    history[-1].update(retention.report())
                 interval_loss.zero_()
                 interval_tokens, interval_started = 0, time.perf_counter()
             if validate_now:

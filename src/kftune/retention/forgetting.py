@@ -1,0 +1,122 @@
+"""How much a tuned model forgot of what its base knew, measured on held-out general text.
+
+Causal LMs: perplexity on the general passages, and the likelihood of the base model's own greedy
+answers to general prompts (a passage's first half): the tuned model should still find probable what
+the base would have said. Encoders: how well the base's sentence-similarity structure survives (the
+Spearman rank correlation of all pairwise cosine similarities of mean-pooled sentence embeddings,
+before against after), and the masked-LM loss where the model has an MLM head.
+
+`score` is the one number `registry.gate.max_forgetting` compares against (0 = nothing forgotten):
+the relative rise of general-text perplexity for causal LMs, 1 - the rank correlation for encoders.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kftune.prompts.collate import Collator
+from kftune.prompts.packing import IGNORE_INDEX
+from kftune.retention.general import language_model_rows
+from kftune.retention.generated import base_answers
+from kftune.train.losses import token_losses
+
+
+@torch.no_grad()
+def measure_forgetting(
+    base, tuned, lines: list[str], tokenizer, task: str, max_length: int, batch_size: int
+) -> dict[str, Any]:
+    if task == "causal_lm":
+        rows = language_model_rows(lines, tokenizer, task, max_length)
+        before, after = (
+            math.exp(mean_token_loss(m, rows, tokenizer.pad_token_id, task, batch_size)) for m in (base, tuned)
+        )
+        answers = base_answers(base, tokenizer, lines, max_length, batch_size)
+        answer_loss = {
+            name: mean_token_loss(m, answers, tokenizer.pad_token_id, task, batch_size)
+            for name, m in (("base", base), ("tuned", tuned))
+        }
+        return {
+            "metric": "general_perplexity",
+            "base": before,
+            "tuned": after,
+            "change": after - before,
+            "base_answer_loss": answer_loss,
+            "lines": len(lines),
+            "score": after / before - 1,
+        }
+    ids = [tokenizer(line, truncation=True, max_length=max_length)["input_ids"] for line in lines]
+    correlation = rank_correlation(
+        pairwise_similarities(sentence_embeddings(base, ids, tokenizer.pad_token_id, batch_size)),
+        pairwise_similarities(sentence_embeddings(tuned, ids, tokenizer.pad_token_id, batch_size)),
+    )
+    result = {
+        "metric": "similarity_rank_correlation",
+        "tuned": correlation,
+        "lines": len(lines),
+        "score": 1 - correlation,
+    }
+    if task == "masked_lm":
+        rows = language_model_rows(lines, tokenizer, task, max_length)
+        result["masked_lm_loss"] = {
+            name: mean_token_loss(m, rows, tokenizer.pad_token_id, task, batch_size)
+            for name, m in (("base", base), ("tuned", tuned))
+        }
+    return result
+
+
+def mean_token_loss(model, rows: list[dict], pad_token_id: int, task: str, batch_size: int) -> float:
+    """The mean loss per labelled token (next token, or the masked one) over `rows`."""
+    collate = Collator(pad_token_id, task)
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size]).items()}
+        total += token_losses(model, batch, task).sum().item()
+        labels = batch["labels"] if task == "masked_lm" else batch["labels"][:, 1:]
+        tokens += int((labels != IGNORE_INDEX).sum())
+    return total / max(tokens, 1)
+
+
+def sentence_embeddings(model, ids: list[list[int]], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """Mean-pooled last hidden states, one row per sentence."""
+    collate = Collator(pad_token_id, "sequence_classification")
+    device = next(model.parameters()).device
+    pooled = []
+    for start in range(0, len(ids), batch_size):
+        batch = collate([{"input_ids": i, "labels": 0} for i in ids[start : start + batch_size]])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        ).hidden_states[-1]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled.append(((hidden * mask).sum(1) / mask.sum(1)).float().cpu())
+    return torch.cat(pooled)
+
+
+def pairwise_similarities(embeddings: torch.Tensor) -> torch.Tensor:
+    """The cosine similarity of every pair of sentences (the upper triangle, flattened)."""
+    normal = torch.nn.functional.normalize(embeddings, dim=-1)
+    rows, columns = torch.triu_indices(len(normal), len(normal), offset=1)
+    return (normal @ normal.T)[rows, columns]
+
+
+def rank_correlation(first: torch.Tensor, second: torch.Tensor) -> float:
+    """Spearman's rho: the Pearson correlation of the ranks."""
+    ranks = [values.argsort().argsort().double() for values in (first, second)]
+    centred = [r - r.mean() for r in ranks]
+    return float((centred[0] * centred[1]).sum() / (centred[0].norm() * centred[1].norm()))
+
+
+def forgetting_refusal(max_forgetting: float | None, evaluation: dict[str, Any]) -> str | None:
+    """Why the gate refuses to promote a version that forgot more than `registry.gate.max_forgetting`, or None."""
+    if max_forgetting is None:
+        return None
+    measured = evaluation.get("forgetting", {}).get("score")
+    if measured is None:
+        return "kept champion: registry.gate.max_forgetting is set but the evaluation measured no forgetting"
+    if measured > max_forgetting:
+        return f"kept champion: forgot too much (forgetting score {measured:.4f} > registry.gate.max_forgetting {max_forgetting})"
+    return None

@@ -1,0 +1,437 @@
+"""Knowledge retention (kftune.retention) on stories260K: where it cannot apply the config says so and
+which field; L2-SP and EWC penalise exactly the change of the pretrained weights (in place, or a LoRA
+update) and hold them closer under DDP and ZeRO-2; the Fisher is cached by content hash and refused for
+another base; distillation's teacher is the base (adapter disabled); replay draws general rows per
+micro-batch reproducibly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import STORIES, build_on_stories, process_group
+from kftune.config import parse_config
+from kftune.errors import KftuneError
+from kftune.methods import METHODS, may_train
+from kftune.models import load_base_model, load_tokenizer
+from kftune.retention.anchor import Anchor, anchored_weights
+from kftune.retention.distill import Teacher, distillation_sum, output_logits
+from kftune.retention.fisher import cache_path, check_fisher_file, general_fingerprint, model_fingerprint
+from kftune.retention.general import language_model_rows, training_lines
+from kftune.retention.terms import GeneralBatches, _fisher
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread is tens of times faster than oversubscribed ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FULL = METHODS["full"].options.model_validate({"name": "full"})
+LORA = METHODS["lora"].options.model_validate({"name": "lora", "r": 4, "target_modules": "all-linear"})
+
+
+def stories_config(tmp_path, retention: dict, method: dict | None = None, **sections) -> dict:
+    return {
+        "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+        "data": {"path": str(tmp_path / "data.jsonl")},
+        "prompt": {"template": "text", "max_length": 48},
+        "method": method or {"name": "full"},
+        "eval": {"metrics": ["perplexity"]},
+        "registry": {"model_name": "retention", "gate": {"metric": "perplexity"}},
+        "retention": retention,
+        **sections,
+    }
+
+
+@pytest.mark.parametrize(
+    ("retention", "method", "sections", "expected"),
+    [
+        (
+            {"l2_sp": {"alpha": 1.0}},
+            {"name": "prompt_tuning"},
+            {},
+            "retention.l2_sp: method prompt_tuning trains only new parameters (virtual-token embeddings)",
+        ),
+        ({"ewc": {"strength": 1.0}}, {"name": "adapter"}, {}, "retention.ewc: method adapter trains only new"),
+        (
+            {"l2_sp": {"alpha": 1.0}},
+            None,
+            {"train": {"deepspeed": {"stage": 3}}},
+            "retention.l2_sp: ZeRO-3 holds each weight only while its layer runs",
+        ),
+        (
+            {"distill": {"weight": 1.0}},
+            None,
+            {"train": {"deepspeed": {"stage": 3}}},
+            "retention.distill: method full needs a frozen copy",
+        ),
+        ({"replay": {"ratio": 0.0}}, None, {}, "retention.replay.ratio"),
+        ({"distill": {"weight": 1.0, "inputs": []}}, None, {}, "retention.distill.inputs"),
+        (
+            {},
+            None,
+            {
+                "eval": {"forgetting": False, "metrics": ["perplexity"]},
+                "registry": {"model_name": "r", "gate": {"metric": "perplexity", "max_forgetting": 0.1}},
+            },
+            "registry.gate.max_forgetting: needs the forgetting measured",
+        ),
+    ],
+)
+def test_retention_where_it_cannot_apply_names_the_field(tmp_path, retention, method, sections, expected):
+    with pytest.raises(KftuneError) as error:
+        parse_config(stories_config(tmp_path, retention, method, **sections))
+    assert expected in str(error.value)
+
+
+def test_classification_refuses_what_needs_a_language_model_head(make_config):
+    with pytest.raises(KftuneError, match=r"retention.replay: a classification model has no language-model head"):
+        parse_config(make_config(retention={"replay": {"ratio": 0.5}}))
+    parse_config(make_config(retention={"l2_sp": {"alpha": 0.1}}))  # L2-SP applies to the pretrained encoder
+
+
+def test_l2_sp_penalises_the_change_of_weights_trained_in_place():
+    model = build_on_stories(FULL)
+    anchor = Anchor(anchored_weights(model, may_train(model, FULL), set()), 2.0, 0.0, None, "retention.l2_sp")
+    assert anchor.penalty().item() == 0.0
+    weight = model.model.layers[0].mlp.up_proj.weight
+    change = torch.randn_like(weight) * 0.01
+    with torch.no_grad():
+        weight += change
+    penalty = anchor.penalty()
+    assert penalty.item() == pytest.approx(0.5 * 2.0 * change.pow(2).sum().item(), rel=1e-4)
+    penalty.backward()
+    assert torch.allclose(weight.grad, 2.0 * change, atol=1e-6)
+
+
+def test_l2_sp_on_lora_is_the_distance_of_the_merged_weights_from_the_base():
+    model = build_on_stories(LORA)
+    anchor = Anchor(anchored_weights(model, may_train(model, LORA), set()), 1.0, 0.0, None, "retention.l2_sp")
+    assert not any(w.reference is not None for w in anchor.weights)  # no copy of theta_0 under LoRA
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    penalty = anchor.penalty().item()
+    base = dict(load_base_model(STORIES, "causal_lm", None, seed=0).named_parameters())
+    merged = dict(model.merge_and_unload().named_parameters())
+    expected = 0.5 * sum((merged[n] - base[n]).pow(2).sum().item() for n in base)
+    assert penalty == pytest.approx(expected, rel=1e-3)
+
+
+def test_the_fisher_is_cached_by_content_hash_and_refused_for_another_base(tmp_path, capsys):
+    config = parse_config(stories_config(tmp_path, {"ewc": {"strength": 1.0, "fisher_rows": 4}}))
+    tokenizer = load_tokenizer(STORIES)
+    rows = language_model_rows(training_lines(None, 8), tokenizer, "causal_lm", 48)
+    fisher = _fisher(config, rows, str(tmp_path))
+    assert "computed on 4 general rows, cached at" in capsys.readouterr().out
+    assert set(fisher) == {n for n, _ in load_base_model(STORIES, "causal_lm", None, 0).named_parameters()}
+    assert torch.cat([f.flatten() for f in fisher.values()]).mean().item() == pytest.approx(1.0, rel=1e-4)
+    again = _fisher(config, rows, str(tmp_path))
+    assert "EWC Fisher reused from" in capsys.readouterr().out
+    assert all(torch.equal(fisher[n], again[n]) for n in fisher)
+
+    base = model_fingerprint(STORIES)
+    cached = cache_path(tmp_path, base, general_fingerprint([str(r["input_ids"]) for r in rows[:4]], "causal_lm", 48))
+    assert cached.is_file()
+    with pytest.raises(KftuneError, match=r"retention.ewc.fisher_file: .* was made for another base model"):
+        check_fisher_file(cached, "sha256:another-base")
+    other = parse_config(
+        stories_config(tmp_path, {"ewc": {"strength": 1.0, "fisher_rows": 2, "fisher_file": str(cached)}})
+    )
+    with pytest.raises(KftuneError, match=r"retention.ewc.fisher_file: .* was made on other general data"):
+        _fisher(other, rows, None)
+
+
+def test_ewc_weighs_each_weight_by_its_fisher():
+    model = build_on_stories(FULL)
+    weights = anchored_weights(model, may_train(model, FULL), set())
+    fisher = {w.name: torch.full_like(w.reference, 3.0) for w in weights}
+    anchor = Anchor(weights, 0.5, 2.0, fisher, "retention.ewc")
+    weight = model.model.norm.weight
+    with torch.no_grad():
+        weight += 0.1
+    assert anchor.penalty().item() == pytest.approx(0.5 * (0.5 + 2.0 * 3.0) * 0.01 * weight.numel(), rel=1e-4)
+
+
+def test_distillation_teacher_is_the_base_with_the_adapter_disabled(families):
+    batch = families["stories"][3]
+    model = build_on_stories(LORA)
+    teacher = Teacher(model).logits(batch, "causal_lm")
+    base = load_base_model(STORIES, "causal_lm", None, seed=0)
+    with torch.no_grad():
+        assert torch.allclose(
+            teacher, base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, atol=1e-5
+        )
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    student = output_logits(model, batch, "causal_lm")
+    assert distillation_sum(teacher, teacher, batch["attention_mask"], 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    kl = distillation_sum(student, teacher, batch["attention_mask"], 2.0)
+    assert kl.item() > 1e-4
+    kl.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_general_rows_are_drawn_reproducibly_per_micro_batch_and_worker():
+    rows = [{"input_ids": [i + 1, i + 2], "labels": [i + 1, i + 2]} for i in range(10)]
+    first = [GeneralBatches(rows, 3, 0, "causal_lm", seed=0, rank=r, world=2) for r in (0, 1)]
+    again = GeneralBatches(rows, 3, 0, "causal_lm", seed=0, rank=0, world=2)
+    assert torch.equal(first[0].draw(5)["input_ids"], again.draw(5)["input_ids"])
+    assert not torch.equal(first[0].draw(0)["input_ids"], first[1].draw(0)["input_ids"])
+    with pytest.raises(KftuneError, match=r"retention.general_data"):
+        GeneralBatches([], 3, 0, "causal_lm", 0, 0, 1)
+
+
+def anchored_distance(tmp_path, families, retention: dict, deepspeed: dict | None) -> float:
+    """How far 4 steps of full fine-tuning (lr 1e-2) move the weights from the base, with `retention`
+    plugged in as the training loop does, under DDP or a DeepSpeed engine (a world of one)."""
+    from kftune.methods import optimizer_parameter_groups
+    from kftune.retention.terms import build_retention
+    from kftune.train.engines import make_engine
+    from kftune.train.losses import summed_loss
+
+    config = parse_config(
+        stories_config(
+            tmp_path,
+            retention,
+            train={"batch_size": 4, "workers": 1, "lr": 1e-2, "gradient_accumulation": 2, "deepspeed": deepspeed},
+        )
+    )
+    batch = families["stories"][3]
+    model = build_on_stories(FULL)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with process_group("gloo"):
+        engine = make_engine(
+            model, optimizer_parameter_groups(model, FULL, 1e-2), config.train, 4, 1, torch.device("cpu")
+        )
+        try:
+            terms = build_retention(config, engine.module, FULL, str(tmp_path), 0, 1, torch.device("cpu"))
+            for step in range(4):
+                for half in (batch_rows(batch, 0, 2), batch_rows(batch, 2, 4)):
+                    with engine.micro_step():
+                        loss = summed_loss(engine.model, half, "causal_lm") / (batch["labels"][:, 1:] != -100).sum()
+                        engine.backward(
+                            loss + (terms.loss(engine.module, half, step, torch.tensor(4)) if terms else 0.0)
+                        )
+                    engine.step()
+            trained = engine.consolidated(lambda: build_on_stories(FULL), rank=0)
+        finally:
+            if deepspeed:
+                engine.engine.destroy()
+    return sum((p.detach() - base[n]).pow(2).sum().item() for n, p in trained.named_parameters()) ** 0.5
+
+
+def batch_rows(batch: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def test_l2_sp_and_ewc_hold_the_weights_near_the_base_under_zero2(tmp_path, families):
+    """DDP with two workers: tests/test_retention_train.py."""
+    zero2 = {"stage": 2}
+    free = anchored_distance(tmp_path, families, {}, zero2)
+    held = anchored_distance(
+        tmp_path, families, {"l2_sp": {"alpha": 50.0}, "ewc": {"strength": 50.0, "fisher_rows": 4}}, zero2
+    )
+    assert held < 0.7 * free
+
+
+def perturbed_lora(path, task: str, num_labels=None, std: float = 0.1):
+    """A LoRA model whose random B makes it differ from its base."""
+    from kftune.methods import apply_method
+
+    model = apply_method(load_base_model(path, task, num_labels, seed=0), LORA, task).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=std)
+    return model
+
+
+def test_forgetting_of_a_causal_lm_on_held_out_text_and_the_bases_own_answers():
+    from kftune.retention.forgetting import measure_forgetting
+    from kftune.retention.general import held_out_lines
+
+    lines, tokenizer = held_out_lines(None)[:12], load_tokenizer(STORIES)
+    assert not set(lines) & set(training_lines(None, 1000))  # retention never trains on what forgetting is scored on
+    base = load_base_model(STORIES, "causal_lm", None, seed=0).eval()
+    same = measure_forgetting(base, base, lines, tokenizer, "causal_lm", 48, 8)
+    assert same["score"] == pytest.approx(0.0, abs=1e-6)
+    changed = measure_forgetting(base, perturbed_lora(STORIES, "causal_lm"), lines, tokenizer, "causal_lm", 48, 8)
+    assert changed["score"] > 0.01 and changed["tuned"] > changed["base"]
+    assert changed["base_answer_loss"]["tuned"] > changed["base_answer_loss"]["base"] + 0.01
+
+
+def test_forgetting_of_an_encoder_is_how_well_its_similarity_structure_survives():
+    from kftune.models import resolve_model_path
+    from kftune.retention.forgetting import measure_forgetting
+    from kftune.retention.general import held_out_lines
+
+    path = resolve_model_path("minilm-l6")
+    lines, tokenizer = held_out_lines(None)[:16], load_tokenizer(path)
+    base = load_base_model(path, "sequence_classification", 2, seed=0).eval()
+    same = measure_forgetting(base, base, lines, tokenizer, "sequence_classification", 48, 16)
+    assert same["tuned"] == pytest.approx(1.0) and same["score"] == pytest.approx(0.0, abs=1e-9)
+    changed = measure_forgetting(
+        base,
+        perturbed_lora(path, "sequence_classification", 2, std=0.02),
+        lines,
+        tokenizer,
+        "sequence_classification",
+        48,
+        16,
+    )
+    assert 0.001 < changed["score"] < 0.5 and changed["metric"] == "similarity_rank_correlation"
+
+
+def test_evaluate_reports_forgetting_next_to_the_task_metrics(make_config, tmp_path):
+    """A LoRA model with random B saved as the train step saves it, scored by the evaluate step."""
+    from conftest import SERVING_TRAIN_LOG
+    from kftune.data.prepare import prepare, write_prepared
+    from kftune.evaluate.evaluate import evaluate
+    from kftune.evaluate.report import render_report
+    from kftune.prompts.build import build_prompts
+    from kftune.retention.forgetting import forgetting_refusal
+    from kftune.train.loop import save_artifact
+
+    config = parse_config(
+        make_config(
+            model={"name_or_path": str(STORIES), "task": "causal_lm"},
+            prompt={"template": "text", "max_length": 48},
+            method={"name": "lora", "r": 4, "target_modules": "all-linear"},
+            eval={"metrics": ["perplexity"], "compare_base": False, "batch_size": 16},
+            registry={"gate": {"metric": "perplexity", "max_forgetting": 0.05}},
+        )
+    )
+    write_prepared(prepare(config), tmp_path / "data")
+    meta = build_prompts(config, tmp_path / "data", tmp_path / "prompts")
+    resolved = json.loads(config.model_dump_json(exclude_none=True))
+    save_artifact(
+        perturbed_lora(STORIES, "causal_lm"),
+        config,
+        resolved,
+        SERVING_TRAIN_LOG,
+        meta,
+        str(tmp_path / "prompts"),
+        tmp_path / "model",
+    )
+    evaluation = evaluate(config, tmp_path / "prompts", tmp_path / "model")
+    forgetting = evaluation["forgetting"]
+    assert "perplexity" in evaluation["tuned"] and forgetting["lines"] == 79 and forgetting["score"] > 0.05, forgetting
+    assert forgetting["base_answer_loss"]["tuned"] > forgetting["base_answer_loss"]["base"]
+    report = render_report(
+        "r", evaluation, {**SERVING_TRAIN_LOG, "steps": 1, "total_parameters": 100, "workers": 1}, ["perplexity"]
+    )
+    assert "own answers to general prompts" in report and f"forgetting score: {forgetting['score']:.4f}" in report
+    assert "forgot too much" in forgetting_refusal(config.registry.gate.max_forgetting, evaluation)
+
+
+def test_the_gate_refuses_a_version_that_forgot_more_than_allowed(make_config, tmp_path):
+    from conftest import TRAIN_LOG
+    from kftune.registry.mlflow_registry import register_model
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = parse_config(make_config(registry={"gate": {"metric": "accuracy", "max_forgetting": 0.2}}))
+
+    def register(accuracy: float, forgetting: float, run: str) -> dict:
+        evaluation = {
+            "tuned": {"accuracy": accuracy},
+            "forgetting": {"metric": "similarity_rank_correlation", "score": forgetting},
+        }
+        return register_model(config, folder, evaluation, TRAIN_LOG, [], {"kftune.pipeline_run_id": run})
+
+    assert register(0.80, 0.1, "a")["promoted"]
+    refused = register(0.90, 0.35, "b")  # better at the task, but forgot too much
+    assert not refused["promoted"]
+    assert "forgot too much (forgetting score 0.3500 > registry.gate.max_forgetting 0.2)" in refused["gate"]
+    assert register(0.90, 0.15, "c")["promoted"]
+
+
+def test_missing_or_empty_general_data_fails_before_training(make_config, tmp_path):
+    from kftune.preflight import check_retention_files
+
+    empty = tmp_path / "general.txt"
+    empty.write_text("\n  \n")
+    for general, expected in ((tmp_path / "absent.txt", "is not a file"), (empty, "holds no text")):
+        config = parse_config(stories_config(tmp_path, {"replay": {"ratio": 0.5}, "general_data": str(general)}))
+        with pytest.raises(KftuneError, match=f"retention.general_data: .*{expected}"):
+            check_retention_files(config)
+    fisher = tmp_path / "fisher.safetensors"
+    save_file({"w": torch.zeros(1)}, str(fisher), metadata={"base": "sha256:another", "general": "x"})
+    config = parse_config(stories_config(tmp_path, {"ewc": {"strength": 1.0, "fisher_file": str(fisher)}}))
+    with pytest.raises(KftuneError, match=r"retention.ewc.fisher_file: .* was made for another base model"):
+        check_retention_files(config)
+
+
+def test_a_masked_lm_replays_and_distils_with_its_own_objective(random_mlm, tmp_path):
+    """Replay rows mask some tokens and label only those; EWC's Fisher and the terms run on the MLM head."""
+    from kftune.retention.terms import build_retention
+
+    config = parse_config(
+        {
+            **stories_config(
+                tmp_path,
+                {
+                    "ewc": {"strength": 1.0, "fisher_rows": 4},
+                    "replay": {"ratio": 1.0},
+                    "distill": {"weight": 1.0, "inputs": ["general"]},
+                },
+                {"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+                train={"batch_size": 2, "workers": 1},
+            ),
+            "model": {"name_or_path": str(random_mlm), "task": "masked_lm"},
+            "prompt": {"template": "pet_sst2_mlm", "max_length": 32},
+            "eval": {"metrics": ["accuracy"]},
+            "registry": {"model_name": "mlm", "gate": {"metric": "accuracy"}},
+        }
+    )
+    tokenizer = load_tokenizer(random_mlm)
+    rows = language_model_rows(training_lines(None, 4), tokenizer, "masked_lm", 32)
+    for row in rows:
+        masked = [i for i, label in enumerate(row["labels"]) if label != -100]
+        assert masked and all(row["input_ids"][i] == tokenizer.mask_token_id for i in masked)
+    model = perturbed_lora(random_mlm, "masked_lm")
+    terms = build_retention(config, model.train(), config.method, str(tmp_path), 0, 1, torch.device("cpu"))
+    batch = GeneralBatches(rows, 2, tokenizer.pad_token_id, "masked_lm", 0, 0, 1).draw(0)
+    loss = terms.loss(model, batch, 0, torch.tensor(2))
+    loss.backward()
+    assert set(terms.report()) == {"retention_anchor", "retention_distill_general", "retention_replay"}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_generated_replay_rows_are_the_bases_answers_cached_in_the_storage(tmp_path, capsys):
+    from kftune.retention.terms import _generated_rows
+
+    config = parse_config(stories_config(tmp_path, {"replay": {"ratio": 0.5, "generated": True}}))
+    lines, tokenizer = training_lines(None, 4), load_tokenizer(STORIES)
+    rows = _generated_rows(config, lines, tokenizer, str(tmp_path), torch.device("cpu"))
+    assert len(rows) == 4 and all(r["labels"][0] == -100 and r["labels"][-1] != -100 for r in rows)
+    assert "cached at" in capsys.readouterr().out
+    assert _generated_rows(config, lines, tokenizer, str(tmp_path), torch.device("cpu")) == rows
+    assert "reused from" in capsys.readouterr().out
+
+
+def test_general_data_and_a_fisher_file_are_found_next_to_the_config(tmp_path, write_config):
+    from kftune.config import load_config
+
+    (tmp_path / "general.txt").write_text("One passage.\n")
+    (tmp_path / "data.jsonl").write_text("")
+    path = write_config(
+        stories_config(
+            tmp_path, {"general_data": "general.txt", "ewc": {"strength": 1.0, "fisher_file": "f.safetensors"}}
+        )
+    )
+    retention = load_config(path).retention
+    assert retention.general_data == str(tmp_path / "general.txt")
+    assert retention.ewc.fisher_file == "f.safetensors"  # absent: left as written, preflight names it

@@ -164,4 +164,4 @@ def test_partitioned_lora_run_saves_only_its_adapter_which_reloads_to_the_same_o
     batch = run["batch"]
     with torch.no_grad():
         logits = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    assert torch.allclose(logits, run["logits"], atol=1e-2)
+    assert torch.allclose(logits, run["logits"], atol=1e-3)  # the same bf16 weights, adapter included

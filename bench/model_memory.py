@@ -34,8 +34,8 @@ import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import EXAMPLES, STORIES  # noqa: E402  (after the sys.path line above: the shipped SST-2 data and stories260K's tokenizer)
+EXAMPLES = REPO / "examples"  # the shipped SST-2 data and stories260K (its tokenizer serves the random model)
+STORIES = EXAMPLES / "models" / "stories260K"
 
 LLAMA_1B = {
     "hidden_size": 2048,

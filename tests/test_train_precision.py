@@ -42,8 +42,8 @@ def dtypes(model, trainable: bool) -> set[torch.dtype]:
             LORA,
             {"precision": "bf16", "deepspeed": {"stage": 3}},
             {torch.bfloat16},
-            {torch.float32},
-        ),  # DeepSpeed casts LoRA itself
+            {torch.bfloat16},
+        ),  # DeepSpeed keeps the fp32 masters
         ({"name": "full"}, {"precision": "bf16"}, set(), {torch.float32}),
         ({"name": "full"}, {"precision": "bf16", "deepspeed": {"stage": 2}}, set(), {torch.bfloat16}),
     ],

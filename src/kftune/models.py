@@ -128,14 +128,46 @@ def load_base_model(
             options["device_map"] = {"": torch.cuda.current_device()}
     if attn_implementation:
         options["attn_implementation"] = attn_implementation
-    if task == "sequence_classification":
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **options)
-        if model.config.pad_token_id is None:  # decoders find the last real token through it
-            model.config.pad_token_id = load_tokenizer(path).pad_token_id
-        return model
-    if task == "masked_lm":
-        return AutoModelForMaskedLM.from_pretrained(folder, **options)
-    return AutoModelForCausalLM.from_pretrained(folder, **options)
+    auto_class = {"sequence_classification": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}.get(
+        task, AutoModelForCausalLM
+    )
+    labels = {"num_labels": num_labels} if task == "sequence_classification" else {}
+    model = _from_safetensors(auto_class, folder, labels, options) or auto_class.from_pretrained(
+        folder, **labels, **options
+    )
+    # decoders find the last real token through the pad token
+    if task == "sequence_classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    return model
+
+
+def _from_safetensors(auto_class, folder: str, labels: dict, options: dict):
+    """The model read from its safetensors files tensor by tensor with positioned reads, converted to
+    the load dtype as it goes (`kftune.checkpoint_files`); under ZeRO-3 each worker reads only its
+    partitions (`kftune.train.partitioned`). None where another loader is needed (GGUF, quantization,
+    .bin weights)."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from kftune.checkpoint_files import LazyTensors, safetensors_files
+
+    files = safetensors_files(folder)
+    if not files or set(options) - {"dtype", "attn_implementation"}:
+        return None
+    config = AutoConfig.from_pretrained(
+        folder, **labels, **{k: v for k, v in options.items() if k == "attn_implementation"}
+    )
+    if is_deepspeed_zero3_enabled():
+        from kftune.train.partitioned import load_partitioned
+
+        return load_partitioned(auto_class, Path(folder), config, options["dtype"])
+    # the concrete class: the Auto classes refuse a state_dict without a folder name
+    model_class = auto_class._model_mapping[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=LazyTensors(files), **options)
+    model.config.name_or_path = folder  # as from_pretrained(folder) records it (peft reads the tokenizer from there)
+    if (Path(folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
 
 
 def bitsandbytes_config(quantization: str, compute_dtype):

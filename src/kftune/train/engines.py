@@ -43,10 +43,10 @@ def autocast(precision: str, device: torch.device):
 
 @contextlib.contextmanager
 def partitioned_construction(train: TrainSection, world: int, method: str):
-    """Under ZeRO-3, models built inside this are partitioned as they are constructed (transformers'
-    DeepSpeed integration runs `from_pretrained` under `deepspeed.zero.Init`): a worker holds its
-    part, plus one module gathered whole while its weights are read in. Elsewhere, and for methods
-    that read the whole base weights while applied, it does nothing."""
+    """Under ZeRO-3, models built inside this are partitioned as they are constructed (under
+    `deepspeed.zero.Init`, with transformers' DeepSpeed config active) and each worker reads only its
+    partitions from the checkpoint (`kftune.train.partitioned`). Elsewhere, and for methods that read
+    the whole base weights while applied, it does nothing."""
     from kftune.methods import METHODS
 
     if not train.deepspeed or train.deepspeed.stage != 3 or METHODS[method].reads_base_weights:

@@ -51,6 +51,7 @@ from kftune.train.checkpoints import load_trainer_state, save_trainer_state
 from kftune.train.engines import autocast, make_engine, partitioned_construction
 from kftune.train.losses import token_losses
 from kftune.train.memory import check_fits
+from kftune.train.partitioned import save_partitioned
 from kftune.train.progress import ProgressLine
 from kftune.train.validation import best_evaluation, evaluations_since_best, validate
 
@@ -251,12 +252,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         log["stopped_early_at_step"] = step
     chosen = best_state if settings.keep_best and best else None  # the same decision on every worker (the history is)
     log["weights_from_step"] = best["step"] if chosen is not None else step
-    trained = engine.consolidated(
-        lambda: build_model(config, num_labels, for_training=False), rank, chosen
-    )  # collective under ZeRO-3
     with tempfile.TemporaryDirectory() as out:
-        if rank == 0:
-            save_artifact(trained, config, resolved, log, meta, prompts_dir, Path(out))
+        if settings.deepspeed and settings.deepspeed.stage == 3:  # no worker holds the whole model: all write it
+            save_partitioned(engine.module, config.method, Path(out), rank, chosen)
+            write_run_files(engine.module, config, resolved, log, meta, prompts_dir, Path(out), rank)
+        else:
+            trained = engine.consolidated(lambda: build_model(config, num_labels, for_training=False), rank, chosen)
+            if rank == 0:
+                save_artifact(trained, config, resolved, log, meta, prompts_dir, Path(out))
         ray.train.report(
             {"final_loss": log["final_loss"], "steps": step},
             checkpoint=ray.train.Checkpoint.from_directory(out) if rank == 0 else None,
@@ -289,13 +292,14 @@ def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
     """The seeded base model with the method applied; the same in every worker and in every rebuild.
     Its frozen weights are in `weights_dtype`; under DDP what the optimizer steps is fp32."""
     train = config.train
+    dtype = weights_dtype(train.precision, config.method.name, bool(train.deepspeed))
     base = load_base_model(
         resolve_model_path(config.model.name_or_path),
         config.model.task,
         num_labels,
         train.seed,
         config.model.attn_implementation,
-        weights_dtype(train.precision, config.method.name, bool(train.deepspeed)),
+        dtype,
         config.model.quantization,
     )
     if for_training:
@@ -308,6 +312,8 @@ def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
     model = apply_method(base, config.method, config.model.task)
     if for_training and not train.deepspeed:  # DeepSpeed keeps its own fp32 master copies
         keep_fp32_master_weights(may_train(model, config.method))
+    elif for_training:  # the method's new weights too: DeepSpeed casts a model only when not built partitioned
+        cast_floating_parameters(model, dtype)
     return model
 
 
@@ -360,22 +366,29 @@ def _save_checkpoint(engine, rank: int, state: dict[str, Any], best_state: dict[
 
 
 def save_artifact(model, config: RunConfig, resolved: dict, log: dict, meta: dict, prompts_dir: str, out: Path) -> None:
-    """The method's artifact (see kftune.methods.artifacts), tokenizer, resolved config, train log, probe predictions.
+    """The method's artifact (see kftune.methods.artifacts) and the run's files (`write_run_files`).
     Saving may fold a method into `model` (merged LoRA): it is the tuned model, not a training state, after."""
     save_tuned_model(model, config.method, out)
     cast_floating_parameters(
         model, weights_dtype(config.train.precision, config.method.name, bool(config.train.deepspeed))
     )  # as load_tuned_model reads it back
+    write_run_files(model, config, resolved, log, meta, prompts_dir, out, rank=0)
+
+
+def write_run_files(
+    model, config: RunConfig, resolved: dict, log: dict, meta: dict, prompts_dir: str, out: Path, rank: int
+) -> None:
+    """Tokenizer, resolved config, train log and the probe predictions of the tuned `model`, on rank 0.
+    The probe's forward is collective when `model` is ZeRO-3 partitioned."""
+    probe_rows = as_sequences(read_prompts(prompts_dir, "test")[:PROBE_ROWS], config.model.task)
+    outputs = probe_outputs(model, probe_rows, meta["pad_token_id"], config.model.task)
+    if rank != 0:
+        return
     load_tokenizer(resolve_model_path(config.model.name_or_path)).save_pretrained(str(out))
     (out / TUNED_CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
     (out / TRAIN_LOG_FILE).write_text(json.dumps(log, indent=2))
     (out / LABELS_FILE).write_text(json.dumps(meta["label_names"]))
-    probe_rows = as_sequences(read_prompts(prompts_dir, "test")[:PROBE_ROWS], config.model.task)
-    probe = {
-        "sources": [r["source"] for r in probe_rows],
-        "outputs": probe_outputs(model, probe_rows, meta["pad_token_id"], config.model.task),
-    }
-    (out / PROBE_FILE).write_text(json.dumps(probe))
+    (out / PROBE_FILE).write_text(json.dumps({"sources": [r["source"] for r in probe_rows], "outputs": outputs}))
 
 
 @torch.no_grad()

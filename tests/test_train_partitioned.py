@@ -1,0 +1,167 @@
+"""ZeRO-3 from checkpoint to artifact over two real processes (gloo, DeepSpeed on the CPU) on stories260K.
+Each worker builds the model partitioned and reads only its partition of every tensor from the
+safetensors file; the partitions together are the checkpoint. After a training step, full fine-tuning
+streams a normal Hugging Face folder of safetensors shards that transformers alone reloads to the
+outputs of the partitioned model; a LoRA run writes only its adapter, which reloads to them too."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import STORIES, STORY_ROWS, free_port
+
+FILE = STORIES / "model.safetensors"
+SHARD_BYTES = 300_000  # stories260K's 1 MB of fp32 weights in several shards
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read/pread calls (`rchar`, proc(5))."""
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
+
+
+def run_config(method: dict, precision: str, ds_config: Path):
+    from kftune.config import parse_config
+
+    return parse_config(
+        {
+            "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+            "data": {"path": "unused.tsv", "split": {"test": 0.1}},
+            "prompt": {"template": "text"},
+            "method": method,
+            "train": {
+                "batch_size": 4,
+                "workers": 2,
+                "lr": 1e-2,
+                "precision": precision,
+                "deepspeed": {"stage": 3, "config_file": str(ds_config)},
+            },
+            "eval": {"metrics": ["perplexity"]},
+            "registry": {"model_name": "t", "gate": {"metric": "perplexity"}},
+        }
+    )
+
+
+def worker(rank: int, port: int, out: Path) -> None:
+    """One of two workers: build twice (the second build's reads are measured, past any first-use
+    imports), train a step, save the artifact, record the partitioned model's logits."""
+    from kftune.methods import optimizer_parameter_groups
+    from kftune.models import load_tokenizer
+    from kftune.train import partitioned
+    from kftune.train.engines import make_engine, partitioned_construction
+    from kftune.train.loop import build_model
+    from kftune.train.losses import summed_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    partitioned.SHARD_BYTES = SHARD_BYTES
+    encoded = load_tokenizer(STORIES)(STORY_ROWS[:4], padding=True, return_tensors="pt")
+    batch = {**encoded, "labels": encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)}
+    ds_config = out / "ds.json"  # every parameter partitioned, however small
+    for name, method, precision in (
+        ("full", {"name": "full"}, "fp32"),
+        ("lora", {"name": "lora", "r": 4}, "bf16"),
+        ("merged", {"name": "lora", "r": 4, "merge": True}, "fp32"),
+    ):
+        config = run_config(method, precision, ds_config)
+        with partitioned_construction(config.train, 2, config.method.name):
+            build_model(config, None, for_training=True)
+            before = bytes_read()
+            model = build_model(config, None, for_training=True)
+            read = bytes_read() - before
+        partitions = {n: p.ds_tensor.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+        whole = [n for n, p in model.named_parameters() if p.data.numel() and "lora_" not in n]  # LoRA's are new
+        engine = make_engine(
+            model, optimizer_parameter_groups(model, config.method, 1e-2), config.train, 1, 2, torch.device("cpu")
+        )
+        engine.backward(summed_loss(engine.model, batch, "causal_lm") / 100)
+        engine.step()
+        partitioned.save_partitioned(engine.module, config.method, out / name, rank, None)
+        engine.module.eval()
+        with torch.no_grad():
+            logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.save(
+            {"read": read, "partitions": partitions, "whole": whole, "logits": logits.float(), "batch": batch},
+            out / f"{name}-{rank}.pt",
+        )
+        engine.engine.destroy()
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zero3")
+    for name in ("full", "lora", "merged"):
+        (out / name).mkdir()
+    (out / "ds.json").write_text(
+        json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    )
+    torch.multiprocessing.start_processes(worker, args=(free_port(), out), nprocs=2, start_method="spawn")
+    return out
+
+
+def recorded(out: Path, name: str, rank: int) -> dict:
+    return torch.load(out / f"{name}-{rank}.pt", weights_only=False)
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("full", torch.float32), ("lora", torch.bfloat16)])
+def test_each_worker_reads_only_its_partition_of_the_checkpoint(two_workers, name, dtype):
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(FILE))
+    ranks = [recorded(two_workers, name, rank) for rank in (0, 1)]
+    for rank in ranks:
+        assert rank["whole"] == []  # no parameter was ever whole in the built model
+        assert rank["read"] < 0.6 * FILE.stat().st_size, rank["read"]  # its half, the header and config.json
+    assert ranks[0]["read"] > 0.4 * FILE.stat().st_size
+    for key, tensor in checkpoint.items():
+        pieces = [rank["partitions"].get(key, rank["partitions"].get(f"base_model.model.{key}")) for rank in ranks]
+        if pieces[0] is None:  # LoRA wraps the linear layers: their weight is ...base_layer.weight
+            stem, leaf = key.rsplit(".", 1)
+            pieces = [rank["partitions"][f"base_model.model.{stem}.base_layer.{leaf}"] for rank in ranks]
+        assert torch.equal(torch.cat(pieces)[: tensor.numel()], tensor.to(dtype).flatten()), key
+
+
+@pytest.mark.parametrize("name", ["full", "merged"])
+def test_streamed_whole_model_is_a_folder_transformers_alone_reloads_to_the_same_outputs(two_workers, name):
+    """Full fine-tuning, and LoRA merged layer by layer in the partitions (`method.merge`)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    folder = two_workers / name
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    assert all(shard.stat().st_size < 2 * SHARD_BYTES for shard in shards)  # written as gathered, a shard at a time
+    names = {key for shard in shards for key in load_file(str(shard))}
+    assert names == set(load_file(str(FILE)))  # the base model's tensors, no LoRA ones
+    run = recorded(two_workers, name, 0)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    batch = run["batch"]
+    with torch.no_grad():
+        logits = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(logits, run["logits"], atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(STORIES)
+    with torch.no_grad():
+        untrained = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(untrained, run["logits"], atol=1e-3)  # the step moved the weights that were saved
+
+
+def test_partitioned_lora_run_saves_only_its_adapter_which_reloads_to_the_same_outputs(two_workers):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    folder = two_workers / "lora"
+    assert not list(folder.glob("model*.safetensors"))
+    adapter = load_file(str(folder / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in key for key in adapter)
+    run = recorded(two_workers, "lora", 0)
+    base = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.bfloat16)
+    reloaded = PeftModel.from_pretrained(base, str(folder)).to(torch.bfloat16).eval()
+    batch = run["batch"]
+    with torch.no_grad():
+        logits = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    assert torch.allclose(logits, run["logits"], atol=1e-3)  # the same bf16 weights, adapter included

@@ -418,7 +418,10 @@ def preference_run(tmp_path, stage: str, data: Path, **sections) -> dict:
     keyword sections replace the defaults."""
     config = {
         "stage": stage,
-        "model": {"name_or_path": str(STORIES), "task": "sequence_classification" if stage == "reward" else "causal_lm"},
+        "model": {
+            "name_or_path": str(STORIES),
+            "task": "sequence_classification" if stage == "reward" else "causal_lm",
+        },
         "data": {"path": str(data), "max_rows": 24, "split": {"test": 0.25}},
         "prompt": {"template": "preference", "max_length": 256},
         "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},

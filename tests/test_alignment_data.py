@@ -129,7 +129,10 @@ def test_chat_template_renders_the_dialogue(tmp_path):
         ({"eval": {"metrics": ["perplexity"]}}, "eval.metrics: perplexity not available for stage dpo"),
         ({"stage": "sft", "preference": {"beta": 0.2}}, "preference: applies to alignment stages"),
         ({"stage": "ppo"}, "stage: Input should be 'sft', 'reward', 'dpo', 'kto', 'orpo', 'simpo' or 'grpo'"),
-        ({"stage": "grpo", "eval": {"metrics": ["mean_reward"]}}, "online.reward_function: grpo needs one source of rewards"),
+        (
+            {"stage": "grpo", "eval": {"metrics": ["mean_reward"]}},
+            "online.reward_function: grpo needs one source of rewards",
+        ),
         ({"online": {"group_size": 8}}, "online: applies to online RL"),
         (
             {"stage": "grpo", "online": {"reward_model": "hh-reward"}, "eval": {"metrics": ["mean_reward"]}},

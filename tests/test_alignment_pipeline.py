@@ -81,6 +81,7 @@ def test_reward_model_and_dpo_policy_through_the_steps(tmp_path):
     with pytest.raises(KftuneError, match=r"models:/tiny-dpo@champion was trained with stage dpo"):
         check_reward_model("models:/tiny-dpo@champion", uri)
     rewards = load_reward_model("models:/tiny-reward@champion", uri)(
-        ["Human: Tell me about the owl number 9.\n\nAssistant:"] * 2, ["The owl was happy and played.", "zq xv kj owl qq."]
+        ["Human: Tell me about the owl number 9.\n\nAssistant:"] * 2,
+        ["The owl was happy and played.", "zq xv kj owl qq."],
     )
     assert rewards[0] > rewards[1]

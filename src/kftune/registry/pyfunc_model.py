@@ -53,7 +53,9 @@ class TunedModel(mlflow.pyfunc.PythonModel):
             from kftune.alignment.serving import reward_scores
 
             max_length = self.config["prompt"]["max_length"]
-            return pd.DataFrame({"reward": reward_scores(self.model, self.tokenizer, self.template, model_input, max_length, size)})
+            return pd.DataFrame(
+                {"reward": reward_scores(self.model, self.tokenizer, self.template, model_input, max_length, size)}
+            )
         if task != "sequence_classification" and not self.template.labelled:
             if "prompt" not in model_input.columns:
                 raise bad_request("input needs a column 'prompt'")  # MLflow drops the columns its signature lacks

@@ -88,3 +88,26 @@ def test_a_user_template_file_travels_inside_the_compiled_config(tmp_path):
         False,
     )
     assert ir["root"]["inputDefinitions"]["parameters"]["template"]["defaultValue"] == "review.yaml"
+
+
+def test_general_text_fisher_file_and_reward_function_must_be_on_the_volume(make_config):
+    """Files read from a path by a step (no URI reader): on the volume, or refused naming the field."""
+    config = parse_config(
+        make_config(
+            cluster=CLUSTER,
+            data=ON_VOLUME,
+            eval={"general_text": "/home/me/general.txt"},
+            retention={"l2_sp": {"alpha": 0.1}, "general_data": "s3://bucket/general.txt"},
+        )
+    )
+    problems = local_only_locations(config)
+    assert [problem.split(":")[0] for problem in problems] == ["eval.general_text", "retention.general_data"]
+    assert "is on this machine" in problems[0] and "is a URI; this file is read from a path" in problems[1]
+    assert all("s3://" not in problem.split("; use ")[1] for problem in problems)
+    on_volume = config.model_copy(
+        update={
+            "eval": config.eval.model_copy(update={"general_text": "/data/general.txt"}),
+            "retention": config.retention.model_copy(update={"general_data": "/data/general.txt"}),
+        }
+    )
+    assert local_only_locations(on_volume) == []

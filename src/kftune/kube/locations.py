@@ -1,6 +1,7 @@
 """What a step pod can read. A run config compiled for a cluster must name its data, model and template
 where every pod sees them: under the volume every step mounts (`cluster.volume`), behind a URI
-(`s3://...`), or as a packaged alias. A path on the submitting machine would be re-validated and read
+(`s3://...`), or as a packaged alias; the general text, a Fisher file and a reward function are read from
+a path, so they must be on the volume. A path on the submitting machine would be re-validated and read
 inside pods where it does not exist. Checked by `kftune compile/submit/schedule`; `kftune run` reads them here."""
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ def local_only_locations(config: RunConfig) -> list[str]:
         fields.append(("model.name_or_path", config.model.name_or_path))
     if isinstance(config.prompt.template, str) and config.prompt.template not in PACKAGED_TEMPLATES:
         fields.append(("prompt.template", config.prompt.template))
+    volume_only = [  # files read where a step runs, from a path (no URI reader)
+        ("eval.general_text", config.eval.general_text),
+        ("retention.general_data", config.retention.general_data),
+        ("retention.ewc.fisher_file", config.retention.ewc and config.retention.ewc.fisher_file),
+        ("online.reward_function", (config.online.reward_function or "").rpartition(":")[0]),
+    ]
+    fields += [(field, value) for field, value in volume_only if value]
     on_volume = (
         f"a path under cluster.volume.mount_path ({volume.mount_path})"
         if volume
@@ -33,13 +41,23 @@ def local_only_locations(config: RunConfig) -> list[str]:
         "prompt.template": f"a packaged template ({', '.join(PACKAGED_TEMPLATES)})",
     }
     problems = []
+    paths_only = {field for field, _ in volume_only}
     for field, value in fields:
-        if "://" in value or (volume and PurePosixPath(value).is_relative_to(volume.mount_path)):
+        if volume and PurePosixPath(value).is_relative_to(volume.mount_path):
             continue
-        options = [on_volume, "an s3:// URI"] + ([aliases[field]] if field in aliases else [])
-        problems.append(
-            f"{field}: {value} is on this machine, not where the pipeline's pods run; use {', or '.join(options)}"
+        if "://" in value and field not in paths_only:
+            continue
+        options = (
+            [on_volume]
+            + ([] if field in paths_only else ["an s3:// URI"])
+            + ([aliases[field]] if field in aliases else [])
         )
+        where = (
+            "is a URI; this file is read from a path"
+            if "://" in value
+            else "is on this machine, not where the pipeline's pods run"
+        )
+        problems.append(f"{field}: {value} {where}; use {', or '.join(options)}")
     return problems
 
 

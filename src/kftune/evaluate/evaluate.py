@@ -272,15 +272,29 @@ def generate(
     model, rows: list[dict], tokenizer, max_new_tokens: int, batch_size: int = 16
 ) -> tuple[list[str], list[str]]:
     """Greedy continuations of each row's prompt (its -100-labelled prefix) and the reference answers
-    (evaluation and serving): a batch of prompts at a time, padded on the left so every row continues
-    from its last prompt token, with the KV cache (training runs may have switched it off in the config)."""
-    generated, references = [], []
+    (evaluation and serving)."""
+    prompts = [row["input_ids"][: row["labels"].count(IGNORE_INDEX)] for row in rows]
+    continuations = greedy_token_ids(model, prompts, tokenizer, max_new_tokens, batch_size)
+    generated = [text.strip() for text in tokenizer.batch_decode(continuations, skip_special_tokens=True)]
+    references = [
+        tokenizer.decode(row["input_ids"][len(p) :], skip_special_tokens=True).strip()
+        for row, p in zip(rows, prompts, strict=True)
+    ]
+    return generated, references
+
+
+@torch.no_grad()
+def greedy_token_ids(
+    model, prompts: list[list[int]], tokenizer, max_new_tokens: int, batch_size: int = 16
+) -> list[list[int]]:
+    """Each prompt's greedy continuation: a batch at a time, padded on the left so every row continues from
+    its last prompt token, with the KV cache (training runs may have switched it off in the config)."""
+    continuations = []
     device = model_device(model)
-    for chunk in batched(rows, batch_size):
-        prompts = [row["input_ids"][: row["labels"].count(IGNORE_INDEX)] for row in chunk]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    for chunk in batched(prompts, batch_size):
+        width = max(map(len, chunk))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         output = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -290,9 +304,5 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        generated += [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
-        references += [
-            tokenizer.decode(row["input_ids"][len(p) :], skip_special_tokens=True).strip()
-            for row, p in zip(chunk, prompts, strict=False)
-        ]
-    return generated, references
+        continuations += output[:, width:].tolist()
+    return continuations

@@ -23,33 +23,22 @@ def base_answers(model, tokenizer, lines: list[str], max_length: int, batch_size
     for line in lines:
         ids = tokenizer(line, truncation=True, max_length=max_length)["input_ids"]
         prompts.append(ids[: max(1, min(len(ids) // 2, prompt_length))])
-    device = next(model.parameters()).device
+    from kftune.evaluate.evaluate import greedy_token_ids  # evaluate imports this module's users
+
     was_training = model.training
     model.eval()
     rows = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(map(len, chunk))
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=ANSWER_TOKENS,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+    pad = tokenizer.pad_token_id
+    for prompt, generated in zip(
+        prompts, greedy_token_ids(model, prompts, tokenizer, ANSWER_TOKENS, batch_size), strict=True
+    ):
+        answer = (
+            generated[: generated.index(tokenizer.eos_token_id) + 1]
+            if tokenizer.eos_token_id in generated
+            else generated
         )
-        for prompt, generated in zip(chunk, output[:, width:].tolist(), strict=True):
-            answer = (
-                generated[: generated.index(tokenizer.eos_token_id) + 1]
-                if tokenizer.eos_token_id in generated
-                else generated
-            )
-            answer = [t for t in answer if t != pad or t == tokenizer.eos_token_id]
-            if answer:
-                rows.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
+        answer = [t for t in answer if t != pad or t == tokenizer.eos_token_id]
+        if answer:
+            rows.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
     model.train(was_training)
     return rows

@@ -189,7 +189,19 @@ def test_a_compiled_package_is_sent_as_is_and_set_overrides_become_the_run_param
     ("flag", "cached"),
     [
         ("--no-cache", set()),
-        ("--cache", {"resolve-config", "prepare-data", "build-prompts", "train", "evaluate", "register"}),
+        (  # and the lineage importers
+            "--cache",
+            {
+                "resolve-config",
+                "prepare-data",
+                "build-prompts",
+                "train",
+                "evaluate",
+                "register",
+                "importer",
+                "importer-2",
+            },
+        ),
     ],
 )
 def test_cache_flags_rewrite_the_uploaded_package_and_fingerprint_data_always_runs(package, monkeypatch, flag, cached):

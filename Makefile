@@ -21,8 +21,10 @@ lint: setup
 # and so does any test that would skip for lack of them (tests/conftest.py: needs_cluster_tool), so CI cannot pass without them.
 CLUSTER_TOOL_MISSING := $(if $(filter true,$(CI)),exit 1,true)
 
+# Two test processes, one file each at a time: much of a test's time is spent starting Ray, subprocesses and
+# servers, which two can do at once (every test starts its own Ray cluster and picks free ports).
 test: setup lint cluster-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 cluster-tools:
 	bash scripts/install-helm.sh || { echo "helm not installed: the chart tests will skip"; $(CLUSTER_TOOL_MISSING); }

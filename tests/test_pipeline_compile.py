@@ -3,6 +3,7 @@
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -49,6 +50,14 @@ def test_compiled_ir_has_the_steps_in_order(tmp_path):
     assert components.load_component_from_file(str(out)).name == "kftune"
 
 
+def compiled_chart_config(tmp_path) -> Path:
+    """The chart's run config compiled by the CLI, as the chart's publish Job does."""
+    out = tmp_path / "pipeline.yaml"
+    done = subprocess.run([sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), "-o", str(out)])
+    assert done.returncode == 0
+    return out
+
+
 def compiled_tasks(path) -> dict:
     return next(yaml.safe_load_all(path.read_text()))["root"]["dag"]["tasks"]
 
@@ -57,13 +66,7 @@ def test_prepare_data_is_keyed_by_the_data_fingerprint_which_is_never_cached(tmp
     """KFP's cache key is the component plus its inputs: the fingerprint, computed fresh in every run, is one of prepare_data's."""
     from kftune.kube.kfp_server import with_caching
 
-    out = tmp_path / "pipeline.yaml"
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), "-o", str(out)]
-        ).returncode
-        == 0
-    )
+    out = compiled_chart_config(tmp_path)
     tasks = compiled_tasks(out)
     assert tasks["fingerprint-data"]["cachingOptions"] == {}, "fingerprint_data must run in every run"
     assert tasks["prepare-data"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"] == {
@@ -85,13 +88,7 @@ def test_prepare_data_is_keyed_by_the_data_fingerprint_which_is_never_cached(tmp
 def test_the_data_source_and_base_model_are_lineage_artifacts_no_step_downloads(tmp_path):
     """dsl.importer records where the run's data and base model are (as resolved for this run) in KFP's metadata;
     no step takes them as inputs, since KFP's launcher would download (or, for a volume path, fail on) them."""
-    out = tmp_path / "pipeline.yaml"
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), "-o", str(out)]
-        ).returncode
-        == 0
-    )
+    out = compiled_chart_config(tmp_path)
     ir = next(yaml.safe_load_all(out.read_text()))
     tasks, executors = ir["root"]["dag"]["tasks"], ir["deploymentSpec"]["executors"]
     sources = {"data source": ("data_source", "system.Dataset"), "base model": ("base_model", "system.Model")}

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= examples/sst2-minilm-lora.yaml
 
-.PHONY: setup run lint test cluster-tools bench compile chart-pipeline k8s-e2e images clean
+.PHONY: setup run lint test cluster-tools helm api-server bench compile chart-pipeline k8s-e2e images clean
 
 setup:
 	bash scripts/setup.sh
@@ -22,12 +22,17 @@ lint: setup
 CLUSTER_TOOL_MISSING := $(if $(filter true,$(CI)),exit 1,true)
 
 # Two test processes, one file each at a time: much of a test's time is spent starting Ray, subprocesses and
-# servers, which two can do at once (every test starts its own Ray cluster and picks free ports).
-test: setup lint cluster-tools
-	$(PY) -m pytest -q -n 2 --dist loadfile
+# servers, which two can do at once (every test starts its own Ray cluster and picks free ports). The API server
+# builds alongside the suite, and the tests that need it wait for it (scripts/test.sh).
+test: setup lint
+	bash scripts/test.sh
 
-cluster-tools:
+cluster-tools: helm api-server
+
+helm:
 	bash scripts/install-helm.sh || { echo "helm not installed: the chart tests will skip"; $(CLUSTER_TOOL_MISSING); }
+
+api-server:
 	bash scripts/kube-apiserver.sh build || { echo "no kube-apiserver: tests/test_kube_apiserver.py will skip"; $(CLUSTER_TOOL_MISSING); }
 
 bench: setup

@@ -32,6 +32,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+API_SERVER_BUILDING = REPO / ".cache" / "api-server.building"
+"""Holds the PID of the API server build `make test` runs alongside the suite (scripts/test.sh)."""
+
+
+def wait_for_api_server_build(timeout: float = 1800) -> None:
+    """Wait while `make test`'s background build of the API server runs (its PID in API_SERVER_BUILDING)."""
+    try:
+        pid = int(API_SERVER_BUILDING.read_text())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(5)
+
+
 def needs_cluster_tool(missing: bool, reason: str) -> None:
     """Skip a test whose tool (helm, the API server) this machine lacks; with CI=true fail it instead, so CI cannot pass without them."""
     if not missing:

@@ -20,7 +20,7 @@ from kubernetes import client as k8s, config as kube_config, dynamic, watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import kube_config as kubeconfig_loader
 
-from conftest import REPO, needs_cluster_tool
+from conftest import REPO, needs_cluster_tool, wait_for_api_server_build
 from kftune.config import parse_config
 from kftune.errors import KftuneError
 from kftune.kube.rayjob import GROUP, PLURAL, VERSION, KubernetesRayJobApi, build_rayjob, run_rayjob
@@ -40,6 +40,7 @@ EDITOR = f"system:serviceaccount:{PROFILE}:default-editor"
 
 @pytest.fixture(autouse=True, scope="module")
 def api_server_and_helm_built():
+    wait_for_api_server_build()
     needs_cluster_tool(
         not (BIN / "kube-apiserver").exists() or not (BIN / "etcd").exists() or not HELM.exists(),
         "no API server binaries or helm: `make k8s-e2e` builds them (scripts/kube-apiserver.sh build) and runs this file",

@@ -23,8 +23,8 @@ CLUSTER_TOOL_MISSING := $(if $(filter true,$(CI)),exit 1,true)
 
 # Two test processes, one file each at a time: much of a test's time is spent starting Ray, subprocesses and
 # servers, which two can do at once (every test starts its own Ray cluster and picks free ports). The API server
-# builds alongside the suite, and the tests that need it wait for it (scripts/test.sh).
-test: setup lint
+# builds alongside setup, lint and the suite; the tests that need it wait for it (scripts/test.sh).
+test:
 	bash scripts/test.sh
 
 cluster-tools: helm api-server

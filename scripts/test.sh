@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make test` after setup and lint: the suite in two processes while the API server builds alongside it.
+# `make test`: setup, lint and the suite in two processes, while the API server builds alongside them.
 # Building kube-apiserver from source takes ~5 min on a fresh machine; waiting for it before the suite made CI
 # that much longer. The build's PID is in .cache/api-server.building while it runs; tests/test_kube_apiserver.py
 # waits for it (tests/conftest.py: wait_for_api_server_build), every other test runs meanwhile.
@@ -11,10 +11,10 @@ mkdir -p .cache
 marker=.cache/api-server.building
 log=.cache/api-server-build.log
 
-make --no-print-directory helm || exit
 make --no-print-directory api-server >"$log" 2>&1 &
 build=$!
 echo "$build" >"$marker"
+make --no-print-directory setup lint helm || { kill "$build"; rm -f "$marker"; exit 1; }
 "$PY" -m pytest -q -n 2 --dist loadfile "$@"
 tests=$?
 wait "$build"

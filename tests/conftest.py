@@ -27,6 +27,16 @@ STORY_ROWS = [
 CLUSTER_RUN_CONFIG = REPO / "charts" / "kftune" / "files" / "run-config.yaml"
 """The chart's run config: data on the volume every step mounts, so it compiles for a cluster (kftune.kube.locations)."""
 
+# Each test process gets its share of the cores, and so do the steps and Ray workers it starts (they inherit
+# the variable): torch's default, one OpenMP thread per core in every process, spins threads against each other
+# under pytest-xdist's two processes on two cores. tests/test_serving.py took 491 s that way, 74 s with this.
+# A value the user set stays; the one set here is reset in each xdist worker (they inherit pytest's own).
+if "OMP_NUM_THREADS" not in os.environ or os.environ.get("KFTUNE_TEST_THREADS") == "per-process share":
+    os.environ["KFTUNE_TEST_THREADS"] = "per-process share"
+    _TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _TEST_PROCESSES))
+if "torch" in sys.modules:  # imported before this file: the variable no longer applies to it
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

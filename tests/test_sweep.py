@@ -1,9 +1,11 @@
 """`kftune sweep`: bad search spaces, metrics and parallelism refused before any trial (no Ray), the
-report, and one real sweep on Ray Tune (stories260K, three trials of four steps, MLflow in sqlite)
-interrupted after two trials and resumed."""
+report, the sweep section of a run config, the compiled pipeline and RayJob that carry it, and one real sweep on
+Ray Tune (stories260K, three trials of four steps, MLflow in sqlite) interrupted after two trials and resumed
+inside the pipeline's train step (`--train-best`), which registers the best trial's model."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import EXAMPLES, STORIES, stories_run
+from conftest import CLUSTER_RUN_CONFIG, EXAMPLES, STORIES, stories_run
 from kftune.cli import main
 from kftune.config import config_to_dict, load_config, parse_config
 from kftune.errors import KftuneError
@@ -181,8 +183,9 @@ def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_
     assert "sweep: trial-0 finished" in printed and "sweep: trial-1 stopped by ASHA at step 2" in printed
     assert "interrupted with 2 of 3 trials done" in printed
 
+    # --train-best: the pipeline's train step resumes the sweep in the same folder and hands on the best trial's model
     resumed = subprocess.run(
-        [sys.executable, "-m", "kftune.cli", *command], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "kftune.cli", *command, "--train-best"], capture_output=True, text=True, timeout=400
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming the sweep of MLflow run" in resumed.stdout
@@ -214,6 +217,17 @@ def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_
     report = (out / "sweep_report.html").read_text()
     assert report.count("<circle") == 3 and "stopped by ASHA at step 2" in report
 
+    # the registered version is the best trial's model, not trained again, and names the sweep
+    (version,) = client.search_model_versions("name = 'sweepy'")
+    assert version.tags["kftune.sweep.parent_run_id"] == parent.info.run_id
+    (handed_on,) = (out / "best" / "pipeline").glob("**/train/model/train_log.json")
+    trial_id = {r.info.run_name: r.data.tags["kftune.sweep.trial_id"] for r in children}[best]
+    trial_log = json.loads((out / "models" / trial_id / "train_log.json").read_text())
+    handed_on_log = json.loads(handed_on.read_text())
+    assert handed_on_log.pop("sweep")["best_trial"] == best and handed_on_log == trial_log
+    (step_report,) = (out / "best" / "pipeline").glob("**/train/sweep_report")
+    assert step_report.read_text() == report
+
 
 def test_a_sweep_file_is_read_and_the_flags_and_set_domains_override_it(tmp_path):
     from kftune.sweep.space import load_sweep_settings
@@ -244,3 +258,46 @@ def test_the_example_sweep_file_checks_against_its_config_as_the_docs_run_it():
     settings = load_sweep_settings(str(EXAMPLES / "sweeps" / "sst2-minilm-lora.yaml"), {}, {"samples": 4})
     domains, configs = check_sweep(config_to_dict(config), settings, TWO_CPUS)
     assert set(domains) == {"train.lr", "method.r"} and settings.parallel == 2 and len(configs) == 9
+
+
+def test_a_run_configs_sweep_section_is_checked_with_the_config_every_problem_at_once(validated, write_config):
+    config = {
+        **validated(),
+        "sweep": {"space": {"train.lrr": "grid(1e-4, 1e-3)", "data.max_rows": "grid(10, 20)"}, "parallel": 2},
+    }
+    with pytest.raises(KftuneError) as caught:
+        load_config(write_config(config))
+    message = str(caught.value)
+    assert "run.yaml:" in message and "sweep: at train.lrr=0.0001, data.max_rows=10: train.lrr: unknown key" in message
+    assert "sweep: space: data.max_rows shapes the data and prompts" in message  # the pipeline built them already
+    config["sweep"] = {"space": {"train.lr": "grid(1e-4, 1e-3)"}, "metric": "validation_acc", "samples": 0}
+    with pytest.raises(KftuneError) as caught:
+        parse_config(config)
+    assert "sweep.metric: Input should be" in str(caught.value) and "sweep.samples: Input should be" in str(caught.value)
+
+
+def test_the_compiled_pipeline_and_the_rayjob_carry_the_sweep(tmp_path):
+    from kftune.kube.rayjob import CONFIG_ENV, build_rayjob
+    from kftune.pipelines.kftune_pipeline import compile_pipeline
+
+    sweep = {"space": {"train.lr": "loguniform(1e-4, 1e-2)", "method.r": "choice(4, 8)"}, "parallel": 2}
+    overrides = ["data.split.validation=0.1", "train.eval_every_steps=50", f"sweep={sweep}"]
+    config = load_config(CLUSTER_RUN_CONFIG, overrides)
+    ir = next(yaml.safe_load_all(open(compile_pipeline(config, str(tmp_path / "pipeline.yaml")))))
+    assert ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]["sweep"]["space"] == sweep["space"]
+    outputs = ir["components"]["comp-train"]["outputDefinitions"]["artifacts"]
+    assert outputs["sweep_report"]["artifactType"]["schemaTitle"] == "system.HTML"
+    platform = list(yaml.safe_load_all(open(tmp_path / "pipeline.yaml")))[1]["platforms"]["kubernetes"]
+    assert platform["deploymentSpec"]["executors"]["exec-train"]["secretAsEnv"][0]["secretName"] == "mlflow-s3"
+
+    on_gpus = load_config(
+        CLUSTER_RUN_CONFIG, [*overrides, "cluster.rayjob={enabled: true, nodes: 2, worker: {gpus: 2}}"]
+    )
+    job = build_rayjob(on_gpus, "run-1", "/data/kftune-runs/run-1")
+    trainer = json.loads(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"][CONFIG_ENV])
+    assert trainer["sweep"]["space"] == sweep["space"] and trainer["train"]["workers"] == 2  # 4 GPUs, 2 trials at once
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in head["env"]} == {"mlflow-s3"}  # the driver logs the trials
+    with pytest.raises(KftuneError, match="sweep.parallel: 3 trials at once cannot share the RayJob's 4 Ray workers"):
+        load_config(CLUSTER_RUN_CONFIG, [*overrides[:2], "sweep={space: {train.lr: 'grid(1e-4)'}, parallel: 3}",
+                                         "cluster.rayjob={enabled: true, nodes: 2, worker: {gpus: 2}}"])

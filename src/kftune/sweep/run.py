@@ -2,8 +2,8 @@
 write the report and the best config.
 
 Everything lives in one folder: `sweep.json` (what was asked, and the parent MLflow run), `prompts/`,
-`tune/` (Ray Tune's experiment state), `trials/` (each trial's Ray Train run), `best.yaml` and
-`sweep_report.html`. Started again on the same folder with the same config and settings, a sweep
+`tune/` (Ray Tune's experiment state), `trials/` (each trial's Ray Train run), `models/` (each finished
+trial's model), `best.yaml` and `sweep_report.html`. Started again on the same folder with the same config and settings, a sweep
 resumes where it stopped (`Tuner.restore`): finished trials stay finished, unfinished ones restart.
 """
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -273,7 +274,9 @@ def test_a_run_configs_sweep_section_is_checked_with_the_config_every_problem_at
     config["sweep"] = {"space": {"train.lr": "grid(1e-4, 1e-3)"}, "metric": "validation_acc", "samples": 0}
     with pytest.raises(KftuneError) as caught:
         parse_config(config)
-    assert "sweep.metric: Input should be" in str(caught.value) and "sweep.samples: Input should be" in str(caught.value)
+    assert "sweep.metric: Input should be" in str(caught.value) and "sweep.samples: Input should be" in str(
+        caught.value
+    )
 
 
 def test_the_compiled_pipeline_and_the_rayjob_carry_the_sweep(tmp_path):
@@ -283,11 +286,12 @@ def test_the_compiled_pipeline_and_the_rayjob_carry_the_sweep(tmp_path):
     sweep = {"space": {"train.lr": "loguniform(1e-4, 1e-2)", "method.r": "choice(4, 8)"}, "parallel": 2}
     overrides = ["data.split.validation=0.1", "train.eval_every_steps=50", f"sweep={sweep}"]
     config = load_config(CLUSTER_RUN_CONFIG, overrides)
-    ir = next(yaml.safe_load_all(open(compile_pipeline(config, str(tmp_path / "pipeline.yaml")))))
+    compiled = Path(compile_pipeline(config, str(tmp_path / "pipeline.yaml"))).read_text()
+    ir, kubernetes = yaml.safe_load_all(compiled)
     assert ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]["sweep"]["space"] == sweep["space"]
     outputs = ir["components"]["comp-train"]["outputDefinitions"]["artifacts"]
     assert outputs["sweep_report"]["artifactType"]["schemaTitle"] == "system.HTML"
-    platform = list(yaml.safe_load_all(open(tmp_path / "pipeline.yaml")))[1]["platforms"]["kubernetes"]
+    platform = kubernetes["platforms"]["kubernetes"]
     assert platform["deploymentSpec"]["executors"]["exec-train"]["secretAsEnv"][0]["secretName"] == "mlflow-s3"
 
     on_gpus = load_config(
@@ -298,6 +302,39 @@ def test_the_compiled_pipeline_and_the_rayjob_carry_the_sweep(tmp_path):
     assert trainer["sweep"]["space"] == sweep["space"] and trainer["train"]["workers"] == 2  # 4 GPUs, 2 trials at once
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in head["env"]} == {"mlflow-s3"}  # the driver logs the trials
-    with pytest.raises(KftuneError, match="sweep.parallel: 3 trials at once cannot share the RayJob's 4 Ray workers"):
-        load_config(CLUSTER_RUN_CONFIG, [*overrides[:2], "sweep={space: {train.lr: 'grid(1e-4)'}, parallel: 3}",
-                                         "cluster.rayjob={enabled: true, nodes: 2, worker: {gpus: 2}}"])
+    with pytest.raises(KftuneError, match=r"sweep.parallel: 3 trials at once cannot share the RayJob's 4 Ray workers"):
+        load_config(
+            CLUSTER_RUN_CONFIG,
+            [
+                *overrides[:2],
+                "sweep={space: {train.lr: 'grid(1e-4)'}, parallel: 3}",
+                "cluster.rayjob={enabled: true, nodes: 2, worker: {gpus: 2}}",
+            ],
+        )
+
+
+def test_the_train_steps_sweep_lives_in_sweep_storage_else_beside_the_checkpoints_named_after_the_run(
+    validated, tmp_path
+):
+    from kftune import steps
+    from kftune.sweep.step import sweep_folder
+
+    config = {
+        **validated(checkpoint={"storage": str(tmp_path / "checkpoints")}),
+        "sweep": {"space": {"train.lr": "grid(1e-4, 1e-3)"}},
+    }
+    prompts = tmp_path / "prompts"
+    steps.prepare_data(config, str(tmp_path / "data"), str(tmp_path / "card.md"))
+    steps.build_prompts(config, str(tmp_path / "data"), str(prompts), str(tmp_path / "preview.html"))
+    folder = sweep_folder(parse_config(config), prompts, tmp_path / "scratch")
+    assert folder.parent == tmp_path / "checkpoints" and folder.name.startswith(
+        f"{config['registry']['model_name']}-sweep-"
+    )
+    assert sweep_folder(parse_config(config), prompts, tmp_path / "scratch") == folder  # a restarted step finds it
+    other = {**config, "train": {**config["train"], "batch_size": 4}}
+    assert sweep_folder(parse_config(other), prompts, tmp_path / "scratch") != folder  # another run, another sweep
+    named = {**config, "sweep": {**config["sweep"], "storage": str(tmp_path / "mine")}}
+    assert sweep_folder(parse_config(named), prompts, tmp_path / "scratch") == tmp_path / "mine"
+    on_a_bucket = {**config, "train": {**config["train"], "checkpoint": {"storage": "s3://bucket/runs"}}}
+    with pytest.raises(KftuneError, match=r"sweep.storage: a sweep needs a folder"):
+        sweep_folder(parse_config(on_a_bucket), prompts, tmp_path / "scratch")

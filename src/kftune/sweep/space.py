@@ -180,7 +180,9 @@ def check_sweep(
     return domains, configs
 
 
-def sweep_problems(base: dict[str, Any], settings: SweepSettings, resources: dict[str, float] | None = None) -> list[str]:
+def sweep_problems(
+    base: dict[str, Any], settings: SweepSettings, resources: dict[str, float] | None = None
+) -> list[str]:
     """Every problem of a sweep over the run config `base` (a dict without a sweep section): a field that does not
     exist or a value of the wrong type (every configuration the space can sample is validated through its
     representative values), a metric the runs do not report, and with `resources` (Ray's CPU and GPU counts) more

@@ -68,7 +68,7 @@ def train_by_sweep(
         shutil.copyfile(folder / REPORT_FILE, report_path)
     print(
         f"sweep: handing on {best['trial']} ({config.sweep.metric} {best['metric']:.4f}) of {len(summary['trials'])}"
-        f" trials; report {folder / REPORT_FILE}",
+        " trials, not trained again; the sweep's report is this step's sweep_report",
         flush=True,
     )
     return log

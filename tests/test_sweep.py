@@ -243,6 +243,9 @@ def test_a_sweep_file_is_read_and_the_flags_and_set_domains_override_it(tmp_path
         1,
         None,
     )
+    in_config = SweepSettings(space={"train.batch_size": "grid(4, 8)"}, parallel=3, seed=7)  # a run config's section
+    settings = load_sweep_settings(str(path), {}, {}, in_config)
+    assert set(settings.space) == {"train.batch_size", "train.lr"} and (settings.parallel, settings.seed) == (2, 7)
     path.write_text("space: {train.lr: 'grid(1e-4)'}\nparalel: 2\n")
     with pytest.raises(
         KftuneError, match=r"invalid sweep settings \(.*space.yaml\):\n  paralel: Extra inputs are not permitted"
@@ -282,6 +285,7 @@ def test_a_run_configs_sweep_section_is_checked_with_the_config_every_problem_at
 def test_the_compiled_pipeline_and_the_rayjob_carry_the_sweep(tmp_path):
     from kftune.kube.rayjob import CONFIG_ENV, build_rayjob
     from kftune.pipelines.kftune_pipeline import compile_pipeline
+    from kube_schema import validate_custom_resource
 
     sweep = {"space": {"train.lr": "loguniform(1e-4, 1e-2)", "method.r": "choice(4, 8)"}, "parallel": 2}
     overrides = ["data.split.validation=0.1", "train.eval_every_steps=50", f"sweep={sweep}"]
@@ -298,6 +302,7 @@ def test_the_compiled_pipeline_and_the_rayjob_carry_the_sweep(tmp_path):
         CLUSTER_RUN_CONFIG, [*overrides, "cluster.rayjob={enabled: true, nodes: 2, worker: {gpus: 2}}"]
     )
     job = build_rayjob(on_gpus, "run-1", "/data/kftune-runs/run-1")
+    validate_custom_resource(job, "ray.io_rayjobs.yaml")  # KubeRay's CRD schema, the head's env included
     trainer = json.loads(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"][CONFIG_ENV])
     assert trainer["sweep"]["space"] == sweep["space"] and trainer["train"]["workers"] == 2  # 4 GPUs, 2 trials at once
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]

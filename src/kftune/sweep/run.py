@@ -95,8 +95,8 @@ def run_sweep(
         ray.shutdown()  # `--train-best` then trains in a pipeline step, which starts its own Ray
     rows = _trial_rows(results, client, experiment, parent, settings.metric)
     done = sum(row["outcome"] is not None for row in rows)
-    if done < len(rows):  # interrupted (Ctrl+C): Tune saved its state and stopped the running trials
-        say(f"sweep: interrupted with {done} of {len(rows)} trials done; run the same command to resume")
+    if done < trials:  # interrupted (Ctrl+C): Tune saved its state; trials not yet drawn are not in `rows` at all
+        say(f"sweep: interrupted with {done} of {trials} trials done; run the same command to resume")
         return {"interrupted": True, "parent_run_id": parent}
     best = _best(rows, settings.mode)
     summary = {"interrupted": False, "parent_run_id": parent, "trials": rows, "best": best}

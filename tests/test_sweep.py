@@ -303,6 +303,10 @@ def test_the_compiled_pipeline_and_the_rayjob_carry_the_sweep(tmp_path):
     )
     job = build_rayjob(on_gpus, "run-1", "/data/kftune-runs/run-1")
     validate_custom_resource(job, "ray.io_rayjobs.yaml")  # KubeRay's CRD schema, the head's env included
+    with pytest.raises(KftuneError, match=r"sweep.storage: /tmp/sweeps is on this machine"):
+        compile_pipeline(
+            load_config(CLUSTER_RUN_CONFIG, [*overrides, "sweep.storage=/tmp/sweeps"]), str(tmp_path / "p.yaml")
+        )
     trainer = json.loads(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"][CONFIG_ENV])
     assert trainer["sweep"]["space"] == sweep["space"] and trainer["train"]["workers"] == 2  # 4 GPUs, 2 trials at once
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]

@@ -7,6 +7,11 @@ batch 32, max_length 64, one Ray worker with 2 CPUs; scored on the 872-sentence 
 `--sweep ROW=FOLDER` takes the row's learning rate from a `kftune sweep` folder (its best.yaml), and the
 row's record names that sweep (folder and parent MLflow run), so a table says how each rate was chosen.
 
+Rows are timed (seconds and seconds per optimizer step), so the table runs alone: it refuses to start
+when the machine's 1-minute load average is above `--max-load` (or, with `--allow-busy`, marks every
+record `not_alone`), and each record carries the load average at its row's start and end (a row that ran
+alone ends near its own 2 CPUs).
+
 Runs the pipeline's step functions in one process (data prepared and tokenized once, Ray started
 once; MLflow registration skipped), so the per-method cost is training plus evaluation. Prints a
 Markdown table (for docs/methods.md) and appends one JSON line per row to
@@ -61,6 +66,8 @@ ROWS = {
     "layer_prompt": ("{name: layer_prompt}", 1e-2),
 }
 EXTRA = {"full + layer_lr_decay 0.8": ["train.layer_lr_decay=0.8"]}
+MAX_LOAD = 0.5
+"""A machine running nothing else sits below this 1-minute load average; the table's own row adds about its CPUs (2)."""
 
 
 def weights_megabytes(model_dir: Path) -> float:
@@ -102,6 +109,7 @@ def run_row(row: str, prompts_dir: Path, work: Path, sweep: Path | None = None) 
         "trainable": train["trainable_parameters"],
         "trainable_percent": 100 * train["trainable_parameters"] / log["total_parameters"],
         "train_seconds": train["seconds"],
+        "seconds_per_step": train["seconds_per_step"],
         "steps": train["steps"],
         "artifact_mb": weights_megabytes(model_dir),
     }
@@ -109,12 +117,13 @@ def run_row(row: str, prompts_dir: Path, work: Path, sweep: Path | None = None) 
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| method | lr | dev accuracy | trainable | trainable % | train time (s) | weights saved (MB) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | lr | dev accuracy | trainable | trainable % | train time (s) | s/step | weights saved (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['row']} | {r['lr']:g} | {r['dev_accuracy']:.4f} | {r['trainable']:,} | {r['trainable_percent']:.3f} | {r['train_seconds']:.1f} | {r['artifact_mb']:.2f} |"
+            f"| {r['row']} | {r['lr']:g} | {r['dev_accuracy']:.4f} | {r['trainable']:,} | {r['trainable_percent']:.3f}"
+            f" | {r['train_seconds']:.1f} | {r['seconds_per_step']:.3f} | {r['artifact_mb']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -127,6 +136,15 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench/methods_table.py")
     parser.add_argument("rows", nargs="*", help="rows to run (default: all)")
     parser.add_argument("--sweep", action="append", default=[], metavar="ROW=FOLDER", help="the row's lr from a sweep")
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=MAX_LOAD,
+        help=f"refuse to start above this 1-minute load average (default {MAX_LOAD}): rows are timed, so they run alone",
+    )
+    parser.add_argument(
+        "--allow-busy", action="store_true", help="start anyway; every record then says the rows did not run alone"
+    )
     args = parser.parse_args(argv)
     sweeps = {row: Path(folder) for row, _, folder in (item.rpartition("=") for item in args.sweep)}
     unknown = sorted(set(args.rows) - set(ROWS)) + sorted(set(sweeps) - set(ROWS))
@@ -140,6 +158,8 @@ def main(argv: list[str]) -> None:
         lambda row, prompts, work: run_row(row, prompts, work, sweeps.get(row)),
         "methods.jsonl",
         command,
+        max_load=args.max_load,
+        allow_busy=args.allow_busy,
     )
     print(markdown(results))
 

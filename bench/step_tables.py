@@ -36,19 +36,54 @@ def append_record(results_file: str, result: dict, budget: list[str], command: s
         handle.write(json.dumps(record) + "\n")
 
 
+def load_average() -> float:
+    """The machine's 1-minute load average: runnable processes, ours included."""
+    return round(os.getloadavg()[0], 2)
+
+
+def busy_machine(max_load: float | None, allow_busy: bool) -> dict | None:
+    """None when the machine is quiet enough to time rows on (1-minute load average at most `max_load`, or no
+    limit); else what every record must say about it, when `allow_busy`. Otherwise refuses to start."""
+    load = load_average()
+    if max_load is None or load <= max_load:
+        return None
+    message = (
+        f"the machine is busy: 1-minute load average {load} > {max_load}; timings would measure the other work too"
+    )
+    if not allow_busy:
+        raise SystemExit(f"{message}. Wait until it is idle, or pass --allow-busy to record the rows as not alone.")
+    print(f"WARNING: {message}; every record says so (not_alone)", flush=True)
+    return {"load_average_1m": load, "max_load": max_load}
+
+
 def run_table(
-    config_path: Path, budget: list[str], rows: list[str], run_row, results_file: str, command: str
+    config_path: Path,
+    budget: list[str],
+    rows: list[str],
+    run_row,
+    results_file: str,
+    command: str,
+    max_load: float | None = None,
+    allow_busy: bool = False,
 ) -> list[dict]:
-    """Each row's `run_row(row, prompts, work)` on data prepared once, printed and recorded as it finishes."""
+    """Each row's `run_row(row, prompts, work)` on data prepared once, printed and recorded as it finishes.
+    With `max_load` the table refuses a busy machine (`busy_machine`), and each record carries the load average
+    at the row's start and end, so that whether it ran alone can be checked."""
     import tempfile
 
+    busy = busy_machine(max_load, allow_busy)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prompts = prepared_prompts(config_path, budget, work)
         for row in rows:
             print(f"== {row}", flush=True)
+            started = load_average()
             result = run_row(row, prompts, work / "run")
+            if max_load is not None:
+                result["load_average_1m"] = {"row_start": started, "row_end": load_average(), "max_load": max_load}
+                if busy:
+                    result["not_alone"] = busy
             print(json.dumps(result), flush=True)
             results.append(result)
             append_record(results_file, result, budget, command)

@@ -86,6 +86,7 @@ def build_pipeline(cluster: ClusterSection, compiled_form: dict | None = None):
                 volume_claim=volume_claim,
             ).set_display_name("train"),
             "train",
+            uses_mlflow=True,  # a config's sweep logs its trials as MLflow runs from this step
             retries=cluster.retries.train_step,
         )
         scores = step(

@@ -1,18 +1,21 @@
 """`kftune sweep`: bad search spaces, metrics and parallelism refused before any trial (no Ray), the
-report, and one real sweep on Ray Tune (stories260K, three trials of four steps, MLflow in sqlite)
-interrupted after two trials and resumed."""
+report, the sweep section of a run config, the compiled pipeline and RayJob that carry it, and one real sweep on
+Ray Tune (stories260K, three trials of four steps, MLflow in sqlite) interrupted after two trials and resumed
+inside the pipeline's train step (`--train-best`), which registers the best trial's model."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import EXAMPLES, STORIES, stories_run
+from conftest import CLUSTER_RUN_CONFIG, EXAMPLES, STORIES, stories_run
 from kftune.cli import main
 from kftune.config import config_to_dict, load_config, parse_config
 from kftune.errors import KftuneError
@@ -152,7 +155,7 @@ def test_the_report_has_a_row_per_trial_and_a_point_per_trial_and_field():
 
 def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_parent(tmp_path):
     """lr 0.01 finishes; lr 1e-6 trails it at the first rung (step 2) and ASHA stops it; the sweep is
-    interrupted (SIGINT, as Ctrl+C) when the third trial starts, and the same command resumes it."""
+    interrupted then (SIGINT, as Ctrl+C), before the third trial, and the same command resumes it."""
     from mlflow import MlflowClient
 
     config = stories_run(
@@ -174,15 +177,16 @@ def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_
     lines = []
     for line in first.stdout:
         lines.append(line)
-        if line.startswith("sweep: trial-2 started"):
+        if line.startswith("sweep: trial-1 stopped by ASHA"):  # trial-2 is next: it never starts, or is cut short
             os.kill(first.pid, signal.SIGINT)
     assert first.wait(timeout=120) == 130, "".join(lines)
     printed = "".join(lines)
     assert "sweep: trial-0 finished" in printed and "sweep: trial-1 stopped by ASHA at step 2" in printed
     assert "interrupted with 2 of 3 trials done" in printed
 
+    # --train-best: the pipeline's train step resumes the sweep in the same folder and hands on the best trial's model
     resumed = subprocess.run(
-        [sys.executable, "-m", "kftune.cli", *command], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "kftune.cli", *command, "--train-best"], capture_output=True, text=True, timeout=400
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming the sweep of MLflow run" in resumed.stdout
@@ -214,6 +218,17 @@ def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_
     report = (out / "sweep_report.html").read_text()
     assert report.count("<circle") == 3 and "stopped by ASHA at step 2" in report
 
+    # the registered version is the best trial's model, not trained again, and names the sweep
+    (version,) = client.search_model_versions("name = 'sweepy'")
+    assert version.tags["kftune.sweep.parent_run_id"] == parent.info.run_id
+    (handed_on,) = (out / "best" / "pipeline").glob("**/train/model/train_log.json")
+    trial_id = {r.info.run_name: r.data.tags["kftune.sweep.trial_id"] for r in children}[best]
+    trial_log = json.loads((out / "models" / trial_id / "train_log.json").read_text())
+    handed_on_log = json.loads(handed_on.read_text())
+    assert handed_on_log.pop("sweep")["best_trial"] == best and handed_on_log == trial_log
+    (step_report,) = (out / "best" / "pipeline").glob("**/train/sweep_report")
+    assert step_report.read_text() == report
+
 
 def test_a_sweep_file_is_read_and_the_flags_and_set_domains_override_it(tmp_path):
     from kftune.sweep.space import load_sweep_settings
@@ -228,6 +243,9 @@ def test_a_sweep_file_is_read_and_the_flags_and_set_domains_override_it(tmp_path
         1,
         None,
     )
+    in_config = SweepSettings(space={"train.batch_size": "grid(4, 8)"}, parallel=3, seed=7)  # a run config's section
+    settings = load_sweep_settings(str(path), {}, {}, in_config)
+    assert set(settings.space) == {"train.batch_size", "train.lr"} and (settings.parallel, settings.seed) == (2, 7)
     path.write_text("space: {train.lr: 'grid(1e-4)'}\nparalel: 2\n")
     with pytest.raises(
         KftuneError, match=r"invalid sweep settings \(.*space.yaml\):\n  paralel: Extra inputs are not permitted"
@@ -244,3 +262,88 @@ def test_the_example_sweep_file_checks_against_its_config_as_the_docs_run_it():
     settings = load_sweep_settings(str(EXAMPLES / "sweeps" / "sst2-minilm-lora.yaml"), {}, {"samples": 4})
     domains, configs = check_sweep(config_to_dict(config), settings, TWO_CPUS)
     assert set(domains) == {"train.lr", "method.r"} and settings.parallel == 2 and len(configs) == 9
+
+
+def test_a_run_configs_sweep_section_is_checked_with_the_config_every_problem_at_once(validated, write_config):
+    config = {
+        **validated(),
+        "sweep": {"space": {"train.lrr": "grid(1e-4, 1e-3)", "data.max_rows": "grid(10, 20)"}, "parallel": 2},
+    }
+    with pytest.raises(KftuneError) as caught:
+        load_config(write_config(config))
+    message = str(caught.value)
+    assert "run.yaml:" in message and "sweep: at train.lrr=0.0001, data.max_rows=10: train.lrr: unknown key" in message
+    assert "sweep: space: data.max_rows shapes the data and prompts" in message  # the pipeline built them already
+    config["sweep"] = {"space": {"train.lr": "grid(1e-4, 1e-3)"}, "metric": "validation_acc", "samples": 0}
+    with pytest.raises(KftuneError) as caught:
+        parse_config(config)
+    assert "sweep.metric: Input should be" in str(caught.value) and "sweep.samples: Input should be" in str(
+        caught.value
+    )
+
+
+def test_the_compiled_pipeline_and_the_rayjob_carry_the_sweep(tmp_path):
+    from kftune.kube.rayjob import CONFIG_ENV, build_rayjob
+    from kftune.pipelines.kftune_pipeline import compile_pipeline
+    from kube_schema import validate_custom_resource
+
+    sweep = {"space": {"train.lr": "loguniform(1e-4, 1e-2)", "method.r": "choice(4, 8)"}, "parallel": 2}
+    overrides = ["data.split.validation=0.1", "train.eval_every_steps=50", f"sweep={sweep}"]
+    config = load_config(CLUSTER_RUN_CONFIG, overrides)
+    compiled = Path(compile_pipeline(config, str(tmp_path / "pipeline.yaml"))).read_text()
+    ir, kubernetes = yaml.safe_load_all(compiled)
+    assert ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]["sweep"]["space"] == sweep["space"]
+    outputs = ir["components"]["comp-train"]["outputDefinitions"]["artifacts"]
+    assert outputs["sweep_report"]["artifactType"]["schemaTitle"] == "system.HTML"
+    platform = kubernetes["platforms"]["kubernetes"]
+    assert platform["deploymentSpec"]["executors"]["exec-train"]["secretAsEnv"][0]["secretName"] == "mlflow-s3"
+
+    on_gpus = load_config(
+        CLUSTER_RUN_CONFIG, [*overrides, "cluster.rayjob={enabled: true, nodes: 2, worker: {gpus: 2}}"]
+    )
+    job = build_rayjob(on_gpus, "run-1", "/data/kftune-runs/run-1")
+    validate_custom_resource(job, "ray.io_rayjobs.yaml")  # KubeRay's CRD schema, the head's env included
+    with pytest.raises(KftuneError, match=r"sweep.storage: /tmp/sweeps is on this machine"):
+        compile_pipeline(
+            load_config(CLUSTER_RUN_CONFIG, [*overrides, "sweep.storage=/tmp/sweeps"]), str(tmp_path / "p.yaml")
+        )
+    trainer = json.loads(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"][CONFIG_ENV])
+    assert trainer["sweep"]["space"] == sweep["space"] and trainer["train"]["workers"] == 2  # 4 GPUs, 2 trials at once
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in head["env"]} == {"mlflow-s3"}  # the driver logs the trials
+    with pytest.raises(KftuneError, match=r"sweep.parallel: 3 trials at once cannot share the RayJob's 4 Ray workers"):
+        load_config(
+            CLUSTER_RUN_CONFIG,
+            [
+                *overrides[:2],
+                "sweep={space: {train.lr: 'grid(1e-4)'}, parallel: 3}",
+                "cluster.rayjob={enabled: true, nodes: 2, worker: {gpus: 2}}",
+            ],
+        )
+
+
+def test_the_train_steps_sweep_lives_in_sweep_storage_else_beside_the_checkpoints_named_after_the_run(
+    validated, tmp_path
+):
+    from kftune import steps
+    from kftune.sweep.step import sweep_folder
+
+    config = {
+        **validated(checkpoint={"storage": str(tmp_path / "checkpoints")}),
+        "sweep": {"space": {"train.lr": "grid(1e-4, 1e-3)"}},
+    }
+    prompts = tmp_path / "prompts"
+    steps.prepare_data(config, str(tmp_path / "data"), str(tmp_path / "card.md"))
+    steps.build_prompts(config, str(tmp_path / "data"), str(prompts), str(tmp_path / "preview.html"))
+    folder = sweep_folder(parse_config(config), prompts, tmp_path / "scratch")
+    assert folder.parent == tmp_path / "checkpoints" and folder.name.startswith(
+        f"{config['registry']['model_name']}-sweep-"
+    )
+    assert sweep_folder(parse_config(config), prompts, tmp_path / "scratch") == folder  # a restarted step finds it
+    other = {**config, "train": {**config["train"], "batch_size": 4}}
+    assert sweep_folder(parse_config(other), prompts, tmp_path / "scratch") != folder  # another run, another sweep
+    named = {**config, "sweep": {**config["sweep"], "storage": str(tmp_path / "mine")}}
+    assert sweep_folder(parse_config(named), prompts, tmp_path / "scratch") == tmp_path / "mine"
+    on_a_bucket = {**config, "train": {**config["train"], "checkpoint": {"storage": "s3://bucket/runs"}}}
+    with pytest.raises(KftuneError, match=r"sweep.storage: a sweep needs a folder"):
+        sweep_folder(parse_config(on_a_bucket), prompts, tmp_path / "scratch")

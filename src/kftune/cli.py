@@ -39,10 +39,11 @@ def _run_here(config, out: Path, source: str, verbose: bool) -> None:
 
 
 def cmd_sweep(args) -> int:
-    """A search over config fields on Ray Tune (kftune.sweep); with --train-best, the best config through `kftune run`'s path."""
-    from kftune.config import load_config
+    """A search over config fields on Ray Tune (kftune.sweep); with --train-best, the pipeline with the sweep in its
+    train step, which runs or resumes it in the same folder and hands the best trial's model to evaluate and register."""
+    from kftune.config import config_to_dict, load_config, parse_config
     from kftune.local import with_local_registry
-    from kftune.sweep.run import run_sweep
+    from kftune.sweep.run import REPORT_FILE, checked_sweep, run_sweep
     from kftune.sweep.space import is_domain, load_sweep_settings
 
     overrides, space = [], {}
@@ -54,17 +55,19 @@ def cmd_sweep(args) -> int:
             overrides.append(item)
     config = load_config(args.config, overrides)
     flags = {"metric": args.metric, "samples": args.samples, "parallel": args.parallel, "grace_steps": args.grace_steps}
-    settings = load_sweep_settings(args.space, space, flags)
+    settings = load_sweep_settings(args.space, space, flags, config.sweep)
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-sweep").resolve()
+    if args.train_best:
+        in_folder = settings.model_copy(update={"storage": str(out)}).model_dump(exclude_none=True)
+        swept = parse_config({**config_to_dict(config), "sweep": in_folder}, source=f"{args.config} with the sweep")
+        checked_sweep(swept, swept.sweep)  # against this machine's resources and the model, before any step
+        _run_here(with_local_registry(swept, out), out / "best", args.config, args.verbose)
+        print(f"kftune: the sweep's report: {out / REPORT_FILE}")
+        return 0
     summary = run_sweep(config, settings, out, with_local_registry(config, out))
     if summary["interrupted"]:
         return 130
     _print_sweep(summary, settings.metric)
-    if args.train_best:
-        if not summary["best"]:
-            raise KftuneError("--train-best: no trial reported the metric, so there is no best config")
-        best = load_config(summary["best_config"])
-        _run_here(with_local_registry(best, out), out / "best", summary["best_config"], args.verbose)
     return 0
 
 
@@ -320,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="sweep folder (default: runs/<config name>-sweep); the same command on it resumes the sweep"
     )
     sweep.add_argument(
-        "--train-best", action="store_true", help="then train, evaluate and register the best config, as kftune run"
+        "--train-best",
+        action="store_true",
+        help="run (or resume) the sweep in the pipeline's train step, then evaluate and register its best trial's model",
     )
     sweep.add_argument("-v", "--verbose", action="store_true", help="with --train-best: every step's full log")
     sweep.set_defaults(func=cmd_sweep)

@@ -31,6 +31,7 @@ from kftune.models import PACKAGED_MODELS
 from kftune.prompts.templates import PACKAGED as PACKAGED_TEMPLATES, Template, resolve_template, template_contents
 from kftune.retention.config import RetentionSection, retention_problem
 from kftune.section import Section
+from kftune.sweep.config import SweepSettings
 from kftune.train.support import engine_problem
 
 Task = Literal["sequence_classification", "causal_lm", "masked_lm"]
@@ -275,6 +276,8 @@ class RunConfig(Section):
     online: OnlineSection = Field(default_factory=OnlineSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
     """Remedies against catastrophic forgetting (`kftune.retention`); off unless asked for."""
+    sweep: SweepSettings | None = None
+    """The train step runs this hyperparameter search and hands on the best trial's model (`kftune.sweep`)."""
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     """Where and how the compiled pipeline runs on Kubernetes; `kftune run` ignores it."""
 
@@ -356,10 +359,17 @@ class RunConfig(Section):
                 "cluster.volume",
                 "required with cluster.rayjob.enabled: the RayJob's pods read prompts and write the model there",
             )
-        if rayjob.enabled and self.train.batch_size % (rayjob.ray_workers() * self.train.gradient_accumulation):
+        trials = self.sweep.parallel if self.sweep else 1
+        if rayjob.enabled and rayjob.ray_workers() % trials:
+            raise _FieldError(
+                "sweep.parallel",
+                f"{trials} trials at once cannot share the RayJob's {rayjob.ray_workers()} Ray workers (one per GPU) evenly",
+            )
+        workers = rayjob.ray_workers(trials)
+        if rayjob.enabled and self.train.batch_size % (workers * self.train.gradient_accumulation):
             raise _FieldError(
                 "cluster.rayjob.nodes",
-                f"{rayjob.nodes} nodes give {rayjob.ray_workers()} Ray workers (one per GPU), "
+                f"{rayjob.nodes} nodes give {workers} Ray workers (one per GPU{', per trial' if trials > 1 else ''}), "
                 f"which do not split train.batch_size={self.train.batch_size} evenly",
             )
         if self.registry.gate.metric not in self.eval.metrics:
@@ -436,7 +446,7 @@ def _quantization_problem(config: RunConfig) -> tuple[str, str] | None:
 def parse_config(data: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None) -> RunConfig:
     """Validate a config dict; every problem is reported as `source:line field.path: message`."""
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -455,6 +465,14 @@ def parse_config(data: dict[str, Any], source: str = "config", lines: dict[str, 
                     message = f"unknown method {err['input'].get('name')!r}; choose from: {err['ctx']['expected_tags']}"
             problems.append(f"{_where(source, lines, path)} {path}: {message}")
         raise KftuneError("invalid config:\n  " + "\n  ".join(problems)) from None
+    if config.sweep:  # the search space against this config: every trial's config must be valid too
+        from kftune.sweep.space import pipeline_problems, sweep_problems, trial_base
+
+        problems = pipeline_problems(config.sweep) + sweep_problems(trial_base(config), config.sweep)
+        if problems:
+            where = _where(source, lines, "sweep")
+            raise KftuneError("invalid config:\n  " + "\n  ".join(f"{where} sweep: {p}" for p in problems))
+    return config
 
 
 def _where(source: str, lines: dict[str, int] | None, path: str) -> str:

@@ -22,6 +22,7 @@ ROOT_CAUSE_PREFIX = "kftune: step failed: "
 """Starts the line a failing step prints before its traceback: the exception at the bottom of the chain
 (a Ray worker's own, not the TrainingFailedError around it), for `kftune run` to show first."""
 ROOT_CAUSE_CHARS = 1000
+NO_SWEEP_REPORT = "<p>This run trained one configuration: its config has no <code>sweep</code> section.</p>\n"
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -111,22 +112,35 @@ def build_prompts(config: dict[str, Any], dataset_dir: str, prompts_dir: str, pr
 
 
 @reports_root_cause
-def train(config: dict[str, Any], prompts_dir: str, model_dir: str, run_name: str) -> dict[str, Any]:
+def train(
+    config: dict[str, Any], prompts_dir: str, model_dir: str, run_name: str, sweep_report_path: str = ""
+) -> dict[str, Any]:
+    """With a `sweep` section the step runs the sweep and hands on its best trial's model (`kftune.sweep.step`);
+    `sweep_report_path` gets the sweep's report (a line saying there was none, without one)."""
+    from kftune.sweep.step import SWEEP_KEY, sweep_folder, train_by_sweep
+
     run_config = _config(config)
     if run_config.cluster.rayjob.enabled:  # on Kubernetes: a KubeRay RayJob trains on GPU nodes; this pod follows it
         from kftune.kube.rayjob import train_on_rayjob
 
-        log = train_on_rayjob(run_config, prompts_dir, model_dir, run_name)
+        log = train_on_rayjob(run_config, prompts_dir, model_dir, run_name, sweep_report_path)
     else:
         from kftune.train.launch import run_training
 
         with tempfile.TemporaryDirectory(
             prefix="kftune-ray-"
         ) as scratch:  # checkpoints, unless train.checkpoint.storage keeps them
-            log = run_training(run_config, prompts_dir, model_dir, scratch)
+            if run_config.sweep:
+                folder = sweep_folder(run_config, prompts_dir, scratch)
+                log = train_by_sweep(run_config, prompts_dir, model_dir, folder, sweep_report_path)
+            else:
+                log = run_training(run_config, prompts_dir, model_dir, scratch)
+    if sweep_report_path and not run_config.sweep:
+        Path(sweep_report_path).write_text(NO_SWEEP_REPORT, encoding="utf-8")
     return {
         "base_model": run_config.model.name_or_path,
         **{k: log[k] for k in ("steps", "seconds", "seconds_per_step", "trainable_parameters", "final_loss")},
+        **({"sweep_parent_run_id": log[SWEEP_KEY]["parent_run_id"]} if SWEEP_KEY in log else {}),
     }
 
 
@@ -177,6 +191,7 @@ def register(
 ) -> dict[str, Any]:
     """Registers the model; returns the summary a user sees at the end of a run."""
     from kftune.registry.mlflow_registry import CONFIG_TAG, DATASET_TAG, register_model
+    from kftune.sweep.step import SWEEP_KEY, SWEEP_PARENT_TAG
     from kftune.train.loop import TRAIN_LOG_FILE
 
     run_config = _config(config)
@@ -196,6 +211,8 @@ def register(
         "kftune.version": __version__,
         "kftune.run_name": f"{run_config.registry.model_name}-{pipeline_run_id}",
     }
+    if SWEEP_KEY in train_log:  # the model is a sweep's best trial: link the sweep's parent MLflow run
+        lineage[SWEEP_PARENT_TAG] = train_log[SWEEP_KEY]["parent_run_id"]
     registered = register_model(run_config, model_dir, evaluation, train_log, [report, card_path], lineage, dataset_dir)
     return {
         "registered": registered,

@@ -29,6 +29,7 @@ def local_only_locations(config: RunConfig) -> list[str]:
         ("retention.general_data", config.retention.general_data),
         ("retention.ewc.fisher_file", config.retention.ewc and config.retention.ewc.fisher_file),
         ("online.reward_function", (config.online.reward_function or "").rpartition(":")[0]),
+        ("sweep.storage", config.sweep and config.sweep.storage),  # the sweep's folder, written by every Ray node
     ]
     fields += [(field, value) for field, value in volume_only if value]
     on_volume = (

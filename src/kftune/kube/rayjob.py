@@ -38,6 +38,8 @@ CONFIG_ENV = "KFTUNE_CONFIG"
 SPEC_LABEL = "kftune.io/spec-sha256"
 """The first 40 hex digits of the spec's sha256: a retried step re-attaches only to a RayJob built from the same spec."""
 SUBMITTER = Resources(cpu="500m", memory="1Gi")
+SWEEP_REPORT = "sweep_report.html"
+"""A sweep's report in the RayJob's work folder (the sweep runs in the job's driver, `python -m kftune.train`)."""
 
 
 def rayjob_name(run_name: str) -> str:
@@ -49,9 +51,11 @@ def rayjob_name(run_name: str) -> str:
 
 
 def sized_for_rayjob(config: RunConfig) -> RunConfig:
-    """The config the trainer sees on the cluster: one Ray Train worker per GPU of the worker group, no second RayJob."""
+    """The config the trainer sees on the cluster: one Ray Train worker per GPU of the worker group (a sweep's
+    trials at once share them), no second RayJob."""
     rayjob = config.cluster.rayjob
-    train = config.train.model_copy(update={"workers": rayjob.ray_workers(), "use_gpu": rayjob.worker.gpus > 0})
+    workers = rayjob.ray_workers(config.sweep.parallel if config.sweep else 1)
+    train = config.train.model_copy(update={"workers": workers, "use_gpu": rayjob.worker.gpus > 0})
     cluster = config.cluster.model_copy(update={"rayjob": rayjob.model_copy(update={"enabled": False})})
     return parse_config(
         config_to_dict(config.model_copy(update={"train": train, "cluster": cluster})), source="cluster.rayjob"
@@ -75,7 +79,9 @@ def build_rayjob(config: RunConfig, run_name: str, work_dir: str) -> dict[str, A
             "rayVersion": version("ray"),
             "headGroupSpec": {
                 "rayStartParams": {"num-cpus": "0"},  # the head schedules; training happens on the GPU workers
-                "template": _pod_template("ray-head", image, rayjob.head, cluster.steps, cluster),
+                "template": _pod_template(
+                    "ray-head", image, rayjob.head, cluster.steps, cluster, mlflow_env=config.sweep is not None
+                ),
             },
             "workerGroupSpecs": [
                 {
@@ -120,8 +126,10 @@ def _pod_template(
     cluster: ClusterSection,
     *,
     mounts_volume: bool = True,
+    mlflow_env: bool = False,
 ) -> dict[str, Any]:
-    """`mounts_volume` False for the submitter: it only talks to the head, and a ReadWriteOnce claim may be on another node."""
+    """`mounts_volume` False for the submitter: it only talks to the head, and a ReadWriteOnce claim may be on another node.
+    `mlflow_env`: the `cluster.mlflow_secret` credentials as env vars (the head, where a sweep's driver logs the trials)."""
     requests = {"cpu": resources.cpu, "memory": resources.memory}
     limits = {"memory": resources.memory}
     if resources.gpus:
@@ -132,6 +140,11 @@ def _pod_template(
         "resources": {"requests": requests, "limits": limits},
         "securityContext": container_security_context(),
     }
+    if mlflow_env and cluster.mlflow_secret:
+        main["env"] = [
+            {"name": env, "valueFrom": {"secretKeyRef": {"name": cluster.mlflow_secret.name, "key": key}}}
+            for key, env in cluster.mlflow_secret.env.items()
+        ]
     pod: dict[str, Any] = {"securityContext": pod_security_context(cluster.run_as_user), "containers": [main]}
     volumes, mounts = shared_memory(resources.gpus)
     if cluster.volume and mounts_volume:
@@ -327,11 +340,12 @@ def train_on_rayjob(
     prompts_dir: str | Path,
     model_dir: str | Path,
     run_name: str,
+    sweep_report_path: str | Path = "",
     api: RayJobApi | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The pipeline's train step on a cluster: stage the prompts on the shared volume, run the RayJob,
-    copy the trained Model folder back into the step's artifact. Returns the train log."""
+    copy the trained Model folder (and a sweep's report) back into the step's artifacts. Returns the train log."""
     work = Path(config.cluster.volume.mount_path) / "kftune-runs" / rayjob_name(run_name)
     shutil.copytree(prompts_dir, work / "prompts", dirs_exist_ok=True)
     manifest = build_rayjob(config, run_name, str(work))
@@ -339,4 +353,6 @@ def train_on_rayjob(
         manifest, api or KubernetesRayJobApi(), delete_after=config.cluster.rayjob.delete_after_follow, echo=echo
     )
     shutil.copytree(work / "model", model_dir, dirs_exist_ok=True)
+    if config.sweep and sweep_report_path:
+        shutil.copyfile(work / SWEEP_REPORT, sweep_report_path)
     return json.loads((Path(model_dir) / TRAIN_LOG_FILE).read_text())

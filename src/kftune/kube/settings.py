@@ -89,9 +89,9 @@ class RayJobSection(Section):
     delete_after_follow: bool = False
     """`kftune` deletes the RayJob object once it has followed it to the end."""
 
-    def ray_workers(self) -> int:
-        """Ray Train workers on the cluster: one per GPU (one per node without GPUs)."""
-        return self.nodes * max(self.worker.gpus, 1)
+    def ray_workers(self, trials: int = 1) -> int:
+        """Ray Train workers on the cluster: one per GPU (one per node without GPUs), shared by a sweep's `trials` at once."""
+        return self.nodes * max(self.worker.gpus, 1) // trials
 
 
 class RetrySection(Section):

@@ -2,8 +2,8 @@
 write the report and the best config.
 
 Everything lives in one folder: `sweep.json` (what was asked, and the parent MLflow run), `prompts/`,
-`tune/` (Ray Tune's experiment state), `trials/` (each trial's Ray Train run), `best.yaml` and
-`sweep_report.html`. Started again on the same folder with the same config and settings, a sweep
+`tune/` (Ray Tune's experiment state), `trials/` (each trial's Ray Train run), `models/` (each finished
+trial's model), `best.yaml` and `sweep_report.html`. Started again on the same folder with the same config and settings, a sweep
 resumes where it stopped (`Tuner.restore`): finished trials stay finished, unfinished ones restart.
 """
 
@@ -46,27 +46,43 @@ def available_resources() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
-def run_sweep(
-    config: RunConfig, settings: SweepSettings, out: Path, tracking: RunConfig, say: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Run (or resume) the sweep of `config` in `out`; `tracking` is the config whose registry section
-    names the MLflow store. Returns the trials, the best one and where the best config was written."""
-    import ray
-
-    from kftune.preflight import check_method_on_model, preflight
-    from kftune.prompts.build import read_meta
-    from kftune.sweep.trial import prompts_for
+def checked_sweep(config: RunConfig, settings: SweepSettings) -> tuple[dict[str, Any], dict, list[RunConfig]]:
+    """(the trials' base config, the domains, the checked configs): the sweep checked against the resources it
+    will run on and the searched method options against the model's architecture; raises KftuneError."""
+    from kftune.preflight import check_method_on_model
 
     # The fields as written (paths resolved): a searched method.name must not meet another method's defaults.
     base = json.loads(config.model_dump_json(exclude_unset=True, exclude_none=True))
+    base.pop("sweep", None)
     domains, configs = check_sweep(base, settings, available_resources())
     for distinct in {json.dumps(config_to_dict(c)["method"], sort_keys=True): c for c in configs}.values():
-        check_method_on_model(distinct)  # searched method options, on the model's architecture
+        check_method_on_model(distinct)
+    return base, domains, configs
+
+
+def run_sweep(
+    config: RunConfig,
+    settings: SweepSettings,
+    out: Path,
+    tracking: RunConfig,
+    say: Callable[[str], None] = print,
+    prompts: Path | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the sweep of `config` in `out`; `tracking` is the config whose registry section
+    names the MLflow store; `prompts`: already built for `config` (the pipeline's). Returns the trials,
+    the best one and where the best config was written."""
+    import ray
+
+    from kftune.preflight import preflight
+    from kftune.prompts.build import read_meta
+    from kftune.sweep.trial import prompts_for
+
+    base, domains, configs = checked_sweep(config, settings)
     for warning in preflight(config):
         say(f"kftune: warning: {warning}")
     out = out.resolve()
-    state = _sweep_state(out, {"config": base, "settings": settings.model_dump()})
-    train_rows = read_meta(prompts_for(config, out / "prompts"))["splits"]["train"]["rows"]
+    state = _sweep_state(out, {"config": _spec_config(config), "settings": settings.spec()})
+    train_rows = read_meta(prompts_for(config, out / "prompts", prompts))["splits"]["train"]["rows"]
     client, experiment, parent = _parent_run(tracking, settings, state, out, say)
     trials = trial_count(domains, settings.samples)
     say(
@@ -79,8 +95,8 @@ def run_sweep(
         ray.shutdown()  # `--train-best` then trains in a pipeline step, which starts its own Ray
     rows = _trial_rows(results, client, experiment, parent, settings.metric)
     done = sum(row["outcome"] is not None for row in rows)
-    if done < len(rows):  # interrupted (Ctrl+C): Tune saved its state and stopped the running trials
-        say(f"sweep: interrupted with {done} of {len(rows)} trials done; run the same command to resume")
+    if done < trials:  # interrupted (Ctrl+C): Tune saved its state; trials not yet drawn are not in `rows` at all
+        say(f"sweep: interrupted with {done} of {trials} trials done; run the same command to resume")
         return {"interrupted": True, "parent_run_id": parent}
     best = _best(rows, settings.mode)
     summary = {"interrupted": False, "parent_run_id": parent, "trials": rows, "best": best}
@@ -90,6 +106,12 @@ def run_sweep(
         summary["best_config"] = str(out / BEST_CONFIG_FILE)
     _finish_parent(client, parent, settings, domains, rows, best, out)
     return summary
+
+
+def _spec_config(config: RunConfig) -> dict[str, Any]:
+    """The config as far as it makes the sweep: not where it is tracked or deployed, so that the pipeline's train
+    step (`sweep.storage`) resumes or takes over a sweep that `kftune sweep` started in that folder."""
+    return {key: value for key, value in config_to_dict(config).items() if key not in ("registry", "cluster", "sweep")}
 
 
 def _sweep_state(out: Path, spec: dict[str, Any]) -> dict[str, Any]:

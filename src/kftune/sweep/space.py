@@ -12,17 +12,15 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
-from kftune.config import RunConfig, parse_config, with_values
+from kftune.config import RunConfig, config_to_dict, parse_config, with_values
 from kftune.errors import KftuneError
-from kftune.section import Section
+from kftune.sweep.config import SweepSettings
 
-SWEEP_METRICS = {"validation_loss": "min", "validation_accuracy": "max"}
-"""What a trial reports during training (`train.eval_every_steps`), and which way is better."""
 DOMAIN = re.compile(r"^\s*(choice|grid|uniform|loguniform|randint)\s*\((.*)\)\s*$", re.DOTALL)
 INTERIOR = 0.381966
 """Where inside a range one more point is checked: not a round number, so a float range on an integer field shows."""
@@ -96,49 +94,63 @@ class Domain:
         return f"{self.kind}({', '.join(map(str, self.args))})"
 
 
+PROMPT_SHAPING = ("model", "data", "prompt")
+"""The sections prepare_data and build_prompts read (and train.seed, for the split and the demonstrations)."""
+
+
+def pipeline_problems(settings: SweepSettings) -> list[str]:
+    """A run config's sweep runs in the pipeline's train step, after build_prompts and before evaluate, which
+    both work from the run's own config: its trials may differ in how they train, not in what they train on."""
+    return [
+        f"space: {field} shapes the data and prompts, which the pipeline builds once before the train step;"
+        " search it with `kftune sweep`, then `kftune run` its best.yaml"
+        for field in settings.space
+        if field.split(".")[0] in PROMPT_SHAPING or field == "train.seed"
+    ]
+
+
+def trial_base(config: RunConfig) -> dict[str, Any]:
+    """A config's trials before their values are written in: the config without its sweep section, under a
+    RayJob as each trial trains on its cluster (its share of the workers, `kftune.kube.rayjob.sized_for_rayjob`)."""
+    data = {key: value for key, value in config_to_dict(config).items() if key != "sweep"}
+    rayjob = config.cluster.rayjob
+    if not rayjob.enabled:
+        return data
+    trials = config.sweep.parallel if config.sweep else 1
+    return with_values(
+        data,
+        {
+            "train.workers": rayjob.ray_workers(trials),
+            "train.use_gpu": rayjob.worker.gpus > 0,
+            "cluster.rayjob.enabled": False,
+        },
+    )
+
+
 def is_domain(text: str) -> bool:
     """Whether a `--set` value is a search domain rather than a plain value."""
     return bool(DOMAIN.match(text))
 
 
-class SweepSettings(Section):
-    """A sweep file's keys (`--space`); the command line's flags override them."""
-
-    space: dict[str, str] = Field(default_factory=dict)
-    """Config field (dotted path) -> search domain, e.g. `train.lr: loguniform(1e-5, 1e-3)`."""
-    metric: Literal["validation_loss", "validation_accuracy"] = "validation_loss"
-    """What trials are compared by: reported every `train.eval_every_steps` (validation_accuracy: classification heads)."""
-    samples: int | None = Field(default=None, ge=1)
-    """Trials drawn from the space (each grid point this many times); empty: 1 when every field is a grid, else 4."""
-    parallel: int = Field(default=1, ge=1)
-    """Trials that train at once; each takes train.workers x train.cpus_per_worker CPUs (and a GPU per worker with train.use_gpu)."""
-    grace_steps: int | None = Field(default=None, ge=1)
-    """ASHA compares a trial with the others only after this many optimizer steps; empty: train.eval_every_steps."""
-    reduction_factor: float = Field(default=2.0, gt=1)
-    """ASHA keeps the best 1/reduction_factor of the trials at each rung (steps grace_steps x reduction_factor^k)."""
-    seed: int = 0
-    """Seeds Ray Tune's sampling, so the same sweep draws the same trials."""
-
-    @property
-    def mode(self) -> str:
-        return SWEEP_METRICS[self.metric]
-
-
-def load_sweep_settings(path: str | None, space: dict[str, str], flags: dict[str, Any]) -> SweepSettings:
-    """The sweep file (optional) with `--set` domains added to its space and the flags that were given on top."""
+def load_sweep_settings(
+    path: str | None, space: dict[str, str], flags: dict[str, Any], config_section: SweepSettings | None = None
+) -> SweepSettings:
+    """The run config's sweep section (optional), with the sweep file's keys (optional) over it, `--set` domains
+    added to its space and the flags that were given on top."""
     from pathlib import Path
 
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = config_section.model_dump(exclude_none=True) if config_section else {}
     source = path or "the command line"
     if path:
         if not Path(path).is_file():
             raise KftuneError(f"sweep file not found: {path}")
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            from_file = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise KftuneError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
+        if not isinstance(from_file, dict):
             raise KftuneError(f"{path}: the top level must be a mapping (space, metric, samples, parallel, ...)")
+        data = {**data, **from_file, "space": {**data.get("space", {}), **(from_file.get("space") or {})}}
     data["space"] = {**(data.get("space") or {}), **space}
     data.update({key: value for key, value in flags.items() if value is not None})
     try:
@@ -159,11 +171,26 @@ def trial_count(domains: dict[str, Domain], samples: int | None) -> int:
 
 
 def check_sweep(
-    base: dict[str, Any], settings: SweepSettings, resources: dict[str, float]
+    base: dict[str, Any], settings: SweepSettings, resources: dict[str, float] | None
 ) -> tuple[dict[str, Domain], list[RunConfig]]:
-    """The parsed domains and the checked configs, or one KftuneError listing every problem: a field that does not exist or a value
-    of the wrong type (every configuration the space can sample is validated through its representative
-    values), a metric the runs do not report, more parallel trials than `resources` (Ray's CPU and GPU counts) hold."""
+    """The parsed domains and the checked configs, or one KftuneError listing every problem (`sweep_problems`)."""
+    problems, domains, configs = _checked_sweep(base, settings, resources)
+    if problems:
+        raise KftuneError("invalid sweep:\n  " + "\n  ".join(problems))
+    return domains, configs
+
+
+def sweep_problems(
+    base: dict[str, Any], settings: SweepSettings, resources: dict[str, float] | None = None
+) -> list[str]:
+    """Every problem of a sweep over the run config `base` (a dict without a sweep section): a field that does not
+    exist or a value of the wrong type (every configuration the space can sample is validated through its
+    representative values), a metric the runs do not report, and with `resources` (Ray's CPU and GPU counts) more
+    parallel trials than they hold."""
+    return _checked_sweep(base, settings, resources)[0]
+
+
+def _checked_sweep(base, settings: SweepSettings, resources) -> tuple[list[str], dict[str, Domain], list[RunConfig]]:
     problems: list[str] = []
     domains: dict[str, Domain] = {}
     if not settings.space:
@@ -178,13 +205,11 @@ def check_sweep(
         for problem in _metric_problems(config, settings.metric):
             if problem not in problems:
                 problems.append(problem)
-    if configs:
+    if configs and resources is not None:
         problems += _resource_problems(
             configs, min(settings.parallel, trial_count(domains, settings.samples)), resources
         )
-    if problems:
-        raise KftuneError("invalid sweep:\n  " + "\n  ".join(problems))
-    return domains, configs
+    return problems, domains, configs
 
 
 def _checked_configs(base: dict[str, Any], domains: dict[str, Domain], problems: list[str]) -> list[RunConfig]:

@@ -20,9 +20,9 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from kftune.config import RunConfig, config_to_dict, parse_config, with_values
+from kftune.sweep.space import PROMPT_SHAPING
 
-PROMPT_SHAPING = ("model", "data", "prompt")
-"""The sections prepare_data and build_prompts read (and train.seed, for the split and the demonstrations)."""
+MODELS_FOLDER = "models"
 
 
 class ValidationToTune(TuneReportCallback):
@@ -48,7 +48,7 @@ def run_trial(values: dict[str, Any], base: dict[str, Any], work_dir: str, metri
     config = parse_config(with_values(base, values), source="sweep trial")
     prompts = prompts_for(config, Path(work_dir) / "prompts")
     trial_id = ray.tune.get_context().get_trial_id()
-    make_trainer(
+    result = make_trainer(
         config,
         prompts,
         run_identity(config, prompts),
@@ -57,11 +57,18 @@ def run_trial(values: dict[str, Any], base: dict[str, Any], work_dir: str, metri
         callbacks=(ValidationToTune(metric),),
         report_validation=True,
     ).fit()
+    result.checkpoint.to_directory(str(trial_model(work_dir, trial_id)))
 
 
-def prompts_for(config: RunConfig, folder: Path) -> Path:
+def trial_model(work_dir: str | Path, trial_id: str) -> Path:
+    """Where a finished trial's model is kept (as the train step's Model artifact holds it)."""
+    return Path(work_dir) / MODELS_FOLDER / trial_id
+
+
+def prompts_for(config: RunConfig, folder: Path, built: Path | None = None) -> Path:
     """The prepared data and prompts this config trains on, built once per distinct data, prompt and
-    model settings and shared by the trials that have them (written aside, then moved into place)."""
+    model settings and shared by the trials that have them (written aside, then moved into place);
+    `built`: this config's prompts, built already (the pipeline's build_prompts step), copied instead."""
     from kftune import steps
 
     data = config_to_dict(config)
@@ -71,8 +78,11 @@ def prompts_for(config: RunConfig, folder: Path) -> Path:
         return target / "prompts"
     folder.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=folder, prefix=".building-"))
-    steps.prepare_data(data, str(scratch / "data"), str(scratch / "data_card.md"))
-    steps.build_prompts(data, str(scratch / "data"), str(scratch / "prompts"), str(scratch / "preview.html"))
+    if built:
+        shutil.copytree(built, scratch / "prompts")
+    else:
+        steps.prepare_data(data, str(scratch / "data"), str(scratch / "data_card.md"))
+        steps.build_prompts(data, str(scratch / "data"), str(scratch / "prompts"), str(scratch / "preview.html"))
     try:
         os.rename(scratch, target)
     except OSError:  # another trial built the same prompts first

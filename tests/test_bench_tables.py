@@ -1,0 +1,38 @@
+"""bench/methods_table.py times its rows, so it runs alone: it refuses a busy machine before any work, and
+its table and records carry seconds per optimizer step. (The table itself takes hours; it is not run here.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
+
+from methods_table import markdown  # noqa: E402
+from step_tables import RESULTS, busy_machine  # noqa: E402
+
+
+def test_a_busy_machine_is_refused_before_any_work_or_marked_in_every_record():
+    record = RESULTS / "methods.jsonl"
+    before = record.read_bytes() if record.exists() else b""
+    done = subprocess.run(  # a load average is never below -1: the machine counts as busy
+        [sys.executable, str(BENCH / "methods_table.py"), "--max-load", "-1", "lora r8 q,v"],
+        capture_output=True,
+        text=True,
+        timeout=30,  # the refusal comes before any work; were it gone, the table would start
+    )
+    assert done.returncode != 0 and "the machine is busy: 1-minute load average" in done.stderr
+    assert "--allow-busy" in done.stderr
+    assert (record.read_bytes() if record.exists() else b"") == before
+    marked = busy_machine(-1, allow_busy=True)
+    assert marked["max_load"] == -1 and marked["load_average_1m"] >= 0
+    assert busy_machine(1e9, allow_busy=False) is None
+
+
+def test_the_table_shows_seconds_per_step():
+    row = {"row": "bitfit", "lr": 1e-3, "dev_accuracy": 0.8, "trainable": 10, "trainable_percent": 0.1}
+    table = markdown([{**row, "train_seconds": 12.0, "seconds_per_step": 0.1875, "artifact_mb": 0.1}])
+    assert "| s/step |" in table and "| 12.0 | 0.188 | 0.10 |" in table

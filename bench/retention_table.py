@@ -56,15 +56,17 @@ def remedy_rows(prefix: str, method: list[str], remedies: dict[str, str]) -> dic
     }
 
 
+def strengths(name: str, setting: str, values: list[float]) -> dict[str, str]:
+    """`{"l2_sp 0.1": "l2_sp={alpha: 0.1}", ...}` for `strengths("l2_sp", "l2_sp={{alpha: {}}}", [0.1, ...])`."""
+    return {f"{name} {value:g}": setting.format(value) for value in values}
+
+
+ANCHORS = strengths("l2_sp", "l2_sp={{alpha: {}}}", [0.1, 1.0, 10.0]) | strengths(
+    "ewc", "ewc={{strength: {}}}", [0.1, 1.0, 10.0]
+)
 STORIES_FULL = ["method={name: full}", "train.lr=2e-3"]
 STORIES_LORA = ["method={name: lora, r: 8, target_modules: all-linear}", "train.lr=5e-3"]
-CAUSAL_REMEDIES = {
-    "l2_sp 0.1": "l2_sp={alpha: 0.1}",
-    "l2_sp 1": "l2_sp={alpha: 1.0}",
-    "l2_sp 10": "l2_sp={alpha: 10.0}",
-    "ewc 0.1": "ewc={strength: 0.1}",
-    "ewc 1": "ewc={strength: 1.0}",
-    "ewc 10": "ewc={strength: 10.0}",
+CAUSAL_REMEDIES = ANCHORS | {
     "distill general 1": "distill={weight: 1.0, inputs: [general]}",
     "distill general 4": "distill={weight: 4.0, inputs: [general]}",
     "replay 0.5": "replay={ratio: 0.5, weight: 1.0}",
@@ -74,15 +76,9 @@ CAUSAL_REMEDIES = {
 }
 MINILM_FULL = ["method={name: full}", "train.lr=1e-4"]
 MINILM_LORA = ["method={name: lora, r: 8, target_modules: [query, value]}", "train.lr=5e-3"]
-ENCODER_REMEDIES = {
-    "l2_sp 0.1": "l2_sp={alpha: 0.1}",
-    "l2_sp 1": "l2_sp={alpha: 1.0}",
-    "l2_sp 10": "l2_sp={alpha: 10.0}",
-    "ewc 1": "ewc={strength: 1.0}",
-    "ewc 10": "ewc={strength: 10.0}",
-    "distill general 1": "distill={weight: 1.0, inputs: [general]}",
-    "distill general 10": "distill={weight: 10.0, inputs: [general]}",
-}
+ENCODER_REMEDIES = ANCHORS | strengths(
+    "distill general", "distill={{weight: {}, inputs: [general]}}", [0.1, 1.0, 10.0]
+)
 
 MODELS = {
     "stories260K": Model(
@@ -239,11 +235,23 @@ def plot(latest: dict[str, dict[str, dict]], path: Path) -> None:
                 marker="o" if row.startswith("full") else "^",
             )
             axes.annotate(row, (forgetting, task), fontsize=6)
+        if "full" in points:  # the region that halves plain full fine-tuning's forgetting within one point
+            task, forgetting = points["full"]
+            axes.axvline(forgetting / 2, color="grey", linestyle="--", linewidth=0.8)
+            axes.axhline(
+                task - model.point if model.higher_is_better else task + model.point,
+                color="grey",
+                linestyle="--",
+                linewidth=0.8,
+            )
         ordered = sorted((points[row][1], points[row][0]) for row in front)
         axes.plot([f for f, _ in ordered], [t for _, t in ordered], color="tab:red", linewidth=0.8)
         axes.set_xlabel(f"forgetting: {model.forgetting}")
         axes.set_ylabel(f"{model.task_metric} ({'higher' if model.higher_is_better else 'lower'} is better)")
-        axes.set_title(f"{model.title} (red: Pareto front; o full, ^ LoRA)", fontsize=9)
+        axes.set_title(
+            f"{model.title} (red: Pareto front; o full, ^ LoRA; dashed: half of full's forgetting, 1 point worse)",
+            fontsize=8,
+        )
     figure.tight_layout()
     figure.savefig(path)
 

@@ -61,12 +61,13 @@ def strengths(name: str, setting: str, values: list[float]) -> dict[str, str]:
     return {f"{name} {value:g}": setting.format(value) for value in values}
 
 
-ANCHORS = strengths("l2_sp", "l2_sp={{alpha: {}}}", [0.1, 1.0, 10.0]) | strengths(
-    "ewc", "ewc={{strength: {}}}", [0.1, 1.0, 10.0]
-)
+def anchors(values: list[float]) -> dict[str, str]:
+    return strengths("l2_sp", "l2_sp={{alpha: {}}}", values) | strengths("ewc", "ewc={{strength: {}}}", values)
+
+
 STORIES_FULL = ["method={name: full}", "train.lr=2e-3"]
 STORIES_LORA = ["method={name: lora, r: 8, target_modules: all-linear}", "train.lr=5e-3"]
-CAUSAL_REMEDIES = ANCHORS | {
+CAUSAL_REMEDIES = anchors([0.1, 1.0, 10.0]) | {
     "distill general 1": "distill={weight: 1.0, inputs: [general]}",
     "distill general 4": "distill={weight: 4.0, inputs: [general]}",
     "replay 0.5": "replay={ratio: 0.5, weight: 1.0}",
@@ -76,7 +77,7 @@ CAUSAL_REMEDIES = ANCHORS | {
 }
 MINILM_FULL = ["method={name: full}", "train.lr=1e-4"]
 MINILM_LORA = ["method={name: lora, r: 8, target_modules: [query, value]}", "train.lr=5e-3"]
-ENCODER_REMEDIES = ANCHORS | strengths(
+ENCODER_REMEDIES = anchors([0.01, 0.1, 1.0, 10.0]) | strengths(
     "distill general", "distill={{weight: {}, inputs: [general]}}", [0.1, 1.0, 10.0]
 )
 

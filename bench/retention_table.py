@@ -254,7 +254,7 @@ def plot(latest: dict[str, dict[str, dict]], path: Path) -> None:
             fontsize=8,
         )
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, metadata={"Date": None})  # no timestamp: the same records draw the same file
 
 
 def html_report(latest: dict[str, dict[str, dict]], svg: str) -> str:

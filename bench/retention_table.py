@@ -19,7 +19,7 @@ and tokenized once per model, Ray started once, MLflow skipped).
 Each row appends one JSON line to bench/results/retention.jsonl. `--report` reads the latest record of
 every row and prints the Markdown tables for docs/retention.md, with the Pareto front marked and whether
 some setting halves plain full fine-tuning's forgetting for at most 1 point of task metric; it draws
-docs/retention_tradeoff.svg (matplotlib) and writes docs/retention_report.html (both, self-contained).
+docs/retention_tradeoff.svg (matplotlib) and writes docs/retention_report.html (the tables, showing the plot next to it).
 """
 
 from __future__ import annotations
@@ -220,6 +220,7 @@ def plot(latest: dict[str, dict[str, dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text as text, not glyph outlines: a small, searchable file
     import matplotlib.pyplot as plt
 
     shown = [key for key in MODELS if latest[key]]
@@ -257,7 +258,7 @@ def plot(latest: dict[str, dict[str, dict]], path: Path) -> None:
     figure.savefig(path, metadata={"Date": None})  # no timestamp: the same records draw the same file
 
 
-def html_report(latest: dict[str, dict[str, dict]], svg: str) -> str:
+def html_report(latest: dict[str, dict[str, dict]]) -> str:
     sections = []
     for key, records in latest.items():
         if not records:
@@ -283,7 +284,7 @@ def html_report(latest: dict[str, dict[str, dict]], svg: str) -> str:
         "<body style='font:14px sans-serif'><h1>Retention trade-off: task metric against forgetting</h1>"
         "<p>Written by <code>python bench/retention_table.py --report</code> from bench/results/retention.jsonl "
         "(the latest record of each row; Pareto-front rows in bold).</p>"
-        f"{svg[svg.index('<svg') :]}{''.join(sections)}</body></html>"
+        f"<img src='{PLOT.name}' alt='task metric against forgetting, Pareto front in red'>{''.join(sections)}</body></html>"
     )
 
 
@@ -293,7 +294,7 @@ def report() -> None:
         if records:
             print(f"### {MODELS[key].title}\n\n{markdown(key, records)}\n")
     plot(latest, PLOT)
-    REPORT.write_text(html_report(latest, PLOT.read_text()))
+    REPORT.write_text(html_report(latest))
     print(f"wrote {PLOT.relative_to(REPO)} and {REPORT.relative_to(REPO)}")
 
 

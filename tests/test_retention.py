@@ -95,6 +95,7 @@ def test_classification_refuses_what_needs_a_language_model_head(make_config):
     with pytest.raises(KftuneError, match=r"retention.replay: a classification model has no language-model head"):
         parse_config(make_config(retention={"replay": {"ratio": 0.5}}))
     parse_config(make_config(retention={"l2_sp": {"alpha": 0.1}}))  # L2-SP applies to the pretrained encoder
+    parse_config(make_config(retention={"ewc": {"strength": 1.0}, "distill": {"weight": 1.0}}))  # embedding forms
 
 
 def test_l2_sp_penalises_the_change_of_weights_trained_in_place():
@@ -435,3 +436,70 @@ def test_general_data_and_a_fisher_file_are_found_next_to_the_config(tmp_path, w
     retention = load_config(path).retention
     assert retention.general_data == str(tmp_path / "general.txt")
     assert retention.ewc.fisher_file == "f.safetensors"  # absent: left as written, preflight names it
+
+
+def test_an_encoder_classifier_keeps_the_bases_sentence_embeddings(make_config, tmp_path):
+    """Distillation compares pooled embeddings with the base's (adapter disabled), on task and general rows;
+    EWC's Fisher is that of the embedding: zero on the new head, which the embedding does not pass through."""
+    from kftune.methods import apply_method
+    from kftune.models import resolve_model_path
+    from kftune.prompts.collate import Collator
+    from kftune.retention.embedding import sentence_rows
+    from kftune.retention.fisher import load_fisher
+    from kftune.retention.general import held_out_lines
+    from kftune.retention.terms import build_retention
+
+    retention = {
+        "distill": {"weight": 1.0, "inputs": ["task", "general"]},
+        "ewc": {"strength": 1.0, "fisher_rows": 4},
+        "general_rows": 8,
+    }
+    config = parse_config(make_config(retention=retention, train={"batch_size": 2, "workers": 1}))
+    path = resolve_model_path("minilm-l6")
+    model = apply_method(
+        load_base_model(path, "sequence_classification", 2, seed=0), config.method, "sequence_classification"
+    )
+    terms = build_retention(config, model.train(), config.method, str(tmp_path), 0, 1, torch.device("cpu"))
+    tokenizer = load_tokenizer(path)
+    batch = Collator(tokenizer.pad_token_id, "sequence_classification")(
+        sentence_rows(held_out_lines(None)[:2], tokenizer, 32)
+    )
+    model.eval()  # no dropout: the base and the untouched adapter agree exactly
+    assert terms.loss(model, batch, 0, torch.tensor(2)).item() == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    loss = terms.loss(model, batch, 1, torch.tensor(2))
+    loss.backward()
+    report = terms.report()
+    assert set(report) == {"retention_anchor", "retention_distill_task", "retention_distill_general"}
+    assert report["retention_distill_task"] > 1e-4 and report["retention_distill_general"] > 1e-4, report
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+    (fisher_file,) = (tmp_path / "retention").glob("fisher-*.safetensors")
+    fisher = load_fisher(fisher_file)
+    assert fisher["classifier.weight"].abs().sum() == 0
+    assert fisher["bert.encoder.layer.0.attention.self.query.weight"].sum() > 0
+
+
+def test_the_embedding_fisher_estimates_the_gaussian_fisher_diag_jtj():
+    """Averaged over noise, the squared gradient of `gaussian_fisher_loss` is sum_k (d e_k / d w)^2."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from kftune.retention.embedding import gaussian_fisher_loss, sentence_embeddings
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).eval()
+    batch = {"input_ids": torch.tensor([[2, 5, 7, 9]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    weight = model.bert.encoder.layer[0].intermediate.dense.weight
+    exact = torch.zeros_like(weight)
+    for k in range(8):
+        (gradient,) = torch.autograd.grad(sentence_embeddings(model, batch)[0, k], weight)
+        exact += gradient.pow(2)
+    sampled, generator = torch.zeros_like(weight), torch.Generator().manual_seed(0)
+    for _ in range(400):
+        (gradient,) = torch.autograd.grad(gaussian_fisher_loss(model, batch, generator), weight)
+        sampled += gradient.pow(2) / 400
+    assert sampled.sum().item() == pytest.approx(exact.sum().item(), rel=0.15)

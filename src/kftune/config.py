@@ -228,8 +228,8 @@ class GateSection(Section):
     margin: float = 0.0
     max_forgetting: float | None = Field(default=None, ge=0)
     """Refuse to promote a version that forgot more than this (the evaluation's `forgetting.score`: the
-    relative rise of perplexity on held-out general text for causal LMs, 1 - the rank correlation of
-    sentence similarities for encoders). Empty: forgetting does not gate."""
+    rise of the per-token loss of the base's own answers to held-out general prompts for causal LMs, 1 -
+    the rank correlation of sentence similarities for encoders). Empty: forgetting does not gate."""
 
 
 class RegistrySection(Section):

@@ -77,7 +77,7 @@ def _forgetting(evaluation: dict[str, Any]) -> str:
         answers = result["base_answer_loss"]
         lines = [
             f"perplexity on general text ({result['lines']} held-out passages): base {result['base']:.3f}, tuned {result['tuned']:.3f} ({result['change']:+.3f})",
-            f"loss on the base model's own answers to general prompts (per token): base {answers['base']:.4f}, tuned {answers['tuned']:.4f}",
+            f"loss on the base model's own answers to general prompts (per token): base {answers['base']:.4f}, tuned {answers['tuned']:.4f} (the forgetting score is the rise)",
         ]
     else:
         lines = [

@@ -124,14 +124,13 @@ def retention_problem(config) -> tuple[str, str] | None:
         )
     if retention.ewc and config.model.quantization:
         return "retention.ewc", "the Fisher needs gradients of the base weights, which a quantized base has none of"
-    if task == "sequence_classification":
-        for name in ("ewc", "distill", "replay"):
-            if getattr(retention, name):
-                return (
-                    f"retention.{name}",
-                    "a classification model has no language-model head to score general text with, and its "
-                    "classification head is new (the base has no output distribution to keep); use retention.l2_sp",
-                )
+    if task == "sequence_classification" and retention.replay:
+        return (
+            "retention.replay",
+            "a classification model has no language-model head to train general text with (the pre-training "
+            "objective needs one); use retention.distill, which keeps the base's sentence embeddings, or "
+            "retention.l2_sp / retention.ewc",
+        )
     if retention.distill and deepspeed and deepspeed.stage == 3 and method not in PEFT_METHODS:
         return (
             "retention.distill",

@@ -2,13 +2,16 @@
 
     loss = T^2 * KL(softmax(base / T) || softmax(tuned / T)), per position compared
 
-Under a PEFT method the teacher is the same model with its adapter disabled (`disable_adapter()`):
-no second copy of the weights. Otherwise it is a frozen copy of the base, loaded once.
+An encoder classifier (whose head is new) keeps the base's sentence embeddings instead
+(`kftune.retention.embedding`). Under a PEFT method the teacher is the same model with its adapter
+disabled (`disable_adapter()`): no second copy of the weights. Otherwise it is a frozen copy of the base, loaded once.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kftune.retention.embedding import head_size, sentence_embeddings
 
 
 def output_logits(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -31,20 +34,26 @@ def distillation_sum(
 
 
 class Teacher:
-    """The base model's logits, without gradients: `model` with its adapter disabled, or `frozen` (a copy)."""
+    """The base model's outputs, without gradients: `model` with its adapter disabled, or `frozen` (a copy)."""
 
     def __init__(self, model, frozen=None):
         self.model, self.frozen = model, frozen
 
-    @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        return self._base(lambda model: output_logits(model, batch, task))
+
+    def embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._base(lambda model: sentence_embeddings(model, batch))
+
+    @torch.no_grad()
+    def _base(self, compute):
         if self.frozen is not None:
-            return output_logits(self.frozen, batch, task)
+            return compute(self.frozen)
         was_training = self.model.training
         self.model.eval()  # the base as it predicts: no dropout
         try:
             with self.model.disable_adapter():
-                return output_logits(self.model, batch, task)
+                return compute(self.model)
         finally:
             self.model.train(was_training)
 
@@ -56,7 +65,7 @@ def frozen_copy(config, device: torch.device):
     base = load_base_model(
         resolve_model_path(config.model.name_or_path),
         config.model.task,
-        None,
+        head_size(config.model.task),
         config.train.seed,
         config.model.attn_implementation,
         weights_dtype(config.train.precision, "lora", bool(config.train.deepspeed)),  # frozen: 16 bits when training is

@@ -1,8 +1,9 @@
 """EWC's diagonal Fisher information of the base model on general data, computed once and cached.
 
 F_w = mean over rows of (d loss_row / d w)^2, the empirical Fisher of the pre-training objective
-(next-token or masked-LM loss of each general row), normalised to mean 1 over all weights so that
-`retention.ewc.strength` is on the scale of L2-SP's alpha.
+(next-token or masked-LM loss of each general row; for an encoder classifier, whose head is new, the
+Fisher of its sentence embedding, see `kftune.retention.embedding`), normalised to mean 1 over all
+weights so that `retention.ewc.strength` is on the scale of L2-SP's alpha.
 
 The cache is a safetensors file named by a content hash of the base model's files and the general
 data (and how many rows of it); its metadata records both fingerprints, so a file made for another
@@ -86,12 +87,14 @@ def save_fisher(path: Path, fisher: dict[str, torch.Tensor], base: str, general:
 
 def diagonal_fisher(model, rows: list[dict], task: str, pad_token_id: int) -> dict[str, torch.Tensor]:
     """The normalised empirical Fisher of every trainable parameter of `model` (the base), one row at a time."""
+    from kftune.retention.embedding import gaussian_fisher_loss
     from kftune.train.losses import loss_items, summed_loss
 
     collate = Collator(pad_token_id, task)
     parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in parameters.items()}
     device = next(model.parameters()).device
+    noise = torch.Generator().manual_seed(0)  # fixed: the cache key names the rows, not a seed
     was_training = model.training
     model.eval()  # no dropout: the Fisher of the model as it predicts
     for row in rows:
@@ -100,7 +103,10 @@ def diagonal_fisher(model, rows: list[dict], task: str, pad_token_id: int) -> di
         if not counted:
             continue
         model.zero_grad(set_to_none=True)
-        (summed_loss(model, batch, task) / counted).backward()
+        if task == "sequence_classification":
+            gaussian_fisher_loss(model, batch, noise).backward()
+        else:
+            (summed_loss(model, batch, task) / counted).backward()
         for name, parameter in parameters.items():
             if parameter.grad is not None:
                 fisher[name] += parameter.grad.float().pow(2)

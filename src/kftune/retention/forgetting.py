@@ -7,7 +7,10 @@ Spearman rank correlation of all pairwise cosine similarities of mean-pooled sen
 before against after), and the masked-LM loss where the model has an MLM head.
 
 `score` is the one number `registry.gate.max_forgetting` compares against (0 = nothing forgotten):
-the relative rise of general-text perplexity for causal LMs, 1 - the rank correlation for encoders.
+for causal LMs the rise of the per-token loss of the base's own answers (nats), for encoders 1 - the
+rank correlation. Not the perplexity rise: general-text perplexity measures the text as much as the
+model (tuning on instructions *lowers* it on English prose for a base trained on children's stories),
+while the base's own answers are what it knew by construction, whatever its pre-training data was.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from kftune.prompts.collate import Collator
 from kftune.prompts.packing import IGNORE_INDEX
+from kftune.retention.embedding import sentence_embeddings, sentence_rows
 from kftune.retention.general import language_model_rows
 from kftune.retention.generated import base_answers
 from kftune.train.losses import token_losses
@@ -45,12 +49,12 @@ def measure_forgetting(
             "change": after - before,
             "base_answer_loss": answer_loss,
             "lines": len(lines),
-            "score": after / before - 1,
+            "score": answer_loss["tuned"] - answer_loss["base"],
         }
-    ids = [tokenizer(line, truncation=True, max_length=max_length)["input_ids"] for line in lines]
+    sentences = sentence_rows(lines, tokenizer, max_length)
     correlation = rank_correlation(
-        pairwise_similarities(sentence_embeddings(base, ids, tokenizer.pad_token_id, batch_size)),
-        pairwise_similarities(sentence_embeddings(tuned, ids, tokenizer.pad_token_id, batch_size)),
+        pairwise_similarities(pooled_embeddings(base, sentences, tokenizer.pad_token_id, batch_size)),
+        pairwise_similarities(pooled_embeddings(tuned, sentences, tokenizer.pad_token_id, batch_size)),
     )
     result = {
         "metric": "similarity_rank_correlation",
@@ -80,19 +84,14 @@ def mean_token_loss(model, rows: list[dict], pad_token_id: int, task: str, batch
     return total / max(tokens, 1)
 
 
-def sentence_embeddings(model, ids: list[list[int]], pad_token_id: int, batch_size: int) -> torch.Tensor:
-    """Mean-pooled last hidden states, one row per sentence."""
+def pooled_embeddings(model, rows: list[dict], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """`sentence_embeddings` of every row, batched, on the CPU."""
     collate = Collator(pad_token_id, "sequence_classification")
     device = next(model.parameters()).device
     pooled = []
-    for start in range(0, len(ids), batch_size):
-        batch = collate([{"input_ids": i, "labels": 0} for i in ids[start : start + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        hidden = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
-        ).hidden_states[-1]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled.append(((hidden * mask).sum(1) / mask.sum(1)).float().cpu())
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size]).items()}
+        pooled.append(sentence_embeddings(model, batch).float().cpu())
     return torch.cat(pooled)
 
 

@@ -2,6 +2,8 @@
 
     extra = share * (anchor penalty + distill.weight * KL + replay.weight * general-data LM loss)
 
+(an encoder classifier: distill.weight * the cosine distance of sentence embeddings instead of the KL).
+
 `share` is 1 / (workers x gradient_accumulation): the engines sum what every micro-batch of every worker
 hands them, so the terms count once per optimizer step. General rows are drawn per micro-batch from one
 seeded permutation, by step, micro-batch and worker, so a resumed run draws what the uninterrupted one did.
@@ -21,6 +23,7 @@ from kftune.prompts.collate import Collator
 from kftune.prompts.packing import IGNORE_INDEX
 from kftune.retention.anchor import Anchor, anchored_weights
 from kftune.retention.distill import Teacher, distillation_sum, frozen_copy, is_peft, output_logits
+from kftune.retention.embedding import cosine_distance_sum, head_size, sentence_embeddings, sentence_rows
 
 
 class GeneralBatches:
@@ -66,24 +69,30 @@ class RetentionTerms:
         if self.anchor:
             terms["anchor"] = self.anchor.penalty()
         distill, replay = self.settings.distill, self.settings.replay
-        if distill and "task" in distill.inputs:  # over the global batch's labelled positions, like the task loss
-            labelled = batch["labels"] != IGNORE_INDEX
-            kl = distillation_sum(
-                output_logits(model, batch, self.task),
-                self.teacher.logits(batch, self.task),
-                labelled,
-                distill.temperature,
-            )
-            terms["distill_task"] = distill.weight * kl / (items * self.share)
+        if distill and "task" in distill.inputs:  # over the global batch's items, like the task loss
+            if self.task == "sequence_classification":
+                kept = cosine_distance_sum(sentence_embeddings(model, batch), self.teacher.embeddings(batch))
+            else:
+                kept = distillation_sum(
+                    output_logits(model, batch, self.task),
+                    self.teacher.logits(batch, self.task),
+                    batch["labels"] != IGNORE_INDEX,
+                    distill.temperature,
+                )
+            terms["distill_task"] = distill.weight * kept / (items * self.share)
         if self.general is not None:
             general = {k: v.to(batch["input_ids"].device) for k, v in self.general.draw(micro_batch_index).items()}
-            logits = output_logits(model, general, self.task)
-            if distill and "general" in distill.inputs:
-                mask = general["attention_mask"]
-                kl = distillation_sum(logits, self.teacher.logits(general, self.task), mask, distill.temperature)
-                terms["distill_general"] = distill.weight * kl / mask.sum()
-            if replay:
-                terms["replay"] = replay.weight * _language_model_loss(logits, general["labels"], self.task)
+            if self.task == "sequence_classification":  # an encoder: distillation of embeddings only
+                distance = cosine_distance_sum(sentence_embeddings(model, general), self.teacher.embeddings(general))
+                terms["distill_general"] = distill.weight * distance / len(general["input_ids"])
+            else:
+                logits = output_logits(model, general, self.task)
+                if distill and "general" in distill.inputs:
+                    mask = general["attention_mask"]
+                    kl = distillation_sum(logits, self.teacher.logits(general, self.task), mask, distill.temperature)
+                    terms["distill_general"] = distill.weight * kl / mask.sum()
+                if replay:
+                    terms["replay"] = replay.weight * _language_model_loss(logits, general["labels"], self.task)
         for name, value in terms.items():
             self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
         self.counted += 1
@@ -119,7 +128,10 @@ def build_retention(
         return None
     tokenizer = load_tokenizer(resolve_model_path(config.model.name_or_path))
     lines = training_lines(settings.general_data, settings.general_rows) if settings.uses_general_data else []
-    rows = language_model_rows(lines, tokenizer, config.model.task, config.prompt.max_length, config.train.seed)
+    if config.model.task == "sequence_classification":  # an encoder's remedies keep its sentence embeddings
+        rows = sentence_rows(lines, tokenizer, config.prompt.max_length)
+    else:
+        rows = language_model_rows(lines, tokenizer, config.model.task, config.prompt.max_length, config.train.seed)
     anchor = None
     if settings.anchored:
         inner = model.get_base_model() if is_peft(model) else model
@@ -191,7 +203,7 @@ def _fisher(config: RunConfig, rows: list[dict], storage: str | None) -> dict[st
         return load_fisher(path)
     device = torch.device("cuda" if config.train.use_gpu and torch.cuda.is_available() else "cpu")
     model = load_base_model(
-        model_path, config.model.task, None, config.train.seed, config.model.attn_implementation
+        model_path, config.model.task, head_size(config.model.task), config.train.seed, config.model.attn_implementation
     ).to(device)
     fisher = {
         n: f.cpu()

@@ -108,3 +108,18 @@ def test_validation_settings_without_what_they_need_are_refused(make_config, tra
     config["data"]["split"].update(data.get("split", {}))
     with pytest.raises(KftuneError, match=message):
         parse_config(config)
+
+
+def test_keep_best_weights_saved_with_a_checkpoint_come_back_to_the_worker_that_kept_them(tmp_path):
+    """Each worker writes the weights it kept (its partitions under ZeRO-3, rank 0 alone under DDP);
+    on resume every worker agrees whether there are any, so the final save stays collective."""
+    import torch
+
+    from kftune.train.loop import BEST_STATE_FILE, load_best_state
+
+    assert load_best_state(tmp_path, 0) is None and load_best_state(tmp_path, 1) is None
+    torch.save({"w": torch.tensor([1.0, 2.0])}, tmp_path / BEST_STATE_FILE.format(0))
+    assert torch.equal(load_best_state(tmp_path, 0)["w"], torch.tensor([1.0, 2.0]))
+    assert load_best_state(tmp_path, 1) == {}  # DDP: rank 0 keeps them all
+    torch.save({"w": torch.tensor([3.0])}, tmp_path / BEST_STATE_FILE.format(1))
+    assert torch.equal(load_best_state(tmp_path, 1)["w"], torch.tensor([3.0]))  # ZeRO-3: its own partition

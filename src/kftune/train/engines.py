@@ -152,6 +152,10 @@ class DDPEngine:
         chosen = {id(p) for p in self.parameters}
         return {n: p.detach().float().cpu().clone() for n, p in self.module.named_parameters() if id(p) in chosen}
 
+    def kept_state(self, rank: int) -> dict[str, torch.Tensor]:
+        """`train.keep_best`'s copy of the weights: rank 0's `trained_state` (the replicas are identical)."""
+        return self.trained_state(rank)
+
     def save(self, directory: Path, rank: int) -> None:
         """Rank 0 writes the trained parameters with optimizer, schedule and scaler state (DDP keeps them identical on every worker)."""
         if rank == 0:
@@ -277,6 +281,14 @@ class DeepSpeedEngine:
                 if rank == 0:
                     state[name] = (parameter.detach() if master is None else master).float().cpu().clone()
         return state
+
+    def kept_state(self, rank: int) -> dict[str, torch.Tensor]:
+        """`train.keep_best`'s copy of the weights. Under ZeRO-3 each worker copies its own partitions of
+        the trained parameters, in the dtype they are saved in (`kftune.train.partitioned.load_into_partitions`
+        puts them back), so no worker ever holds them whole; else rank 0's `trained_state` (collective)."""
+        if self.train.deepspeed.stage != 3:
+            return self.trained_state(rank)
+        return {n: p.ds_tensor.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
 
     def consolidated(self, build_model, rank: int, state: dict[str, torch.Tensor] | None = None):
         """On rank 0, a fresh plain model (`build_model()`) holding `state` (a `trained_state` taken

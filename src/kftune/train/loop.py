@@ -57,7 +57,7 @@ from kftune.train.validation import best_evaluation, evaluations_since_best, val
 
 PROBE_FILE = "probe.json"
 PROBE_ROWS = 16
-BEST_STATE_FILE = "best_weights.pt"
+BEST_STATE_FILE = "best_weights.rank{}.pt"  # keep_best's weights, one file per worker that keeps some
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -198,7 +198,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     )
                 )
                 if settings.keep_best and best_evaluation(history) is history[-1]:
-                    best_state = engine.trained_state(rank)  # collective under ZeRO-3; the weights only rank 0 keeps
+                    best_state = engine.kept_state(rank)  # collective under ZeRO-3
                 stop_early = settings.patience is not None and evaluations_since_best(history) >= settings.patience
                 if loop_config.get("report_validation"):  # a sweep's trial: its scheduler (ASHA) reads this
                     ray.train.report({**history[-1], "total_steps": total_steps})
@@ -334,11 +334,12 @@ def checkpoint_activations(model, train: TrainSection) -> None:
 
 
 def load_best_state(directory: Path, rank: int) -> dict[str, torch.Tensor] | None:
-    """`train.keep_best`'s weights saved with a checkpoint: on rank 0, `{}` on the others (only rank 0 keeps them)."""
-    path = directory / BEST_STATE_FILE
-    if not path.is_file():
+    """`train.keep_best`'s weights saved with a checkpoint, as this worker kept them (`kept_state`: its
+    partitions under ZeRO-3, `{}` where it keeps none); None on every worker when no evaluation was best yet."""
+    if not any(directory.glob(BEST_STATE_FILE.format("*"))):
         return None
-    return torch.load(path, weights_only=True) if rank == 0 else {}
+    path = directory / BEST_STATE_FILE.format(rank)
+    return torch.load(path, weights_only=True) if path.is_file() else {}
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -360,8 +361,8 @@ def _save_checkpoint(engine, rank: int, state: dict[str, Any], best_state: dict[
     with tempfile.TemporaryDirectory() as directory:
         engine.save(Path(directory), rank)
         save_trainer_state(Path(directory), rank, state)
-        if best_state:  # rank 0 holds it
-            torch.save(best_state, Path(directory) / BEST_STATE_FILE)
+        if best_state:
+            torch.save(best_state, Path(directory) / BEST_STATE_FILE.format(rank))
         ray.train.report({"step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

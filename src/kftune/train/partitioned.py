@@ -95,8 +95,8 @@ def initialize_missing(model, names: list[str]) -> None:
 
 
 def save_partitioned(module, options, out: Path, rank: int, state: dict[str, torch.Tensor] | None) -> None:
-    """The method's artifact (see kftune.methods.artifacts) written from a ZeRO-3 model, holding rank 0's
-    `state` (a `trained_state` taken earlier) when given. A whole model (full and freezing methods, merged
+    """The method's artifact (see kftune.methods.artifacts) written from a ZeRO-3 model, holding `state`
+    (this worker's `kept_state`, taken earlier) when given. A whole model (full and freezing methods, merged
     LoRA) streams one parameter at a time; any other artifact is the trained parameters, gathered alone.
     Collective; afterwards `module` is the tuned model (merged, for merged LoRA), still partitioned."""
     import deepspeed
@@ -105,7 +105,7 @@ def save_partitioned(module, options, out: Path, rank: int, state: dict[str, tor
     from kftune.methods.artifacts import WHOLE_MODEL
 
     if state is not None:
-        load_into_partitions(module, state, rank)
+        load_into_partitions(module, state)
     if getattr(options, "merge", False):
         merge_lora_in_partitions(module)
     if METHODS[options.name].artifact is WHOLE_MODEL or getattr(options, "merge", False):
@@ -117,20 +117,18 @@ def save_partitioned(module, options, out: Path, rank: int, state: dict[str, tor
             METHODS[options.name].artifact.save(module, options, out)
 
 
-def load_into_partitions(module, state: dict[str, torch.Tensor], rank: int) -> None:
-    """Rank 0's `state` (parameter name -> whole tensor) written into every worker's partitions of
-    those parameters. Collective."""
-    import deepspeed
+def load_into_partitions(module, state: dict[str, torch.Tensor]) -> None:
+    """This worker's partitions from `state` (a `kept_state`) written back into `module`'s parameters.
+    Collective: a persistent (small, always whole) parameter is gathered again from the partitions."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    names = [sorted(state)]
-    torch.distributed.broadcast_object_list(names, src=0)
-    chosen = set(names[0])
-    for name, parameter in module.named_parameters():
-        if name in chosen:
-            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
-                if rank == 0:
-                    with torch.no_grad():
-                        parameter.copy_(state[name])
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name in state:
+                parameter.ds_tensor.copy_(state[name])
+                if parameter.ds_status == ZeroParamStatus.AVAILABLE:
+                    parameter.partition()
+                    parameter.all_gather()
 
 
 def merge_lora_in_partitions(module) -> None:

@@ -117,6 +117,8 @@ def test_two_workers_make_the_same_update_as_one_worker_with_twice_the_accumulat
     two = runs("ddp2")
     one = runs("ddp1x2", workers=1, gradient_accumulation=2)
     assert log(two)["steps"] == log(one)["steps"] == STEPS
+    built = log(two)["peak_gb_when_built"]  # each worker's own high-water mark once built, gathered for the log
+    assert len(built) == 2 and all(0.1 < peak["host_rss"] < 20 for peak in built), built
     assert [r["loss"] for r in log(two)["history"]] == pytest.approx([r["loss"] for r in log(one)["history"]], abs=1e-4)
     assert_same_weights(two, one, atol=1e-4)
     losses = [r["loss"] for r in log(two)["history"]]

@@ -50,7 +50,7 @@ from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
 from kftune.train.engines import autocast, make_engine, partitioned_construction
 from kftune.train.losses import token_losses
-from kftune.train.memory import check_fits
+from kftune.train.memory import built_peak_gb, check_fits
 from kftune.train.partitioned import save_partitioned
 from kftune.train.progress import ProgressLine
 from kftune.train.validation import best_evaluation, evaluations_since_best, validate
@@ -120,6 +120,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     retention = build_retention(  # before a checkpoint's weights load: theta_0 is the base's
         config, engine.module, config.method, loop_config.get("storage"), rank, world, device
     )
+    built_peaks = _all_gather(built_peak_gb(device))  # every worker's memory high-water marks, for the train log
 
     # Validation during training: every worker scores its share of the (unpacked) validation rows.
     validation_rows = open_prompts(prompts_dir, "validation") if settings.eval_every_steps else []
@@ -242,6 +243,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
         "resumed_at_steps": resumed_at,
+        "peak_gb_when_built": built_peaks,
     }
     best = best_evaluation(history)
     if best:
@@ -346,6 +348,15 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(value)
     return value
+
+
+def _all_gather(value: Any) -> list[Any]:
+    """`value` of every worker, in rank order."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def _record(step: int, loss: float, lr: float, tokens_per_second: float, device: torch.device) -> dict[str, float]:

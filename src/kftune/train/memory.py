@@ -85,3 +85,19 @@ def check_fits(model, train: TrainSection, sequence: int, world: int, task: str,
             "raise train.gradient_accumulation, lower prompt.max_length, turn on train.gradient_checkpointing (every layer), or use a higher "
             "train.deepspeed.stage"
         )
+
+
+def built_peak_gb(device) -> dict[str, float]:
+    """This process's memory high-water marks so far, in GB: host RSS (the kernel's, for the whole process)
+    and, on a GPU, what torch allocated there. Recorded once the model and engine are built, before training,
+    so a run's log says what building cost apart from what training adds."""
+    import resource
+    import sys
+
+    import torch
+
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peaks = {"host_rss": round(max_rss * (1 if sys.platform == "darwin" else 1024) / 1e9, 3)}
+    if device.type == "cuda":
+        peaks["gpu_allocated"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+    return peaks

@@ -128,7 +128,25 @@ def test_chat_template_renders_the_dialogue(tmp_path):
         ({"stage": "simpo", "preference": {"reference": "copy"}}, "stage simpo uses no reference"),
         ({"eval": {"metrics": ["perplexity"]}}, "eval.metrics: perplexity not available for stage dpo"),
         ({"stage": "sft", "preference": {"beta": 0.2}}, "preference: applies to alignment stages"),
-        ({"stage": "ppo"}, "stage: Input should be 'sft', 'reward', 'dpo', 'kto', 'orpo', 'simpo' or 'grpo'"),
+        ({"stage": "rlhf"}, "stage: Input should be 'sft', 'reward', 'dpo', 'kto', 'orpo', 'simpo', 'grpo' or 'ppo'"),
+        ({"stage": "ppo", "eval": {"metrics": ["mean_reward"]}}, "online.reward_function: ppo needs one source"),
+        (
+            {"stage": "grpo", "online": {"reward_function": "r.py:f", "ppo_epochs": 2}, "eval": {"metrics": ["kl"]}},
+            "online.ppo_epochs: applies to stage ppo",
+        ),
+        (
+            {
+                "stage": "ppo",
+                "online": {"reward_function": "r.py:f"},
+                "train": {"batch_size": 4, "workers": 1, "deepspeed": {"stage": 3}},
+                "eval": {"metrics": ["kl"]},
+            },
+            "train.deepspeed.stage: ppo samples completions inside each worker",
+        ),
+        (
+            {"stage": "ppo", "online": {"reward_function": "r.py:f"}, "eval": {"metrics": ["preference_accuracy"]}},
+            "eval.metrics: preference_accuracy not available for stage ppo",
+        ),
         (
             {"stage": "grpo", "eval": {"metrics": ["mean_reward"]}},
             "online.reward_function: grpo needs one source of rewards",
@@ -139,8 +157,16 @@ def test_chat_template_renders_the_dialogue(tmp_path):
             "online.reward_model: 'hh-reward': name a registered model as models:/NAME@ALIAS",
         ),
         (
-            {"method": {"name": "full"}, "train": {"batch_size": 4, "workers": 1, "deepspeed": {"stage": 3}}},
+            {
+                "method": {"name": "full"},
+                "preference": {"reference": "copy"},
+                "train": {"batch_size": 4, "workers": 1, "deepspeed": {"stage": 3}},
+            },
             "a frozen copy of the starting model is not partitioned",
+        ),
+        (
+            {"stage": "kto", "method": {"name": "full"}, "preference": {"reference": "precomputed"}},
+            "preference.reference: precomputed log-probabilities are dpo's",
         ),
     ],
 )
@@ -182,3 +208,12 @@ def test_an_alignment_run_compiles_to_the_same_dag(tmp_path):
     assert sorted(ir["root"]["dag"]["tasks"]) == sorted(STEPS + list(LINEAGE))
     default = ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
     assert default["stage"] == "reward" and default == config_to_dict(load_config(CLUSTER_RUN_CONFIG, reward))
+
+
+def test_dpo_under_zero3_without_peft_precomputes_its_reference(tmp_path):
+    from kftune.alignment.config import resolved_reference
+
+    config = preference_run(tmp_path, "dpo", PREFERENCE_DATA["hh_rlhf"], method={"name": "full"})
+    assert resolved_reference(parse_config(config)) == "copy"
+    config["train"] = {**config["train"], "deepspeed": {"stage": 3}}
+    assert resolved_reference(parse_config(config)) == "precomputed"

@@ -9,6 +9,7 @@ import re
 import warnings
 from pathlib import Path
 
+from kftune.alignment.config import ONLINE_STAGES
 from kftune.config import RunConfig, config_to_dict, parse_config
 from kftune.errors import KftuneError
 
@@ -21,7 +22,7 @@ def preflight(config: RunConfig) -> list[str]:
 
     check_template_file(config)
     check_method_on_model(config)
-    if config.stage == "grpo":  # the reward function imports; the reward model is one
+    if config.stage in ONLINE_STAGES:  # the reward function imports; the reward model is one
         from kftune.alignment.online import check_reward_model, load_reward_function
 
         if config.online.reward_function:

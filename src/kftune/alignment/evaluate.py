@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kftune.alignment.config import ONLINE_STAGES
 from kftune.alignment.losses import sequence_logps
 from kftune.evaluate.evaluate import batched, class_logits, generate, on_device, place, placement, progress
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
@@ -58,7 +59,7 @@ def evaluate_alignment(config, prompts_dir: str | Path, model_dir: str | Path) -
             with progress(f"evaluate {name}: rewards"):
                 result[name] = preference_metrics(*pair_rewards(model, rows, pad, size))
         return result
-    if config.stage == "grpo":
+    if config.stage in ONLINE_STAGES:
         result.update(online_metrics(config, models, rows, tokenizer))
         return result
     with progress("evaluate: log-probabilities"):

@@ -128,6 +128,15 @@ def test_chat_template_renders_the_dialogue(tmp_path):
         ({"stage": "simpo", "preference": {"reference": "copy"}}, "stage simpo uses no reference"),
         ({"eval": {"metrics": ["perplexity"]}}, "eval.metrics: perplexity not available for stage dpo"),
         ({"stage": "sft", "preference": {"beta": 0.2}}, "preference: applies to alignment stages"),
+        (
+            {"eval": {"metrics": ["win_rate"]}},
+            r"eval.metrics: win_rate not available for stage dpo.*set eval.reward_model",
+        ),
+        ({"eval": {"metrics": ["win_rate"], "reward_model": "rm"}}, "eval.reward_model: 'rm': name a registered"),
+        (
+            {"stage": "grpo", "online": {"reward_function": "r.py:f"}, "eval": {"reward_model": "models:/rm@a"}},
+            "eval.reward_model: judges dpo, kto, orpo and simpo policies; stage grpo is judged by online.reward_model",
+        ),
         ({"stage": "rlhf"}, "stage: Input should be 'sft', 'reward', 'dpo', 'kto', 'orpo', 'simpo', 'grpo' or 'ppo'"),
         ({"stage": "ppo", "eval": {"metrics": ["mean_reward"]}}, "online.reward_function: ppo needs one source"),
         (
@@ -208,6 +217,13 @@ def test_an_alignment_run_compiles_to_the_same_dag(tmp_path):
     assert sorted(ir["root"]["dag"]["tasks"]) == sorted(STEPS + list(LINEAGE))
     default = ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
     assert default["stage"] == "reward" and default == config_to_dict(load_config(CLUSTER_RUN_CONFIG, reward))
+
+
+def test_a_dpo_policy_judged_by_a_reward_model_may_be_gated_on_win_rate(tmp_path):
+    config = preference_run(tmp_path, "dpo", PREFERENCE_DATA["hh_rlhf"])
+    config["eval"] = {"metrics": ["preference_accuracy", "win_rate"], "reward_model": "models:/rm@champion"}
+    config["registry"] = {**config["registry"], "gate": {"metric": "win_rate"}}
+    assert parse_config(config).registry.gate.metric == "win_rate"
 
 
 def test_dpo_under_zero3_without_peft_precomputes_its_reference(tmp_path):

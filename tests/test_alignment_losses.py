@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conftest import PREFERENCE_DATA, STORIES, preference_run
 from kftune.alignment.collate import FeedbackCollator, PairCollator
 from kftune.alignment.config import PreferenceSection
-from kftune.alignment.objective import Preference, Reference, RewardModel
+from kftune.alignment.objective import Preference, Reference, RewardModel, precompute_reference
 from kftune.config import parse_config
 from kftune.models import load_tokenizer
 from kftune.prompts.build import IGNORE_INDEX
@@ -376,6 +376,8 @@ def test_precomputed_reference_equals_the_live_one(tmp_path, pair_rows):
     def losses(reference):
         return Preference("dpo", PreferenceSection(), reference, collate).example_losses(model, batch)
 
+    precompute_reference(Preference("dpo", PreferenceSection(), precomputed, collate), model, torch.device("cpu"))
+    assert len(precomputed.table) == 2 * len(pair_rows)
     torch.testing.assert_close(losses(precomputed), torch.full((2,), math.log(2)))  # policy == reference
     with torch.no_grad():  # the policy some steps later
         for parameter in model.parameters():

@@ -29,6 +29,10 @@ def preflight(config: RunConfig) -> list[str]:
             load_reward_function(config.online.reward_function)
         else:
             check_reward_model(config.online.reward_model, config.registry.tracking_uri)
+    if config.eval.reward_model:
+        from kftune.alignment.online import check_reward_model
+
+        check_reward_model(config.eval.reward_model, config.registry.tracking_uri, "eval.reward_model")
     check_retention_files(config)
     return prepare(config).warnings
 

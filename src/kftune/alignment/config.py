@@ -119,6 +119,8 @@ def alignment_problem(config, template) -> tuple[str, str] | None:
                 "preference",
                 "applies to alignment stages (stage: reward, dpo, kto, orpo, simpo, grpo, ppo), not sft",
             )
+        if config.eval.reward_model:
+            return "eval.reward_model", "judges dpo, kto, orpo and simpo policies, not sft"
         return None
     task = config.model.task
     wanted = "sequence_classification" if stage == "reward" else "causal_lm"
@@ -206,8 +208,18 @@ def alignment_problem(config, template) -> tuple[str, str] | None:
             )
     elif preference.reference != "auto":
         return "preference.reference", f"stage {stage} uses no reference model"
-    allowed = ONLINE_METRICS if is_online else ALIGNMENT_METRICS
+    judge = config.eval.reward_model
+    if judge and (is_online or stage == "reward"):
+        source = "online.reward_model" if is_online else "nothing: it is the reward model"
+        return "eval.reward_model", f"judges dpo, kto, orpo and simpo policies; stage {stage} is judged by {source}"
+    if judge and not judge.startswith("models:/"):
+        return "eval.reward_model", f"{judge!r}: name a registered model as models:/NAME@ALIAS"
+    allowed = ONLINE_METRICS if is_online else ALIGNMENT_METRICS | (ONLINE_METRICS if judge else set())
     wrong = [m for m in config.eval.metrics if m not in allowed]
     if wrong:
-        return "eval.metrics", f"{', '.join(wrong)} not available for stage {stage}; use {', '.join(sorted(allowed))}"
+        hint = "" if is_online or judge or stage == "reward" else " (mean_reward, win_rate, kl: set eval.reward_model)"
+        return (
+            "eval.metrics",
+            f"{', '.join(wrong)} not available for stage {stage}; use {', '.join(sorted(allowed))}{hint}",
+        )
     return None

@@ -123,9 +123,8 @@ class Reference:
             yield module
 
     def precomputed(self, policy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Looked up by sequence; on the first call (before the first optimizer step) the policy scores every
-        training row: each worker its share, in the same number of passes (ZeRO-3 gathers layers in each),
-        then the workers exchange their tables."""
+        """Looked up by sequence; the table is filled by `precompute_reference` before training (else on the
+        first call)."""
         if self.table is None:
             self.table = self.score_rows(unwrapped(policy), batch["input_ids"].device)
         counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
@@ -133,7 +132,10 @@ class Reference:
         values = [self.table[sequence_key(ids, mask)] for ids, mask in rows]
         return torch.tensor(values, dtype=torch.float32, device=counts.device), counts
 
+    @torch.no_grad()
     def score_rows(self, model, device: torch.device) -> dict[bytes, float]:
+        """Every training row's log-probabilities under `model`: each worker scores its share in the same number
+        of passes (ZeRO-3 gathers layers in each), then the workers exchange their tables."""
         import torch.distributed as dist
 
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -152,6 +154,13 @@ class Reference:
             dist.all_gather_object(tables, table)
             table = {key: value for part in tables for key, value in part.items()}
         return table
+
+
+def precompute_reference(objective, model, device: torch.device) -> None:
+    """A precomputed reference's table, from the starting weights: called before a checkpoint's weights load."""
+    reference = getattr(objective, "reference", None)
+    if reference is not None and reference.kind == "precomputed" and reference.table is None:
+        reference.table = reference.score_rows(unwrapped(model), device)
 
 
 def sequence_key(ids: torch.Tensor, mask: torch.Tensor) -> bytes:

@@ -47,8 +47,8 @@ def load_rewards(config) -> RewardFunction:
     return load_reward_model(config.online.reward_model, config.registry.tracking_uri)
 
 
-def check_reward_model(uri: str, tracking_uri: str | None) -> None:
-    """Fail unless `uri` names a registered version trained with stage: reward."""
+def check_reward_model(uri: str, tracking_uri: str | None, field: str = "online.reward_model") -> None:
+    """Fail unless `uri` (the config's `field`) names a registered version trained with stage: reward."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -64,22 +64,18 @@ def check_reward_model(uri: str, tracking_uri: str | None) -> None:
         )
         stage = client.get_run(version.run_id).data.params.get("stage", "sft")
     except mlflow.exceptions.MlflowException as exc:
-        raise KftuneError(
-            f"online.reward_model: {uri} is not in MLflow at {mlflow.get_tracking_uri()} ({exc})"
-        ) from None
+        raise KftuneError(f"{field}: {uri} is not in MLflow at {mlflow.get_tracking_uri()} ({exc})") from None
     if stage != "reward":
-        raise KftuneError(
-            f"online.reward_model: {uri} was trained with stage {stage}, not as a reward model (stage: reward)"
-        )
+        raise KftuneError(f"{field}: {uri} was trained with stage {stage}, not as a reward model (stage: reward)")
 
 
-def load_reward_model(uri: str, tracking_uri: str | None) -> RewardFunction:
+def load_reward_model(uri: str, tracking_uri: str | None, field: str = "online.reward_model") -> RewardFunction:
     """A registered reward model's pyfunc as a reward function: a policy prompt rendered as
     Human/Assistant text is passed on as a transcript, its completion as the response."""
     import mlflow
     import pandas as pd
 
-    check_reward_model(uri, tracking_uri)
+    check_reward_model(uri, tracking_uri, field)
     served = mlflow.pyfunc.load_model(uri)
 
     def rewards(prompts: list[str], completions: list[str]) -> list[float]:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kftune.alignment.collate import as_sequences
-from kftune.alignment.objective import training_objective
+from kftune.alignment.objective import precompute_reference, training_objective
 from kftune.alignment.ppo import remove_training_heads, repeat_for_updates
 from kftune.config import RunConfig, TrainSection, config_to_dict
 from kftune.errors import KftuneError
@@ -122,6 +122,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     retention = build_retention(  # before a checkpoint's weights load: theta_0 is the base's
         config, engine.module, config.method, loop_config.get("storage"), rank, world, device
     )
+    with autocast(settings.precision, device):  # also before it: dpo's precomputed reference scores the starting weights
+        precompute_reference(objective, engine.model, device)
 
     # Validation during training: every worker scores its share of the (unpacked) validation rows.
     validation_rows = open_prompts(prompts_dir, "validation") if settings.eval_every_steps else []

@@ -13,7 +13,9 @@ import pytest
 from conftest import preference_run
 from kftune import steps
 from kftune.alignment.online import check_reward_model, load_reward_model
+from kftune.config import parse_config
 from kftune.errors import KftuneError
+from kftune.preflight import preflight
 from kftune.steps import EVALUATION_FILE as WRITTEN
 
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "lion", "fox", "owl"]
@@ -110,6 +112,9 @@ def test_reward_model_and_dpo_policy_through_the_steps(tmp_path):
     ppo["data"] = {"path": str(data), "max_rows": 16, "split": {"test": 0.25}}
     ppo["eval"] = {**ppo["eval"], "metrics": ["mean_reward", "win_rate", "kl"], "max_new_tokens": 8}
     ppo["registry"] = {**ppo["registry"], "gate": {"metric": "win_rate"}}
+    missing = {**ppo, "online": {**ppo["online"], "reward_model": "models:/missing@champion"}}
+    with pytest.raises(KftuneError, match=r"online.reward_model: models:/missing@champion is not in MLflow"):
+        preflight(parse_config(missing))  # before any step runs: kftune run and resolve-config call it
     result = run_steps(ppo, tmp_path, "ppo")
     assert set(result["evaluation"]["tuned"]) >= {"mean_reward", "win_rate", "kl"}, result["evaluation"]
     assert result["registered"]["version"] == 1

@@ -233,3 +233,10 @@ def test_dpo_under_zero3_without_peft_precomputes_its_reference(tmp_path):
     assert resolved_reference(parse_config(config)) == "copy"
     config["train"] = {**config["train"], "deepspeed": {"stage": 3}}
     assert resolved_reference(parse_config(config)) == "precomputed"
+
+
+def test_ppo_settings_out_of_range_are_named_at_once(tmp_path):
+    online = {"reward_function": "r.py:f", "ppo_epochs": 0, "clip_range": -1, "lam": 2}
+    with pytest.raises(KftuneError) as error:
+        parse_config(preference_run(tmp_path, "ppo", PREFERENCE_DATA["hh_rlhf"], online=online))
+    assert all(f"online.{field}:" in str(error.value) for field in ("ppo_epochs", "clip_range", "lam"))

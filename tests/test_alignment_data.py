@@ -128,7 +128,34 @@ def test_chat_template_renders_the_dialogue(tmp_path):
         ({"stage": "simpo", "preference": {"reference": "copy"}}, "stage simpo uses no reference"),
         ({"eval": {"metrics": ["perplexity"]}}, "eval.metrics: perplexity not available for stage dpo"),
         ({"stage": "sft", "preference": {"beta": 0.2}}, "preference: applies to alignment stages"),
-        ({"stage": "ppo"}, "stage: Input should be 'sft', 'reward', 'dpo', 'kto', 'orpo', 'simpo' or 'grpo'"),
+        (
+            {"eval": {"metrics": ["win_rate"]}},
+            r"eval.metrics: win_rate not available for stage dpo.*set eval.reward_model",
+        ),
+        ({"eval": {"metrics": ["win_rate"], "reward_model": "rm"}}, "eval.reward_model: 'rm': name a registered"),
+        (
+            {"stage": "grpo", "online": {"reward_function": "r.py:f"}, "eval": {"reward_model": "models:/rm@a"}},
+            "eval.reward_model: judges dpo, kto, orpo and simpo policies; stage grpo is judged by online.reward_model",
+        ),
+        ({"stage": "rlhf"}, "stage: Input should be 'sft', 'reward', 'dpo', 'kto', 'orpo', 'simpo', 'grpo' or 'ppo'"),
+        ({"stage": "ppo", "eval": {"metrics": ["mean_reward"]}}, "online.reward_function: ppo needs one source"),
+        (
+            {"stage": "grpo", "online": {"reward_function": "r.py:f", "ppo_epochs": 2}, "eval": {"metrics": ["kl"]}},
+            "online.ppo_epochs: applies to stage ppo",
+        ),
+        (
+            {
+                "stage": "ppo",
+                "online": {"reward_function": "r.py:f"},
+                "train": {"batch_size": 4, "workers": 1, "deepspeed": {"stage": 3}},
+                "eval": {"metrics": ["kl"]},
+            },
+            "train.deepspeed.stage: ppo samples completions inside each worker",
+        ),
+        (
+            {"stage": "ppo", "online": {"reward_function": "r.py:f"}, "eval": {"metrics": ["preference_accuracy"]}},
+            "eval.metrics: preference_accuracy not available for stage ppo",
+        ),
         (
             {"stage": "grpo", "eval": {"metrics": ["mean_reward"]}},
             "online.reward_function: grpo needs one source of rewards",
@@ -139,8 +166,16 @@ def test_chat_template_renders_the_dialogue(tmp_path):
             "online.reward_model: 'hh-reward': name a registered model as models:/NAME@ALIAS",
         ),
         (
-            {"method": {"name": "full"}, "train": {"batch_size": 4, "workers": 1, "deepspeed": {"stage": 3}}},
+            {
+                "method": {"name": "full"},
+                "preference": {"reference": "copy"},
+                "train": {"batch_size": 4, "workers": 1, "deepspeed": {"stage": 3}},
+            },
             "a frozen copy of the starting model is not partitioned",
+        ),
+        (
+            {"stage": "kto", "method": {"name": "full"}, "preference": {"reference": "precomputed"}},
+            "preference.reference: precomputed log-probabilities are dpo's",
         ),
     ],
 )
@@ -182,3 +217,26 @@ def test_an_alignment_run_compiles_to_the_same_dag(tmp_path):
     assert sorted(ir["root"]["dag"]["tasks"]) == sorted(STEPS + list(LINEAGE))
     default = ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
     assert default["stage"] == "reward" and default == config_to_dict(load_config(CLUSTER_RUN_CONFIG, reward))
+
+
+def test_a_dpo_policy_judged_by_a_reward_model_may_be_gated_on_win_rate(tmp_path):
+    config = preference_run(tmp_path, "dpo", PREFERENCE_DATA["hh_rlhf"])
+    config["eval"] = {"metrics": ["preference_accuracy", "win_rate"], "reward_model": "models:/rm@champion"}
+    config["registry"] = {**config["registry"], "gate": {"metric": "win_rate"}}
+    assert parse_config(config).registry.gate.metric == "win_rate"
+
+
+def test_dpo_under_zero3_without_peft_precomputes_its_reference(tmp_path):
+    from kftune.alignment.config import resolved_reference
+
+    config = preference_run(tmp_path, "dpo", PREFERENCE_DATA["hh_rlhf"], method={"name": "full"})
+    assert resolved_reference(parse_config(config)) == "copy"
+    config["train"] = {**config["train"], "deepspeed": {"stage": 3}}
+    assert resolved_reference(parse_config(config)) == "precomputed"
+
+
+def test_ppo_settings_out_of_range_are_named_at_once(tmp_path):
+    online = {"reward_function": "r.py:f", "ppo_epochs": 0, "clip_range": -1, "lam": 2}
+    with pytest.raises(KftuneError) as error:
+        parse_config(preference_run(tmp_path, "ppo", PREFERENCE_DATA["hh_rlhf"], online=online))
+    assert all(f"online.{field}:" in str(error.value) for field in ("ppo_epochs", "clip_range", "lam"))

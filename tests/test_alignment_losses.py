@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conftest import PREFERENCE_DATA, STORIES, preference_run
 from kftune.alignment.collate import FeedbackCollator, PairCollator
 from kftune.alignment.config import PreferenceSection
-from kftune.alignment.objective import Preference, Reference, RewardModel
+from kftune.alignment.objective import Preference, Reference, RewardModel, precompute_reference
 from kftune.config import parse_config
 from kftune.models import load_tokenizer
 from kftune.prompts.build import IGNORE_INDEX
@@ -264,3 +264,124 @@ def test_dpo_gradients_match_the_formula(policy, base, pair_rows):
     assert any(g.abs().max() > 0 for g in ours)
     for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_ppo_matches_the_paper(tokenizer, policy, base):
+    """The rollout's per-token rewards, GAE advantages (whitened) and returns against a plain-Python backward
+    recursion; the clipped policy and value losses of a moved policy against Schulman et al.'s formulas."""
+    from kftune.alignment.collate import PromptCollator
+    from kftune.alignment.config import OnlineSection
+    from kftune.alignment.ppo import VALUE_HEAD, ProximalPolicy, RepeatedBatches, policy_and_values, ppo_losses
+
+    settings = OnlineSection(
+        reward_function="unused.py:f", group_size=2, max_new_tokens=6, kl_beta=0.1, gamma=0.9, lam=0.8
+    )
+    calls = []
+
+    def length(prompts, completions):
+        calls.append(len(completions))
+        return [float(len(c)) for c in completions]
+
+    saved = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    objective = ProximalPolicy(settings, Reference("adapter", policy), PromptCollator(0), tokenizer, length, policy)
+    head = getattr(policy, VALUE_HEAD)
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            head.weight.normal_(0, 0.3)
+            head.bias.fill_(0.2)
+        prompts = [tokenizer(p)["input_ids"] for p, _, _ in PAIRS[:2]]
+        batch = objective.collate([{"input_ids": ids} for ids in prompts])
+        (tagged,) = list(RepeatedBatches([batch], times=1, group=1))
+        rollout = objective.cached_rollout(policy, tagged)
+        assert objective.cached_rollout(policy, tagged) is rollout and calls == [4]  # sampled once, reused
+        assert objective.items(batch) == 4 and rollout["input_ids"].shape[0] == 4
+
+        def values(ids: list[int], labels: list[int]) -> list[float]:
+            with torch.no_grad():
+                hidden = policy(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            v = hidden.double() @ head.weight[0].double() + head.bias.double()
+            return [v[i].item() for i, label in enumerate(labels[1:]) if label != IGNORE_INDEX]
+
+        rows, all_advantages = [], []
+        for i in range(4):
+            n = int(rollout["attention_mask"][i].sum())
+            ids, labels = rollout["input_ids"][i, :n].tolist(), rollout["labels"][i, :n].tolist()
+            completion = tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)
+            pi, ref = independent_token_logps(policy, ids, labels), independent_token_logps(base, ids, labels)
+            v = values(ids, labels)
+            rewards = [-0.1 * (p - r) for p, r in zip(pi, ref, strict=True)]
+            rewards[-1] += len(completion)
+            advantages, running = [0.0] * len(v), 0.0
+            for t in reversed(range(len(v))):
+                next_value = v[t + 1] if t + 1 < len(v) else 0.0
+                running = rewards[t] + 0.9 * next_value - v[t] + 0.9 * 0.8 * running
+                advantages[t] = running
+            rows.append((ids, labels, pi, v, advantages))
+            all_advantages += advantages
+        mean = sum(all_advantages) / len(all_advantages)
+        std = math.sqrt(sum((a - mean) ** 2 for a in all_advantages) / len(all_advantages))
+        mask = rollout["labels"][:, 1:] != IGNORE_INDEX
+        for i, (_, _, pi, v, advantages) in enumerate(rows):
+            assert rollout["logps"][i][mask[i]].tolist() == pytest.approx(pi, rel=1e-4, abs=1e-5)
+            assert rollout["returns"][i][mask[i]].tolist() == pytest.approx(
+                [a + x for a, x in zip(advantages, v, strict=True)], rel=1e-4, abs=1e-4
+            )
+            assert rollout["advantages"][i][mask[i]].tolist() == pytest.approx(
+                [(a - mean) / std for a in advantages], rel=1e-3, abs=1e-4
+            )
+
+        with torch.no_grad():  # a policy (and value head) some steps later: ratios and values beyond the clip ranges
+            for name, parameter in policy.named_parameters():
+                if "lora_A" in name or VALUE_HEAD in name:
+                    parameter.add_(torch.randn_like(parameter) * 0.3)
+            new_logps, new_values = policy_and_values(policy, rollout)
+            losses = ppo_losses(new_logps, new_values, rollout, mask.float(), settings)
+        expected, clipped = [], 0
+        for i, (ids, labels, pi_old, v_old, _) in enumerate(rows):
+            pi_new, v_new = independent_token_logps(policy, ids, labels), values(ids, labels)
+            a = [(x - mean) / std for x in rows[i][4]]
+            returns = [x + y for x, y in zip(rows[i][4], v_old, strict=True)]
+            terms = []
+            for t in range(len(pi_new)):
+                ratio = math.exp(pi_new[t] - pi_old[t])
+                clipped += not 0.8 <= ratio <= 1.2
+                surrogate = min(ratio * a[t], min(max(ratio, 0.8), 1.2) * a[t])
+                v_clip = v_old[t] + min(max(v_new[t] - v_old[t], -0.2), 0.2)
+                value_loss = 0.5 * max((v_new[t] - returns[t]) ** 2, (v_clip - returns[t]) ** 2)
+                terms.append(-surrogate + 0.1 * value_loss)
+            expected.append(sum(terms) / len(terms))
+        assert clipped > 0
+        assert losses.tolist() == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    finally:
+        with torch.no_grad():
+            for name, parameter in policy.named_parameters():
+                if name in saved:
+                    parameter.copy_(saved[name])
+        from kftune.alignment.ppo import remove_training_heads
+
+        remove_training_heads(policy)
+    assert VALUE_HEAD not in dict(policy.named_children())
+
+
+def test_precomputed_reference_equals_the_live_one(tmp_path, pair_rows):
+    """Full fine-tuning: the starting policy's log-probabilities, taken once before the first step, give the
+    losses a frozen copy gives, also after the policy has moved."""
+    config = parse_config(preference_run(tmp_path, "dpo", PREFERENCE_DATA["hh_rlhf"], method={"name": "full"}))
+    model = build_model(config, None, for_training=False).eval()
+    collate = PairCollator(0)
+    live, precomputed = Reference("copy", model), Reference("precomputed", model, pair_rows, collate, batch_size=2)
+    batch = collate(pair_rows[1:])  # grouped unlike the pass that fills the table
+
+    def losses(reference):
+        return Preference("dpo", PreferenceSection(), reference, collate).example_losses(model, batch)
+
+    precompute_reference(Preference("dpo", PreferenceSection(), precomputed, collate), model, torch.device("cpu"))
+    assert len(precomputed.table) == 2 * len(pair_rows)
+    torch.testing.assert_close(losses(precomputed), torch.full((2,), math.log(2)))  # policy == reference
+    with torch.no_grad():  # the policy some steps later
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    moved = losses(live)
+    assert (moved - math.log(2)).abs().min() > 1e-3
+    torch.testing.assert_close(losses(precomputed), moved, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,9 @@ import pytest
 from conftest import preference_run
 from kftune import steps
 from kftune.alignment.online import check_reward_model, load_reward_model
+from kftune.config import parse_config
 from kftune.errors import KftuneError
+from kftune.preflight import preflight
 from kftune.steps import EVALUATION_FILE as WRITTEN
 
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "lion", "fox", "owl"]
@@ -85,3 +87,39 @@ def test_reward_model_and_dpo_policy_through_the_steps(tmp_path):
         ["The owl was happy and played.", "zq xv kj owl qq."],
     )
     assert rewards[0] > rewards[1]
+
+    # The DPO policy judged by the reward model: mean reward of greedy generations, win rate, KL.
+    judged = {**dpo, "eval": {**dpo["eval"], "reward_model": "models:/tiny-reward@champion"}}
+    judged["eval"]["metrics"] = ["preference_accuracy", "mean_reward", "win_rate", "kl"]
+    d = tmp_path / "dpo"
+    steps.evaluate(judged, str(d / "prompts"), str(d / "model"), str(d / "judged"), str(tmp_path / "judged.html"))
+    evaluation = json.loads((d / "judged" / WRITTEN).read_text())
+    assert evaluation["base"]["win_rate"] == 0.5 and evaluation["base"]["kl"] == 0.0, evaluation
+    assert evaluation["tuned"]["preference_accuracy"] > 0.9 and evaluation["tuned"]["kl"] != 0.0, evaluation
+    assert evaluation["tuned"]["mean_reward"] != evaluation["base"]["mean_reward"]
+    assert evaluation["tuned"]["samples"]
+    with pytest.raises(KftuneError, match=r"eval.reward_model: models:/tiny-dpo@champion was trained with stage dpo"):
+        check_reward_model("models:/tiny-dpo@champion", uri, "eval.reward_model")
+
+    # PPO against the reward model (InstructGPT's third step), gated on win rate; the value head is not saved.
+    ppo = preference_run(
+        tmp_path,
+        "ppo",
+        data,
+        train={"batch_size": 4, "workers": 1, "max_steps": 4, "lr": 1e-2, "log_every_steps": 2},
+        online={"reward_model": "models:/tiny-reward@champion", "group_size": 2, "max_new_tokens": 8, "ppo_epochs": 2},
+    )
+    ppo["data"] = {"path": str(data), "max_rows": 16, "split": {"test": 0.25}}
+    ppo["eval"] = {**ppo["eval"], "metrics": ["mean_reward", "win_rate", "kl"], "max_new_tokens": 8}
+    ppo["registry"] = {**ppo["registry"], "gate": {"metric": "win_rate"}}
+    missing = {**ppo, "online": {**ppo["online"], "reward_model": "models:/missing@champion"}}
+    with pytest.raises(KftuneError, match=r"online.reward_model: models:/missing@champion is not in MLflow"):
+        preflight(parse_config(missing))  # before any step runs: kftune run and resolve-config call it
+    result = run_steps(ppo, tmp_path, "ppo")
+    assert set(result["evaluation"]["tuned"]) >= {"mean_reward", "win_rate", "kl"}, result["evaluation"]
+    assert result["registered"]["version"] == 1
+    saved = json.loads((tmp_path / "ppo" / "model" / "train_log.json").read_text())
+    assert saved["steps"] == 4 and len(saved["history"]) == 2
+    assert "value_head" not in (tmp_path / "ppo" / "model").joinpath("adapter_model.safetensors").read_bytes().decode(
+        "latin-1"
+    )

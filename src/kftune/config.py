@@ -204,8 +204,11 @@ class EvalSection(Section):
     """What the test split is scored by. Classification (a head, or a causal or masked LM through a
     verbalizer): accuracy, macro_f1, from one pass. Causal LM: perplexity on the target tokens and, on
     greedy generations, exact_match, rouge_l, bleu: each costs a pass, made only when listed. Alignment
-    stages (see `kftune.alignment.evaluate`): preference_accuracy, reward_margin; grpo: mean_reward,
-    win_rate, kl."""
+    stages (see `kftune.alignment.evaluate`): preference_accuracy, reward_margin; grpo and ppo: mean_reward,
+    win_rate, kl (also dpo, kto, orpo and simpo when eval.reward_model judges them)."""
+    reward_model: str | None = None
+    """dpo, kto, orpo, simpo: a registered kftune reward model (`models:/NAME@ALIAS`) that judges greedy
+    generations of the held-out prompts, tuned against base (mean_reward, win_rate, kl)."""
     compare_base: bool = True
     batch_size: int = Field(default=64, ge=1)
     forgetting: bool = True

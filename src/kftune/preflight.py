@@ -9,6 +9,7 @@ import re
 import warnings
 from pathlib import Path
 
+from kftune.alignment.config import ONLINE_STAGES
 from kftune.config import RunConfig, config_to_dict, parse_config
 from kftune.errors import KftuneError
 
@@ -21,13 +22,17 @@ def preflight(config: RunConfig) -> list[str]:
 
     check_template_file(config)
     check_method_on_model(config)
-    if config.stage == "grpo":  # the reward function imports; the reward model is one
+    if config.stage in ONLINE_STAGES:  # the reward function imports; the reward model is one
         from kftune.alignment.online import check_reward_model, load_reward_function
 
         if config.online.reward_function:
             load_reward_function(config.online.reward_function)
         else:
             check_reward_model(config.online.reward_model, config.registry.tracking_uri)
+    if config.eval.reward_model:
+        from kftune.alignment.online import check_reward_model
+
+        check_reward_model(config.eval.reward_model, config.registry.tracking_uri, "eval.reward_model")
     check_retention_files(config)
     return prepare(config).warnings
 

@@ -9,16 +9,20 @@ from pydantic import Field
 
 from kftune.section import Section
 
-Stage = Literal["sft", "reward", "dpo", "kto", "orpo", "simpo", "grpo"]
+Stage = Literal["sft", "reward", "dpo", "kto", "orpo", "simpo", "grpo", "ppo"]
 PAIRED_STAGES = ("reward", "dpo", "orpo", "simpo")
 """Stages trained on pairs (a prompt, a chosen and a rejected response); KTO reads unpaired feedback."""
-REFERENCE_STAGES = ("dpo", "kto", "grpo")
+ONLINE_STAGES = ("grpo", "ppo")
+"""Stages that sample completions of prompts during training and learn from their rewards."""
+REFERENCE_STAGES = ("dpo", "kto", *ONLINE_STAGES)
 """Stages whose loss compares the policy with a frozen reference model; ORPO and SimPO need none."""
 ALIGNMENT_METRICS = {"preference_accuracy", "reward_margin"}
 ONLINE_METRICS = {"mean_reward", "win_rate", "kl"}
-"""What the evaluate step measures of a policy trained online (grpo), on greedy generations."""
+"""What the evaluate step measures of a policy trained online (grpo, ppo), on greedy generations."""
 DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
 """The defaults of the papers (and TRL): DPO, KTO beta; ORPO's lambda; SimPO's beta."""
+PPO_FIELDS = ("ppo_epochs", "clip_range", "value_clip_range", "value_coef", "gamma", "lam")
+"""`online` settings only PPO reads."""
 RESPONSE_FIELDS = {"prompt", "response"}
 """The slots a non-chat template fills for preference data: the rendered dialogue and one response."""
 
@@ -42,17 +46,20 @@ class PreferenceSection(Section):
     desirable_weight: float = Field(default=1.0, gt=0)
     """KTO: weight of desirable examples (Ethayarajh et al. 2024 balance the two by their counts)."""
     undesirable_weight: float = Field(default=1.0, gt=0)
-    reference: Literal["auto", "adapter", "copy"] = "auto"
-    """dpo and kto: the frozen reference model. adapter: the policy with its PEFT adapter disabled (no
-    second copy); copy: a frozen copy of the starting model (not under ZeRO-3, which would need it
-    partitioned too). auto: adapter under a PEFT method, else copy."""
+    reference: Literal["auto", "adapter", "copy", "precomputed"] = "auto"
+    """dpo, kto, grpo and ppo: the frozen reference model. adapter: the policy with its PEFT adapter disabled
+    (no second copy); copy: a frozen copy of the starting model (not under ZeRO-3, which would need it
+    partitioned too); precomputed (dpo): the starting policy's log-probability of every training sequence,
+    computed once before the first step, so no second model is held. auto: adapter under a PEFT method,
+    else precomputed for dpo under ZeRO-3, else copy."""
 
     def beta_for(self, stage: str) -> float:
         return self.beta if self.beta is not None else DEFAULT_BETA[stage]
 
 
 class OnlineSection(Section):
-    """grpo: the policy samples completions of the training prompts during training and learns from their rewards."""
+    """grpo and ppo: the policy samples completions of the training prompts during training and learns from
+    their rewards."""
 
     reward_function: str | None = None
     """`path/to/file.py:function`: called with the prompts (rendered text) and completions (lists of str),
@@ -62,11 +69,25 @@ class OnlineSection(Section):
     in this run's MLflow (`registry.tracking_uri`); it scores the decoded prompt and completion texts,
     so the policy's tokenizer need not be its own."""
     group_size: int = Field(default=4, ge=2)
-    """Completions sampled per prompt; GRPO's advantage is a completion's reward standardised within its group."""
+    """Completions sampled per prompt; GRPO's advantage is a completion's reward standardised within its group
+    (ppo: more rollouts per prompt)."""
     max_new_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=1.0, gt=0)
     kl_beta: float = Field(default=0.04, ge=0)
-    """Weight of the KL penalty to the reference model (Shao et al. 2024 use 0.04)."""
+    """Weight of the KL penalty to the reference model (Shao et al. 2024 use 0.04; ppo: the per-token
+    penalty added to the reward, InstructGPT's beta, 0.02 there)."""
+    ppo_epochs: int = Field(default=4, ge=1)
+    """ppo: optimizer steps taken on each rollout batch (TRL's default 4)."""
+    clip_range: float = Field(default=0.2, gt=0)
+    """ppo: the surrogate objective's clipping of the ratio pi / pi_old to 1 +- epsilon (Schulman et al. 2017)."""
+    value_clip_range: float = Field(default=0.2, gt=0)
+    """ppo: how far the value head's prediction may move from the rollout's before its loss stops counting the move."""
+    value_coef: float = Field(default=0.1, gt=0)
+    """ppo: weight of the value loss next to the policy loss (TRL's 0.1)."""
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    """ppo: discount of GAE (Schulman et al. 2016) over the response's tokens."""
+    lam: float = Field(default=0.95, ge=0, le=1)
+    """ppo: GAE's lambda, trading the bias of the value head against the variance of sampled returns."""
 
 
 def resolved_reference(config) -> str:
@@ -74,7 +95,10 @@ def resolved_reference(config) -> str:
     chosen = config.preference.reference
     if chosen != "auto":
         return chosen
-    return "adapter" if is_peft_method(config.method.name) else "copy"
+    if is_peft_method(config.method.name):
+        return "adapter"
+    zero3 = config.train.deepspeed is not None and config.train.deepspeed.stage == 3
+    return "precomputed" if zero3 and config.stage == "dpo" else "copy"
 
 
 def is_peft_method(name: str) -> bool:
@@ -91,7 +115,12 @@ def alignment_problem(config, template) -> tuple[str, str] | None:
     stage, preference = config.stage, config.preference
     if stage == "sft":
         if preference != PreferenceSection():
-            return "preference", "applies to alignment stages (stage: reward, dpo, kto, orpo, simpo), not sft"
+            return (
+                "preference",
+                "applies to alignment stages (stage: reward, dpo, kto, orpo, simpo, grpo, ppo), not sft",
+            )
+        if config.eval.reward_model:
+            return "eval.reward_model", "judges dpo, kto, orpo and simpo policies, not sft"
         return None
     task = config.model.task
     wanted = "sequence_classification" if stage == "reward" else "causal_lm"
@@ -115,27 +144,36 @@ def alignment_problem(config, template) -> tuple[str, str] | None:
     if config.prompt.packing or config.prompt.few_shot:
         field = "prompt.packing" if config.prompt.packing else "prompt.few_shot"
         return field, f"stage {stage} compares whole responses row by row; remove {field}"
-    online = config.online
-    if stage == "grpo" and bool(online.reward_function) == bool(online.reward_model):
+    online, is_online = config.online, stage in ONLINE_STAGES
+    if is_online and bool(online.reward_function) == bool(online.reward_model):
         return (
             "online.reward_function",
-            "grpo needs one source of rewards: a Python function (path/to/file.py:function) or online.reward_model",
+            f"{stage} needs one source of rewards: a Python function (path/to/file.py:function) or online.reward_model",
         )
-    if stage == "grpo" and online.reward_model and not online.reward_model.startswith("models:/"):
+    if is_online and online.reward_model and not online.reward_model.startswith("models:/"):
         return "online.reward_model", f"{online.reward_model!r}: name a registered model as models:/NAME@ALIAS"
-    if stage == "grpo" and online.reward_function and ":" not in online.reward_function:
+    if is_online and online.reward_function and ":" not in online.reward_function:
         return "online.reward_function", f"{config.online.reward_function!r}: write it as path/to/file.py:function"
-    if stage != "grpo" and config.online != OnlineSection():
-        return "online", f"applies to online RL (stage: grpo), not {stage}"
-    forms = {"kto": ("unpaired",), "grpo": ("prompts",)}.get(stage, ("pairs", "hh_rlhf", "conversations"))
+    if not is_online and config.online != OnlineSection():
+        return "online", f"applies to online RL (stage: grpo or ppo), not {stage}"
+    if stage == "grpo" and (
+        ppo_only := [f for f in PPO_FIELDS if getattr(online, f) != OnlineSection.model_fields[f].default]
+    ):
+        return (
+            f"online.{ppo_only[0]}",
+            "applies to stage ppo (value head, GAE, clipping); grpo takes one step per rollout and has no critic",
+        )
+    forms = {"kto": ("unpaired",), "grpo": ("prompts",), "ppo": ("prompts",)}.get(
+        stage, ("pairs", "hh_rlhf", "conversations")
+    )
     if preference.format not in ("auto", *forms):
         return "preference.format", f"stage {stage} reads {' or '.join(forms)} data, not {preference.format}"
     if preference.label_smoothing and not (stage == "dpo" and preference.loss == "sigmoid"):
         return "preference.label_smoothing", "conservative DPO smooths the sigmoid DPO loss (stage: dpo, loss: sigmoid)"
-    if stage == "grpo" and config.train.deepspeed and config.train.deepspeed.stage == 3:
+    if is_online and config.train.deepspeed and config.train.deepspeed.stage == 3:
         return (
             "train.deepspeed.stage",
-            "grpo samples completions inside each worker; ZeRO-3 would gather every layer per token",
+            f"{stage} samples completions inside each worker; ZeRO-3 would gather every layer per token",
         )
     if preference.loss != "sigmoid" and stage != "dpo":
         return "preference.loss", f"chooses the dpo stage's loss; stage {stage} has its own"
@@ -155,17 +193,33 @@ def alignment_problem(config, template) -> tuple[str, str] | None:
                 f"adapter: the reference is the policy with its PEFT adapter disabled; method {config.method.name} "
                 "has none (use copy or precomputed)",
             )
+        if reference == "precomputed" and stage != "dpo":
+            return (
+                "preference.reference",
+                f"precomputed log-probabilities are dpo's: stage {stage} scores sequences made during training "
+                "(kto: each prompt with another row's completion of the micro-batch; grpo, ppo: sampled completions)",
+            )
         deepspeed = config.train.deepspeed
         if reference == "copy" and deepspeed and deepspeed.stage == 3:
             return (
                 "preference.reference",
                 "a frozen copy of the starting model is not partitioned under ZeRO-3: use a PEFT method "
-                "(the reference is the policy with its adapter disabled) or ZeRO stage 0-2",
+                "(the reference is the policy with its adapter disabled), ZeRO stage 0-2, or (dpo) precomputed",
             )
     elif preference.reference != "auto":
         return "preference.reference", f"stage {stage} uses no reference model"
-    allowed = ONLINE_METRICS if stage == "grpo" else ALIGNMENT_METRICS
+    judge = config.eval.reward_model
+    if judge and (is_online or stage == "reward"):
+        source = "online.reward_model" if is_online else "nothing: it is the reward model"
+        return "eval.reward_model", f"judges dpo, kto, orpo and simpo policies; stage {stage} is judged by {source}"
+    if judge and not judge.startswith("models:/"):
+        return "eval.reward_model", f"{judge!r}: name a registered model as models:/NAME@ALIAS"
+    allowed = ONLINE_METRICS if is_online else ALIGNMENT_METRICS | (ONLINE_METRICS if judge else set())
     wrong = [m for m in config.eval.metrics if m not in allowed]
     if wrong:
-        return "eval.metrics", f"{', '.join(wrong)} not available for stage {stage}; use {', '.join(sorted(allowed))}"
+        hint = "" if is_online or judge or stage == "reward" else " (mean_reward, win_rate, kl: set eval.reward_model)"
+        return (
+            "eval.metrics",
+            f"{', '.join(wrong)} not available for stage {stage}; use {', '.join(sorted(allowed))}{hint}",
+        )
     return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kftune.alignment.config import ONLINE_STAGES
 from kftune.data.readers import Table
 from kftune.errors import KftuneError
 from kftune.prompts.templates import _turns
@@ -35,7 +36,7 @@ def data_form(config, table: Table) -> str:
         has = {field for field in ("prompt", "conversations", "chosen") if config.columns_for(field) in table.columns}
         chosen = (
             "prompts"
-            if config.stage == "grpo"
+            if config.stage in ONLINE_STAGES
             else "unpaired"
             if config.stage == "kto"
             else "conversations"

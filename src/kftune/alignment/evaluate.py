@@ -7,6 +7,9 @@
   a tie: 0.5); r = beta * mean token log-probability for the reference-free orpo and simpo. Also
   `likelihood_accuracy`: how often the model gives the chosen response the higher log-probability,
   before (base) and after (tuned). KTO's accuracy: the reward's sign agrees with the label.
+  With `eval.reward_model`, also what online RL reports (below), judged by that reward model;
+- grpo and ppo: greedy generations of the held-out prompts, judged by the run's reward: mean reward
+  of tuned and base, the tuned model's win rate over the base, and its KL to the base.
 Ties count half. Greedy generations of tuned and base on a few held-out prompts go to the report.
 """
 
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kftune.alignment.config import ONLINE_STAGES
 from kftune.alignment.losses import sequence_logps
 from kftune.evaluate.evaluate import batched, class_logits, generate, on_device, place, placement, progress
 from kftune.models import load_base_model, load_tokenizer, load_tuned_model, resolve_model_path
@@ -58,8 +62,11 @@ def evaluate_alignment(config, prompts_dir: str | Path, model_dir: str | Path) -
             with progress(f"evaluate {name}: rewards"):
                 result[name] = preference_metrics(*pair_rewards(model, rows, pad, size))
         return result
-    if config.stage == "grpo":
-        result.update(online_metrics(config, models, rows, tokenizer))
+    if config.stage in ONLINE_STAGES:
+        from kftune.alignment.online import load_rewards
+
+        prompts = [row["input_ids"] for row in rows]
+        result.update(judged_generations(config, models, prompts, tokenizer, load_rewards(config)))
         return result
     with progress("evaluate: log-probabilities"):
         logps = {name: response_logps(model, rows, pad, size) for name, model in models.items()}
@@ -74,6 +81,14 @@ def evaluate_alignment(config, prompts_dir: str | Path, model_dir: str | Path) -
         else:
             result[name] = preference_metrics(*rewards.chunk(2))
             result[name]["likelihood_accuracy"] = preference_metrics(*total.chunk(2))["preference_accuracy"]
+    if config.eval.reward_model:  # judged generations, with their samples
+        from kftune.alignment.online import load_reward_model
+
+        reward = load_reward_model(config.eval.reward_model, config.registry.tracking_uri, "eval.reward_model")
+        prompts = [prompt_only(row)["input_ids"] for row in rows]
+        for name, judged in judged_generations(config, models, prompts, tokenizer, reward).items():
+            result[name].update(judged)
+        return result
     with progress("evaluate: generations"):
         result["tuned"]["samples"] = side_by_side(models, rows[:SAMPLE_PROMPTS], tokenizer, config.eval.max_new_tokens)
     return result
@@ -123,14 +138,10 @@ def prompt_only(row: dict) -> dict[str, list[int]]:
     return {"input_ids": prompt, "labels": [IGNORE_INDEX] * len(prompt)}
 
 
-def online_metrics(config, models: dict, rows: list[dict], tokenizer) -> dict[str, Any]:
-    """A policy trained online, on greedy completions of the held-out prompts: mean reward of tuned and
-    base; the tuned model's win rate over the base (ties half); KL to the base (the reference): the mean
-    over prompts of log pi(y|x) - log pi_ref(y|x) on the tuned model's own completions."""
-    from kftune.alignment.online import load_rewards
-
-    reward = load_rewards(config)
-    prompts = [row["input_ids"] for row in rows]
+def judged_generations(config, models: dict, prompts: list[list[int]], tokenizer, reward) -> dict[str, Any]:
+    """Greedy completions of the held-out prompts judged by `reward` (a reward function or model): mean
+    reward of tuned and base; the tuned model's win rate over the base (ties half); KL to the base (the
+    reference): the mean over prompts of log pi(y|x) - log pi_ref(y|x) on the tuned model's own completions."""
     prompt_texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
     completions, rewards = {}, {}
     for name, model in models.items():

@@ -3,39 +3,51 @@ micro-batch, and how many items (rows, tokens or pairs) the micro-batch holds. T
 summed loss by the items of the whole global batch, so every stage is averaged the same way.
 
 The reference model of dpo and kto (`preference.reference`): under PEFT the policy itself with its
-adapter switched off (no second copy of the weights), otherwise a frozen copy of the starting model.
+adapter switched off (no second copy of the weights), otherwise a frozen copy of the starting model,
+or (dpo; the default under ZeRO-3, where a copy would not be partitioned) the starting policy's
+log-probabilities of every training sequence, computed once before the first optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from typing import Any
 
 import torch
 
 from kftune.alignment import losses
 from kftune.alignment.collate import FeedbackCollator, PairCollator, PromptCollator
-from kftune.alignment.config import REFERENCE_STAGES, resolved_reference
+from kftune.alignment.config import ONLINE_STAGES, REFERENCE_STAGES, resolved_reference
 from kftune.alignment.losses import unwrapped
+from kftune.prompts.build import IGNORE_INDEX
 from kftune.prompts.collate import make_collator
 from kftune.train.losses import loss_items, next_token_losses, summed_loss
 
 
-def training_objective(config, meta: dict[str, Any], model, varlen: bool = False):
-    """The objective of `config.stage`, for `model` as built (before training: a frozen reference copies it)."""
+def training_objective(config, meta: dict[str, Any], model, varlen: bool = False, rows=()):
+    """The objective of `config.stage`, for `model` as built (before training: a frozen reference copies it);
+    `rows`: the training rows, whose reference log-probabilities a precomputed reference takes."""
     if config.stage == "sft":
         return Supervised(config.model.task, make_collator(meta, config.model.task, varlen=varlen))
     if config.stage == "reward":
         return RewardModel(PairCollator(meta["pad_token_id"]))
-    reference = Reference(resolved_reference(config), model) if config.stage in REFERENCE_STAGES else None
-    if config.stage == "grpo":
+    reference = (
+        Reference(resolved_reference(config), model, rows, PairCollator(meta["pad_token_id"]), config.train.batch_size)
+        if config.stage in REFERENCE_STAGES
+        else None
+    )
+    if config.stage in ONLINE_STAGES:
         from kftune.alignment.online import GroupRelative, load_rewards
+        from kftune.alignment.ppo import ProximalPolicy
         from kftune.models import load_tokenizer, resolve_model_path
 
         tokenizer = load_tokenizer(resolve_model_path(config.model.name_or_path))
-        reward = load_rewards(config)
-        return GroupRelative(config.online, reference, PromptCollator(meta["pad_token_id"]), tokenizer, reward)
+        reward, collate = load_rewards(config), PromptCollator(meta["pad_token_id"])
+        if config.stage == "ppo":
+            return ProximalPolicy(config.online, reference, collate, tokenizer, reward, model)
+        return GroupRelative(config.online, reference, collate, tokenizer, reward)
     collate = FeedbackCollator if config.stage == "kto" else PairCollator
     return Preference(config.stage, config.preference, reference, collate(meta["pad_token_id"]))
 
@@ -79,15 +91,19 @@ class RewardModel:
 class Reference:
     """The frozen reference model's sequence log-probabilities."""
 
-    def __init__(self, kind: str, model):
+    def __init__(self, kind: str, model, rows=(), collate=None, batch_size: int = 8):
         self.kind = kind
         self.copy = None
         if kind == "copy":
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+        self.rows, self.collate, self.batch_size = rows, collate, batch_size
+        self.table: dict[bytes, float] | None = None  # precomputed: log-probability by sequence
 
     @torch.no_grad()
     def logps(self, policy, batch: dict[str, torch.Tensor], prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's summed response log-probability and its token count."""
+        if self.kind == "precomputed":
+            return self.precomputed(policy, batch)
         with self.model(policy, batch["input_ids"].device) as model:
             return losses.sequence_logps(model, batch, prefix)
 
@@ -105,6 +121,51 @@ class Reference:
         module = unwrapped(policy)
         with module.disable_adapter():
             yield module
+
+    def precomputed(self, policy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Looked up by sequence; the table is filled by `precompute_reference` before training (else on the
+        first call)."""
+        if self.table is None:
+            self.table = self.score_rows(unwrapped(policy), batch["input_ids"].device)
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
+        rows = zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        values = [self.table[sequence_key(ids, mask)] for ids, mask in rows]
+        return torch.tensor(values, dtype=torch.float32, device=counts.device), counts
+
+    @torch.no_grad()
+    def score_rows(self, model, device: torch.device) -> dict[bytes, float]:
+        """Every training row's log-probabilities under `model`: each worker scores its share in the same number
+        of passes (ZeRO-3 gathers layers in each), then the workers exchange their tables."""
+        import torch.distributed as dist
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        indices = list(range(len(self.rows)))
+        share = indices[rank::world] or indices[:1]
+        share += share[-1:] * (-(-len(indices) // world) - len(share))  # equal counts on every worker
+        table = {}
+        for start in range(0, len(share), self.batch_size):
+            chunk = [self.rows[i] for i in share[start : start + self.batch_size]]
+            batch = {k: v.to(device) for k, v in self.collate(chunk).items()}
+            values, _ = losses.sequence_logps(model, batch)
+            for ids, mask, value in zip(batch["input_ids"], batch["attention_mask"], values.tolist(), strict=True):
+                table[sequence_key(ids, mask)] = value
+        if world > 1:
+            tables = [None] * world
+            dist.all_gather_object(tables, table)
+            table = {key: value for part in tables for key, value in part.items()}
+        return table
+
+
+def precompute_reference(objective, model, device: torch.device) -> None:
+    """A precomputed reference's table, from the starting weights: called before a checkpoint's weights load."""
+    reference = getattr(objective, "reference", None)
+    if reference is not None and reference.kind == "precomputed" and reference.table is None:
+        reference.table = reference.score_rows(unwrapped(model), device)
+
+
+def sequence_key(ids: torch.Tensor, mask: torch.Tensor) -> bytes:
+    """A padded row's identity: a digest of its real tokens."""
+    return hashlib.blake2b(ids[mask.bool()].cpu().numpy().tobytes(), digest_size=16).digest()
 
 
 class Preference:

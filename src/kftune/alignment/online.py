@@ -47,8 +47,8 @@ def load_rewards(config) -> RewardFunction:
     return load_reward_model(config.online.reward_model, config.registry.tracking_uri)
 
 
-def check_reward_model(uri: str, tracking_uri: str | None) -> None:
-    """Fail unless `uri` names a registered version trained with stage: reward."""
+def check_reward_model(uri: str, tracking_uri: str | None, field: str = "online.reward_model") -> None:
+    """Fail unless `uri` (the config's `field`) names a registered version trained with stage: reward."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -64,22 +64,18 @@ def check_reward_model(uri: str, tracking_uri: str | None) -> None:
         )
         stage = client.get_run(version.run_id).data.params.get("stage", "sft")
     except mlflow.exceptions.MlflowException as exc:
-        raise KftuneError(
-            f"online.reward_model: {uri} is not in MLflow at {mlflow.get_tracking_uri()} ({exc})"
-        ) from None
+        raise KftuneError(f"{field}: {uri} is not in MLflow at {mlflow.get_tracking_uri()} ({exc})") from None
     if stage != "reward":
-        raise KftuneError(
-            f"online.reward_model: {uri} was trained with stage {stage}, not as a reward model (stage: reward)"
-        )
+        raise KftuneError(f"{field}: {uri} was trained with stage {stage}, not as a reward model (stage: reward)")
 
 
-def load_reward_model(uri: str, tracking_uri: str | None) -> RewardFunction:
+def load_reward_model(uri: str, tracking_uri: str | None, field: str = "online.reward_model") -> RewardFunction:
     """A registered reward model's pyfunc as a reward function: a policy prompt rendered as
     Human/Assistant text is passed on as a transcript, its completion as the response."""
     import mlflow
     import pandas as pd
 
-    check_reward_model(uri, tracking_uri)
+    check_reward_model(uri, tracking_uri, field)
     served = mlflow.pyfunc.load_model(uri)
 
     def rewards(prompts: list[str], completions: list[str]) -> list[float]:
@@ -113,11 +109,10 @@ def grpo_losses(
 class GroupRelative:
     def __init__(self, settings, reference, collate, tokenizer, reward: RewardFunction):
         self.settings, self.reference, self.collate = settings, reference, collate
-        self.tokenizer, self.reward = tokenizer, reward
-        self.pad = Collator(tokenizer.pad_token_id, "causal_lm")
+        self.sample = Sampler(settings, tokenizer, reward)
 
     def items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.tensor(batch["input_ids"].shape[0] * self.settings.group_size, device=batch["input_ids"].device)
+        return completions(batch, self.settings.group_size)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rollout = self.rollout(model, batch)
@@ -128,6 +123,29 @@ class GroupRelative:
     @torch.no_grad()
     def rollout(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sampled completions as labelled sequences, with their advantages and reference log-probabilities."""
+        sequences, rewards = self.sample(model, batch)
+        return {
+            **sequences,
+            "advantages": group_advantages(rewards, self.settings.group_size),
+            "reference": self.reference.token_logps(model, sequences),
+        }
+
+
+def completions(batch: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """The completions a prompt batch's rollout holds: `group_size` per prompt."""
+    return torch.tensor(batch["input_ids"].shape[0] * group_size, device=batch["input_ids"].device)
+
+
+class Sampler:
+    """`online.group_size` sampled completions of each prompt of a (left-padded) batch, as labelled
+    sequences (the completion labelled), and their rewards."""
+
+    def __init__(self, settings, tokenizer, reward: RewardFunction):
+        self.settings, self.tokenizer, self.reward = settings, tokenizer, reward
+        self.pad = Collator(tokenizer.pad_token_id, "causal_lm")
+
+    @torch.no_grad()
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         settings, tokenizer, module = self.settings, self.tokenizer, unwrapped(model)
         width = batch["input_ids"].shape[1]
         output = module.generate(
@@ -153,12 +171,7 @@ class GroupRelative:
             completion_texts.append(tokenizer.decode(completion, skip_special_tokens=True))
         device = batch["input_ids"].device
         rewards = torch.tensor(self.reward(prompt_texts, completion_texts), dtype=torch.float32, device=device)
-        sequences = {key: value.to(device) for key, value in self.pad(rows).items()}
-        return {
-            **sequences,
-            "advantages": group_advantages(rewards, settings.group_size),
-            "reference": self.reference.token_logps(model, sequences),
-        }
+        return {key: value.to(device) for key, value in self.pad(rows).items()}, rewards
 
 
 def until_eos(ids: list[int], eos: int) -> list[int]:

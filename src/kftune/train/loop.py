@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kftune.alignment.collate import as_sequences
-from kftune.alignment.objective import training_objective
+from kftune.alignment.objective import precompute_reference, training_objective
+from kftune.alignment.ppo import remove_training_heads, repeat_for_updates
 from kftune.config import RunConfig, TrainSection, config_to_dict
 from kftune.errors import KftuneError
 from kftune.methods import (
@@ -89,7 +90,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         model = build_model(config, num_labels, for_training=True)
     rows = open_prompts(prompts_dir, "train")  # memory-mapped: each worker reads only the rows its sampler hands it
     objective = training_objective(
-        config, meta, model, varlen=uses_varlen_attention(model)
+        config, meta, model, varlen=uses_varlen_attention(model), rows=rows
     )  # the stage's loss (kftune.alignment): SFT's token cross-entropy, a reward model's or the DPO family's
     collate = objective.collate  # packed rows when build_prompts packed them
     with autocast(settings.precision, torch.device("cpu")):  # the same rows in every worker
@@ -98,6 +99,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     # Data: each worker reads its shard; an optimizer step takes `gradient_accumulation` micro-batches from it.
     loader, sampler = worker_loader(rows, collate, settings, rank, world)
+    loader = repeat_for_updates(loader, objective, settings.gradient_accumulation)  # PPO: several steps per rollout
     steps_per_epoch = len(loader) // settings.gradient_accumulation
     total_steps = min(settings.epochs * steps_per_epoch, settings.max_steps or steps_per_epoch * settings.epochs)
 
@@ -121,6 +123,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         config, engine.module, config.method, loop_config.get("storage"), rank, world, device
     )
     built_peaks = _all_gather(built_peak_gb(device))  # every worker's memory high-water marks, for the train log
+    with autocast(settings.precision, device):  # also before it: dpo's precomputed reference scores the starting weights
+        precompute_reference(objective, engine.model, device)
 
     # Validation during training: every worker scores its share of the (unpacked) validation rows.
     validation_rows = open_prompts(prompts_dir, "validation") if settings.eval_every_steps else []
@@ -229,6 +233,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 )
             break
     seconds = seconds_before + time.perf_counter() - started
+    remove_training_heads(engine.module)  # PPO's value head is not part of the tuned model
 
     resolved = config_to_dict(config)
     resolved["model"]["num_labels"] = num_labels

@@ -123,7 +123,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         config, engine.module, config.method, loop_config.get("storage"), rank, world, device
     )
     built_peaks = _all_gather(built_peak_gb(device))  # every worker's memory high-water marks, for the train log
-    with autocast(settings.precision, device):  # also before it: dpo's precomputed reference scores the starting weights
+    with autocast(
+        settings.precision, device
+    ):  # also before it: dpo's precomputed reference scores the starting weights
         precompute_reference(objective, engine.model, device)
 
     # Validation during training: every worker scores its share of the (unpacked) validation rows.

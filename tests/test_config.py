@@ -53,6 +53,15 @@ def test_gate_metric_must_be_evaluated():
         load_config(EXAMPLES / "sst2-minilm-lora.yaml", ["eval.metrics=[accuracy]", "registry.gate.metric=macro_f1"])
 
 
+def test_every_cross_field_problem_is_named_at_once_with_its_line():
+    overrides = ["train.batch_size=33", "eval.metrics=[accuracy]", "registry.gate.metric=macro_f1", "train.patience=2"]
+    with pytest.raises(KftuneError) as refused:
+        load_config(EXAMPLES / "sst2-minilm-lora.yaml", overrides)
+    problems = str(refused.value).splitlines()[1:]
+    assert [line.split()[1] for line in problems] == ["train.batch_size:", "train.patience:", "registry.gate.metric:"]
+    assert all(line.split()[0].split("/")[-1].startswith("sst2-minilm-lora.yaml:") for line in problems), problems
+
+
 def test_missing_required_sections(make_config):
     config = make_config()
     del config["registry"]

@@ -10,6 +10,7 @@ import codecs
 import copy
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,11 +254,11 @@ class RegistrySection(Section):
 
 
 class _FieldError(ValueError):
-    """A cross-field problem, reported under the dotted path of the field to change."""
+    """Cross-field problems, each reported under the dotted path of the field to change."""
 
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = path
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
+        self.problems = problems
 
 
 CLASSIFICATION_METRICS = {"accuracy", "macro_f1"}
@@ -286,32 +287,43 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:
+        problems = list(self._combination_problems())
+        if problems:
+            raise _FieldError(problems)
+        return self
+
+    def _combination_problems(self) -> Iterator[tuple[str, str]]:
+        """Every cross-field problem, as (field to change, why), so that one run of validation names them all."""
         task = self.model.task
-        template = self._template_unread_or_checked()
+        try:
+            template = self._template_unread_or_checked()
+        except _FieldError as exc:
+            yield from exc.problems
+            template = None
         problem = alignment_problem(self, template)
         if problem:
-            raise _FieldError(*problem)
+            yield problem
         if self.prompt.few_shot and (task != "causal_lm" or (template and template.conversation)):
-            raise _FieldError(
+            yield (
                 "prompt.few_shot",
                 "in-context demonstrations need a causal LM and a template that renders one row at a time",
             )
         if self.prompt.packing and (task != "causal_lm" or not METHODS[self.method.name].packs):
-            raise _FieldError(
+            yield (
                 "prompt.packing",
                 f"packs causal-LM rows for methods that add no virtual tokens (not {task} with {self.method.name})",
             )
         if not method_supports_task(self.method, task):
-            raise _FieldError("method.name", f"method {self.method.name!r} does not support task {task}")
+            yield ("method.name", f"method {self.method.name!r} does not support task {task}")
         method = METHODS[self.method.name]
         if self.train.layer_lr_decay is not None and not method.layer_lr_decay:
-            raise _FieldError(
+            yield (
                 "train.layer_lr_decay",
                 f"applies to methods that train whole layers ({', '.join(n for n, m in METHODS.items() if m.layer_lr_decay)}), not {method.name}",
             )
         problem = method.check_config(self) if method.check_config else None
         if problem:
-            raise _FieldError(*problem)
+            yield problem
         allowed = (
             ALIGNMENT_METRICS | ONLINE_METRICS
             if self.stage != "sft"
@@ -321,69 +333,60 @@ class RunConfig(Section):
         )
         wrong = [m for m in self.eval.metrics if m not in allowed]
         if wrong:
-            raise _FieldError(
-                "eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}"
-            )
+            yield ("eval.metrics", f"{', '.join(wrong)} not available for {task}; use {', '.join(sorted(allowed))}")
         if self.model.attn_implementation in VARLEN_ATTENTION and not self.train.use_gpu:
-            raise _FieldError(
+            yield (
                 "model.attn_implementation",
                 f"{self.model.attn_implementation} trains only on GPUs (torch has no CPU backward "
                 "for it); set train.use_gpu: true or use sdpa",
             )
         if self.train.gradient_checkpointing_every > 1 and not self.train.gradient_checkpointing:
-            raise _FieldError(
+            yield (
                 "train.gradient_checkpointing_every",
                 "selects the layers to recompute; set train.gradient_checkpointing: true too",
             )
         if self.train.batch_size % (self.train.workers * self.train.gradient_accumulation):
-            raise _FieldError(
+            yield (
                 "train.batch_size",
                 f"{self.train.batch_size} does not split evenly over train.workers={self.train.workers}"
                 f" x train.gradient_accumulation={self.train.gradient_accumulation}",
             )
         if (self.train.keep_best or self.train.patience) and not self.train.eval_every_steps:
             field = "train.keep_best" if self.train.keep_best else "train.patience"
-            raise _FieldError(field, "needs validation during training: set train.eval_every_steps")
+            yield (field, "needs validation during training: set train.eval_every_steps")
         if self.train.eval_every_steps and not self.data.split.validation:
-            raise _FieldError(
+            yield (
                 "train.eval_every_steps",
                 "needs validation rows: set data.split.validation (a fraction of the training file)",
             )
         if self.model.quantization:
             problem = _quantization_problem(self)
             if problem:
-                raise _FieldError(*problem)
-        problem = engine_problem(self) or retention_problem(self)
-        if problem:
-            raise _FieldError(*problem)
+                yield problem
+        yield from (problem for problem in (engine_problem(self), retention_problem(self)) if problem)
         rayjob = self.cluster.rayjob
         if rayjob.enabled and self.cluster.volume is None:
-            raise _FieldError(
+            yield (
                 "cluster.volume",
                 "required with cluster.rayjob.enabled: the RayJob's pods read prompts and write the model there",
             )
         trials = self.sweep.parallel if self.sweep else 1
         if rayjob.enabled and rayjob.ray_workers() % trials:
-            raise _FieldError(
+            yield (
                 "sweep.parallel",
                 f"{trials} trials at once cannot share the RayJob's {rayjob.ray_workers()} Ray workers (one per GPU) evenly",
             )
         workers = rayjob.ray_workers(trials)
         if rayjob.enabled and self.train.batch_size % (workers * self.train.gradient_accumulation):
-            raise _FieldError(
+            yield (
                 "cluster.rayjob.nodes",
                 f"{rayjob.nodes} nodes give {workers} Ray workers (one per GPU{', per trial' if trials > 1 else ''}), "
                 f"which do not split train.batch_size={self.train.batch_size} evenly",
             )
         if self.registry.gate.metric not in self.eval.metrics:
-            raise _FieldError(
-                "registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}"
-            )
+            yield ("registry.gate.metric", f"{self.registry.gate.metric!r} is not in eval.metrics {self.eval.metrics}")
         if self.registry.gate.max_forgetting is not None and not self.eval.forgetting:
-            raise _FieldError(
-                "registry.gate.max_forgetting", "needs the forgetting measured: set eval.forgetting: true"
-            )
-        return self
+            yield ("registry.gate.max_forgetting", "needs the forgetting measured: set eval.forgetting: true")
 
     def _template_unread_or_checked(self) -> Template | None:
         """The template, checked against the task; None for a file path, which validation does not read
@@ -391,19 +394,17 @@ class RunConfig(Section):
         value = self.prompt.template
         if isinstance(value, str) and value not in PACKAGED_TEMPLATES:
             if Path(value).suffix not in (".yaml", ".yml"):
-                raise _FieldError(
-                    "prompt.template",
-                    f"unknown template {value!r}; choose from: {', '.join(PACKAGED_TEMPLATES)}, or give a .yaml file",
-                )
+                choices = f"choose from: {', '.join(PACKAGED_TEMPLATES)}, or give a .yaml file"
+                raise _FieldError([("prompt.template", f"unknown template {value!r}; {choices}")])
             return None
         try:
             template = resolve_template(value)
         except KftuneError as exc:
-            raise _FieldError("prompt.template", str(exc).removeprefix("prompt.template: ")) from None
+            raise _FieldError([("prompt.template", str(exc).removeprefix("prompt.template: "))]) from None
         if self.model.task not in template.tasks:
+            tasks = ", ".join(template.tasks)
             raise _FieldError(
-                "prompt.template",
-                f"template {template.name!r} is for {', '.join(template.tasks)}, not {self.model.task}",
+                [("prompt.template", f"template {template.name!r} is for {tasks}, not {self.model.task}")]
             )
         return template
 
@@ -455,7 +456,8 @@ def parse_config(data: dict[str, Any], source: str = "config", lines: dict[str, 
         for err in exc.errors():
             ctx_error = (err.get("ctx") or {}).get("error")
             if isinstance(ctx_error, _FieldError):
-                path, message = ctx_error.path, str(ctx_error).split(": ", 1)[1]
+                problems += [f"{_where(source, lines, path)} {path}: {message}" for path, message in ctx_error.problems]
+                continue
             else:
                 loc = list(err["loc"])
                 if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHODS:

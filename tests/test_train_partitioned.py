@@ -61,6 +61,7 @@ def worker(rank: int, port: int, out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     partitioned.SHARD_BYTES = SHARD_BYTES
+    partitioned.READ_ELEMENTS = 1000  # each partition read in several pieces, the last one short
     encoded = load_tokenizer(STORIES)(STORY_ROWS[:4], padding=True, return_tensors="pt")
     batch = {**encoded, "labels": encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)}
     ds_config = out / "ds.json"  # every parameter partitioned, however small

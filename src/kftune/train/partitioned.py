@@ -22,6 +22,7 @@ from kftune.checkpoint_files import INDEX_FILE, SafetensorsCheckpoint
 from kftune.errors import KftuneError
 
 SHARD_BYTES = 2 * 2**30  # bytes of tensors per written shard, as save_pretrained's max_shard_size
+READ_ELEMENTS = 2**24  # elements of a partition read from the checkpoint at a time (64 MB in fp32)
 
 
 def load_partitioned(model_class, folder: Path, config, dtype: torch.dtype):
@@ -75,8 +76,9 @@ def fill_partitions(model, checkpoint: SafetensorsCheckpoint) -> list[str]:
             size = parameter.ds_tensor.ds_numel
             start = size * torch.distributed.get_rank(parameter.ds_process_group)
             end = min(start + size, parameter.ds_numel)
-            if start < end:
-                parameter.ds_tensor[: end - start].copy_(checkpoint.read_flat(key, start, end))
+            for piece in range(start, end, READ_ELEMENTS):  # in pieces: a checkpoint dtype wider than the
+                stop = min(piece + READ_ELEMENTS, end)  # partition's (fp32 into bf16) never doubles it whole
+                parameter.ds_tensor[piece - start : stop - start].copy_(checkpoint.read_flat(key, piece, stop))
     return missing
 
 

@@ -101,13 +101,27 @@ def test_reward_model_and_dpo_policy_through_the_steps(tmp_path):
     with pytest.raises(KftuneError, match=r"eval.reward_model: models:/tiny-dpo@champion was trained with stage dpo"):
         check_reward_model("models:/tiny-dpo@champion", uri, "eval.reward_model")
 
-    # PPO against the reward model (InstructGPT's third step), gated on win rate; the value head is not saved.
+    # PPO (InstructGPT's third step) against a reward model with another tokenizer: an encoder (MiniLM, BERT's
+    # WordPiece) judging a Llama policy's texts, which its pyfunc re-tokenizes. Gated on win rate; the value
+    # head is not saved.
+    encoder_reward = preference_run(
+        tmp_path,
+        "reward",
+        data,
+        model={"name_or_path": "minilm-l6", "task": "sequence_classification"},
+        prompt={"template": "preference", "max_length": 64},
+        method={"name": "lora", "r": 4, "target_modules": ["query", "value"]},
+        train={**train, "max_steps": 2},
+    )
+    encoder_reward["data"] = dpo["data"]
+    encoder_reward["registry"] = {**encoder_reward["registry"], "model_name": "minilm-reward"}
+    assert run_steps(encoder_reward, tmp_path, "minilm-reward")["registered"]["version"] == 1
     ppo = preference_run(
         tmp_path,
         "ppo",
         data,
         train={"batch_size": 4, "workers": 1, "max_steps": 4, "lr": 1e-2, "log_every_steps": 2},
-        online={"reward_model": "models:/tiny-reward@champion", "group_size": 2, "max_new_tokens": 8, "ppo_epochs": 2},
+        online={"reward_model": "models:/minilm-reward/1", "group_size": 2, "max_new_tokens": 8, "ppo_epochs": 2},
     )
     ppo["data"] = {"path": str(data), "max_rows": 16, "split": {"test": 0.25}}
     ppo["eval"] = {**ppo["eval"], "metrics": ["mean_reward", "win_rate", "kl"], "max_new_tokens": 8}

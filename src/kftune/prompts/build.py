@@ -177,8 +177,8 @@ def encode(
         ids += new
         labels += new if trained else [IGNORE_INDEX] * len(new)
         text += piece
-    if not template.chat:  # the chat template closes each assistant turn itself
-        ids.append(tokenizer.eos_token_id)
+    if not template.chat and tokenizer.eos_token_id is not None:  # a chat template closes each assistant turn
+        ids.append(tokenizer.eos_token_id)  # itself; an encoder's tokenizer (a reward model on BERT) has no EOS
         labels.append(tokenizer.eos_token_id)
     if len(ids) > max_length:
         counts["dropped_too_long"] += 1  # cutting would remove (part of) the answer the model must learn

@@ -166,14 +166,6 @@ def test_chat_template_renders_the_dialogue(tmp_path):
             "online.reward_model: 'hh-reward': name a registered model as models:/NAME@ALIAS",
         ),
         (
-            {
-                "method": {"name": "full"},
-                "preference": {"reference": "copy"},
-                "train": {"batch_size": 4, "workers": 1, "deepspeed": {"stage": 3}},
-            },
-            "a frozen copy of the starting model is not partitioned",
-        ),
-        (
             {"stage": "kto", "method": {"name": "full"}, "preference": {"reference": "precomputed"}},
             "preference.reference: precomputed log-probabilities are dpo's",
         ),
@@ -226,13 +218,17 @@ def test_a_dpo_policy_judged_by_a_reward_model_may_be_gated_on_win_rate(tmp_path
     assert parse_config(config).registry.gate.metric == "win_rate"
 
 
-def test_dpo_under_zero3_without_peft_precomputes_its_reference(tmp_path):
+def test_under_zero3_without_peft_dpo_precomputes_its_reference_and_kto_copies_it_partitioned(tmp_path):
     from kftune.alignment.config import resolved_reference
 
     config = preference_run(tmp_path, "dpo", PREFERENCE_DATA["hh_rlhf"], method={"name": "full"})
     assert resolved_reference(parse_config(config)) == "copy"
     config["train"] = {**config["train"], "deepspeed": {"stage": 3}}
     assert resolved_reference(parse_config(config)) == "precomputed"
+    # KTO cannot precompute (its mismatched pairs change): its frozen copy is partitioned too (kftune.train.partitioned)
+    config = preference_run(tmp_path, "kto", PREFERENCE_DATA["hh_rlhf"], method={"name": "full"})
+    config["train"] = {**config["train"], "deepspeed": {"stage": 3}}
+    assert resolved_reference(parse_config(config)) == "copy"
 
 
 def test_ppo_settings_out_of_range_are_named_at_once(tmp_path):

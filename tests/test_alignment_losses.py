@@ -4,6 +4,7 @@ separately loaded base, the formulas in plain Python floats."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -130,7 +131,7 @@ def expected_pair_losses(stage, settings, policy, base, rows):
     ids=["sigmoid", "ipo", "cdpo", "orpo", "simpo"],
 )
 def test_pair_losses_match_the_papers(stage, settings, policy, base, pair_rows):
-    reference = Reference("adapter", policy) if stage == "dpo" else None
+    reference = Reference("adapter") if stage == "dpo" else None
     objective = Preference(stage, settings, reference, PairCollator(0))
     with torch.no_grad():
         losses = objective.example_losses(policy, objective.collate(pair_rows))
@@ -154,7 +155,7 @@ def test_kto_matches_the_paper(tokenizer, policy, base):
         for i, (p, c, r) in enumerate(PAIRS)
     ]
     settings = PreferenceSection(desirable_weight=1.0, undesirable_weight=1.5)
-    objective = Preference("kto", settings, Reference("adapter", policy), FeedbackCollator(0))
+    objective = Preference("kto", settings, Reference("adapter"), FeedbackCollator(0))
     with torch.no_grad():
         losses = objective.example_losses(policy, objective.collate(rows)).tolist()
     n, beta = len(rows), settings.beta_for("kto")
@@ -208,7 +209,7 @@ def test_grpo_matches_the_paper(tokenizer, policy, base):
 
     settings = OnlineSection(reward_function="unused.py:f", group_size=3, max_new_tokens=6, kl_beta=0.1)
     length = lambda prompts, completions: [float(len(c)) for c in completions]  # noqa: E731
-    objective = GroupRelative(settings, Reference("adapter", policy), PromptCollator(0), tokenizer, length)
+    objective = GroupRelative(settings, Reference("adapter"), PromptCollator(0), tokenizer, length)
     prompts = [tokenizer(p)["input_ids"] for p, _, _ in PAIRS[:2]]
     torch.manual_seed(0)
     rollout = objective.rollout(policy, objective.collate([{"input_ids": ids} for ids in prompts]))
@@ -247,7 +248,7 @@ def test_grpo_matches_the_paper(tokenizer, policy, base):
 def test_dpo_gradients_match_the_formula(policy, base, pair_rows):
     """Training differentiates the chunked per-row head loss; its gradients equal those of the formula on full logits."""
     parameters = [p for n, p in policy.named_parameters() if "lora_" in n]
-    objective = Preference("dpo", PreferenceSection(), Reference("adapter", policy), PairCollator(0))
+    objective = Preference("dpo", PreferenceSection(), Reference("adapter"), PairCollator(0))
     ours = torch.autograd.grad(objective.loss(policy, objective.collate(pair_rows)), parameters)
 
     def logp(model, ids, labels):
@@ -283,7 +284,7 @@ def test_ppo_matches_the_paper(tokenizer, policy, base):
         return [float(len(c)) for c in completions]
 
     saved = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    objective = ProximalPolicy(settings, Reference("adapter", policy), PromptCollator(0), tokenizer, length, policy)
+    objective = ProximalPolicy(settings, Reference("adapter"), PromptCollator(0), tokenizer, length, policy)
     head = getattr(policy, VALUE_HEAD)
     try:
         torch.manual_seed(0)
@@ -370,7 +371,10 @@ def test_precomputed_reference_equals_the_live_one(tmp_path, pair_rows):
     config = parse_config(preference_run(tmp_path, "dpo", PREFERENCE_DATA["hh_rlhf"], method={"name": "full"}))
     model = build_model(config, None, for_training=False).eval()
     collate = PairCollator(0)
-    live, precomputed = Reference("copy", model), Reference("precomputed", model, pair_rows, collate, batch_size=2)
+    live, precomputed = (
+        Reference("copy", copy.deepcopy(model)),
+        Reference("precomputed", None, pair_rows, collate, batch_size=2),
+    )
     batch = collate(pair_rows[1:])  # grouped unlike the pass that fills the table
 
     def losses(reference):

@@ -137,3 +137,41 @@ def test_reward_model_and_dpo_policy_through_the_steps(tmp_path):
     assert "value_head" not in (tmp_path / "ppo" / "model").joinpath("adapter_model.safetensors").read_bytes().decode(
         "latin-1"
     )
+
+
+@pytest.mark.slow
+def test_kto_with_full_fine_tuning_under_zero3_scores_against_a_partitioned_reference_copy(tmp_path):
+    """No worker holds the starting weights whole under ZeRO-3, so KTO's frozen reference is loaded partitioned
+    too (KTO cannot precompute it); its first loss equals the one against a whole copy under ZeRO-2."""
+    rows = [
+        {"prompt": f"Tell me about the {animal}.", "completion": completion, "label": label}
+        for animal in ANIMALS
+        for completion, label in ((f"The {animal} was happy and played.", True), (f"zq xv kj {animal} qq.", False))
+    ]
+    data = tmp_path / "feedback.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    first_losses = {}
+    for stage in (2, 3):
+        config = preference_run(
+            tmp_path,
+            "kto",
+            data,
+            method={"name": "full"},
+            train={
+                "batch_size": 4,
+                "workers": 2,
+                "max_steps": 1,
+                "lr": 1e-4,
+                "log_every_steps": 1,
+                "deepspeed": {"stage": stage},
+            },
+        )
+        assert parse_config(config).preference.reference == "auto"
+        d = {part: str(tmp_path / f"zero{stage}" / part) for part in ("data", "prompts", "model")}
+        steps.prepare_data(config, d["data"], str(tmp_path / "card.md"))
+        steps.build_prompts(config, d["data"], d["prompts"], str(tmp_path / "preview.html"))
+        steps.train(config, d["prompts"], d["model"], f"kto-zero{stage}")
+        log = json.loads((tmp_path / f"zero{stage}" / "model" / "train_log.json").read_text())
+        assert log["engine"] == f"deepspeed-zero{stage}" and log["steps"] == 1
+        first_losses[stage] = log["history"][0]["loss"]
+    assert first_losses[3] == pytest.approx(first_losses[2], abs=1e-4), first_losses

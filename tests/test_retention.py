@@ -66,12 +66,6 @@ def stories_config(tmp_path, retention: dict, method: dict | None = None, **sect
             {"train": {"deepspeed": {"stage": 3}}},
             "retention.l2_sp: ZeRO-3 holds each weight only while its layer runs",
         ),
-        (
-            {"distill": {"weight": 1.0}},
-            None,
-            {"train": {"deepspeed": {"stage": 3}}},
-            "retention.distill: method full needs a frozen copy",
-        ),
         ({"replay": {"ratio": 0.0}}, None, {}, "retention.replay.ratio"),
         ({"distill": {"weight": 1.0, "inputs": []}}, None, {}, "retention.distill.inputs"),
         (
@@ -89,6 +83,15 @@ def test_retention_where_it_cannot_apply_names_the_field(tmp_path, retention, me
     with pytest.raises(KftuneError) as error:
         parse_config(stories_config(tmp_path, retention, method, **sections))
     assert expected in str(error.value)
+
+
+def test_distillation_of_full_fine_tuning_under_zero3_takes_a_partitioned_teacher(tmp_path):
+    from kftune.retention.config import retention_problem
+
+    config = parse_config(
+        stories_config(tmp_path, {"distill": {"weight": 1.0}}, None, train={"deepspeed": {"stage": 3}})
+    )
+    assert config.method.name == "full" and retention_problem(config) is None  # kftune.train.partitioned's copy
 
 
 def test_classification_refuses_what_needs_a_language_model_head(make_config):

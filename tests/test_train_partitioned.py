@@ -50,6 +50,7 @@ def run_config(method: dict, precision: str, ds_config: Path):
 def worker(rank: int, port: int, out: Path) -> None:
     """One of two workers: build twice (the second build's reads are measured, past any first-use
     imports), train a step, save the artifact, record the partitioned model's logits."""
+    from kftune.alignment.losses import sequence_logps
     from kftune.config import config_to_dict
     from kftune.methods import optimizer_parameter_groups
     from kftune.models import TUNED_CONFIG_FILE, load_tokenizer
@@ -95,6 +96,26 @@ def worker(rank: int, port: int, out: Path) -> None:
         run |= {"batch": batch, "last_logits": last, "kept_numel": sum(t.numel() for t in (kept or {}).values())}
         torch.save(run, out / f"{name}-{rank}.pt")
         engine.engine.destroy()
+    # A frozen reference (KTO's, distillation's teacher) for a method that trains the whole model
+    reference = partitioned.frozen_partitioned_copy(run_config({"name": "full"}, "fp32", ds_config), None, 2)
+    scored = {
+        "logps": sequence_logps(reference, batch)[0],
+        "whole": [n for n, p in reference.named_parameters() if p.data.numel()],
+    }
+    torch.save(scored, out / f"reference-{rank}.pt")
+
+
+def test_a_frozen_reference_copy_is_partitioned_and_scores_like_the_whole_base(two_workers):
+    from kftune.alignment.losses import sequence_logps
+    from kftune.models import load_base_model
+
+    ranks = [torch.load(two_workers / f"reference-{rank}.pt", weights_only=False) for rank in (0, 1)]
+    batch = recorded(two_workers, "full", 0)["batch"]
+    with torch.no_grad():
+        expected, _ = sequence_logps(load_base_model(STORIES, "causal_lm", None, 0).eval(), batch)
+    for rank in ranks:
+        assert rank["whole"] == []  # no parameter of the copy is whole on a worker
+        assert torch.allclose(rank["logps"], expected, atol=1e-4), (rank["logps"], expected)
 
 
 def logits_of(model, batch: dict) -> torch.Tensor:

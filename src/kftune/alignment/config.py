@@ -48,8 +48,8 @@ class PreferenceSection(Section):
     undesirable_weight: float = Field(default=1.0, gt=0)
     reference: Literal["auto", "adapter", "copy", "precomputed"] = "auto"
     """dpo, kto, grpo and ppo: the frozen reference model. adapter: the policy with its PEFT adapter disabled
-    (no second copy); copy: a frozen copy of the starting model (not under ZeRO-3, which would need it
-    partitioned too); precomputed (dpo): the starting policy's log-probability of every training sequence,
+    (no second copy); copy: a frozen copy of the starting model (under ZeRO-3 loaded again, partitioned like
+    the policy); precomputed (dpo): the starting policy's log-probability of every training sequence,
     computed once before the first step, so no second model is held. auto: adapter under a PEFT method,
     else precomputed for dpo under ZeRO-3, else copy."""
 
@@ -198,13 +198,6 @@ def alignment_problem(config, template) -> tuple[str, str] | None:
                 "preference.reference",
                 f"precomputed log-probabilities are dpo's: stage {stage} scores sequences made during training "
                 "(kto: each prompt with another row's completion of the micro-batch; grpo, ppo: sampled completions)",
-            )
-        deepspeed = config.train.deepspeed
-        if reference == "copy" and deepspeed and deepspeed.stage == 3:
-            return (
-                "preference.reference",
-                "a frozen copy of the starting model is not partitioned under ZeRO-3: use a PEFT method "
-                "(the reference is the policy with its adapter disabled), ZeRO stage 0-2, or (dpo) precomputed",
             )
     elif preference.reference != "auto":
         return "preference.reference", f"stage {stage} uses no reference model"

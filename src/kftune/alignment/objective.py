@@ -34,7 +34,13 @@ def training_objective(config, meta: dict[str, Any], model, varlen: bool = False
     if config.stage == "reward":
         return RewardModel(PairCollator(meta["pad_token_id"]))
     reference = (
-        Reference(resolved_reference(config), model, rows, PairCollator(meta["pad_token_id"]), config.train.batch_size)
+        Reference(
+            resolved_reference(config),
+            frozen_reference(config, model),
+            rows,
+            PairCollator(meta["pad_token_id"]),
+            config.train.batch_size,
+        )
         if config.stage in REFERENCE_STAGES
         else None
     )
@@ -88,14 +94,26 @@ class RewardModel:
     items = staticmethod(pairs)
 
 
-class Reference:
-    """The frozen reference model's sequence log-probabilities."""
+def frozen_reference(config, model):
+    """`preference.reference: copy`'s model: the policy's starting weights, frozen. Deep-copied; under ZeRO-3,
+    where no worker holds them whole, loaded again partitioned (`kftune.train.partitioned`). None otherwise."""
+    if resolved_reference(config) != "copy":
+        return None
+    if config.train.deepspeed and config.train.deepspeed.stage == 3:
+        from kftune.train.partitioned import frozen_partitioned_copy
 
-    def __init__(self, kind: str, model, rows=(), collate=None, batch_size: int = 8):
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return frozen_partitioned_copy(config, None, world)
+    return copy.deepcopy(model)
+
+
+class Reference:
+    """The frozen reference model's sequence log-probabilities: the policy with its adapter disabled, a frozen
+    copy (`frozen`), or a table precomputed from the starting weights."""
+
+    def __init__(self, kind: str, frozen=None, rows=(), collate=None, batch_size: int = 8):
         self.kind = kind
-        self.copy = None
-        if kind == "copy":
-            self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+        self.copy = frozen.eval().requires_grad_(False) if frozen is not None else None
         self.rows, self.collate, self.batch_size = rows, collate, batch_size
         self.table: dict[bytes, float] | None = None  # precomputed: log-probability by sequence
 
@@ -116,7 +134,8 @@ class Reference:
     @contextlib.contextmanager
     def model(self, policy, device: torch.device):
         if self.copy is not None:
-            yield self.copy.to(device)
+            partitioned = hasattr(next(self.copy.parameters()), "ds_id")  # DeepSpeed placed it with its engine
+            yield self.copy if partitioned else self.copy.to(device)
             return
         module = unwrapped(policy)
         with module.disable_adapter():

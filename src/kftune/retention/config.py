@@ -131,16 +131,6 @@ def retention_problem(config) -> tuple[str, str] | None:
             "objective needs one); use retention.distill, which keeps the base's sentence embeddings, or "
             "retention.l2_sp / retention.ewc",
         )
-    if retention.distill and deepspeed and deepspeed.stage == 3 and method not in PEFT_METHODS:
-        return (
-            "retention.distill",
-            f"method {method} needs a frozen copy of the base as teacher, which is not sharded here; under ZeRO-3 "
-            "distil with a PEFT method (the base is the same weights with the adapter disabled)",
-        )
     if retention.replay and retention.replay.generated and task != "causal_lm":
         return "retention.replay.generated", f"generates the base's own answers, which needs a causal LM, not {task}"
     return None
-
-
-PEFT_METHODS = {"lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"}
-"""Methods whose model is a PEFT wrapper: `disable_adapter()` gives back the base model."""

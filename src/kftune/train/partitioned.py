@@ -191,3 +191,29 @@ def stream_whole_model(module, out: Path, rank: int) -> None:
     model.config.save_pretrained(str(out))
     if model.can_generate():
         model.generation_config.save_pretrained(str(out))
+
+
+def frozen_partitioned_copy(config, num_labels: int | None, world: int):
+    """The base model, frozen and partitioned under ZeRO-3 (every worker reads its share of the checkpoint),
+    in a DeepSpeed engine without an optimizer, whose hooks gather each layer as its forward runs: the
+    reference or teacher of a method that trains the whole model, as TRL builds its reference under ZeRO-3.
+    Every worker must run its forward passes together, as the policy's."""
+    import deepspeed
+
+    from kftune.models import load_base_model, resolve_model_path, weights_dtype
+    from kftune.train.deepspeed_config import deepspeed_config
+    from kftune.train.engines import partitioned_construction
+
+    train = config.train
+    with partitioned_construction(train, world, "full"):
+        base = load_base_model(
+            resolve_model_path(config.model.name_or_path),
+            config.model.task,
+            num_labels,
+            train.seed,
+            config.model.attn_implementation,
+            weights_dtype(train.precision, "full", True),
+        )
+    base.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=base, config=deepspeed_config(train, world), dist_init_required=False)
+    return engine.module.eval()

@@ -78,8 +78,8 @@ def test_placement_parameters_default_to_the_config_and_drive_every_task(tmp_pat
             ("/data", {"componentInputParameter": "volume_claim"})
         ]
         assert [s["secretName"] for s in settings["imagePullSecret"]] == ["ghcr"]
-        assert (name == "exec-register") == bool(settings.get("secretAsEnv")), (
-            "only register gets the MLflow credentials"
+        assert (name in ("exec-register", "exec-train")) == bool(settings.get("secretAsEnv")), (
+            "register, and train (a sweep's driver logs its trials), get the MLflow credentials"
         )
     assert (
         ir["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]["resourceCount"] == "2"

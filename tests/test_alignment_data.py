@@ -178,7 +178,35 @@ def test_impossible_stage_combinations_are_refused_by_name(tmp_path, change, mes
         parse_config(config)
 
 
-def test_an_alignment_run_compiles_to_the_same_dag(tmp_path):
+ALIGNMENT_RUNS = {
+    "reward": [
+        "stage=reward",
+        "data.path=/data/hh/pairs.jsonl",
+        "data.columns={}",
+        "data.split.test=0.2",
+        "prompt.template=preference",
+        "eval.metrics=[preference_accuracy, reward_margin]",
+        "registry.gate.metric=preference_accuracy",
+    ],
+    "ppo": [  # against the reward model a reward run registered
+        "stage=ppo",
+        "model.name_or_path=smollm2-135m-instruct",
+        "model.task=causal_lm",
+        "method.target_modules=all-linear",
+        "data.path=/data/hh/prompts.jsonl",
+        "data.columns={}",
+        "data.split.test=0.2",
+        "prompt.template=preference",
+        "online.reward_model=models:/hh-reward@champion",
+        "online.ppo_epochs=2",
+        "eval.metrics=[mean_reward, win_rate, kl]",
+        "registry.gate.metric=win_rate",
+    ],
+}
+
+
+@pytest.mark.parametrize("stage", ALIGNMENT_RUNS)
+def test_an_alignment_run_compiles_to_the_same_dag(tmp_path, stage):
     import subprocess
     import sys
 
@@ -188,17 +216,9 @@ def test_an_alignment_run_compiles_to_the_same_dag(tmp_path):
     from kftune.config import config_to_dict, load_config
     from test_pipeline_compile import LINEAGE, STEPS
 
-    reward = [
-        "stage=reward",
-        "data.path=/data/hh/pairs.jsonl",
-        "data.columns={}",
-        "data.split.test=0.2",
-        "prompt.template=preference",
-        "eval.metrics=[preference_accuracy, reward_margin]",
-        "registry.gate.metric=preference_accuracy",
-    ]
+    run = ALIGNMENT_RUNS[stage]
     out = tmp_path / "pipeline.yaml"
-    overrides = [arg for item in reward for arg in ("--set", item)]
+    overrides = [arg for item in run for arg in ("--set", item)]
     done = subprocess.run(
         [sys.executable, "-m", "kftune.cli", "compile", str(CLUSTER_RUN_CONFIG), *overrides, "-o", str(out)],
         capture_output=True,
@@ -208,7 +228,7 @@ def test_an_alignment_run_compiles_to_the_same_dag(tmp_path):
     ir = next(yaml.safe_load_all(out.read_text()))
     assert sorted(ir["root"]["dag"]["tasks"]) == sorted(STEPS + list(LINEAGE))
     default = ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
-    assert default["stage"] == "reward" and default == config_to_dict(load_config(CLUSTER_RUN_CONFIG, reward))
+    assert default["stage"] == stage and default == config_to_dict(load_config(CLUSTER_RUN_CONFIG, run))
 
 
 def test_a_dpo_policy_judged_by_a_reward_model_may_be_gated_on_win_rate(tmp_path):

@@ -141,6 +141,20 @@ def load_base_model(
     return model
 
 
+def load_run_base_model(config, num_labels: int | None, dtype=None, quantization: str | None = None):
+    """A run config's base model (`model.name_or_path`, its task and attention, seeded by `train.seed`)."""
+    model = config.model
+    return load_base_model(
+        resolve_model_path(model.name_or_path),
+        model.task,
+        num_labels,
+        config.train.seed,
+        model.attn_implementation,
+        dtype,
+        quantization,
+    )
+
+
 def _from_safetensors(auto_class, folder: str, labels: dict, options: dict):
     """The model read from its safetensors files tensor by tensor with positioned reads, converted to
     the load dtype as it goes (`kftune.checkpoint_files`); under ZeRO-3 each worker reads only its

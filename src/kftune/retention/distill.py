@@ -61,21 +61,15 @@ class Teacher:
 def frozen_copy(config, device: torch.device):
     """The base model for a method that trains it in place: loaded again, frozen, in the run's weights dtype;
     under ZeRO-3 partitioned like the model it teaches (`kftune.train.partitioned`)."""
-    from kftune.models import load_base_model, resolve_model_path, weights_dtype
+    from kftune.models import load_run_base_model, weights_dtype
 
     if config.train.deepspeed and config.train.deepspeed.stage == 3:
         from kftune.train.partitioned import frozen_partitioned_copy
 
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         return frozen_partitioned_copy(config, head_size(config.model.task), world)
-    base = load_base_model(
-        resolve_model_path(config.model.name_or_path),
-        config.model.task,
-        head_size(config.model.task),
-        config.train.seed,
-        config.model.attn_implementation,
-        weights_dtype(config.train.precision, "lora", bool(config.train.deepspeed)),  # frozen: 16 bits when training is
-    )
+    frozen = weights_dtype(config.train.precision, "lora", bool(config.train.deepspeed))  # 16 bits when training is
+    base = load_run_base_model(config, head_size(config.model.task), frozen)
     return base.to(device).eval().requires_grad_(False)
 
 

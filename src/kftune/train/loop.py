@@ -39,7 +39,7 @@ from kftune.models import (
     TUNED_CONFIG_FILE,
     cast_floating_parameters,
     check_quantization_runs,
-    load_base_model,
+    load_run_base_model,
     load_tokenizer,
     resolve_model_path,
     weights_dtype,
@@ -302,15 +302,7 @@ def build_model(config: RunConfig, num_labels: int | None, for_training: bool):
     Its frozen weights are in `weights_dtype`; under DDP what the optimizer steps is fp32."""
     train = config.train
     dtype = weights_dtype(train.precision, config.method.name, bool(train.deepspeed))
-    base = load_base_model(
-        resolve_model_path(config.model.name_or_path),
-        config.model.task,
-        num_labels,
-        train.seed,
-        config.model.attn_implementation,
-        dtype,
-        config.model.quantization,
-    )
+    base = load_run_base_model(config, num_labels, dtype, config.model.quantization)
     if for_training:
         checkpoint_activations(base, train)
     if for_training and config.prompt.packing:

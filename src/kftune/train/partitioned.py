@@ -200,20 +200,13 @@ def frozen_partitioned_copy(config, num_labels: int | None, world: int):
     Every worker must run its forward passes together, as the policy's."""
     import deepspeed
 
-    from kftune.models import load_base_model, resolve_model_path, weights_dtype
+    from kftune.models import load_run_base_model, weights_dtype
     from kftune.train.deepspeed_config import deepspeed_config
     from kftune.train.engines import partitioned_construction
 
     train = config.train
     with partitioned_construction(train, world, "full"):
-        base = load_base_model(
-            resolve_model_path(config.model.name_or_path),
-            config.model.task,
-            num_labels,
-            train.seed,
-            config.model.attn_implementation,
-            weights_dtype(train.precision, "full", True),
-        )
+        base = load_run_base_model(config, num_labels, weights_dtype(train.precision, "full", True))
     base.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=base, config=deepspeed_config(train, world), dist_init_required=False)
     return engine.module.eval()

@@ -97,7 +97,7 @@ def worker(rank: int, port: int, out: Path) -> None:
         torch.save(run, out / f"{name}-{rank}.pt")
         engine.engine.destroy()
     # A frozen reference (KTO's, distillation's teacher) for a method that trains the whole model
-    reference = partitioned.frozen_partitioned_copy(run_config({"name": "full"}, "fp32", ds_config), None, 2)
+    reference = partitioned.frozen_partitioned_copy(run_config({"name": "full"}, "fp32", ds_config), None)
     scored = {
         "logps": sequence_logps(reference, batch)[0],
         "whole": [n for n, p in reference.named_parameters() if p.data.numel()],

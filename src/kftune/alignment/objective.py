@@ -3,9 +3,9 @@ micro-batch, and how many items (rows, tokens or pairs) the micro-batch holds. T
 summed loss by the items of the whole global batch, so every stage is averaged the same way.
 
 The reference model of dpo and kto (`preference.reference`): under PEFT the policy itself with its
-adapter switched off (no second copy of the weights), otherwise a frozen copy of the starting model,
-or (dpo; the default under ZeRO-3, where a copy would not be partitioned) the starting policy's
-log-probabilities of every training sequence, computed once before the first optimizer step.
+adapter switched off (no second copy of the weights), otherwise a frozen copy of the starting model
+(under ZeRO-3 loaded again partitioned), or (dpo; its default under ZeRO-3, holding no second model) the
+starting policy's log-probabilities of every training sequence, computed once before the first optimizer step.
 """
 
 from __future__ import annotations
@@ -102,8 +102,7 @@ def frozen_reference(config, model):
     if config.train.deepspeed and config.train.deepspeed.stage == 3:
         from kftune.train.partitioned import frozen_partitioned_copy
 
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        return frozen_partitioned_copy(config, None, world)
+        return frozen_partitioned_copy(config, None)
     return copy.deepcopy(model)
 
 

@@ -66,8 +66,7 @@ def frozen_copy(config, device: torch.device):
     if config.train.deepspeed and config.train.deepspeed.stage == 3:
         from kftune.train.partitioned import frozen_partitioned_copy
 
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        return frozen_partitioned_copy(config, head_size(config.model.task), world)
+        return frozen_partitioned_copy(config, head_size(config.model.task))
     frozen = weights_dtype(config.train.precision, "lora", bool(config.train.deepspeed))  # 16 bits when training is
     base = load_run_base_model(config, head_size(config.model.task), frozen)
     return base.to(device).eval().requires_grad_(False)

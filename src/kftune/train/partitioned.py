@@ -193,7 +193,7 @@ def stream_whole_model(module, out: Path, rank: int) -> None:
         model.generation_config.save_pretrained(str(out))
 
 
-def frozen_partitioned_copy(config, num_labels: int | None, world: int):
+def frozen_partitioned_copy(config, num_labels: int | None):
     """The base model, frozen and partitioned under ZeRO-3 (every worker reads its share of the checkpoint),
     in a DeepSpeed engine without an optimizer, whose hooks gather each layer as its forward runs: the
     reference or teacher of a method that trains the whole model, as TRL builds its reference under ZeRO-3.
@@ -205,6 +205,7 @@ def frozen_partitioned_copy(config, num_labels: int | None, world: int):
     from kftune.train.engines import partitioned_construction
 
     train = config.train
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     with partitioned_construction(train, world, "full"):
         base = load_run_base_model(config, num_labels, weights_dtype(train.precision, "full", True))
     base.requires_grad_(False)

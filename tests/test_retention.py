@@ -23,14 +23,7 @@ from kftune.retention.fisher import cache_path, check_fisher_file, general_finge
 from kftune.retention.general import language_model_rows, training_lines
 from kftune.retention.terms import GeneralBatches, _fisher
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is tens of times faster than oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one intra-op thread
 
 
 FULL = METHODS["full"].options.model_validate({"name": "full"})

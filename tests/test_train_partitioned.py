@@ -25,12 +25,12 @@ def bytes_read() -> int:
     return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
 
 
-def run_config(method: dict, precision: str, ds_config: Path):
+def run_config(method: dict, precision: str, ds_config: Path, model: Path = STORIES):
     from kftune.config import parse_config
 
     return parse_config(
         {
-            "model": {"name_or_path": str(STORIES), "task": "causal_lm"},
+            "model": {"name_or_path": str(model), "task": "causal_lm"},
             "data": {"path": "unused.tsv", "split": {"test": 0.1}},
             "prompt": {"template": "text"},
             "method": method,
@@ -103,6 +103,33 @@ def worker(rank: int, port: int, out: Path) -> None:
         "whole": [n for n, p in reference.named_parameters() if p.data.numel()],
     }
     torch.save(scored, out / f"reference-{rank}.pt")
+    # A model whose output layer is tied to its embedding (Llama-3.2-1B's), whose checkpoint has no lm_head
+    initialised = []
+    initialize_missing = partitioned.initialize_missing
+    partitioned.initialize_missing = lambda model, names: (initialised.extend(names), initialize_missing(model, names))
+    tied = partitioned.frozen_partitioned_copy(run_config({"name": "full"}, "fp32", ds_config, out / "tied"), None)
+    scored = {
+        "logps": sequence_logps(tied, batch)[0],
+        "initialised": initialised,
+        "shared": tied.lm_head.weight is tied.model.embed_tokens.weight,
+    }
+    torch.save(scored, out / f"tied-{rank}.pt")
+
+
+def test_a_tied_output_layer_shares_the_embeddings_partition_and_is_never_initialised(two_workers):
+    """Tied before the partitions are filled: the output layer is not "missing" from the checkpoint, so no
+    worker gathers it whole to initialise it (a 0.5 GB transient on Llama-3.2-1B) only for tying to replace it."""
+    from transformers import AutoModelForCausalLM
+
+    from kftune.alignment.losses import sequence_logps
+
+    batch = recorded(two_workers, "full", 0)["batch"]
+    with torch.no_grad():
+        expected, _ = sequence_logps(AutoModelForCausalLM.from_pretrained(two_workers / "tied").eval(), batch)
+    for rank in (0, 1):
+        tied = torch.load(two_workers / f"tied-{rank}.pt", weights_only=False)
+        assert tied["shared"] and tied["initialised"] == []
+        assert torch.allclose(tied["logps"], expected, atol=1e-4), (tied["logps"], expected)
 
 
 def test_a_frozen_reference_copy_is_partitioned_and_scores_like_the_whole_base(two_workers):
@@ -134,8 +161,20 @@ def two_workers(tmp_path_factory) -> Path:
     (out / "ds.json").write_text(
         json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
     )
+    tied_copy_of_stories(out / "tied")
     torch.multiprocessing.start_processes(worker, args=(free_port(), out), nprocs=2, start_method="spawn")
     return out
+
+
+def tied_copy_of_stories(folder: Path) -> None:
+    """stories260K with its output layer tied to the embedding, saved as tied checkpoints are: without lm_head."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    config = json.loads((STORIES / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    weights = {k: v for k, v in load_file(str(FILE)).items() if k != "lm_head.weight"}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def recorded(out: Path, name: str, rank: int) -> dict:

@@ -1,16 +1,17 @@
 """Precision-aware loading: with 16-bit training a method's frozen weights load in 16 bits while what
 AdamW steps stays fp32 under DDP; DeepSpeed gets the whole model in 16 bits (it keeps its own fp32
 master copies); full fine-tuning under DDP keeps fp32. A bf16 LoRA run trains on CPU over 2 Ray
-workers and its artifact reloads to the outputs the run recorded."""
+workers and its artifact reloads to the outputs the run recorded. Wrapping for DDP sends only what trains."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from conftest import stories_run
+from conftest import build_on_stories, free_port, stories_run
 from kftune import steps
 from kftune.config import parse_config
 from kftune.methods import may_train
@@ -78,3 +79,38 @@ def test_a_bf16_lora_run_trains_on_cpu_and_its_artifact_reloads_to_the_recorded_
     outputs = probe_outputs(reloaded, rows, read_meta(tmp_path / "prompts")["pad_token_id"], "causal_lm")
     expected = json.loads((tmp_path / "model" / PROBE_FILE).read_text())["outputs"]
     assert torch.allclose(torch.tensor(outputs), torch.tensor(expected), rtol=1e-5)
+
+
+def ddp_worker(rank: int, port: int, out) -> None:
+    """One of two DDP workers whose weights all differ from rank 0's before the engine wraps the model."""
+    from kftune.config import TrainSection
+    from kftune.methods import METHODS, optimizer_parameter_groups
+    from kftune.train.engines import make_engine
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    lora = METHODS["lora"].options.model_validate(LORA)
+    model = build_on_stories(lora)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(rank)
+    make_engine(
+        model,
+        optimizer_parameter_groups(model, lora, 1e-3),
+        TrainSection(batch_size=2, workers=2),
+        1,
+        2,
+        torch.device("cpu"),
+    )
+    torch.save({n: p.detach() for n, p in model.named_parameters()}, out / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_sends_only_the_trained_weights_from_rank_0(tmp_path):
+    """Every worker loads the same frozen weights from the same files; DDP's own start-up sync would send
+    them all again (0.5 GB of buckets on a 1B model), so only the method's weights are sent."""
+    torch.multiprocessing.start_processes(ddp_worker, args=(free_port(), tmp_path), nprocs=2, start_method="spawn")
+    first, second = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    trained = [name for name in first if "lora_" in name]
+    assert trained and all(torch.equal(first[name], second[name]) for name in trained)
+    assert all(not torch.equal(first[name], second[name]) for name in first if name not in trained)

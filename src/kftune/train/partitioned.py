@@ -40,6 +40,9 @@ def load_partitioned(model_class, folder: Path, config, dtype: torch.dtype):
         set_zero3_state(),  # tells transformers zero.Init is already active: no nested one, no random init
     ):
         model = model_class.from_config(config, dtype=dtype)
+    # Tied now, not after filling: a tied output layer (Llama-3.2-1B's: 0.26B parameters) was built with a partition of
+    # its own; tying frees it, and the layer is not initialised as "missing" from the checkpoint (a whole gathered copy).
+    model.tie_weights()
     checkpoint = SafetensorsCheckpoint(folder)
     missing = fill_partitions(model, checkpoint)
     body = model.base_model_prefix + "."
@@ -50,7 +53,6 @@ def load_partitioned(model_class, folder: Path, config, dtype: torch.dtype):
             f"{type(model).__name__} body); its safetensors files belong to another architecture"
         )
     initialize_missing(model, missing)
-    model.tie_weights()
     return model
 
 

@@ -81,12 +81,14 @@ def worker(rank: int, port: int, out: Path) -> None:
         whole = [n for n, p in model.named_parameters() if p.data.numel() and "lora_" not in n]  # LoRA's are new
         groups = optimizer_parameter_groups(model, config.method, 1e-2)
         engine = make_engine(model, groups, config.train, 2, 2, torch.device("cpu"))  # 2 steps: both move weights
+        anchor = ewc_anchor(engine.module, rank) if name == "full" else None  # theta_0: the base's partitions
         engine.backward(summed_loss(engine.model, batch, "causal_lm") / 100)
         engine.step()
-        kept, last = None, None
+        kept, last, penalties = None, None, None
         if name == "full":  # train.keep_best: this step's weights are kept, a later step's are not saved
             kept = engine.kept_state(rank)
             engine.backward(summed_loss(engine.model, batch, "causal_lm") / 100)
+            penalties = (anchor.add_partition_gradients(1.0).item(), whole_penalty(engine.module))
             engine.step()
             last = logits_of(engine.module, batch)
         partitioned.save_partitioned(engine.module, config.method, out / name, rank, kept)
@@ -94,6 +96,7 @@ def worker(rank: int, port: int, out: Path) -> None:
             (out / name / TUNED_CONFIG_FILE).write_text(json.dumps(config_to_dict(config)))
         run = {"read": read, "partitions": partitions, "whole": whole, "logits": logits_of(engine.module, batch)}
         run |= {"batch": batch, "last_logits": last, "kept_numel": sum(t.numel() for t in (kept or {}).values())}
+        run["penalties"] = penalties
         torch.save(run, out / f"{name}-{rank}.pt")
         engine.engine.destroy()
     # A frozen reference (KTO's, distillation's teacher) for a method that trains the whole model
@@ -114,6 +117,14 @@ def worker(rank: int, port: int, out: Path) -> None:
         "shared": tied.lm_head.weight is tied.model.embed_tokens.weight,
     }
     torch.save(scored, out / f"tied-{rank}.pt")
+
+
+def test_the_anchor_keeps_theta_0_and_the_fisher_per_partition_and_sums_the_whole_penalty(two_workers):
+    """L2-SP/EWC under ZeRO-3: each worker holds its partitions of theta_0 (DeepSpeed's fp32 master copy when
+    the engine was built) and of the Fisher (sent by rank 0); their penalties sum to the whole weights' one."""
+    for rank in (0, 1):
+        from_partitions, whole = recorded(two_workers, "full", rank)["penalties"]
+        assert whole > 0 and from_partitions == pytest.approx(whole, rel=1e-5)
 
 
 def test_a_tied_output_layer_shares_the_embeddings_partition_and_is_never_initialised(two_workers):
@@ -164,6 +175,36 @@ def two_workers(tmp_path_factory) -> Path:
     tied_copy_of_stories(out / "tied")
     torch.multiprocessing.start_processes(worker, args=(free_port(), out), nprocs=2, start_method="spawn")
     return out
+
+
+ALPHA, STRENGTH = 0.5, 2.0
+
+
+def made_up_fisher(name: str, shape) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(len(name)))
+
+
+def ewc_anchor(module, rank: int):
+    """L2-SP and EWC on every weight of a full fine-tune: the Fisher on rank 0 only, as training hands it."""
+    from kftune.retention.anchor import Anchor, anchored_weights
+
+    weights = anchored_weights(module, [p for p in module.parameters() if p.requires_grad], set())
+    fisher = {w.name: made_up_fisher(w.name, w.parameter.ds_shape) for w in weights} if rank == 0 else None
+    return Anchor(weights, ALPHA, STRENGTH, fisher, "retention.ewc")
+
+
+def whole_penalty(module) -> float:
+    """The same penalty from the whole weights, gathered, against the checkpoint's."""
+    import deepspeed
+    from safetensors.torch import load_file
+
+    base = load_file(str(FILE))
+    parameters = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(parameters.values())):
+        return sum(
+            0.5 * ((ALPHA + STRENGTH * made_up_fisher(n, p.shape)) * (p.detach() - base[n]).pow(2)).sum().item()
+            for n, p in parameters.items()
+        )
 
 
 def tied_copy_of_stories(folder: Path) -> None:

@@ -10,7 +10,11 @@ change from the pretrained weight is exactly the update. New parameters (a class
 virtual tokens) have no pretrained value and are not anchored.
 
 Each worker computes the penalty on its own replica (DDP, ZeRO 0-2 keep whole parameters on every
-worker), so the loop hands the engine 1/world of it per worker; ZeRO-3 is refused by the config.
+worker), so the loop hands the engine 1/world of it per worker. Under ZeRO-3 a weight trained in place
+is a partition: each worker keeps theta_0 and the strengths of its own partition only (theta_0 from
+DeepSpeed's fp32 master partition, the Fisher's part sent by rank 0), and adds the penalty's gradient
+s * (theta - theta_0) to its partition of the fp32 gradients before the optimizer step, so the penalty
+never gathers a weight. LoRA's factors stay whole under ZeRO-3's default persistence threshold.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from kftune.errors import KftuneError
+from kftune.train.collectives import from_rank_zero
 
 PEFT_PREFIX = "base_model.model."
 
@@ -33,10 +38,20 @@ class AnchoredWeight:
     """theta_0 of a weight trained in place (fp32, on the parameter's device)."""
     lora_layer: torch.nn.Module | None = None
 
+    @property
+    def partitioned(self) -> bool:
+        """A ZeRO-3 partition trained in place: `reference` is this worker's part of theta_0."""
+        return self.lora_layer is None and hasattr(self.parameter, "ds_id")
+
     def change(self) -> torch.Tensor:
-        """theta - theta_0, differentiable with respect to what the method trains."""
+        """theta - theta_0, differentiable with respect to what the method trains (this worker's part of
+        it, from DeepSpeed's fp32 master partition and without a gradient, for a ZeRO-3 partition)."""
         if self.lora_layer is not None:
             return sum(self.lora_layer.get_delta_weight(a).float() for a in self.lora_layer.active_adapters)
+        if self.partitioned:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(self.parameter) - self.reference
         return self.parameter.float() - self.reference
 
 
@@ -51,15 +66,30 @@ def anchored_weights(model, trainable: list[torch.nn.Parameter], new_names: set[
     for module_name, module in model.named_modules():
         if isinstance(module, LoraLayer) and hasattr(module, "get_delta_weight"):
             weights.append(AnchoredWeight(_base_name(module_name) + ".weight", lora_layer=module))
-            lora_parameters |= {id(p) for p in module.parameters() if p.requires_grad}
+            factors = [p for p in module.parameters() if p.requires_grad]
+            lora_parameters |= {id(p) for p in factors}
+            if any(hasattr(p, "ds_id") and not p.ds_persist for p in factors):
+                raise KftuneError(
+                    "retention: ZeRO-3 partitions this run's LoRA factors (their size is over the DeepSpeed config's "
+                    "stage3_param_persistence_threshold), and the penalty on B A needs them whole; raise the "
+                    "threshold in train.deepspeed.config_file or use ZeRO stage 0-2"
+                )
     for name, parameter in model.named_parameters():
         if id(parameter) in chosen and id(parameter) not in lora_parameters and _base_name(name) not in new_names:
             if "modules_to_save" in name:  # peft's trained copy of a new head
                 continue
-            weights.append(
-                AnchoredWeight(_base_name(name), parameter=parameter, reference=parameter.detach().float().clone())
-            )
+            weights.append(AnchoredWeight(_base_name(name), parameter=parameter, reference=_pretrained(parameter)))
     return weights
+
+
+def _pretrained(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """theta_0 in fp32: the whole weight, or this worker's partition of DeepSpeed's fp32 master copy under
+    ZeRO-3 (the engine is built by then; the base's values, before any step or checkpoint)."""
+    if hasattr(parameter, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(parameter).detach().clone()
+    return parameter.detach().float().clone()
 
 
 def _base_name(name: str) -> str:
@@ -77,21 +107,62 @@ class Anchor:
         fisher: dict[str, torch.Tensor] | None,
         field: str,
     ):
+        """`fisher` (EWC's, by base weight name) is needed on rank 0 only: every worker gets the whole entries
+        of the weights it holds whole, and its part of those ZeRO-3 partitions."""
         if not weights:
             raise KftuneError(
                 f"{field}: the method trains no pretrained weight of this model, so there is nothing to anchor"
             )
-        missing = [w.name for w in weights if strength and (fisher is None or w.name not in fisher)]
+        on_rank_zero = strength and fisher is not None
+        missing = from_rank_zero([w.name for w in weights if w.name not in fisher] if on_rank_zero else [])
         if missing:
             raise KftuneError(
                 f"retention.ewc: the Fisher has no entry for {missing[:3]} (made for another architecture?)"
             )
-        self.weights = weights
-        device = weights[0].change().device
-        self.strengths = [
-            alpha + strength * fisher[w.name].to(device) if strength else torch.tensor(alpha, device=device)
-            for w in weights
+        first = weights[0]
+        device = (first.reference if first.reference is not None else first.change()).device
+        self.weights = [w for w in weights if not w.partitioned]
+        self.partitions = [w for w in weights if w.partitioned]
+        whole = from_rank_zero({w.name: fisher[w.name] for w in self.weights} if on_rank_zero else None)
+        self.strengths = [alpha + strength * whole[w.name].to(device) if strength else alpha for w in self.weights]
+        self.partition_strengths = [
+            alpha + strength * _partition_of(fisher[w.name] if on_rank_zero else None, w.parameter, device)
+            if strength
+            else alpha
+            for w in self.partitions
         ]
 
-    def penalty(self) -> torch.Tensor:
+    def penalty(self) -> torch.Tensor | float:
+        """The penalty on the whole weights (LoRA's updates, weights of a replica), in the autograd graph."""
         return 0.5 * sum((s * w.change().pow(2)).sum() for w, s in zip(self.weights, self.strengths, strict=True))
+
+    def add_partition_gradients(self, loss_scale: float) -> torch.Tensor:
+        """ZeRO-3, at an accumulation boundary before the optimizer step: each partition's penalty gradient
+        s * (theta - theta_0) added to this worker's fp32 gradient partition (times the loss scale its
+        gradients carry); returns the penalty on all partitions, summed over the workers."""
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        total = torch.zeros((), device=self.partitions[0].reference.device)
+        for weight, strength in zip(self.partitions, self.partition_strengths, strict=True):
+            change = weight.change()
+            safe_set_local_grad(
+                weight.parameter, safe_get_local_grad(weight.parameter) + loss_scale * strength * change
+            )
+            total += 0.5 * (strength * change.pow(2)).sum()
+        torch.distributed.all_reduce(total)
+        return total
+
+
+def _partition_of(whole: torch.Tensor | None, parameter, device: torch.device) -> torch.Tensor:
+    """This worker's part of `whole` (given on rank 0 only) as ZeRO-3 partitions `parameter`: equal
+    contiguous pieces of the flattened tensor in rank order, the last one padded; rank 0 sends each its own."""
+    size = parameter.ds_tensor.ds_numel
+    part = torch.empty(size, dtype=torch.float32, device=device)
+    pieces = None
+    if torch.distributed.get_rank() == 0:
+        flat = whole.flatten().float().to(device)
+        pieces = list(
+            torch.nn.functional.pad(flat, (0, size * torch.distributed.get_world_size() - flat.numel())).split(size)
+        )
+    torch.distributed.scatter(part, pieces, src=0)
+    return part

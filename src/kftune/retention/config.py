@@ -103,7 +103,6 @@ NEW_PARAMETERS = {
 def retention_problem(config) -> tuple[str, str] | None:
     """A (field, message) for retention asked for where it cannot apply, or None."""
     retention, task, method = config.retention, config.model.task, config.method.name
-    deepspeed = config.train.deepspeed
     if retention != RetentionSection() and config.stage != "sft":
         return "retention", f"applies to supervised fine-tuning (stage: sft), not stage {config.stage}"
     anchor = "retention.l2_sp" if retention.l2_sp else "retention.ewc"
@@ -116,12 +115,6 @@ def retention_problem(config) -> tuple[str, str] | None:
         )
     if retention.anchored and method == "head_only":
         return anchor, "method head_only trains only the new classification head, which has no pretrained value"
-    if retention.anchored and deepspeed and deepspeed.stage == 3:
-        return (
-            anchor,
-            "ZeRO-3 holds each weight only while its layer runs, so a penalty over all of them would gather the "
-            "whole model every step; use ZeRO stage 0-2 (each worker keeps theta_0 for its whole replica)",
-        )
     if retention.ewc and config.model.quantization:
         return "retention.ewc", "the Fisher needs gradients of the base weights, which a quantized base has none of"
     if task == "sequence_classification" and retention.replay:

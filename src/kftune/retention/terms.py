@@ -24,6 +24,7 @@ from kftune.prompts.packing import IGNORE_INDEX
 from kftune.retention.anchor import Anchor, anchored_weights
 from kftune.retention.distill import Teacher, distillation_sum, frozen_copy, is_peft, output_logits
 from kftune.retention.embedding import cosine_distance_sum, head_size, sentence_embeddings, sentence_rows
+from kftune.train.collectives import from_rank_zero
 
 
 class GeneralBatches:
@@ -66,7 +67,7 @@ class RetentionTerms:
         micro_batch_index = step * self.accumulation + self.micro_batches % self.accumulation
         self.micro_batches += 1
         terms: dict[str, torch.Tensor] = {}
-        if self.anchor:
+        if self.anchor and self.anchor.weights:
             terms["anchor"] = self.anchor.penalty()
         distill, replay = self.settings.distill, self.settings.replay
         if distill and "task" in distill.inputs:  # over the global batch's items, like the task loss
@@ -97,6 +98,13 @@ class RetentionTerms:
             self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
         self.counted += 1
         return self.share * sum(terms.values())
+
+    def before_step(self, engine) -> None:
+        """At an accumulation boundary, before the optimizer step: the anchor's gradient on ZeRO-3 partitions
+        (its penalty counted with every micro-batch of the step, as the terms in the loss are)."""
+        if self.anchor and self.anchor.partitions and engine.at_boundary():
+            penalty = self.anchor.add_partition_gradients(engine.loss_scale())
+            self.sums["anchor"] = self.sums.get("anchor", 0.0) + penalty * self.accumulation
 
     def report(self) -> dict[str, float]:
         """The mean of each term over the micro-batches since the last report (for the loss history)."""
@@ -136,7 +144,7 @@ def build_retention(
     if settings.anchored:
         inner = model.get_base_model() if is_peft(model) else model
         new = task_head_names(inner) if config.model.task == "sequence_classification" else set()
-        fisher = _from_rank_zero(lambda: _fisher(config, rows, storage), rank, world) if settings.ewc else None
+        fisher = _fisher(config, rows, storage) if settings.ewc and rank == 0 else None  # the Anchor shares it
         anchor = Anchor(
             anchored_weights(model, may_train(model, options), new),
             settings.l2_sp.alpha if settings.l2_sp else 0.0,
@@ -151,7 +159,7 @@ def build_retention(
     wants_general = settings.replay or (settings.distill and "general" in settings.distill.inputs)
     if wants_general:
         if settings.replay and settings.replay.generated:
-            rows = _from_rank_zero(lambda: _generated_rows(config, lines, tokenizer, storage, device), rank, world)
+            rows = from_rank_zero(_generated_rows(config, lines, tokenizer, storage, device) if rank == 0 else None)
         per_batch = (
             max(1, round(settings.replay.ratio * config.train.micro_batch(world)))
             if settings.replay
@@ -161,14 +169,6 @@ def build_retention(
             rows, per_batch, tokenizer.pad_token_id, config.model.task, config.train.seed, rank, world
         )
     return RetentionTerms(config, anchor, teacher, general, world)
-
-
-def _from_rank_zero(compute, rank: int, world: int):
-    """`compute()` on rank 0, sent to every other worker."""
-    value = [compute() if rank == 0 else None]
-    if world > 1 and torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(value, src=0)
-    return value[0]
 
 
 def _local_storage(storage: str | None) -> Path | None:

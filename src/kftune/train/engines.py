@@ -244,8 +244,15 @@ class DeepSpeedEngine:
         # DeepSpeed divides by the accumulation steps and averages over workers; undo both to get the sum.
         self.engine.backward(loss_share * self.world * self.train.gradient_accumulation)
 
+    def at_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def loss_scale(self) -> float:
+        """The factor DeepSpeed's gradients carry until the step divides it out (fp16's loss scale; 1 otherwise)."""
+        return float(self.engine.optimizer.loss_scale)
+
     def step(self) -> bool:
-        boundary = self.engine.is_gradient_accumulation_boundary()
+        boundary = self.at_boundary()
         self.engine.step()
         return boundary
 

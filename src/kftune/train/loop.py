@@ -49,6 +49,7 @@ from kftune.prompts.collate import Collator, batch_tokens, uses_varlen_attention
 from kftune.retention.terms import build_retention
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
+from kftune.train.collectives import all_gather, all_reduce_sum
 from kftune.train.engines import autocast, make_engine, partitioned_construction
 from kftune.train.losses import token_losses
 from kftune.train.memory import built_peak_gb, check_fits
@@ -122,7 +123,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     retention = build_retention(  # before a checkpoint's weights load: theta_0 is the base's
         config, engine.module, config.method, loop_config.get("storage"), rank, world, device
     )
-    built_peaks = _all_gather(built_peak_gb(device))  # every worker's memory high-water marks, for the train log
+    built_peaks = all_gather(built_peak_gb(device))  # every worker's memory high-water marks, for the train log
     with autocast(
         settings.precision, device
     ):  # also before it: dpo's precomputed reference scores the starting weights
@@ -162,12 +163,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             micro_batches = list(itertools.islice(batches, settings.gradient_accumulation))
             interval_tokens += sum(batch_tokens(b) for b in micro_batches)  # counted on the host: no device sync
             micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
-            items = _all_reduce_sum(sum(objective.items(b) for b in micro_batches).float())
+            items = all_reduce_sum(sum(objective.items(b) for b in micro_batches).float())
             for batch in micro_batches:
                 with engine.micro_step():
                     loss_share = objective.loss(engine.model, batch) / items
                     extra = retention.loss(engine.module, batch, step, items) if retention else 0.0
                     engine.backward(loss_share + extra)
+                if retention:
+                    retention.before_step(engine)
                 engine.step()
                 interval_loss += loss_share.detach().float()
             step += 1
@@ -183,7 +186,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if (
                 step % settings.log_every_steps == 0 or step == total_steps or checkpoint_now or validate_now
             ):  # these close the interval
-                mean_loss = _all_reduce_sum(interval_loss).item() / (step - (history[-1]["step"] if history else 0))
+                mean_loss = all_reduce_sum(interval_loss).item() / (step - (history[-1]["step"] if history else 0))
                 elapsed = time.perf_counter() - interval_started
                 history.append(_record(step, mean_loss, engine.lr(), interval_tokens * world / elapsed, device))
                 if retention:
@@ -341,21 +344,6 @@ def load_best_state(directory: Path, rank: int) -> dict[str, torch.Tensor] | Non
         return None
     path = directory / BEST_STATE_FILE.format(rank)
     return torch.load(path, weights_only=True) if path.is_file() else {}
-
-
-def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(value)
-    return value
-
-
-def _all_gather(value: Any) -> list[Any]:
-    """`value` of every worker, in rank order."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return [value]
-    values = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(values, value)
-    return values
 
 
 def _record(step: int, loss: float, lr: float, tokens_per_second: float, device: torch.device) -> dict[str, float]:

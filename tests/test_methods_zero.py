@@ -111,10 +111,11 @@ def test_offloaded_optimizer_state_is_stepped_by_deepspeeds_cpu_adam():
         engine.engine.destroy()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_compiled_engine_has_the_same_loss_history(stage, families):
-    """Through DeepSpeed's engine.compile (inductor on CPU). Measured here: 7-27 s for ZeRO-2 and 27-51 s
-    for ZeRO-3, whose parameter hooks break the graph at every layer (warm or cold inductor cache, load)."""
+def test_compiled_engine_has_the_same_loss_history(families):
+    """Through DeepSpeed's engine.compile (inductor on CPU), under ZeRO-3, whose parameter hooks break the
+    graph at every layer (ZeRO-2 compiles one graph through the same engine.compile: not repeated here,
+    27-115 s of compiling each on this machine)."""
+    stage = 3
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # recompile limits count per code object, across models: start as a fresh process would

@@ -37,7 +37,11 @@ def gradients(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_chunked_loss_and_gradients_match_full_logits(monkeypatch, dtype, with_bias):
-    monkeypatch.setattr(chunked, "CHUNK_LOGITS", 50 * 8)  # 8 rows a chunk: 37 rows take five chunks, the last one short
+    for size in (
+        "CHUNK_LOGITS",
+        "SCORING_CHUNK_LOGITS",
+    ):  # 8 rows a chunk: 37 rows take five chunks, the last one short
+        monkeypatch.setattr(chunked, size, 50 * 8)
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=with_bias, dtype=dtype)
     hidden = torch.randn(37, 16, dtype=dtype, requires_grad=True)
@@ -55,6 +59,24 @@ def test_chunked_loss_and_gradients_match_full_logits(monkeypatch, dtype, with_b
     for want, have in zip(expected, got, strict=True):
         assert have.dtype == want.dtype
         assert (have - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_scoring_holds_smaller_chunks_of_logits_than_training(monkeypatch):
+    """No backward to feed: scoring (evaluation, the reload probe) keeps a quarter of training's logits at once."""
+    sizes = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda *args: sizes.append(linear(*args).numel()) or linear(*args)
+    )
+    monkeypatch.setattr(chunked, "CHUNK_LOGITS", 50 * 8)
+    monkeypatch.setattr(chunked, "SCORING_CHUNK_LOGITS", 50 * 2)
+    head = torch.nn.Linear(16, 50)
+    hidden, targets = torch.randn(37, 16, requires_grad=True), torch.randint(0, 50, (37,))
+    linear_cross_entropy_sum(hidden, head, targets)
+    assert max(sizes) == 50 * 8
+    sizes.clear()
+    linear_cross_entropy(hidden, head, targets)
+    assert max(sizes) == 50 * 2 and len(sizes) == 19
 
 
 def test_no_gradient_work_outside_autograd(monkeypatch):

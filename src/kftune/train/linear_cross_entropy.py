@@ -15,14 +15,18 @@ from collections.abc import Iterator
 import torch
 
 CHUNK_LOGITS = 2**26
-"""Logits alive at once: 256 MiB in fp32, whatever the vocabulary."""
+"""Logits alive at once in training: 256 MiB in fp32, whatever the vocabulary."""
+SCORING_CHUNK_LOGITS = 2**24
+"""...and when only scoring (evaluation, the reload probe): 64 MiB. Without a backward pass to feed, a smaller
+chunk costs only a few more matmul calls; 16 probe rows of 32 tokens at Llama-3's vocabulary are 254 MB of
+fp32 logits in one chunk of the training size (and their 16-bit originals next to them)."""
 
 
 def _chunks(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, size: int
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """Each chunk's rows, fp32 logits and log-partition (logsumexp)."""
-    rows = max(1, CHUNK_LOGITS // weight.shape[0])
+    """Each chunk's rows, fp32 logits and log-partition (logsumexp), `size` logits at a time at most."""
+    rows = max(1, size // weight.shape[0])
     for start in range(0, len(targets), rows):
         part = slice(start, start + rows)
         logits = torch.nn.functional.linear(hidden[part], weight, bias).float()
@@ -33,7 +37,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: t
     """Per-row loss of `targets` under the logits `head(hidden)`, for scoring (no gradient)."""
     losses = torch.empty(len(targets), dtype=torch.float32, device=targets.device)
     with torch.no_grad():
-        for part, logits, log_partition in _chunks(hidden, head.weight, head.bias, targets):
+        for part, logits, log_partition in _chunks(hidden, head.weight, head.bias, targets, SCORING_CHUNK_LOGITS):
             losses[part] = log_partition - logits.gather(1, targets[part, None]).squeeze(1)
     return losses
 
@@ -46,7 +50,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for part, logits, log_partition in _chunks(hidden, weight, bias, targets):
+        for part, logits, log_partition in _chunks(hidden, weight, bias, targets, CHUNK_LOGITS):
             chosen = targets[part, None]
             total += (log_partition - logits.gather(1, chosen).squeeze(1)).sum()
             # d loss / d logits = softmax - one-hot, built in place over the logits.

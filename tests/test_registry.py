@@ -68,27 +68,34 @@ def test_lower_is_better_for_perplexity(make_config, model_dir):
     mlflow.set_tracking_uri(None)
 
 
-def test_a_registration_that_loses_the_alias_race_sets_it_again(make_config, model_dir, monkeypatch):
-    """Two registrations at once: MLflow's store can answer the second alias insert with a UNIQUE-constraint
-    error (seen under load in test_registry_server.py); the alias is then set again and points at the new version."""
+@pytest.mark.parametrize(
+    ("setter", "table", "first_call"),
+    [
+        ("set_registered_model_alias", "registered_model_aliases.alias", ("challenger", "2")),
+        ("set_registered_model_tag", "registered_model_tags.key", ("kftune.champion", "2")),
+    ],
+)
+def test_a_registration_that_loses_a_race_sets_the_key_again(
+    make_config, model_dir, monkeypatch, setter, table, first_call
+):
+    """Two registrations at once: MLflow's store can answer the second insert of an alias or a registered-model tag
+    with a UNIQUE-constraint error (both seen under load in test_registry_server.py); the key is then set again."""
     from mlflow.exceptions import MlflowException
 
     config = parse_config(make_config(eval={"metrics": ["accuracy"]}, registry={"gate": {"metric": "accuracy"}}))
     register(config, model_dir, 0.80)
-    real, calls = MlflowClient.set_registered_model_alias, []
+    real, calls = getattr(MlflowClient, setter), []
 
-    def lose_the_race_once(self, name, alias, version):
-        calls.append((alias, version))
+    def lose_the_race_once(self, name, key, value):
+        calls.append((key, str(value)))
         if len(calls) == 1:
-            raise MlflowException(
-                "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name, registered_model_aliases.alias"
-            )
-        return real(self, name, alias, version)
+            raise MlflowException(f"(sqlite3.IntegrityError) UNIQUE constraint failed: {table}")
+        return real(self, name, key, value)
 
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", lose_the_race_once)
-    second = register(config, model_dir, 0.70)
-    assert [(alias, str(version)) for alias, version in calls[:2]] == [("challenger", "2")] * 2
-    assert second["aliases"] == ["challenger"] and not second["promoted"]
+    monkeypatch.setattr(MlflowClient, setter, lose_the_race_once)
+    second = register(config, model_dir, 0.90)  # better: promoted, so the champion tag is set too
+    assert calls[:2] == [first_call] * 2
+    assert second["promoted"] and "champion" in second["aliases"]
 
 
 def test_a_version_carries_code_requirements_signature_example_and_its_data(make_config, model_dir, tmp_path):

@@ -242,15 +242,15 @@ def _gate(client, name: str, metric: str, margin: float, value: float, split_sha
     )
 
 
-def _set_alias(client, name: str, alias: str, version: str, attempts: int = 5) -> None:
-    """Point `alias` at `version`. MLflow's SQL store looks the alias up, then inserts it: two registrations
-    at once can both insert, and the loser gets a UNIQUE-constraint error; by then the row exists, so
-    setting it again updates it."""
+def _set_racing(set_value, attempts: int = 5) -> None:
+    """`set_value()`: setting a registered model's alias or tag. MLflow's SQL store looks the key up, then
+    inserts it: two registrations at once can both insert, and the loser gets a UNIQUE-constraint error; by
+    then the row exists, so setting it again updates it."""
     from mlflow.exceptions import MlflowException
 
     for attempt in range(attempts):
         try:
-            client.set_registered_model_alias(name, alias, version)
+            set_value()
             return
         except MlflowException as exc:
             message = str(exc).lower()
@@ -258,6 +258,10 @@ def _set_alias(client, name: str, alias: str, version: str, attempts: int = 5) -
             if not lost_the_race or attempt == attempts - 1:
                 raise
             time.sleep(0.1 * (attempt + 1))
+
+
+def _set_alias(client, name: str, alias: str, version: str) -> None:
+    _set_racing(lambda: client.set_registered_model_alias(name, alias, version))
 
 
 def _champion_or_none(client, name: str):
@@ -312,7 +316,7 @@ def promote(tracking_uri: str | None, name: str, version: str, reason: str) -> s
 
 def _point_champion(client, name: str, version: str) -> None:
     _set_alias(client, name, CHAMPION, version)
-    client.set_registered_model_tag(name, KFTUNE_CHAMPION_TAG, version)
+    _set_racing(lambda: client.set_registered_model_tag(name, KFTUNE_CHAMPION_TAG, version))
 
 
 def rollback(tracking_uri: str | None, name: str, reason: str) -> str:

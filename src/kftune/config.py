@@ -185,6 +185,11 @@ class TrainSection(Section):
         """Rows one worker puts through the model per forward pass."""
         return self.batch_size // ((workers or self.workers) * self.gradient_accumulation)
 
+    @property
+    def partitions_weights(self) -> bool:
+        """ZeRO-3: no worker holds a whole weight (what loads, copies, saves or penalises the model must know)."""
+        return self.deepspeed is not None and self.deepspeed.stage == 3
+
 
 class EvalSection(Section):
     metrics: list[

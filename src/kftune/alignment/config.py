@@ -97,8 +97,7 @@ def resolved_reference(config) -> str:
         return chosen
     if is_peft_method(config.method.name):
         return "adapter"
-    zero3 = config.train.deepspeed is not None and config.train.deepspeed.stage == 3
-    return "precomputed" if zero3 and config.stage == "dpo" else "copy"
+    return "precomputed" if config.train.partitions_weights and config.stage == "dpo" else "copy"
 
 
 def is_peft_method(name: str) -> bool:
@@ -170,7 +169,7 @@ def alignment_problem(config, template) -> tuple[str, str] | None:
         return "preference.format", f"stage {stage} reads {' or '.join(forms)} data, not {preference.format}"
     if preference.label_smoothing and not (stage == "dpo" and preference.loss == "sigmoid"):
         return "preference.label_smoothing", "conservative DPO smooths the sigmoid DPO loss (stage: dpo, loss: sigmoid)"
-    if is_online and config.train.deepspeed and config.train.deepspeed.stage == 3:
+    if is_online and config.train.partitions_weights:
         return (
             "train.deepspeed.stage",
             f"{stage} samples completions inside each worker; ZeRO-3 would gather every layer per token",

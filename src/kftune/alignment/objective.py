@@ -99,7 +99,7 @@ def frozen_reference(config, model):
     where no worker holds them whole, loaded again partitioned (`kftune.train.partitioned`). None otherwise."""
     if resolved_reference(config) != "copy":
         return None
-    if config.train.deepspeed and config.train.deepspeed.stage == 3:
+    if config.train.partitions_weights:
         from kftune.train.partitioned import frozen_partitioned_copy
 
         return frozen_partitioned_copy(config, None)

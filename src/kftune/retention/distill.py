@@ -63,7 +63,7 @@ def frozen_copy(config, device: torch.device):
     under ZeRO-3 partitioned like the model it teaches (`kftune.train.partitioned`)."""
     from kftune.models import load_run_base_model, weights_dtype
 
-    if config.train.deepspeed and config.train.deepspeed.stage == 3:
+    if config.train.partitions_weights:
         from kftune.train.partitioned import frozen_partitioned_copy
 
         return frozen_partitioned_copy(config, head_size(config.model.task))

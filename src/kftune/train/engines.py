@@ -49,7 +49,7 @@ def partitioned_construction(train: TrainSection, world: int, method: str):
     the whole base weights while applied, it does nothing."""
     from kftune.methods import METHODS
 
-    if not train.deepspeed or train.deepspeed.stage != 3 or METHODS[method].reads_base_weights:
+    if not train.partitions_weights or METHODS[method].reads_base_weights:
         yield
         return
     import deepspeed
@@ -298,7 +298,7 @@ class DeepSpeedEngine:
         """`train.keep_best`'s copy of the weights. Under ZeRO-3 each worker copies its own partitions of
         the trained parameters, in the dtype they are saved in (`kftune.train.partitioned.load_into_partitions`
         puts them back), so no worker ever holds them whole; else rank 0's `trained_state` (collective)."""
-        if self.train.deepspeed.stage != 3:
+        if not self.train.partitions_weights:
             return self.trained_state(rank)
         return {n: p.ds_tensor.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
 

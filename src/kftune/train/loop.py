@@ -265,7 +265,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     chosen = best_state if settings.keep_best and best else None  # the same decision on every worker (the history is)
     log["weights_from_step"] = best["step"] if chosen is not None else step
     with tempfile.TemporaryDirectory() as out:
-        if settings.deepspeed and settings.deepspeed.stage == 3:  # no worker holds the whole model: all write it
+        if settings.partitions_weights:  # no worker holds the whole model: all write it
             save_partitioned(engine.module, config.method, Path(out), rank, chosen)
             write_run_files(engine.module, config, resolved, log, meta, prompts_dir, Path(out), rank)
         else:

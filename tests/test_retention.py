@@ -91,13 +91,13 @@ def test_classification_refuses_what_needs_a_language_model_head(make_config):
 def test_l2_sp_penalises_the_change_of_weights_trained_in_place():
     model = build_on_stories(FULL)
     anchor = Anchor(anchored_weights(model, may_train(model, FULL), set()), 2.0, 0.0, None, "retention.l2_sp")
-    assert anchor.penalty().item() == 0.0
+    assert anchor.penalty()[1].item() == 0.0
     weight = model.model.layers[0].mlp.up_proj.weight
     change = torch.randn_like(weight) * 0.01
     with torch.no_grad():
         weight += change
-    penalty = anchor.penalty()
-    assert penalty.item() == pytest.approx(0.5 * 2.0 * change.pow(2).sum().item(), rel=1e-4)
+    penalty, value = anchor.penalty()
+    assert value.item() == penalty.item() == pytest.approx(0.5 * 2.0 * change.pow(2).sum().item(), rel=1e-4)
     penalty.backward()
     assert torch.allclose(weight.grad, 2.0 * change, atol=1e-6)
 
@@ -111,7 +111,7 @@ def test_l2_sp_on_lora_is_the_distance_of_the_merged_weights_from_the_base():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.05)
-    penalty = anchor.penalty().item()
+    penalty = anchor.penalty()[1].item()
     base = dict(load_base_model(STORIES, "causal_lm", None, seed=0).named_parameters())
     merged = dict(model.merge_and_unload().named_parameters())
     expected = 0.5 * sum((merged[n] - base[n]).pow(2).sum().item() for n in base)
@@ -150,7 +150,7 @@ def test_ewc_weighs_each_weight_by_its_fisher():
     weight = model.model.norm.weight
     with torch.no_grad():
         weight += 0.1
-    assert anchor.penalty().item() == pytest.approx(0.5 * (0.5 + 2.0 * 3.0) * 0.01 * weight.numel(), rel=1e-4)
+    assert anchor.penalty()[1].item() == pytest.approx(0.5 * (0.5 + 2.0 * 3.0) * 0.01 * weight.numel(), rel=1e-4)
 
 
 def test_distillation_teacher_is_the_base_with_the_adapter_disabled(families):
@@ -239,7 +239,8 @@ ANCHORED = {"l2_sp": {"alpha": 50.0}, "ewc": {"strength": 50.0, "fisher_rows": 4
 def test_l2_sp_and_ewc_hold_the_weights_near_the_base_under_zero2_and_zero3_alike(tmp_path, families):
     """Under ZeRO-3 the penalty's gradient goes into each partition's fp32 gradient before the step (theta_0
     and the Fisher kept per partition) instead of through the loss: the same update. DDP with two workers:
-    tests/test_retention_train.py; ZeRO-3 partitions over two workers: tests/test_train_partitioned.py."""
+    tests/test_retention_train.py; ZeRO-1/2 fragments and ZeRO-3 partitions over two workers:
+    tests/test_retention_zero.py and tests/test_train_partitioned.py."""
     free = distance(anchored_training(tmp_path, families, {}, {"stage": 2}))
     _, zero2 = anchored_training(tmp_path, families, ANCHORED, {"stage": 2})
     base, zero3 = anchored_training(tmp_path, families, ANCHORED, {"stage": 3})

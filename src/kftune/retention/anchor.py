@@ -9,12 +9,18 @@ starts) and the low-rank update `B A * scaling` for a LoRA layer, which needs no
 change from the pretrained weight is exactly the update. New parameters (a classification head,
 virtual tokens) have no pretrained value and are not anchored.
 
-Each worker computes the penalty on its own replica (DDP, ZeRO 0-2 keep whole parameters on every
-worker), so the loop hands the engine 1/world of it per worker. Under ZeRO-3 a weight trained in place
-is a partition: each worker keeps theta_0 and the strengths of its own partition only (theta_0 from
-DeepSpeed's fp32 master partition, the Fisher's part sent by rank 0), and adds the penalty's gradient
-s * (theta - theta_0) to its partition of the fp32 gradients before the optimizer step, so the penalty
-never gathers a weight. LoRA's factors stay whole under ZeRO-3's default persistence threshold.
+Under DDP every worker holds theta_0 and the strengths of every anchored weight and computes the whole
+penalty, so the loop hands the engine 1/world of it per worker. DeepSpeed shards what it keeps in fp32,
+and so does the anchor: each worker keeps theta_0 and the strengths (the Fisher's part sent by rank 0)
+of its own part of each weight trained in place, never another's:
+
+- ZeRO-1/2 (and DeepSpeed's bf16 optimizer) keep whole weights on every worker but give each worker's
+  optimizer one fragment of them (`param._hp_mapping`); the worker's penalty on its fragments goes into
+  the loss world times over, as it is on this worker alone.
+- ZeRO-3 partitions the weights themselves: the worker adds the penalty's gradient s * (theta - theta_0)
+  to its partition of the fp32 gradients before the optimizer step (theta from DeepSpeed's fp32 master
+  partition), so the penalty never gathers a weight. LoRA's factors stay whole under ZeRO-3's default
+  persistence threshold.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kftune.errors import KftuneError
-from kftune.train.collectives import from_rank_zero
+from kftune.train.collectives import all_gather, all_reduce_sum, from_rank_zero
 
 PEFT_PREFIX = "base_model.model."
 
@@ -35,8 +41,10 @@ class AnchoredWeight:
     """The base model's name for the weight (the key of its Fisher)."""
     parameter: torch.nn.Parameter | None = None
     reference: torch.Tensor | None = None
-    """theta_0 of a weight trained in place (fp32, on the parameter's device)."""
+    """theta_0 (fp32, on the parameter's device) of what this worker anchors of a weight trained in place."""
     lora_layer: torch.nn.Module | None = None
+    fragment: tuple[int, int] | None = None
+    """ZeRO-1/2: (start, count) of this worker's fragment in the flattened weight (count 0 when it has none)."""
 
     @property
     def partitioned(self) -> bool:
@@ -52,7 +60,14 @@ class AnchoredWeight:
             from deepspeed.utils import safe_get_local_fp32_param
 
             return safe_get_local_fp32_param(self.parameter) - self.reference
-        return self.parameter.float() - self.reference
+        return _held(self.parameter, self.fragment).float() - self.reference
+
+    def part(self) -> tuple[int, int] | None:
+        """(start, count) in the flattened weight of what this worker anchors; None for all of it."""
+        if self.partitioned:
+            size = self.parameter.ds_tensor.ds_numel  # equal pieces in rank order, the last one padded
+            return torch.distributed.get_rank() * size, size
+        return self.fragment
 
 
 def anchored_weights(model, trainable: list[torch.nn.Parameter], new_names: set[str]) -> list[AnchoredWeight]:
@@ -78,18 +93,36 @@ def anchored_weights(model, trainable: list[torch.nn.Parameter], new_names: set[
         if id(parameter) in chosen and id(parameter) not in lora_parameters and _base_name(name) not in new_names:
             if "modules_to_save" in name:  # peft's trained copy of a new head
                 continue
-            weights.append(AnchoredWeight(_base_name(name), parameter=parameter, reference=_pretrained(parameter)))
+            fragment = _fragment(parameter)
+            reference = _pretrained(parameter, fragment)
+            weights.append(AnchoredWeight(_base_name(name), parameter, reference, fragment=fragment))
     return weights
 
 
-def _pretrained(parameter: torch.nn.Parameter) -> torch.Tensor:
-    """theta_0 in fp32: the whole weight, or this worker's partition of DeepSpeed's fp32 master copy under
-    ZeRO-3 (the engine is built by then; the base's values, before any step or checkpoint)."""
+def _fragment(parameter: torch.nn.Parameter) -> tuple[int, int] | None:
+    """Under ZeRO-1/2 (a whole weight linked to its fp32 master copy's partitions), the fragment of it this
+    worker's optimizer holds; None under DDP and ZeRO-3."""
+    if hasattr(parameter, "ds_id") or not hasattr(parameter, "_hp_mapping"):
+        return None
+    if parameter._hp_mapping is None:  # this worker's partition holds none of it
+        return 0, 0
+    address = parameter._hp_mapping.lp_fragment_address
+    return address.start, address.numel
+
+
+def _held(parameter: torch.nn.Parameter, fragment: tuple[int, int] | None) -> torch.Tensor:
+    return parameter if fragment is None else parameter.flatten().narrow(0, *fragment)
+
+
+def _pretrained(parameter: torch.nn.Parameter, fragment: tuple[int, int] | None) -> torch.Tensor:
+    """theta_0 in fp32 of what this worker anchors: the whole weight, its ZeRO-1/2 fragment, or its partition
+    of DeepSpeed's fp32 master copy under ZeRO-3 (the engine is built by then; the base's values, before
+    any step or checkpoint)."""
     if hasattr(parameter, "ds_id"):
         from deepspeed.utils import safe_get_local_fp32_param
 
         return safe_get_local_fp32_param(parameter).detach().clone()
-    return parameter.detach().float().clone()
+    return _held(parameter, fragment).detach().float().clone()
 
 
 def _base_name(name: str) -> str:
@@ -108,7 +141,7 @@ class Anchor:
         field: str,
     ):
         """`fisher` (EWC's, by base weight name) is needed on rank 0 only: every worker gets the whole entries
-        of the weights it holds whole, and its part of those ZeRO-3 partitions."""
+        of the weights it anchors whole, and its part of the others."""
         if not weights:
             raise KftuneError(
                 f"{field}: the method trains no pretrained weight of this model, so there is nothing to anchor"
@@ -120,21 +153,36 @@ class Anchor:
                 f"retention.ewc: the Fisher has no entry for {missing[:3]} (made for another architecture?)"
             )
         first = weights[0]
-        device = (first.reference if first.reference is not None else first.change()).device
-        self.weights = [w for w in weights if not w.partitioned]
+        device = self.device = (first.reference if first.reference is not None else first.change()).device
+        self.weights = [w for w in weights if w.part() is None]
+        self.fragments = [w for w in weights if w.fragment is not None]
         self.partitions = [w for w in weights if w.partitioned]
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         whole = from_rank_zero({w.name: fisher[w.name] for w in self.weights} if on_rank_zero else None)
         self.strengths = [alpha + strength * whole[w.name].to(device) if strength else alpha for w in self.weights]
-        self.partition_strengths = [
-            alpha + strength * _partition_of(fisher[w.name] if on_rank_zero else None, w.parameter, device)
-            if strength
-            else alpha
-            for w in self.partitions
-        ]
+        self.fragment_strengths, self.partition_strengths = (
+            [
+                alpha + strength * _part_of(fisher[w.name] if on_rank_zero else None, w.part(), device)
+                if strength
+                else alpha
+                for w in part
+            ]
+            for part in (self.fragments, self.partitions)
+        )
 
-    def penalty(self) -> torch.Tensor | float:
-        """The penalty on the whole weights (LoRA's updates, weights of a replica), in the autograd graph."""
-        return 0.5 * sum((s * w.change().pow(2)).sum() for w, s in zip(self.weights, self.strengths, strict=True))
+    @property
+    def in_graph(self) -> bool:
+        """Whether the penalty has terms in the autograd graph (all but ZeRO-3's partitions)."""
+        return bool(self.weights or self.fragments)
+
+    def penalty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this worker's penalty term, in the autograd graph; the penalty's value over all workers). A weight
+        held whole counts on every worker; a ZeRO-1/2 fragment on its own worker only, so it counts world times
+        there: either way the workers' terms average to the whole penalty, as the loop's other terms do."""
+        whole = _sum_penalty(self.weights, self.strengths, self.device)
+        fragments = _sum_penalty(self.fragments, self.fragment_strengths, self.device)
+        total = whole.detach() + (all_reduce_sum(fragments.detach().clone()) if self.fragments else 0.0)
+        return whole + self.world * fragments, total
 
     def add_partition_gradients(self, loss_scale: float) -> torch.Tensor:
         """ZeRO-3, at an accumulation boundary before the optimizer step: each partition's penalty gradient
@@ -142,7 +190,7 @@ class Anchor:
         gradients carry); returns the penalty on all partitions, summed over the workers."""
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
-        total = torch.zeros((), device=self.partitions[0].reference.device)
+        total = torch.zeros((), device=self.device)
         for weight, strength in zip(self.partitions, self.partition_strengths, strict=True):
             change = weight.change()
             safe_set_local_grad(
@@ -153,16 +201,21 @@ class Anchor:
         return total
 
 
-def _partition_of(whole: torch.Tensor | None, parameter, device: torch.device) -> torch.Tensor:
-    """This worker's part of `whole` (given on rank 0 only) as ZeRO-3 partitions `parameter`: equal
-    contiguous pieces of the flattened tensor in rank order, the last one padded; rank 0 sends each its own."""
-    size = parameter.ds_tensor.ds_numel
-    part = torch.empty(size, dtype=torch.float32, device=device)
+def _sum_penalty(weights: list[AnchoredWeight], strengths: list, device: torch.device) -> torch.Tensor:
+    zero = torch.zeros((), device=device)
+    return 0.5 * sum(((s * w.change().pow(2)).sum() for w, s in zip(weights, strengths, strict=True)), zero)
+
+
+def _part_of(whole: torch.Tensor | None, part: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """This worker's `part` (start, count) of the flattened `whole`, which rank 0 alone has and sends each
+    worker (zeros past its end: ZeRO-3 pads the last partition)."""
+    parts = all_gather(part)
+    size = max(count for _, count in parts)
+    received = torch.empty(size, dtype=torch.float32, device=device)
     pieces = None
     if torch.distributed.get_rank() == 0:
         flat = whole.flatten().float().to(device)
-        pieces = list(
-            torch.nn.functional.pad(flat, (0, size * torch.distributed.get_world_size() - flat.numel())).split(size)
-        )
-    torch.distributed.scatter(part, pieces, src=0)
-    return part
+        flat = torch.nn.functional.pad(flat, (0, max(0, max(s + c for s, c in parts) - flat.numel())))
+        pieces = [torch.nn.functional.pad(flat[s : s + c], (0, size - c)) for s, c in parts]
+    torch.distributed.scatter(received, pieces, src=0)
+    return received[: part[1]]

@@ -67,8 +67,9 @@ class RetentionTerms:
         micro_batch_index = step * self.accumulation + self.micro_batches % self.accumulation
         self.micro_batches += 1
         terms: dict[str, torch.Tensor] = {}
-        if self.anchor and self.anchor.weights:
-            terms["anchor"] = self.anchor.penalty()
+        values: dict[str, torch.Tensor] = {}  # what the history records where it is not this worker's term
+        if self.anchor and self.anchor.in_graph:
+            terms["anchor"], values["anchor"] = self.anchor.penalty()
         distill, replay = self.settings.distill, self.settings.replay
         if distill and "task" in distill.inputs:  # over the global batch's items, like the task loss
             if self.task == "sequence_classification":
@@ -94,7 +95,7 @@ class RetentionTerms:
                     terms["distill_general"] = distill.weight * kl / mask.sum()
                 if replay:
                     terms["replay"] = replay.weight * _language_model_loss(logits, general["labels"], self.task)
-        for name, value in terms.items():
+        for name, value in (terms | values).items():
             self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
         self.counted += 1
         return self.share * sum(terms.values())

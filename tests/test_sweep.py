@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -154,32 +155,38 @@ def test_the_report_has_a_row_per_trial_and_a_point_per_trial_and_field():
 
 
 def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_parent(tmp_path):
-    """lr 0.01 finishes; lr 1e-6 trails it at the first rung (step 2) and ASHA stops it; the sweep is
-    interrupted then (SIGINT, as Ctrl+C), before the third trial, and the same command resumes it."""
+    """lr 0.01 finishes; lr 1e-6 trails it at the first rung (step 2) and ASHA stops it; the third trial
+    trains on the CPUs the stopped one held (each trial's worker takes every CPU of the machine); the sweep is
+    interrupted then (SIGINT, as Ctrl+C), in the middle of the third trial, and the same command resumes it."""
     from mlflow import MlflowClient
 
+    whole_machine = os.cpu_count()
     config = stories_run(
         tmp_path,
         "sweepy",
         {"name": "lora", "r": 4, "target_modules": "all-linear"},
-        {"workers": 1, "max_steps": 4, "eval_every_steps": 2, "schedule": "constant", "log_every_steps": 100},
+        {"workers": 1, "cpus_per_worker": whole_machine, "max_steps": 4, "eval_every_steps": 2}
+        | {"schedule": "constant", "log_every_steps": 100},
     )
     config["data"]["split"]["validation"] = 0.25
     config["registry"]["artifact_location"] = (tmp_path / "artifacts").as_uri()
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "sweep"
-    command = ["sweep", str(path), "--set", "train.lr=grid(0.01, 0.000001, 0.001)", "--out", str(out)]
+    command = ["sweep", str(path), "--set", "train.lr=grid(0.01, 0.000001, 0.02)", "--out", str(out)]
 
     first = subprocess.Popen(
         [sys.executable, "-m", "kftune.cli", *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines = []
+    deadline = threading.Timer(420, first.kill)  # a trial waiting for CPUs that never come back waits forever
+    deadline.start()
     for line in first.stdout:
         lines.append(line)
-        if line.startswith("sweep: trial-1 stopped by ASHA"):  # trial-2 is next: it never starts, or is cut short
+        if line.startswith("sweep: trial-2 step 2/4"):  # its worker got the CPUs ASHA's stop of trial-1 freed
             os.kill(first.pid, signal.SIGINT)
-    assert first.wait(timeout=120) == 130, "".join(lines)
+    deadline.cancel()
+    assert first.wait() == 130, "".join(lines)
     printed = "".join(lines)
     assert "sweep: trial-0 finished" in printed and "sweep: trial-1 stopped by ASHA at step 2" in printed
     assert "interrupted with 2 of 3 trials done" in printed
@@ -214,7 +221,7 @@ def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert artifacts == {"sweep_report.html", "best.yaml"}
     best_config = load_config(out / "best.yaml")
-    assert best_config.train.lr == {"trial-0": 0.01, "trial-2": 0.001}[best]
+    assert best_config.train.lr == {"trial-0": 0.01, "trial-2": 0.02}[best]
     report = (out / "sweep_report.html").read_text()
     assert report.count("<circle") == 3 and "stopped by ASHA at step 2" in report
 
@@ -347,3 +354,15 @@ def test_the_train_steps_sweep_lives_in_sweep_storage_else_beside_the_checkpoint
     on_a_bucket = {**config, "train": {**config["train"], "checkpoint": {"storage": "s3://bucket/runs"}}}
     with pytest.raises(KftuneError, match=r"sweep.storage: a sweep needs a folder"):
         sweep_folder(parse_config(on_a_bucket), prompts, tmp_path / "scratch")
+
+
+def test_a_sweep_refuses_a_ray_without_the_state_api_that_frees_stopped_trials():
+    """Without the dashboard's State API, Ray Train cannot see that a trial ASHA stopped is gone and keeps its
+    CPUs reserved: a sweep would hang at the next trial, so it refuses to start."""
+    script = (
+        "import ray; from kftune.sweep.run import check_state_api; "
+        "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR'); check_state_api()"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert "sweep: Ray's State API does not answer (the dashboard is not running)" in result.stderr

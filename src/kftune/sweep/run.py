@@ -165,6 +165,7 @@ def _tune(base, settings, domains, configs, train_rows, out: Path, tracking, exp
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 below: Tune prints nothing; TrialRuns does
     start_ray(settings.parallel * max(c.train.workers * c.train.cpus_per_worker for c in configs), log_to_driver=False)
+    check_state_api()
     trainable = tune.with_resources(  # a trial only drives its Ray Train run: its workers reserve the CPUs and GPUs
         tune.with_parameters(run_trial, base=base, work_dir=str(out), metric=settings.metric),
         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
@@ -199,6 +200,23 @@ def _tune(base, settings, domains, configs, train_rows, out: Path, tracking, exp
         ),
     )
     return tuner.fit()
+
+
+def check_state_api() -> None:
+    """A trial ASHA stops gives its workers' CPUs back only when Ray Train's placement group cleaner can ask Ray's
+    State API (served by the dashboard) that the trial's controller is gone (ray-project/ray#54305); without it
+    the next trial that needs those CPUs waits forever, so the sweep refuses to start."""
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_actors(limit=1, timeout=30)
+    except RayStateApiException as error:
+        raise KftuneError(
+            "sweep: Ray's State API does not answer (the dashboard is not running), so the CPUs of a trial ASHA "
+            "stops would never be freed for the next one; install ray[default] (kftune's own requirements do) or "
+            f"start the cluster's dashboard ({str(error).splitlines()[0][:200]})"
+        ) from error
 
 
 def _trial_rows(results, client, experiment: str, parent: str, metric: str) -> list[dict[str, Any]]:

@@ -359,9 +359,9 @@ def test_the_train_steps_sweep_lives_in_sweep_storage_else_beside_the_checkpoint
 def test_a_sweep_refuses_a_ray_without_the_state_api_that_frees_stopped_trials():
     """Without the dashboard's State API, Ray Train cannot see that a trial ASHA stopped is gone and keeps its
     CPUs reserved: a sweep would hang at the next trial, so it refuses to start."""
-    script = (
-        "import ray; from kftune.sweep.run import check_state_api; "
-        "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR'); check_state_api()"
+    script = (  # kftune's own start of a local Ray, with the dashboard turned off
+        "import functools, ray; from kftune.sweep.run import check_state_api; from kftune.train.launch import start_ray; "
+        "ray.init = functools.partial(ray.init, include_dashboard=False); start_ray(1); check_state_api()"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert result.returncode != 0

@@ -211,7 +211,7 @@ def check_state_api() -> None:
 
     try:
         list_actors(limit=1, timeout=30)
-    except RayStateApiException as error:
+    except (RayStateApiException, ConnectionError, ValueError) as error:  # no server; none found; none registered
         raise KftuneError(
             "sweep: Ray's State API does not answer (the dashboard is not running), so the CPUs of a trial ASHA "
             "stops would never be freed for the next one; install ray[default] (kftune's own requirements do) or "

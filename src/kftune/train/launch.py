@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +43,34 @@ def run_training(
 
 def start_ray(cpus: int, log_to_driver: bool = True) -> None:
     """Join the cluster at $RAY_ADDRESS (KubeRay sets it), or start Ray in this process with at least `cpus` CPUs.
-    `log_to_driver`: the workers' output is shown here too (it is always in Ray's session logs)."""
+    `log_to_driver`: the workers' output is shown here too (it is always in Ray's session logs).
+
+    A local Ray's dashboard listens on a free port, named in $RAY_API_SERVER_ADDRESS here and in every worker:
+    Ray's State API clients (Ray Train's placement group cleaner among them) otherwise look for the one local
+    Ray and fail when another run on the machine has started its own."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    env = dict(WORKER_ENV)
+    if not address:
+        port = free_port()
+        env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
         address=address,
         num_cpus=None if address else max(os.cpu_count() or 1, cpus),
         log_to_driver=log_to_driver,
         logging_level="WARNING",
-        runtime_env={"env_vars": WORKER_ENV},
+        runtime_env={"env_vars": env},
+        **({} if address else {"dashboard_host": "127.0.0.1", "dashboard_port": port}),
     )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def make_trainer(

@@ -53,17 +53,13 @@ def start_ray(cpus: int, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    env = dict(WORKER_ENV)
+    env, local = dict(WORKER_ENV), {}
     if not address:
         port = free_port()
         env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        local = {"num_cpus": max(os.cpu_count() or 1, cpus), "dashboard_host": "127.0.0.1", "dashboard_port": port}
     ray.init(
-        address=address,
-        num_cpus=None if address else max(os.cpu_count() or 1, cpus),
-        log_to_driver=log_to_driver,
-        logging_level="WARNING",
-        runtime_env={"env_vars": env},
-        **({} if address else {"dashboard_host": "127.0.0.1", "dashboard_port": port}),
+        address=address, log_to_driver=log_to_driver, logging_level="WARNING", runtime_env={"env_vars": env}, **local
     )
 
 

@@ -236,6 +236,26 @@ def test_a_sweep_interrupted_after_two_trials_resumes_the_third_with_one_mlflow_
     (step_report,) = (out / "best" / "pipeline").glob("**/train/sweep_report")
     assert step_report.read_text() == report
 
+    # finished: the same command answers with what the sweep found, without Ray or Tune
+    again = subprocess.run([sys.executable, "-m", "kftune.cli", *command], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "sweep: finished already" in again.stdout and "trials, 1 at once" not in again.stdout
+    assert f"{best} (best)" in again.stdout and "stopped by ASHA at step 2" in again.stdout
+
+
+def test_the_trial_callback_pickles_after_ray_replaced_print_in_the_driver(monkeypatch):
+    """Tune pickles its callbacks when a sweep starts; Ray may have replaced `builtins.print` by then (it does once
+    trials have shown progress, so the second sweep in one process failed to start)."""
+    import builtins
+
+    from ray import cloudpickle
+
+    from kftune.sweep.tracking import TrialRuns
+
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: None)
+    callback = cloudpickle.loads(cloudpickle.dumps(TrialRuns("sqlite:///x.db", "0", "parent", "validation_loss")))
+    assert callback.parent_run_id == "parent"
+
 
 def test_a_sweep_file_is_read_and_the_flags_and_set_domains_override_it(tmp_path):
     from kftune.sweep.space import load_sweep_settings

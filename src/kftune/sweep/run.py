@@ -4,7 +4,8 @@ write the report and the best config.
 Everything lives in one folder: `sweep.json` (what was asked, and the parent MLflow run), `prompts/`,
 `tune/` (Ray Tune's experiment state), `trials/` (each trial's Ray Train run), `models/` (each finished
 trial's model), `best.yaml` and `sweep_report.html`. Started again on the same folder with the same config and settings, a sweep
-resumes where it stopped (`Tuner.restore`): finished trials stay finished, unfinished ones restart.
+resumes where it stopped (`Tuner.restore`): finished trials stay finished, unfinished ones restart; a sweep that
+had finished answers with what it found (kept in `sweep.json`) without starting Ray.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from kftune.sweep.space import SweepSettings, check_sweep, samples_per_point, tr
 STATE_FILE = "sweep.json"
 BEST_CONFIG_FILE = "best.yaml"
 REPORT_FILE = "sweep_report.html"
+FINISHED_KEY = "finished"
+"""In `sweep.json` once every trial is done: the sweep's summary (trials, best trial, best config)."""
 TUNE_FOLDER = "tune"
 TRIAL_ID = re.compile(r"[0-9a-f]{5}_[0-9]{5}")
 """Tune's trial id (`a1b2c_00003`), also in a trial folder's name (for a trial that failed before reporting)."""
@@ -82,6 +85,9 @@ def run_sweep(
         say(f"kftune: warning: {warning}")
     out = out.resolve()
     state = _sweep_state(out, {"config": _spec_config(config), "settings": settings.spec()})
+    if FINISHED_KEY in state:
+        say(f"sweep: finished already (MLflow run {state['parent_run_id']}); folder {out}")
+        return state[FINISHED_KEY]
     train_rows = read_meta(prompts_for(config, out / "prompts", prompts))["splits"]["train"]["rows"]
     client, experiment, parent = _parent_run(tracking, settings, state, out, say)
     trials = trial_count(domains, settings.samples)
@@ -105,6 +111,8 @@ def run_sweep(
         (out / BEST_CONFIG_FILE).write_text(yaml.safe_dump(best_config, sort_keys=False))
         summary["best_config"] = str(out / BEST_CONFIG_FILE)
     _finish_parent(client, parent, settings, domains, rows, best, out)
+    state[FINISHED_KEY] = summary
+    (out / STATE_FILE).write_text(json.dumps(state, indent=2))
     return summary
 
 

@@ -7,7 +7,6 @@ the tracking store. A resumed sweep finds the child runs it started before by th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from ray.tune import Callback
@@ -24,11 +23,9 @@ def trial_name(trial_id: str) -> str:
 
 
 class TrialRuns(Callback):
-    def __init__(
-        self, tracking_uri: str, experiment_id: str, parent_run_id: str, metric: str, say: Callable[[str], None] = print
-    ):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, metric: str):
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
-        self.metric, self.say = metric, say
+        self.metric = metric
         self.runs: dict[str, str] = {}
         self._client = None
 
@@ -68,7 +65,7 @@ class TrialRuns(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self.child_run(trial)
         values = ", ".join(f"{field}={_short(value)}" for field, value in trial.config.items())
-        self.say(f"sweep: {trial_name(trial.trial_id)} started: {values}")
+        _say(f"sweep: {trial_name(trial.trial_id)} started: {values}")
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict[str, Any], **info) -> None:
         run_id, step = self.child_run(trial), int(result["step"])
@@ -79,7 +76,7 @@ class TrialRuns(Callback):
         if result.get("done") and step < result["total_steps"]:  # Tune marks the result that its scheduler stopped on
             self.client.set_tag(run_id, OUTCOME_TAG, f"stopped by ASHA at step {step}")
             line += ", stopped by ASHA"
-        self.say(line)
+        _say(line)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         run_id = self.child_run(trial)
@@ -88,14 +85,21 @@ class TrialRuns(Callback):
             outcome = "finished"
             self.client.set_tag(run_id, OUTCOME_TAG, outcome)
         self.client.set_terminated(run_id, "FINISHED")
-        self.say(f"sweep: {trial_name(trial.trial_id)} {outcome}")
+        _say(f"sweep: {trial_name(trial.trial_id)} {outcome}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         run_id = self.child_run(trial)
         self.client.set_tag(run_id, OUTCOME_TAG, "failed")
         self.client.set_terminated(run_id, "FAILED")
-        self.say(f"sweep: {trial_name(trial.trial_id)} failed; its log: {trial.local_path}")
+        _say(f"sweep: {trial_name(trial.trial_id)} failed; its log: {trial.local_path}")
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _say(line: str) -> None:
+    """Print a progress line. The callback does not keep `print` itself: Ray replaces `builtins.print` in the
+    driver once trials have run (its print redirection), and Tune, pickling its callbacks when the next sweep in the
+    same process starts, then refuses the original."""
+    print(line, flush=True)

@@ -1,111 +1,230 @@
-"""Every method on MiniLM-L6 + SST-2 with the same budget: the first 2,000 training rows, 1 epoch,
-batch 32, max_length 64, one Ray worker with 2 CPUs; scored on the 872-sentence SST-2 dev set.
+"""Every method on one budget per model, each at the learning rate its own sweep chose:
 
-    python bench/methods_table.py [ROW ...]    # all rows, or the named ones
-    python bench/methods_table.py --sweep 'lora r8 q,v=runs/lora-sweep' 'lora r8 q,v'
+- `minilm`: MiniLM-L6 on SST-2 (examples/sst2-minilm-lora.yaml): the first 2,000 training rows, 1 epoch,
+  batch 32, max_length 64; scored on the 872-sentence SST-2 dev set (accuracy).
+- `stories260K`: the 292,800-parameter Llama instruction-tuned on Stanford Alpaca
+  (examples/alpaca-en-stories.yaml, 300 records, 20% held out as the test set): 3 epochs, batch 8,
+  max_length 512 (the model's context; rows that do not fit are dropped); scored by test perplexity and
+  ROUGE-L of greedy generations against the reference responses.
 
-`--sweep ROW=FOLDER` takes the row's learning rate from a `kftune sweep` folder (its best.yaml), and the
-row's record names that sweep (folder and parent MLflow run), so a table says how each rate was chosen.
+    python bench/methods_table.py minilm [ROW ...]        # all of the model's rows, or the named ones
+    python bench/methods_table.py stories260K --sweeps runs/methods-sweeps
+    python bench/methods_table.py minilm --report         # the table from the latest records
 
-Rows are timed (seconds and seconds per optimizer step), so the table runs alone: it refuses to start
-when the machine's 1-minute load average is above `--max-load` (or, with `--allow-busy`, marks every
-record `not_alone`), and each record carries the load average at its row's start and end (a row that ran
-alone ends near its own 2 CPUs).
+Two phases. First each row's learning-rate sweep (`kftune sweep` on `train.lr` over the row's log grid,
+ASHA, chosen by the validation metric on 10% of the training rows held out), in `--sweeps DIR/<model>/<row>`;
+a finished sweep there is read back, an interrupted one resumed. Sweeps run two trials at once on one CPU
+each and are not timed. Then the rows, each at its sweep's best rate on the whole budget: rows are timed
+(seconds and seconds per optimizer step), so they run alone: the table refuses to start when the machine's
+1-minute load average is above `--max-load` (or, with `--allow-busy`, marks every record `not_alone`),
+waits for its own sweeps' load to settle before the first row, and each record carries the load average at
+its row's start and end (a row that ran alone ends near its own 2 CPUs).
 
-Runs the pipeline's step functions in one process (data prepared and tokenized once, Ray started
+Rows run the pipeline's step functions in one process (data prepared and tokenized once, Ray started
 once; MLflow registration skipped), so the per-method cost is training plus evaluation. Prints a
-Markdown table (for docs/methods.md) and appends one JSON line per row to
-bench/results/methods.jsonl.
+Markdown table (for docs/methods.md) and appends one JSON line per row to bench/results/methods.jsonl,
+naming the sweep that chose its rate (folder, parent MLflow run, grid, every trial's rate and metric).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "examples" / "sst2-minilm-lora.yaml"
-BUDGET = [
-    "data.max_rows=2000",
-    "train.epochs=1",
-    "train.batch_size=32",
-    "prompt.max_length=64",
-    "train.workers=1",
-    "train.cpus_per_worker=2",
-    "eval.compare_base=false",
-]
-
-# row: (method, learning rate); learning rates are each family's usual range, not tuned here
-ROWS = {
-    "full": ("{name: full}", 5e-5),
-    "full + layer_lr_decay 0.8": ("{name: full}", 5e-5),
-    "head_only": ("{name: head_only}", 1e-3),
-    "freeze_bottom 3": ("{name: freeze_bottom, layers: 3}", 1e-4),
-    "train_top 2": ("{name: train_top, layers: 2}", 1e-4),
-    "layer_range 2-3": ("{name: layer_range, start: 2, end: 4}", 1e-4),
-    "gradual_unfreeze (1, every 10)": ("{name: gradual_unfreeze, start_layers: 1, every_steps: 10}", 1e-4),
-    "attention_only": ("{name: attention_only}", 1e-4),
-    "attention_only heads 0-5": ("{name: attention_only, heads: [0, 1, 2, 3, 4, 5]}", 2e-4),
-    "bitfit": ("{name: bitfit}", 1e-3),
-    "subnetwork 5%": ("{name: subnetwork, fraction: 0.05}", 5e-4),
-    "subnetwork 5% gradient": ("{name: subnetwork, fraction: 0.05, score: gradient}", 5e-4),
-    "lora r8 q,v": ("{name: lora, r: 8, target_modules: [query, value]}", 1e-3),
-    "dora r8 q,v": ("{name: lora, r: 8, target_modules: [query, value], use_dora: true}", 1e-3),
-    "rslora r8 q,v": ("{name: lora, r: 8, target_modules: [query, value], use_rslora: true}", 1e-3),
-    "lora r8 q,v merged": ("{name: lora, r: 8, target_modules: [query, value], merge: true}", 1e-3),
-    "ia3": ("{name: ia3}", 1e-2),
-    "prefix_tuning 20": ("{name: prefix_tuning, virtual_tokens: 20}", 1e-2),
-    "prompt_tuning 20 text": (
-        "{name: prompt_tuning, virtual_tokens: 20, init: text, init_text: 'the sentiment of this review is'}",
-        3e-2,
-    ),
-    "p_tuning 20": ("{name: p_tuning, virtual_tokens: 20}", 1e-2),
-    "adapter houlsby /16": ("{name: adapter, placement: houlsby}", 1e-3),
-    "adapter pfeiffer /16": ("{name: adapter, placement: pfeiffer}", 1e-3),
-    "layer_prompt": ("{name: layer_prompt}", 1e-2),
-}
-EXTRA = {"full + layer_lr_decay 0.8": ["train.layer_lr_decay=0.8"]}
+RESULTS_FILE = "methods.jsonl"
 MAX_LOAD = 0.5
 """A machine running nothing else sits below this 1-minute load average; the table's own row adds about its CPUs (2)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    grid: str
+    """The learning rates swept: at least 4 on a log grid."""
+    extra: tuple[str, ...] = ()
+    """Further config overrides of the row."""
+    sweep_of: str | None = None
+    """Another row whose sweep this one takes (it trains exactly like that row)."""
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    config: Path
+    budget: list[str]
+    sweep_budget: list[str]
+    """On top of `budget`, for the sweeps' trials: the validation split the rates are chosen on, how often it is
+    scored (ASHA's rungs), and one CPU per trial (two trials at once)."""
+    metric: str
+    """The sweeps' metric: validation_accuracy or validation_loss."""
+    scores: tuple[str, ...]
+    """The evaluation metrics recorded for each row on the test split."""
+    rows: dict[str, Row]
+
+
+ENCODER_FULL = "grid(1e-3, 3e-4, 1e-4, 3e-5)"
+ENCODER_LORA = "grid(3e-2, 1e-2, 3e-3, 1e-3)"
+ENCODER_VECTORS = "grid(1e-1, 3e-2, 1e-2, 3e-3)"
+DECODER_FULL = "grid(3e-4, 1e-3, 3e-3, 1e-2)"
+DECODER_VECTORS = "grid(3e-3, 1e-2, 3e-2, 1e-1)"
+PARALLEL_TRIALS = 2
+
+TABLES = {
+    "minilm": Table(
+        "MiniLM-L6 on SST-2",
+        REPO / "examples" / "sst2-minilm-lora.yaml",
+        [
+            "data.max_rows=2000",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "prompt.max_length=64",
+            "train.workers=1",
+            "train.cpus_per_worker=2",
+            "eval.compare_base=false",
+        ],
+        ["train.cpus_per_worker=1", "data.split.validation=0.1", "train.eval_every_steps=14"],
+        "validation_accuracy",
+        ("accuracy",),
+        {
+            "full": Row("{name: full}", "grid(1e-5, 3e-5, 1e-4, 3e-4)"),
+            "full + layer_lr_decay 0.8": Row(
+                "{name: full}", "grid(3e-4, 1e-4, 3e-5, 1e-5)", ("train.layer_lr_decay=0.8",)
+            ),
+            "head_only": Row("{name: head_only}", "grid(3e-1, 1e-1, 3e-2, 1e-2)"),
+            "freeze_bottom 3": Row("{name: freeze_bottom, layers: 3}", ENCODER_FULL),
+            "train_top 2": Row("{name: train_top, layers: 2}", ENCODER_FULL),
+            "layer_range 2-3": Row("{name: layer_range, start: 2, end: 4}", ENCODER_FULL),
+            "gradual_unfreeze (1, every 10)": Row(
+                "{name: gradual_unfreeze, start_layers: 1, every_steps: 10}", ENCODER_FULL
+            ),
+            "attention_only": Row("{name: attention_only}", ENCODER_FULL),
+            "attention_only heads 0-5": Row("{name: attention_only, heads: [0, 1, 2, 3, 4, 5]}", ENCODER_FULL),
+            "bitfit": Row("{name: bitfit}", "grid(3e-2, 1e-2, 3e-3, 1e-3)"),
+            "subnetwork 5%": Row("{name: subnetwork, fraction: 0.05}", "grid(3e-3, 1e-3, 3e-4, 1e-4)"),
+            "subnetwork 5% gradient": Row(
+                "{name: subnetwork, fraction: 0.05, score: gradient}", "grid(3e-3, 1e-3, 3e-4, 1e-4)"
+            ),
+            "lora r8 q,v": Row("{name: lora, r: 8, target_modules: [query, value]}", "grid(3e-4, 1e-3, 3e-3, 1e-2)"),
+            "dora r8 q,v": Row("{name: lora, r: 8, target_modules: [query, value], use_dora: true}", ENCODER_LORA),
+            "rslora r8 q,v": Row("{name: lora, r: 8, target_modules: [query, value], use_rslora: true}", ENCODER_LORA),
+            "lora r8 q,v merged": Row(
+                "{name: lora, r: 8, target_modules: [query, value], merge: true}", ENCODER_LORA, sweep_of="lora r8 q,v"
+            ),
+            "ia3": Row("{name: ia3}", ENCODER_VECTORS),
+            "prefix_tuning 20": Row("{name: prefix_tuning, virtual_tokens: 20}", ENCODER_VECTORS),
+            "prompt_tuning 20 text": Row(
+                "{name: prompt_tuning, virtual_tokens: 20, init: text, init_text: 'the sentiment of this review is'}",
+                "grid(1.0, 3e-1, 1e-1, 3e-2, 1e-2)",
+            ),
+            "p_tuning 20": Row("{name: p_tuning, virtual_tokens: 20}", ENCODER_VECTORS),
+            "adapter houlsby /16": Row("{name: adapter, placement: houlsby}", ENCODER_LORA),
+            "adapter pfeiffer /16": Row("{name: adapter, placement: pfeiffer}", ENCODER_LORA),
+            "layer_prompt": Row("{name: layer_prompt}", ENCODER_VECTORS),
+        },
+    ),
+    "stories260K": Table(
+        "stories260K on Alpaca",
+        REPO / "examples" / "alpaca-en-stories.yaml",
+        [
+            "data.split={test: 0.2}",
+            "prompt.packing=false",
+            "prompt.max_length=512",
+            "train.epochs=3",
+            "train.batch_size=8",
+            "train.workers=1",
+            "train.cpus_per_worker=2",
+            "eval.metrics=[perplexity, rouge_l]",
+            "eval.generate_rows=60",
+            "eval.compare_base=false",
+            "eval.forgetting=false",
+            "eval.batch_size=16",
+        ],
+        ["train.cpus_per_worker=1", "data.split.validation=0.1", "train.eval_every_steps=10"],
+        "validation_loss",
+        ("perplexity", "rouge_l"),
+        {
+            "full": Row("{name: full}", DECODER_FULL),
+            "lora r8 all-linear": Row("{name: lora, r: 8, target_modules: all-linear}", "grid(1e-3, 3e-3, 1e-2, 3e-2)"),
+            "ia3": Row("{name: ia3}", DECODER_VECTORS),
+            "adapter houlsby /16": Row("{name: adapter, placement: houlsby}", DECODER_FULL),
+            "layer_prompt": Row("{name: layer_prompt}", DECODER_VECTORS),
+            "prefix_tuning 20": Row("{name: prefix_tuning, virtual_tokens: 20}", DECODER_VECTORS),
+            "prompt_tuning 20 text": Row(
+                "{name: prompt_tuning, virtual_tokens: 20, init: text,"
+                " init_text: 'Below is an instruction that describes a task.'}",
+                "grid(1e-2, 3e-2, 1e-1, 3e-1, 1.0)",
+            ),
+            "p_tuning 20": Row("{name: p_tuning, virtual_tokens: 20}", DECODER_VECTORS),
+        },
+    ),
+}
 
 
 def weights_megabytes(model_dir: Path) -> float:
     return sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e6
 
 
-def swept_lr(folder: Path) -> tuple[float, dict]:
-    """The best trial's learning rate in a `kftune sweep` folder, and what to record about that sweep."""
-    from kftune.config import load_config
-    from kftune.sweep.run import BEST_CONFIG_FILE, STATE_FILE
+def folder_name(row: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", row.lower()).strip("-")
 
-    state = json.loads((folder / STATE_FILE).read_text())
-    lr = load_config(folder / BEST_CONFIG_FILE).train.lr
-    return lr, {
+
+def row_overrides(table: Table, row: str) -> list[str]:
+    spec = table.rows[row]
+    return [*table.budget, f"method={spec.method}", *spec.extra]
+
+
+def sweep_row(table: Table, row: str, sweeps: Path) -> dict:
+    """Run (or resume, or read back when finished) the row's learning-rate sweep; what to record about it."""
+    from kftune.config import load_config
+    from kftune.errors import KftuneError
+    from kftune.local import with_local_registry
+    from kftune.sweep.run import run_sweep
+    from kftune.sweep.space import load_sweep_settings
+
+    spec = table.rows[row]
+    config = load_config(table.config, [*row_overrides(table, row), *table.sweep_budget])
+    settings = load_sweep_settings(
+        None, {"train.lr": spec.grid}, {"metric": table.metric, "parallel": PARALLEL_TRIALS}, None
+    )
+    folder = sweeps / folder_name(row)
+    summary = run_sweep(config, settings, folder, with_local_registry(config, folder))
+    if summary["interrupted"] or not summary["best"]:
+        raise KftuneError(f"{row}: the sweep in {folder} has no finished trial; run the table again to resume it")
+    return {
+        "lr": summary["best"]["values"]["train.lr"],
         "folder": str(folder.resolve()),
-        "parent_run_id": state["parent_run_id"],
-        "space": state["spec"]["settings"]["space"],
+        "parent_run_id": summary["parent_run_id"],
+        "space": settings.space,
+        "metric": table.metric,
+        "trials": [
+            {"lr": t["values"]["train.lr"], table.metric: t["metric"], "outcome": t["outcome"], "step": t["step"]}
+            for t in summary["trials"]
+        ],
     }
 
 
-def run_row(row: str, prompts_dir: Path, work: Path, sweep: Path | None = None) -> dict:
+def run_row(table: Table, row: str, chosen_by: dict, prompts_dir: Path, work: Path) -> dict:
     from kftune import steps
     from kftune.config import config_to_dict, load_config
 
-    method, lr = ROWS[row]
-    lr, chosen_by = swept_lr(sweep) if sweep else (lr, "hand-picked")
-    config = config_to_dict(load_config(CONFIG, [*BUDGET, f"method={method}", f"train.lr={lr}", *EXTRA.get(row, [])]))
+    config = config_to_dict(load_config(table.config, [*row_overrides(table, row), f"train.lr={chosen_by['lr']}"]))
     model_dir = work / "model"
-    train = steps.train(config, str(prompts_dir), str(model_dir), run_name=f"bench-{abs(hash(row))}")
+    train = steps.train(config, str(prompts_dir), str(model_dir), run_name=f"bench-{folder_name(row)}")
     steps.evaluate(config, str(prompts_dir), str(model_dir), str(work / "evaluation"), str(work / "report.html"))
     evaluation = json.loads((work / "evaluation" / steps.EVALUATION_FILE).read_text())
     log = json.loads((model_dir / "train_log.json").read_text())
     return {
+        "model": next(key for key, value in TABLES.items() if value is table),
         "row": row,
-        "method": method,
-        "lr": lr,
+        "method": table.rows[row].method,
+        "extra": list(table.rows[row].extra),
+        "lr": chosen_by["lr"],
         "lr_chosen_by": chosen_by,
-        "dev_accuracy": evaluation["tuned"]["accuracy"],
+        "test": {name: evaluation["tuned"][name] for name in table.scores},
         "trainable": train["trainable_parameters"],
         "trainable_percent": 100 * train["trainable_parameters"] / log["total_parameters"],
         "train_seconds": train["seconds"],
@@ -115,27 +234,46 @@ def run_row(row: str, prompts_dir: Path, work: Path, sweep: Path | None = None) 
     }
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(table: Table, results: list[dict]) -> str:
     lines = [
-        "| method | lr | dev accuracy | trainable | trainable % | train time (s) | s/step | weights saved (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | lr (swept) | {' | '.join(f'test {name}' for name in table.scores)} | trainable | trainable %"
+        " | train time (s) | s/step | weights saved (MB) |",
+        "|---|---|" + "---|" * len(table.scores) + "---|---|---|---|---|",
     ]
     for r in results:
+        grid = r["lr_chosen_by"]["space"]["train.lr"].removeprefix("grid(").removesuffix(")")
+        scores = " | ".join(f"{r['test'][name]:.4f}" for name in table.scores)
         lines.append(
-            f"| {r['row']} | {r['lr']:g} | {r['dev_accuracy']:.4f} | {r['trainable']:,} | {r['trainable_percent']:.3f}"
+            f"| {r['row']} | **{r['lr']:g}** of {grid} | {scores} | {r['trainable']:,} | {r['trainable_percent']:.3f}"
             f" | {r['train_seconds']:.1f} | {r['seconds_per_step']:.3f} | {r['artifact_mb']:.2f} |"
         )
     return "\n".join(lines)
 
 
+def latest_records(model: str) -> list[dict]:
+    """The latest swept record of each of the model's rows, in the table's order."""
+    from step_tables import RESULTS
+
+    latest = {}
+    for line in (RESULTS / RESULTS_FILE).read_text().splitlines():
+        record = json.loads(line)
+        if record.get("model") == model and isinstance(record.get("lr_chosen_by"), dict) and "test" in record:
+            latest[record["row"]] = record
+    return [latest[row] for row in TABLES[model].rows if row in latest]
+
+
 def main(argv: list[str]) -> None:
     import argparse
 
-    from step_tables import run_table
+    from step_tables import busy_machine, run_table
 
     parser = argparse.ArgumentParser(prog="bench/methods_table.py")
+    parser.add_argument("model", choices=list(TABLES))
     parser.add_argument("rows", nargs="*", help="rows to run (default: all)")
-    parser.add_argument("--sweep", action="append", default=[], metavar="ROW=FOLDER", help="the row's lr from a sweep")
+    parser.add_argument(
+        "--sweeps", default="runs/methods-sweeps", help="the sweeps' folder (default runs/methods-sweeps)"
+    )
+    parser.add_argument("--report", action="store_true", help="print the table from the latest records and stop")
     parser.add_argument(
         "--max-load",
         type=float,
@@ -145,23 +283,34 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--allow-busy", action="store_true", help="start anyway; every record then says the rows did not run alone"
     )
-    args = parser.parse_args(argv)
-    sweeps = {row: Path(folder) for row, _, folder in (item.rpartition("=") for item in args.sweep)}
-    unknown = sorted(set(args.rows) - set(ROWS)) + sorted(set(sweeps) - set(ROWS))
+    args = parser.parse_intermixed_args(argv)
+    table = TABLES[args.model]
+    if args.report:
+        print(markdown(table, latest_records(args.model)))
+        return
+    unknown = sorted(set(args.rows) - set(table.rows))
     if unknown:
-        raise SystemExit(f"unknown rows: {', '.join(unknown)} (rows: {', '.join(ROWS)})")
-    command = "python bench/methods_table.py " + " ".join(argv)
+        raise SystemExit(f"unknown rows: {', '.join(unknown)} (rows: {', '.join(table.rows)})")
+    rows = args.rows or list(table.rows)
+    busy_machine(args.max_load, args.allow_busy)  # before hours of sweeps, not only before the timed rows
+    sweeps = Path(args.sweeps).resolve() / args.model
+    swept = {}
+    for row in rows:
+        of = table.rows[row].sweep_of or row
+        print(f"== sweep: {of}", flush=True)
+        swept[row] = swept.get(of) or sweep_row(table, of, sweeps)
     results = run_table(
-        CONFIG,
-        BUDGET,
-        args.rows or list(ROWS),
-        lambda row, prompts, work: run_row(row, prompts, work, sweeps.get(row)),
-        "methods.jsonl",
-        command,
+        table.config,
+        table.budget,
+        rows,
+        lambda row, prompts, work: run_row(table, row, swept[row], prompts, work),
+        RESULTS_FILE,
+        "python bench/methods_table.py " + " ".join(argv),
         max_load=args.max_load,
         allow_busy=args.allow_busy,
+        settle_seconds=240,
     )
-    print(markdown(results))
+    print(markdown(table, results))
 
 
 if __name__ == "__main__":

@@ -41,10 +41,20 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def busy_machine(max_load: float | None, allow_busy: bool) -> dict | None:
+def busy_machine(max_load: float | None, allow_busy: bool, settle_seconds: float = 0) -> dict | None:
     """None when the machine is quiet enough to time rows on (1-minute load average at most `max_load`, or no
-    limit); else what every record must say about it, when `allow_busy`. Otherwise refuses to start."""
+    limit), waiting up to `settle_seconds` for it (after the caller's own work); else what every record must say
+    about it, when `allow_busy`. Otherwise refuses to start."""
+    import time
+
     load = load_average()
+    waited = 0
+    while max_load is not None and load > max_load and waited < settle_seconds:
+        if waited == 0:
+            print(f"waiting up to {settle_seconds:.0f} s for the 1-minute load average ({load}) to settle", flush=True)
+        time.sleep(10)
+        waited += 10
+        load = load_average()
     if max_load is None or load <= max_load:
         return None
     message = (
@@ -65,13 +75,14 @@ def run_table(
     command: str,
     max_load: float | None = None,
     allow_busy: bool = False,
+    settle_seconds: float = 0,
 ) -> list[dict]:
     """Each row's `run_row(row, prompts, work)` on data prepared once, printed and recorded as it finishes.
-    With `max_load` the table refuses a busy machine (`busy_machine`), and each record carries the load average
+    With `max_load` the table refuses a busy machine (`busy_machine`, after up to `settle_seconds`), and each record carries the load average
     at the row's start and end, so that whether it ran alone can be checked."""
     import tempfile
 
-    busy = busy_machine(max_load, allow_busy)
+    busy = busy_machine(max_load, allow_busy, settle_seconds)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

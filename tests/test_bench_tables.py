@@ -1,5 +1,6 @@
-"""bench/methods_table.py times its rows, so it runs alone: it refuses a busy machine before any work, and
-its table and records carry seconds per optimizer step. (The table itself takes hours; it is not run here.)"""
+"""bench/methods_table.py times its rows, so it runs alone: it refuses a busy machine before any work (its sweeps
+included), and its table and records carry seconds per optimizer step and the swept grid each rate was chosen
+from. (The table itself takes hours; it is not run here.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from conftest import REPO
 BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
-from methods_table import markdown  # noqa: E402
+from methods_table import TABLES, markdown  # noqa: E402
 from step_tables import RESULTS, busy_machine  # noqa: E402
 
 
@@ -19,7 +20,7 @@ def test_a_busy_machine_is_refused_before_any_work_or_marked_in_every_record():
     record = RESULTS / "methods.jsonl"
     before = record.read_bytes() if record.exists() else b""
     done = subprocess.run(  # a load average is never below -1: the machine counts as busy
-        [sys.executable, str(BENCH / "methods_table.py"), "--max-load", "-1", "lora r8 q,v"],
+        [sys.executable, str(BENCH / "methods_table.py"), "minilm", "--max-load", "-1", "lora r8 q,v"],
         capture_output=True,
         text=True,
         timeout=30,  # the refusal comes before any work; were it gone, the table would start
@@ -32,7 +33,11 @@ def test_a_busy_machine_is_refused_before_any_work_or_marked_in_every_record():
     assert busy_machine(1e9, allow_busy=False) is None
 
 
-def test_the_table_shows_seconds_per_step():
-    row = {"row": "bitfit", "lr": 1e-3, "dev_accuracy": 0.8, "trainable": 10, "trainable_percent": 0.1}
-    table = markdown([{**row, "train_seconds": 12.0, "seconds_per_step": 0.1875, "artifact_mb": 0.1}])
-    assert "| s/step |" in table and "| 12.0 | 0.188 | 0.10 |" in table
+def test_the_table_shows_seconds_per_step_and_the_grid_each_rate_was_chosen_from():
+    chosen_by = {"lr": 1e-3, "space": {"train.lr": "grid(1e-3, 3e-3, 1e-2, 3e-2)"}}
+    row = {"row": "bitfit", "lr": 1e-3, "lr_chosen_by": chosen_by, "trainable": 10, "trainable_percent": 0.1}
+    record = {**row, "test": {"perplexity": 12.5, "rouge_l": 0.25}, "train_seconds": 12.0, "seconds_per_step": 0.1875}
+    table = markdown(TABLES["stories260K"], [{**record, "artifact_mb": 0.1}])
+    assert "| test perplexity | test rouge_l |" in table and "| s/step |" in table
+    assert "| **0.001** of 1e-3, 3e-3, 1e-2, 3e-2 | 12.5000 | 0.2500 |" in table
+    assert "| 12.0 | 0.188 | 0.10 |" in table

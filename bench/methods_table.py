@@ -234,6 +234,10 @@ def run_row(table: Table, row: str, chosen_by: dict, prompts_dir: Path, work: Pa
     }
 
 
+EDGE_MARK = "†"
+"""After a rate that is the smallest or largest of its grid: the best rate may lie beyond the grid."""
+
+
 def markdown(table: Table, results: list[dict]) -> str:
     lines = [
         f"| method | lr (swept) | {' | '.join(f'test {name}' for name in table.scores)} | trainable | trainable %"
@@ -242,9 +246,12 @@ def markdown(table: Table, results: list[dict]) -> str:
     ]
     for r in results:
         grid = r["lr_chosen_by"]["space"]["train.lr"].removeprefix("grid(").removesuffix(")")
+        rates = [float(value) for value in grid.split(",")]
+        edge = EDGE_MARK if r["lr"] in (min(rates), max(rates)) else ""
         scores = " | ".join(f"{r['test'][name]:.4f}" for name in table.scores)
         lines.append(
-            f"| {r['row']} | **{r['lr']:g}** of {grid} | {scores} | {r['trainable']:,} | {r['trainable_percent']:.3f}"
+            f"| {r['row']} | **{r['lr']:g}**{edge} of {grid} | {scores} | {r['trainable']:,}"
+            f" | {r['trainable_percent']:.3f}"
             f" | {r['train_seconds']:.1f} | {r['seconds_per_step']:.3f} | {r['artifact_mb']:.2f} |"
         )
     return "\n".join(lines)

@@ -39,5 +39,7 @@ def test_the_table_shows_seconds_per_step_and_the_grid_each_rate_was_chosen_from
     record = {**row, "test": {"perplexity": 12.5, "rouge_l": 0.25}, "train_seconds": 12.0, "seconds_per_step": 0.1875}
     table = markdown(TABLES["stories260K"], [{**record, "artifact_mb": 0.1}])
     assert "| test perplexity | test rouge_l |" in table and "| s/step |" in table
-    assert "| **0.001** of 1e-3, 3e-3, 1e-2, 3e-2 | 12.5000 | 0.2500 |" in table
+    assert "| **0.001**† of 1e-3, 3e-3, 1e-2, 3e-2 | 12.5000 | 0.2500 |" in table  # at the grid's edge
     assert "| 12.0 | 0.188 | 0.10 |" in table
+    inside = markdown(TABLES["stories260K"], [{**record, "lr": 3e-3, "artifact_mb": 0.1}])
+    assert "| **0.003** of 1e-3, 3e-3, 1e-2, 3e-2 |" in inside

@@ -99,7 +99,7 @@ def _short(value: Any) -> str:
 
 
 def _say(line: str) -> None:
-    """Print a progress line. The callback does not keep `print` itself: Ray replaces `builtins.print` in the
-    driver once trials have run (its print redirection), and Tune, pickling its callbacks when the next sweep in the
-    same process starts, then refuses the original."""
+    """Print a progress line. The callback does not keep `print` itself: once trials have run, Ray has replaced
+    `builtins.print` in the driver (by tqdm_ray's `safe_print`), and Tune, pickling its callbacks when the next
+    sweep in the same process starts, then refuses the original."""
     print(line, flush=True)

@@ -509,6 +509,28 @@ def test_an_encoder_classifier_keeps_the_bases_sentence_embeddings(make_config, 
     assert fisher["bert.encoder.layer.0.attention.self.query.weight"].sum() > 0
 
 
+def test_sentence_embeddings_of_a_prompt_tuned_encoder_pool_the_rows_own_tokens():
+    """Peft puts the virtual tokens before the row's (its hidden states are longer than the attention mask)."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from kftune.retention.embedding import sentence_embeddings
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(
+        BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).eval()
+    tuned = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=3)).eval()
+    batch = {
+        "input_ids": torch.tensor([[2, 5, 7, 9], [2, 6, 0, 0]]),
+        "attention_mask": torch.tensor([[1] * 4, [1, 1, 0, 0]]),
+    }
+    hidden = tuned(**batch, output_hidden_states=True).hidden_states[-1]
+    assert hidden.shape[1] == 3 + 4
+    expected = torch.stack([hidden[0, 3:].mean(0), hidden[1, 3:5].mean(0)])
+    torch.testing.assert_close(sentence_embeddings(tuned, batch), expected)
+
+
 def test_the_embedding_fisher_estimates_the_gaussian_fisher_diag_jtj():
     """Averaged over noise, the squared gradient of `gaussian_fisher_loss` is sum_k (d e_k / d w)^2."""
     from transformers import BertConfig, BertForSequenceClassification

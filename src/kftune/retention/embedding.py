@@ -34,11 +34,12 @@ def sentence_rows(lines: list[str], tokenizer, max_length: int) -> list[dict]:
 
 
 def sentence_embeddings(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean-pooled last hidden states over each row's tokens, one row per sentence (differentiable)."""
-    hidden = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
-    ).hidden_states[-1]
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    """Mean-pooled last hidden states over each row's tokens, one row per sentence (differentiable). Prompt tuning
+    and P-tuning put their virtual tokens before the row's: the row's own are the last positions."""
+    mask = batch["attention_mask"]
+    hidden = model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    hidden = hidden[:, -mask.shape[1] :]
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1)
 
 

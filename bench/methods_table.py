@@ -193,7 +193,9 @@ def sweep_row(table: Table, row: str, sweeps: Path) -> dict:
     folder = sweeps / folder_name(row)
     summary = run_sweep(config, settings, folder, with_local_registry(config, folder))
     if summary["interrupted"] or not summary["best"]:
-        raise KftuneError(f"{row}: the sweep in {folder} has no finished trial; run the table again to resume it")
+        raise KftuneError(
+            f"{row}: the sweep in {folder} stopped before a trial was scored; run the table again to resume it"
+        )
     return {
         "lr": summary["best"]["values"]["train.lr"],
         "folder": str(folder.resolve()),

@@ -209,10 +209,11 @@ def sweep_row(table: Table, row: str, sweeps: Path) -> dict:
     }
 
 
-def run_row(table: Table, row: str, chosen_by: dict, prompts_dir: Path, work: Path) -> dict:
+def run_row(model: str, row: str, chosen_by: dict, prompts_dir: Path, work: Path) -> dict:
     from kftune import steps
     from kftune.config import config_to_dict, load_config
 
+    table = TABLES[model]
     config = config_to_dict(load_config(table.config, [*row_overrides(table, row), f"train.lr={chosen_by['lr']}"]))
     model_dir = work / "model"
     train = steps.train(config, str(prompts_dir), str(model_dir), run_name=f"bench-{folder_name(row)}")
@@ -220,7 +221,7 @@ def run_row(table: Table, row: str, chosen_by: dict, prompts_dir: Path, work: Pa
     evaluation = json.loads((work / "evaluation" / steps.EVALUATION_FILE).read_text())
     log = json.loads((model_dir / "train_log.json").read_text())
     return {
-        "model": next(key for key, value in TABLES.items() if value is table),
+        "model": model,
         "row": row,
         "method": table.rows[row].method,
         "extra": list(table.rows[row].extra),
@@ -312,7 +313,7 @@ def main(argv: list[str]) -> None:
         table.config,
         table.budget,
         rows,
-        lambda row, prompts, work: run_row(table, row, swept[row], prompts, work),
+        lambda row, prompts, work: run_row(args.model, row, swept[row], prompts, work),
         RESULTS_FILE,
         "python bench/methods_table.py " + " ".join(argv),
         max_load=args.max_load,

@@ -78,8 +78,8 @@ def run_table(
     settle_seconds: float = 0,
 ) -> list[dict]:
     """Each row's `run_row(row, prompts, work)` on data prepared once, printed and recorded as it finishes.
-    With `max_load` the table refuses a busy machine (`busy_machine`, after up to `settle_seconds`), and each record carries the load average
-    at the row's start and end, so that whether it ran alone can be checked."""
+    With `max_load` the table refuses a busy machine (`busy_machine`, after up to `settle_seconds`), and each
+    record carries the load average at the row's start and end, so that whether it ran alone can be checked."""
     import tempfile
 
     busy = busy_machine(max_load, allow_busy, settle_seconds)

@@ -11,14 +11,16 @@
     python bench/methods_table.py stories260K --sweeps runs/methods-sweeps
     python bench/methods_table.py minilm --report         # the table from the latest records
 
-Two phases. First each row's learning-rate sweep (`kftune sweep` on `train.lr` over the row's log grid,
-ASHA, chosen by the validation metric on 10% of the training rows held out), in `--sweeps DIR/<model>/<row>`;
-a finished sweep there is read back, an interrupted one resumed. Sweeps run two trials at once on one CPU
-each and are not timed. Then the rows, each at its sweep's best rate on the whole budget: rows are timed
-(seconds and seconds per optimizer step), so they run alone: the table refuses to start when the machine's
-1-minute load average is above `--max-load` (or, with `--allow-busy`, marks every record `not_alone`),
-waits for its own sweeps' load to settle before the first row, and each record carries the load average at
-its row's start and end (a row that ran alone ends near its own 2 CPUs).
+Two phases. First each row's learning-rate sweep (`kftune sweep` on `train.lr` over the row's log grid, ASHA,
+chosen by the validation metric on 10% of the training rows held out), in `--sweeps DIR/<model>/<row>`; a
+finished sweep there is read back, an interrupted one resumed. While a row's best rate is the smallest or
+largest swept, its sweep goes on past that edge, two rates at a time (at most twice, in
+`<row>-beyond-<rate>`). Sweeps run two trials at once on one CPU each and are not timed. Then the rows, each
+at its sweep's best rate on the whole budget: rows are timed (seconds and seconds per optimizer step), so they
+run alone: the table refuses to start when the machine's 1-minute load average is above `--max-load` (or, with
+`--allow-busy`, marks every record `not_alone`), waits for its own sweeps' load to settle before the first
+row, and each record carries the load average at its row's start and end (a row that ran alone ends near its
+own 2 CPUs).
 
 Rows run the pipeline's step functions in one process (data prepared and tokenized once, Ray started
 once; MLflow registration skipped), so the per-method cost is training plus evaluation. Prints a
@@ -29,6 +31,7 @@ naming the sweep that chose its rate (folder, parent MLflow run, grid, every tri
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -177,35 +180,89 @@ def row_overrides(table: Table, row: str) -> list[str]:
     return [*table.budget, f"method={spec.method}", *spec.extra]
 
 
+MAX_EXTENSIONS = 2
+"""How often a row's grid is extended past the edge its best rate lies on, two rates further each time."""
+
+
+def rate_text(rate: float) -> str:
+    """A rate of the 1-3-10 log grid as the tables write it: 3e-4, 1e-2, 3, 1."""
+    mantissa, exponent = f"{rate:.0e}".split("e")
+    return mantissa if int(exponent) == 0 else f"{mantissa}e{int(exponent)}"
+
+
+def beyond(rate: float, places: int) -> float:
+    """The rate `places` steps further along the 1-3-10 log grid (negative: smaller); 1e-3, 1 -> 3e-3."""
+    index = round(2 * math.log10(rate)) + places  # 1e-3 -> -6, 3e-3 -> -5 (log10 3 = 0.48)
+    return float(f"{1 if index % 2 == 0 else 3}e{index // 2}")
+
+
+def past_the_edge(best: float, rates: list[float]) -> str | None:
+    """The next two rates past the edge of `rates` that `best` lies on, as a grid; None when it lies inside."""
+    if best not in (min(rates), max(rates)):
+        return None
+    outward = 1 if best == max(rates) else -1
+    return f"grid({rate_text(beyond(best, outward))}, {rate_text(beyond(best, 2 * outward))})"
+
+
+def grid_rates(grid: str) -> list[float]:
+    return [float(value) for value in grid.removeprefix("grid(").removesuffix(")").split(",")]
+
+
 def sweep_row(table: Table, row: str, sweeps: Path) -> dict:
-    """Run (or resume, or read back when finished) the row's learning-rate sweep; what to record about it."""
+    """Run (or resume, or read back when finished) the row's learning-rate sweep; while its best rate is the
+    smallest or largest swept, a further sweep of the next two rates past that edge (at most `MAX_EXTENSIONS`,
+    each in its own folder), the best over all of them chosen. What to record about them."""
+    grid = table.rows[row].grid
+    folder = sweeps / folder_name(row)
+    swept: list[dict] = []
+    while True:
+        swept.append(sweep_rates(table, row, grid, folder))
+        best = (max if swept[0]["mode"] == "max" else min)(
+            (s["best"] for s in swept), key=lambda trial: trial[table.metric]
+        )
+        rates = [rate for s in swept for rate in grid_rates(s["space"]["train.lr"])]
+        grid = past_the_edge(best["lr"], rates)
+        if grid is None or len(swept) > MAX_EXTENSIONS:
+            break
+        folder = sweeps / f"{folder_name(row)}-beyond-{folder_name(rate_text(best['lr']))}"
+        print(f"== sweep: {row}: the best rate {best['lr']:g} is the edge of {rates}; sweeping {grid}", flush=True)
+    return {
+        "lr": best["lr"],
+        "metric": table.metric,
+        "space": {"train.lr": f"grid({', '.join(rate_text(rate) for rate in rates)})"},
+        "sweeps": [{key: s[key] for key in ("folder", "parent_run_id", "space")} for s in swept],
+        "trials": [{**trial, "sweep": index} for index, s in enumerate(swept) for trial in s["trials"]],
+    }
+
+
+def sweep_rates(table: Table, row: str, grid: str, folder: Path) -> dict:
+    """One sweep of the row's learning rate over `grid` in `folder`: its best trial and every trial."""
     from kftune.config import load_config
     from kftune.errors import KftuneError
     from kftune.local import with_local_registry
     from kftune.sweep.run import run_sweep
     from kftune.sweep.space import load_sweep_settings
 
-    spec = table.rows[row]
     config = load_config(table.config, [*row_overrides(table, row), *table.sweep_budget])
     settings = load_sweep_settings(
-        None, {"train.lr": spec.grid}, {"metric": table.metric, "parallel": PARALLEL_TRIALS}, None
+        None, {"train.lr": grid}, {"metric": table.metric, "parallel": PARALLEL_TRIALS}, None
     )
-    folder = sweeps / folder_name(row)
     summary = run_sweep(config, settings, folder, with_local_registry(config, folder))
     if summary["interrupted"] or not summary["best"]:
         raise KftuneError(
             f"{row}: the sweep in {folder} stopped before a trial was scored; run the table again to resume it"
         )
+    trials = [
+        {"lr": t["values"]["train.lr"], table.metric: t["metric"], "outcome": t["outcome"], "step": t["step"]}
+        for t in summary["trials"]
+    ]
     return {
-        "lr": summary["best"]["values"]["train.lr"],
+        "best": {"lr": summary["best"]["values"]["train.lr"], table.metric: summary["best"]["metric"]},
+        "mode": settings.mode,
         "folder": str(folder.resolve()),
         "parent_run_id": summary["parent_run_id"],
         "space": settings.space,
-        "metric": table.metric,
-        "trials": [
-            {"lr": t["values"]["train.lr"], table.metric: t["metric"], "outcome": t["outcome"], "step": t["step"]}
-            for t in summary["trials"]
-        ],
+        "trials": trials,
     }
 
 

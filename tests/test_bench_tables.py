@@ -12,7 +12,7 @@ from conftest import REPO
 BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
-from methods_table import TABLES, markdown  # noqa: E402
+from methods_table import TABLES, grid_rates, markdown, past_the_edge, rate_text  # noqa: E402
 from step_tables import RESULTS, busy_machine  # noqa: E402
 
 
@@ -43,3 +43,11 @@ def test_the_table_shows_seconds_per_step_and_the_grid_each_rate_was_chosen_from
     assert "| 12.0 | 0.188 | 0.10 |" in table
     inside = markdown(TABLES["stories260K"], [{**record, "lr": 3e-3, "artifact_mb": 0.1}])
     assert "| **0.003** of 1e-3, 3e-3, 1e-2, 3e-2 |" in inside
+
+
+def test_a_best_rate_on_the_grids_edge_extends_the_sweep_two_rates_further_that_way():
+    assert past_the_edge(3e-4, grid_rates("grid(1e-5, 3e-5, 1e-4, 3e-4)")) == "grid(1e-3, 3e-3)"
+    assert past_the_edge(1e-2, grid_rates("grid(1.0, 3e-1, 1e-1, 3e-2, 1e-2)")) == "grid(3e-3, 1e-3)"
+    assert past_the_edge(0.3, [1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3]) == "grid(1, 3)"
+    assert past_the_edge(3e-3, [1e-3, 3e-3, 0.01, 0.03]) is None
+    assert [rate_text(rate) for rate in (1e-5, 3e-4, 0.1, 1.0, 3.0, 10.0)] == ["1e-5", "3e-4", "1e-1", "1", "3", "1e1"]

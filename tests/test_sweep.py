@@ -21,7 +21,8 @@ from kftune.cli import main
 from kftune.config import config_to_dict, load_config, parse_config
 from kftune.errors import KftuneError
 from kftune.sweep.report import render_sweep_report
-from kftune.sweep.space import Domain, SweepSettings, check_sweep, trial_count
+from kftune.sweep.run import TUNE_FOLDER, TUNER_STATE, run_sweep
+from kftune.sweep.space import Domain, SweepSettings, check_sweep, load_sweep_settings, trial_count
 
 TWO_CPUS = {"CPU": 2.0, "GPU": 0.0}
 
@@ -386,3 +387,27 @@ def test_a_sweep_refuses_a_ray_without_the_state_api_that_frees_stopped_trials()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert "sweep: Ray's State API does not answer (the dashboard is not running)" in result.stderr
+
+
+def test_a_sweep_whose_tune_state_was_left_empty_starts_afresh_instead_of_failing_to_restore(tmp_path, monkeypatch):
+    """Tune writes its state before any trial; when that write fails (a callback it cannot pickle), the file is left
+    empty and `Tuner.restore` would fail with EOFError: the sweep starts its trials afresh instead."""
+    config = stories_run(
+        tmp_path, "empty-state", {"name": "lora", "r": 4}, {"workers": 1, "max_steps": 2, "eval_every_steps": 1}
+    )
+    config["data"]["split"]["validation"] = 0.25
+    settings = load_sweep_settings(None, {"train.lr": "grid(0.01, 0.02)"}, {"parallel": 1}, None)
+    out = tmp_path / "sweep"
+    (out / TUNE_FOLDER).mkdir(parents=True)
+    (out / TUNE_FOLDER / TUNER_STATE).write_bytes(b"")
+
+    def stop_before_ray(*args, **kwargs):
+        raise RuntimeError("stop before Ray")
+
+    monkeypatch.setattr("kftune.train.launch.start_ray", stop_before_ray)
+    said = []
+    run_config = parse_config(config)
+    with pytest.raises(RuntimeError, match="stop before Ray"):
+        run_sweep(run_config, settings, out, run_config, say=said.append)
+    assert not (out / TUNE_FOLDER / TUNER_STATE).exists()  # so `Tuner.can_restore` says no: a new Tuner starts
+    assert any("is empty" in line and "starting afresh" in line for line in said)

@@ -29,6 +29,8 @@ REPORT_FILE = "sweep_report.html"
 FINISHED_KEY = "finished"
 """In `sweep.json` once every trial is done: the sweep's summary (trials, best trial, best config)."""
 TUNE_FOLDER = "tune"
+TUNER_STATE = "tuner.pkl"
+"""Tune's state in `TUNE_FOLDER`, written before the first trial starts; `Tuner.can_restore` looks for it."""
 TRIAL_ID = re.compile(r"[0-9a-f]{5}_[0-9]{5}")
 """Tune's trial id (`a1b2c_00003`), also in a trial folder's name (for a trial that failed before reporting)."""
 TRIAL_DRIVER_MEMORY = 512 * 2**20
@@ -91,6 +93,10 @@ def run_sweep(
     train_rows = read_meta(prompts_for(config, out / "prompts", prompts))["splits"]["train"]["rows"]
     client, experiment, parent = _parent_run(tracking, settings, state, out, say)
     trials = trial_count(domains, settings.samples)
+    unwritten = out / TUNE_FOLDER / TUNER_STATE
+    if unwritten.is_file() and unwritten.stat().st_size == 0:
+        say(f"sweep: {unwritten} is empty (Tune failed while writing it, before any trial ran): starting afresh")
+        unwritten.unlink()
     say(
         f"sweep: {trials} trials, {min(settings.parallel, trials)} at once, by {settings.metric}; folder {out}"
         " (the trials' own output: Ray's session logs, /tmp/ray/session_latest/logs)"

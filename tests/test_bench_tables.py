@@ -51,3 +51,11 @@ def test_a_best_rate_on_the_grids_edge_extends_the_sweep_two_rates_further_that_
     assert past_the_edge(0.3, [1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3]) == "grid(1, 3)"
     assert past_the_edge(3e-3, [1e-3, 3e-3, 0.01, 0.03]) is None
     assert [rate_text(rate) for rate in (1e-5, 3e-4, 0.1, 1.0, 3.0, 10.0)] == ["1e-5", "3e-4", "1e-1", "1", "3", "1e1"]
+
+
+def test_the_long_table_trains_the_minilm_rows_longer_at_the_rates_of_their_minilm_sweeps():
+    short, long = TABLES["minilm"], TABLES["minilm-long"]
+    assert long.rates_from == "minilm" and all(long.rows[row] == short.rows[row] for row in long.rows)
+    changed = set(long.budget) - set(short.budget)
+    assert changed == {"data.max_rows=8000", "train.epochs=2"}  # each once: no earlier value left to override
+    assert len(long.budget) == len(short.budget)

@@ -53,9 +53,11 @@ def test_a_best_rate_on_the_grids_edge_extends_the_sweep_two_rates_further_that_
     assert [rate_text(rate) for rate in (1e-5, 3e-4, 0.1, 1.0, 3.0, 10.0)] == ["1e-5", "3e-4", "1e-1", "1", "3", "1e1"]
 
 
-def test_the_long_table_trains_the_minilm_rows_longer_at_the_rates_of_their_minilm_sweeps():
+def test_the_long_table_sweeps_the_minilm_rows_again_at_its_own_budget():
     short, long = TABLES["minilm"], TABLES["minilm-long"]
-    assert long.rates_from == "minilm" and all(long.rows[row] == short.rows[row] for row in long.rows)
+    assert all(long.rows[row] == short.rows[row] for row in long.rows)
     changed = set(long.budget) - set(short.budget)
     assert changed == {"data.max_rows=8000", "train.epochs=2"}  # each once: no earlier value left to override
     assert len(long.budget) == len(short.budget)
+    assert set(long.sweep_budget) - set(short.sweep_budget) == {"train.eval_every_steps=50"}
+    assert len(long.sweep_budget) == len(short.sweep_budget)

@@ -14,7 +14,12 @@ from conftest import stories_run
 from kftune import steps
 from kftune.config import parse_config
 from kftune.errors import KftuneError
-from kftune.models import check_quantization_runs, load_tuned_model
+from kftune.models import (
+    check_quantization_runs,
+    cpu_packable,
+    keep_generic_cpu_kernel_where_unpackable,
+    load_tuned_model,
+)
 from kftune.prompts.build import read_meta, read_prompts
 from kftune.train.launch import run_training
 from kftune.train.loop import PROBE_FILE, PROBE_ROWS, TRAIN_LOG_FILE, build_model, probe_outputs
@@ -34,6 +39,17 @@ def test_the_frozen_base_is_quantized_and_only_lora_trains(tmp_path, quantizatio
     assert type(q_proj.base_layer).__name__ == layer and not q_proj.base_layer.weight.is_floating_point()
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_4bit_layers_bitsandbytes_cannot_pack_for_its_avx512_cpu_kernel_keep_the_generic_one(tmp_path):
+    model = build_model(parse_config(story_config(tmp_path)), None, for_training=True)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    for layer in layers:  # as on a CPU with AVX512-bf16
+        layer.support_avx512bf16_for_cpu = True
+    keep_generic_cpu_kernel_where_unpackable(model)
+    packable = {layer.support_avx512bf16_for_cpu for layer in layers if cpu_packable(layer)}
+    unpackable = {layer.support_avx512bf16_for_cpu for layer in layers if not cpu_packable(layer)}
+    assert packable == {True} and unpackable == {False}  # stories260K has both
 
 
 def test_a_4bit_lora_run_trains_and_its_adapter_reloads_onto_a_quantized_base(tmp_path):

@@ -138,7 +138,26 @@ def load_base_model(
     # decoders find the last real token through the pad token
     if task == "sequence_classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    if quantization:
+        keep_generic_cpu_kernel_where_unpackable(model)
     return model
+
+
+CPU_PACK_BLOCK = 32
+"""bitsandbytes' AVX512-bf16 CPU kernel for 4-bit layers packs output rows in blocks of this many."""
+
+
+def keep_generic_cpu_kernel_where_unpackable(model) -> None:
+    """On a CPU with AVX512-bf16, bitsandbytes (0.49+) repacks a 4-bit weight at its first forward without
+    gradients and fails when the layer's output size is not a multiple of `CPU_PACK_BLOCK` or its input size
+    not one of the quantization block size; such layers keep the generic kernel."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and not cpu_packable(module):
+            module.support_avx512bf16_for_cpu = False
+
+
+def cpu_packable(layer) -> bool:
+    return layer.out_features % CPU_PACK_BLOCK == 0 and layer.in_features % layer.weight.quant_state.blocksize == 0
 
 
 def load_run_base_model(config, num_labels: int | None, dtype=None, quantization: str | None = None):

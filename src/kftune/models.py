@@ -148,9 +148,9 @@ CPU_PACK_BLOCK = 32
 
 
 def keep_generic_cpu_kernel_where_unpackable(model) -> None:
-    """On a CPU with AVX512-bf16, bitsandbytes (0.49+) repacks a 4-bit weight at its first forward without
+    """On a CPU with AVX512-bf16, bitsandbytes (0.50) repacks a 4-bit weight at its first forward without
     gradients and fails when the layer's output size is not a multiple of `CPU_PACK_BLOCK` or its input size
-    not one of the quantization block size; such layers keep the generic kernel."""
+    not a multiple of the quantization block size; such layers keep the generic kernel."""
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False) and not cpu_packable(module):
             module.support_avx512bf16_for_cpu = False

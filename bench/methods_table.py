@@ -168,20 +168,20 @@ TABLES = {
     ),
 }
 
+
+def overridden(overrides: list[str], *changes: str) -> list[str]:
+    """`overrides` with the fields that `changes` set replaced by them (each field once)."""
+    fields = {change.split("=", 1)[0] for change in changes}
+    return [*(entry for entry in overrides if entry.split("=", 1)[0] not in fields), *changes]
+
+
 MINILM = TABLES["minilm"]
 TABLES["minilm-long"] = replace(
     MINILM,
     title="MiniLM-L6 on SST-2, 8,000 rows x 2 epochs",
-    budget=[
-        *(entry for entry in MINILM.budget if not entry.startswith(("data.max_rows=", "train.epochs="))),
-        "data.max_rows=8000",
-        "train.epochs=2",
-    ],
+    budget=overridden(MINILM.budget, "data.max_rows=8000", "train.epochs=2"),
     # 450 steps a trial: validation (800 rows) every 50 steps, so ASHA's rungs fall at 50, 100, 200 and 400
-    sweep_budget=[
-        *(entry for entry in MINILM.sweep_budget if "eval_every_steps" not in entry),
-        "train.eval_every_steps=50",
-    ],
+    sweep_budget=overridden(MINILM.sweep_budget, "train.eval_every_steps=50"),
     rows={row: MINILM.rows[row] for row in ("full", "lora r8 q,v", "prompt_tuning 20 text", "p_tuning 20")},
 )
 

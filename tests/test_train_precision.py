@@ -65,6 +65,17 @@ def test_layers_gradual_unfreezing_turns_on_later_are_fp32_from_the_start(tmp_pa
     assert {p.dtype for p in later} == {torch.float32}
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_output_layer_gets_the_last_positions_row_major(tmp_path, rows):
+    """transformers hands the head a strided view of the last positions; torch's 16-bit CPU linear layer
+    would copy the whole weight once per row for it (`kftune.models._row_major_input`)."""
+    model = build_model(story_config(tmp_path, precision="bf16"), None, for_training=True)
+    strides = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda _head, args: strides.append(args[0].stride()))
+    model(input_ids=torch.ones(rows, 5, dtype=torch.long), logits_to_keep=1)
+    assert strides == [torch.empty(rows, 1, model.config.hidden_size).stride()]
+
+
 def test_a_bf16_lora_run_trains_on_cpu_and_its_artifact_reloads_to_the_recorded_outputs(tmp_path):
     conf = story_config(tmp_path, precision="bf16")
     raw = json.loads(conf.model_dump_json(exclude_none=True))

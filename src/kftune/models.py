@@ -140,7 +140,22 @@ def load_base_model(
         model.config.pad_token_id = load_tokenizer(path).pad_token_id
     if quantization:
         keep_generic_cpu_kernel_where_unpackable(model)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_row_major_input)
     return model
+
+
+def _row_major_input(_head, args: tuple) -> tuple:
+    """The output layer's input with row-major strides. kftune's losses and reload probe ask transformers for
+    the logits of the last position only (`logits_to_keep=1`: they need the hidden states), and it hands the
+    head `hidden_states[:, -1:, :]`, a strided view; on a CPU torch (2.13) runs a 16-bit linear layer on such
+    a 3-D input (several rows, or one that requires grad) as a batched matmul over one copy of the weight per
+    row: 0.5 GB a row at Llama-3's vocabulary. A view when the input allows one, else a copy of its rows."""
+    if not args:
+        return args
+    hidden = args[0]
+    return (hidden.reshape(-1).view(hidden.shape), *args[1:])
 
 
 CPU_PACK_BLOCK = 32

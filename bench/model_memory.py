@@ -25,6 +25,7 @@ import argparse
 import json
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -184,6 +185,9 @@ def main() -> int:
         "cpus": psutil.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / GB, 1),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),  # the code measured (a record before and after a change differ only here)
     }
     with tempfile.TemporaryDirectory(prefix="kftune-bench-") as scratch:
         tmp = Path(scratch)

@@ -1,6 +1,7 @@
 """Per-worker memory of real model sizes on CPU, 2 Ray workers, one invocation, printed as ratios:
 
-- LoRA with bf16 frozen weights against the same run loading fp32 (bar: <= 0.55x);
+- LoRA with bf16 frozen weights against the same run loading fp32 (bar: <= 0.55x), and the lowest ratio
+  any loading could reach: that of workers holding only the weights and their imports;
 - ZeRO-3 LoRA (bf16), built under deepspeed.zero.Init, against one whole fp32 copy of the model
   (bar: <= 0.6x while building: each worker's high-water mark once model and engine are built, from the
   train log's `peak_gb_when_built`; the whole run's is printed too), and whether the saved adapter reloads
@@ -123,6 +124,24 @@ def worker_peaks(stop: threading.Event, peaks: dict[int, dict[str, int]]) -> Non
         time.sleep(0.2)
 
 
+def worker_floor_bytes() -> int:
+    """RSS of a Ray worker that has imported what a LoRA training worker imports, before any weights: what
+    the fp32 and the bf16 run both hold besides the model (on the Ray the runs started)."""
+    import ray
+
+    @ray.remote
+    def imported_rss() -> int:
+        import peft  # noqa: F401
+        import ray.train.torch  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+        import kftune.train.loop  # noqa: F401
+
+        return psutil.Process().memory_info().rss
+
+    return ray.get(imported_rss.remote())
+
+
 def train_and_measure(name: str, config: dict, prompts: Path, tmp: Path) -> dict:
     from kftune.config import parse_config
     from kftune.train.launch import run_training
@@ -204,11 +223,15 @@ def main() -> int:
                 "lora-bf16", run_config(tmp / "model", SST2, 200, tmp, precision="bf16"), prompts, tmp
             )
             ratio = max(w["vmhwm"] for w in bf16["workers_peak_gb"]) / max(w["vmhwm"] for w in fp32["workers_peak_gb"])
+            floor = worker_floor_bytes()
             record["precision"] = {
                 "fp32": fp32,
                 "bf16": bf16,
                 "peak_ratio_bf16_over_fp32": round(ratio, 3),
                 "bar": 0.55,
+                "worker_floor_gb": round(floor / GB, 3),
+                # the ratio of a worker holding the weights and nothing else besides its imports
+                "floor_ratio": round((parameters * 2 + floor) / (fp32_copy + floor), 3),
             }
         if "zero3" in only:
             zero3 = train_and_measure(

@@ -206,7 +206,7 @@ def main() -> int:
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),  # the code measured (a record before and after a change differ only here)
+        ).stdout.strip(),  # the code measured
     }
     with tempfile.TemporaryDirectory(prefix="kftune-bench-") as scratch:
         tmp = Path(scratch)

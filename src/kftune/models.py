@@ -152,10 +152,10 @@ def _row_major_input(_head, args: tuple) -> tuple:
     head `hidden_states[:, -1:, :]`, a strided view; on a CPU torch (2.13) runs a 16-bit linear layer on such
     a 3-D input (several rows, or one that requires grad) as a batched matmul over one copy of the weight per
     row: 0.5 GB a row at Llama-3's vocabulary. A view when the input allows one, else a copy of its rows."""
-    if not args:
-        return args
-    hidden = args[0]
-    return (hidden.reshape(-1).view(hidden.shape), *args[1:])
+    if args:  # else called with keywords only: left as it is
+        hidden = args[0]
+        return (hidden.reshape(-1).view(hidden.shape), *args[1:])
+    return None
 
 
 CPU_PACK_BLOCK = 32
@@ -167,11 +167,11 @@ def keep_generic_cpu_kernel_where_unpackable(model) -> None:
     gradients and fails when the layer's output size is not a multiple of `CPU_PACK_BLOCK` or its input size
     not a multiple of the quantization block size; such layers keep the generic kernel."""
     for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False) and not cpu_packable(module):
+        if getattr(module, "support_avx512bf16_for_cpu", False) and not _cpu_packable(module):
             module.support_avx512bf16_for_cpu = False
 
 
-def cpu_packable(layer) -> bool:
+def _cpu_packable(layer) -> bool:
     return layer.out_features % CPU_PACK_BLOCK == 0 and layer.in_features % layer.weight.quant_state.blocksize == 0
 
 

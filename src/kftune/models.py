@@ -146,7 +146,7 @@ def load_base_model(
     return model
 
 
-def _row_major_input(_head, args: tuple) -> tuple:
+def _row_major_input(_head, args: tuple) -> tuple | None:
     """The output layer's input with row-major strides. kftune's losses and reload probe ask transformers for
     the logits of the last position only (`logits_to_keep=1`: they need the hidden states), and it hands the
     head `hidden_states[:, -1:, :]`, a strided view; on a CPU torch (2.13) runs a 16-bit linear layer on such

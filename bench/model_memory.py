@@ -6,7 +6,9 @@
   (bar: <= 0.6x while building: each worker's high-water mark once model and engine are built, from the
   train log's `peak_gb_when_built`; the whole run's is printed too), and whether the saved adapter reloads
   to the outputs the run recorded;
-- the training split at 200,000 rows against 2,000 rows on a small model (bar: within 100 MB).
+- the training split at 200,000 rows against 2,000 rows on a small model (bar: within 100 MB);
+- evaluation of the bf16 model in one process: what kftune's next-token loss and answer-word scoring hold
+  above the loaded weights, against transformers computing the same from the model's full logits.
 
 The model is Llama-3.2-1B-shaped (hidden 2048, 16 layers, 32/8 heads, vocab 128,256, tied
 embeddings: 1.24 B parameters, 4.9 GB in fp32), random-initialised once, layer by layer, and saved
@@ -16,6 +18,7 @@ pages are reported apart (memory-mapped data shows up as file pages: page cache,
 
     python bench/model_memory.py                 # the 1B shape; about 12 GB at the fp32 run's peak
     python bench/model_memory.py --layers 4      # a shallower model of the same width
+    python bench/model_memory.py --only evaluation  # one comparison (repeat --only for more)
 
 Results are appended to bench/results/model_memory.jsonl with the exact command.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import shutil
 import subprocess
@@ -31,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -187,17 +192,71 @@ def many_rows(folder: Path, rows: int) -> Path:
     return path
 
 
+EVAL_ROWS, EVAL_TOKENS = 8, 256
+"""The evaluation batch: rows of random tokens (the loss), or prompts of these lengths and fewer (word scoring)."""
+
+
+def evaluation_peaks(way: str, model: Path) -> dict[str, float]:
+    """In a fresh process: the bf16 model's high-water mark above its loaded size (GB) while computing a
+    batch's next-token loss, then while scoring two answer words after each prompt, done `way`:
+    "kftune" (`next_token_losses`, `word_scores`) or "transformers" (the model's full logits: its own loss,
+    the log-softmax at each prompt's end)."""
+    import ctypes
+
+    from kftune.evaluate.evaluate import word_scores
+    from kftune.models import load_base_model, load_tokenizer
+    from kftune.train.losses import next_token_losses
+
+    loaded = load_base_model(model, "causal_lm", None, 0, dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, 500, (EVAL_ROWS, EVAL_TOKENS), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    lengths = [EVAL_TOKENS - 16 * i for i in range(EVAL_ROWS)]
+    prompts = {
+        "input_ids": ids.clone(),
+        "attention_mask": (torch.arange(EVAL_TOKENS) < torch.tensor(lengths)[:, None]).long(),
+    }
+    rows = [{"input_ids": ids[i, :n].tolist(), "labels": [-100] * n} for i, n in enumerate(lengths)]
+    tokenizer = load_tokenizer(STORIES)
+
+    def above_loaded(work) -> float:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here on
+        before = psutil.Process().memory_info().rss
+        with torch.no_grad():
+            work()
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return round((int(status["VmHWM"].split()[0]) * 1024 - before) / GB, 3)
+
+    if way == "kftune":
+        return {
+            "loss": above_loaded(lambda: next_token_losses(loaded, batch)),
+            "word_scores": above_loaded(
+                lambda: word_scores(loaded, rows, tokenizer, [[" happy"], [" big"]], "causal_lm", EVAL_ROWS)
+            ),
+        }
+    ends = torch.tensor(lengths) - 1
+    return {
+        "loss": above_loaded(lambda: loaded(**batch).loss),
+        "word_scores": above_loaded(
+            lambda: loaded(**prompts).logits.float()[torch.arange(EVAL_ROWS), ends].log_softmax(-1)
+        ),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--layers", type=int, default=LLAMA_1B["num_hidden_layers"], help="decoder layers (16: Llama-3.2-1B)"
     )
     parser.add_argument(
-        "--only", choices=["precision", "zero3", "data"], action="append", help="run only these comparisons"
+        "--only",
+        choices=["precision", "zero3", "data", "evaluation"],
+        action="append",
+        help="run only these comparisons",
     )
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results")
     args = parser.parse_args()
-    only = set(args.only or ["precision", "zero3", "data"])
+    only = set(args.only or ["precision", "zero3", "data", "evaluation"])
     record = {
         "command": " ".join(["python", "bench/model_memory.py", *sys.argv[1:]]),
         "host": platform.node(),
@@ -210,13 +269,29 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory(prefix="kftune-bench-") as scratch:
         tmp = Path(scratch)
-        if only & {"precision", "zero3"}:
+        if only & {"precision", "zero3", "evaluation"}:
             (tmp / "model").mkdir()
             parameters = make_model(tmp / "model", args.layers)
             fp32_copy = parameters * 4
             record["model"] = {"parameters": parameters, "layers": args.layers, "fp32_gb": round(fp32_copy / GB, 2)}
             print(json.dumps(record["model"]), flush=True)
+        if only & {"precision", "zero3"}:
             prompts = build_prompts(run_config(tmp / "model", SST2, 200, tmp), tmp / "big")
+        if "evaluation" in only:
+            spawn = multiprocessing.get_context("spawn")
+            ways = {}
+            for way in ("kftune", "transformers"):
+                with ProcessPoolExecutor(1, mp_context=spawn) as fresh:
+                    ways[way] = fresh.submit(evaluation_peaks, way, tmp / "model").result()
+            record["evaluation"] = {
+                "rows": EVAL_ROWS,
+                "tokens": EVAL_TOKENS,
+                "gb_above_weights": ways,
+                "ratio_kftune_over_transformers": {
+                    k: round(ways["kftune"][k] / ways["transformers"][k], 3) for k in ways["kftune"]
+                },
+            }
+            print(json.dumps(record["evaluation"]), flush=True)
         if "precision" in only:
             fp32 = train_and_measure("lora-fp32", run_config(tmp / "model", SST2, 200, tmp), prompts, tmp)
             bf16 = train_and_measure(
@@ -262,7 +337,7 @@ def main() -> int:
                 "peak_difference_mb": round((large - small) * 1000, 1),
                 "bar_mb": 100,
             }
-    print(json.dumps({k: v for k, v in record.items() if k in ("precision", "zero3", "data")}, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if k in ("precision", "zero3", "data", "evaluation")}, indent=1))
     if not args.no_save:
         with open(REPO / "bench" / "results" / "model_memory.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

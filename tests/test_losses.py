@@ -4,6 +4,8 @@ causal LM, and families whose logits are more than `lm_head(hidden)` keep the pl
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -122,6 +124,25 @@ def test_every_method_gets_the_plain_loss_and_gradients(case, response_only, fam
         per_position = next_token_losses(model, batch)
     assert per_position.sum().item() == pytest.approx(expected_loss.item(), rel=1e-5)
     assert torch.all(per_position[batch["labels"][:, 1:] == -100] == 0)
+
+
+def test_scoring_frees_each_layers_states_as_the_forward_goes(families):
+    """Without gradients the loss keeps only the states the output layer gets: when the final norm runs, no
+    earlier decoder layer's output is alive (`output_hidden_states` would keep them all until the end)."""
+    model = load_base_model(STORIES, "causal_lm", None, seed=0).eval()
+    outputs, alive_at_the_end = [], []
+    for layer in model.model.layers:
+        layer.register_forward_hook(
+            lambda _layer, _args, out: outputs.append(weakref.ref(out[0] if isinstance(out, tuple) else out))
+        )
+    model.model.norm.register_forward_hook(
+        lambda *_: alive_at_the_end.append(sum(ref() is not None for ref in outputs[:-1]))
+    )
+    with torch.no_grad():
+        losses = next_token_losses(model, families["stories"][3])
+    assert len(outputs) == model.config.num_hidden_layers > 1
+    assert alive_at_the_end == [0]
+    assert losses.sum().item() == pytest.approx(plain_summed_loss(model, families["stories"][3]).item(), rel=1e-5)
 
 
 def test_a_soft_capped_family_keeps_its_own_logits():

@@ -156,6 +156,38 @@ def test_entailment_builds_one_row_per_hypothesis_and_picks_the_most_entailed(ma
     assert predicted == [int(margins[g + 1] > margins[g]) for g in (0, 2, 4)]
 
 
+@pytest.mark.parametrize("method", [None, {"name": "prompt_tuning", "virtual_tokens": 4}])
+def test_causal_word_scores_project_only_the_answer_positions(method):
+    """A causal LM projects only the answer positions of a batch onto the vocabulary, not every position, and
+    scores each word as the full logits do (prompt tuning prepends virtual tokens: positions count from the end)."""
+    from conftest import build_on_stories
+    from kftune.evaluate.evaluate import word_scores
+    from kftune.methods import METHODS
+
+    tokenizer = load_tokenizer(STORIES)
+    if method:
+        model = build_on_stories(METHODS[method["name"]].options.model_validate(method)).eval()
+    else:
+        model = load_base_model(STORIES, "causal_lm", None, 0).eval()
+    prompts = [
+        tokenizer(text)["input_ids"] for text in ("Once upon a time", "The cat sat", "Lily was very happy to see")
+    ]
+    rows = [{"input_ids": [*ids, 7], "labels": [IGNORE_INDEX] * len(ids) + [7]} for ids in prompts]
+    words = [[" happy"], [" big"]]  # one token each in stories260K
+    projected = []
+    model.get_output_embeddings().register_forward_hook(lambda _head, _args, out: projected.append(out.shape[-2]))
+
+    scores = word_scores(model, rows, tokenizer, words, "causal_lm", batch_size=3)
+
+    longest = max(map(len, prompts))
+    assert projected == [len({len(ids) for ids in prompts})] and projected[0] < longest
+    with torch.no_grad():
+        for ids, row_scores in zip(prompts, scores, strict=True):
+            log_probs = model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            expected = [log_probs[tokenizer(w[0], add_special_tokens=False)["input_ids"][0]].item() for w in words]
+            assert row_scores == pytest.approx(expected, rel=1e-5)  # batched: fp32 sums in another order
+
+
 def mlm_build(make_config, model, tmp_path):
     """A PET masked-LM config on the tiny SST-2 slice, prepared and built into tmp_path/prompts."""
     config = parse_config(

@@ -67,8 +67,8 @@ def test_layers_gradual_unfreezing_turns_on_later_are_fp32_from_the_start(tmp_pa
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_the_output_layer_gets_the_last_positions_row_major(tmp_path, rows):
-    """transformers hands the head a strided view of the last positions; torch's 16-bit CPU linear layer
-    would copy the whole weight once per row for it (`kftune.models._row_major_input`)."""
+    """Generating, transformers hands the head a strided view of the last positions; torch's 16-bit CPU
+    linear layer would copy the whole weight once per row for it (`kftune.models._row_major_input`)."""
     model = build_model(story_config(tmp_path, precision="bf16"), None, for_training=True)
     strides = []
     model.get_output_embeddings().register_forward_pre_hook(lambda _head, args: strides.append(args[0].stride()))

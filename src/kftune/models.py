@@ -147,11 +147,12 @@ def load_base_model(
 
 
 def _row_major_input(_head, args: tuple) -> tuple | None:
-    """The output layer's input with row-major strides. kftune's losses and reload probe ask transformers for
-    the logits of the last position only (`logits_to_keep=1`: they need the hidden states), and it hands the
-    head `hidden_states[:, -1:, :]`, a strided view; on a CPU torch (2.13) runs a 16-bit linear layer on such
-    a 3-D input (several rows, or one that requires grad) as a batched matmul over one copy of the weight per
-    row: 0.5 GB a row at Llama-3's vocabulary. A view when the input allows one, else a copy of its rows."""
+    """The output layer's input with row-major strides. Generation asks for the logits of the last position
+    only (transformers' `generate` passes `logits_to_keep=1`), and the model hands the head
+    `hidden_states[:, -1:, :]`, a strided view; on a CPU torch (2.13) runs a 16-bit linear layer on such a
+    3-D input (several rows, or one that requires grad) as a batched matmul over one copy of the weight per
+    row: 0.5 GB a row at Llama-3's vocabulary (3.1 GB measured for 8 rows). A view when the input allows
+    one, else a copy of its rows."""
     if args:  # else called with keywords only: left as it is
         hidden = args[0]
         return (hidden.reshape(-1).view(hidden.shape), *args[1:])

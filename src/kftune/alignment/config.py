@@ -10,8 +10,6 @@ from pydantic import Field
 from kftune.section import Section
 
 Stage = Literal["sft", "reward", "dpo", "kto", "orpo", "simpo", "grpo", "ppo"]
-PAIRED_STAGES = ("reward", "dpo", "orpo", "simpo")
-"""Stages trained on pairs (a prompt, a chosen and a rejected response); KTO reads unpaired feedback."""
 ONLINE_STAGES = ("grpo", "ppo")
 """Stages that sample completions of prompts during training and learn from their rewards."""
 REFERENCE_STAGES = ("dpo", "kto", *ONLINE_STAGES)

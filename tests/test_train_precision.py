@@ -65,6 +65,35 @@ def test_layers_gradual_unfreezing_turns_on_later_are_fp32_from_the_start(tmp_pa
     assert {p.dtype for p in later} == {torch.float32}
 
 
+@pytest.mark.parametrize(
+    ("method", "inputs_seen"),
+    [
+        (LORA, True),
+        ({**LORA, "use_dora": True}, False),  # DoRA also feeds its layers an fp32 identity
+        ({"name": "ia3"}, False),  # IA3 casts inside its layers whatever the setting
+    ],
+)
+def test_adapted_layers_take_bf16_inputs_as_they_come(tmp_path, method, inputs_seen):
+    """Under bf16 mixed precision PEFT's layers do not copy their input to their fp32 weights' dtype (autocast
+    would copy it back for the matmul): their fp32 parameters see bf16 inputs, and the loss is unchanged."""
+    from kftune.train.engines import mixed_precision
+    from kftune.train.losses import summed_loss
+
+    model = build_model(story_config(tmp_path, method, precision="bf16"), None, for_training=True)
+    adapted = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32]
+    seen = set()
+    for module in adapted:
+        module.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with mixed_precision(model, "bf16", torch.device("cpu")):
+        loss = summed_loss(model, batch, "causal_lm")
+    if inputs_seen:
+        assert adapted and seen == {torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # PEFT casting the inputs: the same loss
+        assert summed_loss(model, batch, "causal_lm").item() == pytest.approx(loss.item(), rel=1e-3)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_the_output_layer_gets_the_last_positions_row_major(tmp_path, rows):
     """Generating, transformers hands the head a strided view of the last positions; torch's 16-bit CPU

@@ -50,7 +50,7 @@ from kftune.retention.terms import build_retention
 from kftune.train import TRAIN_LOG_FILE
 from kftune.train.checkpoints import load_trainer_state, save_trainer_state
 from kftune.train.collectives import all_gather, all_reduce_sum
-from kftune.train.engines import autocast, make_engine, partitioned_construction
+from kftune.train.engines import make_engine, mixed_precision, partitioned_construction
 from kftune.train.losses import token_losses
 from kftune.train.memory import built_peak_gb, check_fits
 from kftune.train.partitioned import save_partitioned
@@ -94,7 +94,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         config, meta, model, varlen=uses_varlen_attention(model), rows=rows
     )  # the stage's loss (kftune.alignment): SFT's token cross-entropy, a reward model's or the DPO family's
     collate = objective.collate  # packed rows when build_prompts packed them
-    with autocast(settings.precision, torch.device("cpu")):  # the same rows in every worker
+    with mixed_precision(model, settings.precision, torch.device("cpu")):  # the same rows in every worker
         calibrate_method(model, config.method, lambda n: objective.loss(model, collate(rows[:n])))
     trainable, total = trainable_parameters(model)
 
@@ -124,8 +124,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         config, engine.module, config.method, loop_config.get("storage"), rank, world, device
     )
     built_peaks = all_gather(built_peak_gb(device))  # every worker's memory high-water marks, for the train log
-    with autocast(
-        settings.precision, device
+    with mixed_precision(
+        engine.module, settings.precision, device
     ):  # also before it: dpo's precomputed reference scores the starting weights
         precompute_reference(objective, engine.model, device)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from kftune.train.engines import autocast
+from kftune.train.engines import mixed_precision
 from kftune.train.losses import loss_items, summed_loss
 
 
@@ -36,7 +36,7 @@ def validate(
     for start in range(0, passes * micro_batch, micro_batch):
         chunk = mine[start : start + micro_batch]
         batch = {k: v.to(device) for k, v in collate(chunk or rows[:1]).items()}
-        with autocast(precision, device):
+        with mixed_precision(model, precision, device):
             if task == "sequence_classification":
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
                 loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")

@@ -5,6 +5,7 @@ vocab 128256), bf16, sequence 2048, micro-batch 8.
     python bench/gpu_throughput.py                  # LoRA r=16, all linear layers, vs transformers + PEFT (eager, compiled)
     python bench/gpu_throughput.py --method full    # full fine-tuning under ZeRO-2 vs transformers + DeepSpeed ZeRO-2
     python bench/gpu_throughput.py --shape tiny     # the same harness on CPU with a tiny fp32 model (smoke test)
+    python bench/gpu_throughput.py --shape narrow --results bench/results/cpu_throughput.jsonl  # bf16 on a CPU
 
 Ours runs in each variant `--ours` lists, as a run config would set it: `eager`, `compile`
 (train.compile), `ckpt=K` (activation checkpointing in every K-th decoder layer), joined with `+`
@@ -16,7 +17,8 @@ Targets: lora, our tokens/s >= 1.5x the best peer's at <= 25 GiB peak; full, >= 
 ZeRO-2's (the issue quotes 39.2k tokens/s at 66.4 GiB for it). Each record carries tokens/s, peak
 memory and MFU: model FLOPs (PaLM's count, appendix B: 6N + 12·L·d·T per token for full training,
 4N + 12·L·d·T when the frozen weights get no gradient) over the bf16 matrix rate measured on this
-device in the same run. Without a GPU (and without --shape tiny) it says so and exits 0. Results are
+device in the same run. Without a GPU the llama-1b shape says so and exits 0; `narrow` (two decoder layers
+of that width, vocabulary 32k, 2 x 512 tokens) runs in bf16 on a CPU that has bf16 instructions. Results are
 appended to bench/results/gpu_throughput.jsonl (or --results) with the exact command and the method.
 """
 
@@ -48,6 +50,18 @@ SHAPES = {
         "vocab_size": 128256,
         "seq": 2048,
         "batch": 8,
+        "precision": "bf16",
+    },
+    "narrow": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "seq": 512,
+        "batch": 2,
+        "precision": "bf16",
     },
     "tiny": {
         "hidden_size": 64,
@@ -58,6 +72,7 @@ SHAPES = {
         "vocab_size": 512,
         "seq": 64,
         "batch": 2,
+        "precision": "fp32",
     },
 }
 TARGETS = {"lora": (1.5, 25.0), "full": (1.3, None)}  # method: (our tokens/s over the best peer's, peak GiB at most)
@@ -68,7 +83,8 @@ def make_model(shape: dict, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        **{k: v for k, v in shape.items() if k not in ("seq", "batch")}, max_position_embeddings=shape["seq"]
+        **{k: v for k, v in shape.items() if k not in ("seq", "batch", "precision")},
+        max_position_embeddings=shape["seq"],
     )
     torch.manual_seed(0)
     with device:
@@ -103,7 +119,7 @@ def train_settings(method: str, shape: dict, device: torch.device, variant: str 
         lr=1e-4,
         schedule="constant",
         use_gpu=device.type == "cuda",
-        precision="bf16" if device.type == "cuda" else "fp32",  # CPU: fp32 like the tiny model (fp16 is GPU-only)
+        precision=shape["precision"],
         deepspeed=DeepSpeedSection(stage=2) if method == "full" else None,
         compile=compiled,
         gradient_checkpointing=every > 0,
@@ -193,16 +209,22 @@ def hf_peft(model, settings, device: torch.device, compiled: bool = False):
 
 @contextlib.contextmanager
 def kftune_lora(model, settings, device: torch.device):
-    """Ours: the method registry's LoRA and the training loop's loss, exactly as a worker runs them."""
+    """Ours: the method registry's LoRA and the training loop's loss in its mixed precision, exactly as a worker runs them."""
     from kftune.methods import apply_method
     from kftune.methods.lora import LoraOptions
+    from kftune.train.engines import mixed_precision
     from kftune.train.loop import checkpoint_activations
 
     checkpoint_activations(model, settings)
     model = apply_method(model, LoraOptions(r=16, alpha=32, target_modules="all-linear"), "causal_lm")
     if settings.compile:
         model.compile()  # as the DDP engine does for train.compile
-    yield adamw_step(model, functools.partial(loop_loss, model), settings, device)
+
+    def loss(batch: dict) -> torch.Tensor:
+        with mixed_precision(model, settings.precision, device):
+            return loop_loss(model, batch)
+
+    yield adamw_step(model, loss, settings, device)
 
 
 @contextlib.contextmanager
@@ -403,11 +425,11 @@ def main() -> int:
             parse_variant(variant)
         except argparse.ArgumentTypeError as exc:
             parser.error(str(exc))
-    if not torch.cuda.is_available() and args.shape != "tiny":
+    if not torch.cuda.is_available() and args.shape == "llama-1b":
         print("gpu_throughput: no CUDA GPU here; the speed bar needs one (an H100), so this benchmark is skipped.")
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[SHAPES[args.shape]["precision"]]
     shape = SHAPES[args.shape]
     flops, rate = model_flops_per_token(shape, args.method), matmul_rate(device)
     if rate:

@@ -40,7 +40,7 @@ def mixed_precision(model, precision: str, device: torch.device):
     """16-bit matmuls over fp32 and 16-bit weights alike (a method's fp32 parameters on a 16-bit frozen base),
     through autocast. PEFT's layers then take their input as it comes: they would cast it to their fp32
     weights' dtype, and autocast would cast it back for the matmul, two copies of every adapted layer's
-    input in the forward pass and two of its gradient in the backward (a bf16 LoRA step on CPU: 17% of
+    input in the forward pass and two of its gradient in the backward (a bf16 LoRA step on CPU: 16% of
     its time)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 

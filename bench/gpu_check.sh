@@ -47,8 +47,8 @@ part() {  # part NAME SECONDS COMMAND...: run it with its own limit, log to DIR/
 } | tee "$out/summary.txt"
 
 part tests "${limits[0]}" "$python" -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_gpu.py
-part lora "${limits[1]}" "$python" bench/gpu_throughput.py --shape "$shape" --method lora --steps 8 --ours ckpt=2 eager compile+ckpt=2 \
-    --profile "$out/profile_lora.txt" --profile-variant ckpt=2 --results "$out/gpu_throughput.jsonl"
+part lora "${limits[1]}" "$python" bench/gpu_throughput.py --shape "$shape" --method lora --steps 8 --ours ckpt=2 eager compile compile+ckpt=2 \
+    --profile "$out/profile_lora.txt" --results "$out/gpu_throughput.jsonl"
 part full "${limits[2]}" "$python" bench/gpu_throughput.py --shape "$shape" --method full --steps 8 \
     --profile "$out/profile_full.txt" --results "$out/gpu_throughput.jsonl"
 

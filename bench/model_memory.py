@@ -58,6 +58,7 @@ LLAMA_1B = {
     "max_position_embeddings": 2048,
 }
 GB = 1e9
+COMPARISONS = ("precision", "zero3", "data", "evaluation")
 SST2 = EXAMPLES / "data" / "sst2_train_16k.tsv"
 
 
@@ -250,13 +251,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["precision", "zero3", "data", "evaluation"],
+        choices=COMPARISONS,
         action="append",
         help="run only these comparisons",
     )
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to bench/results")
     args = parser.parse_args()
-    only = set(args.only or ["precision", "zero3", "data", "evaluation"])
+    only = set(args.only or COMPARISONS)
     record = {
         "command": " ".join(["python", "bench/model_memory.py", *sys.argv[1:]]),
         "host": platform.node(),
@@ -337,7 +338,7 @@ def main() -> int:
                 "peak_difference_mb": round((large - small) * 1000, 1),
                 "bar_mb": 100,
             }
-    print(json.dumps({k: v for k, v in record.items() if k in ("precision", "zero3", "data", "evaluation")}, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if k in COMPARISONS}, indent=1))
     if not args.no_save:
         with open(REPO / "bench" / "results" / "model_memory.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

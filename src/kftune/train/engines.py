@@ -45,10 +45,9 @@ def mixed_precision(model, precision: str, device: torch.device):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     dtype = AUTOCAST_DTYPES.get(precision)
-    casting = [
-        (m, getattr(m, "cast_input_dtype_enabled", True)) for m in model.modules() if isinstance(m, BaseTunerLayer)
-    ]
-    for layer, _ in casting if dtype else []:
+    adapted = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] if dtype else []
+    casting = [(layer, getattr(layer, "cast_input_dtype_enabled", True)) for layer in adapted]
+    for layer in adapted:
         layer.cast_input_dtype_enabled = False
     try:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

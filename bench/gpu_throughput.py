@@ -2,7 +2,7 @@
 the same invocation, on a Llama-3.2-1B-shaped random-init model (hidden 2048, 16 layers, 32/8 heads,
 vocab 128256), bf16, sequence 2048, micro-batch 8.
 
-    python bench/gpu_throughput.py                  # LoRA r=16, all linear layers, vs transformers + PEFT (eager, compiled)
+    python bench/gpu_throughput.py                  # LoRA r=16, all linear layers, vs transformers + PEFT (eager, compiled; with and without autocast)
     python bench/gpu_throughput.py --method full    # full fine-tuning under ZeRO-2 vs transformers + DeepSpeed ZeRO-2
     python bench/gpu_throughput.py --shape tiny     # the same harness on CPU with a tiny fp32 model (smoke test)
     python bench/gpu_throughput.py --shape narrow --results bench/results/cpu_throughput.jsonl  # bf16 on a CPU
@@ -197,14 +197,21 @@ def adamw_step(model, loss, settings, device: torch.device):
 
 
 @contextlib.contextmanager
-def hf_peft(model, settings, device: torch.device, compiled: bool = False):
-    """The LoRA peer: PEFT's LoRA and the model's own loss (full logits), eager or under torch.compile."""
+def hf_peft(model, settings, device: torch.device, compiled: bool = False, autocast: bool = False):
+    """The LoRA peer: PEFT's LoRA and the model's own loss (full logits), eager or under torch.compile, and
+    on the 16-bit model as it is or under bf16 autocast (HF Trainer's `bf16=True`: PEFT's fp32 LoRA
+    weights then multiply in bf16)."""
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     if compiled:
         model.compile()
-    yield adamw_step(model, lambda batch: model(**batch).loss, settings, device)
+
+    def loss(batch: dict) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return model(**batch).loss
+
+    yield adamw_step(model, loss, settings, device)
 
 
 @contextlib.contextmanager
@@ -296,12 +303,18 @@ def kftune_zero2(model, settings, device: torch.device):
         engine.model.destroy()
 
 
-def peers(method: str, device: torch.device) -> list[tuple[str, object]]:
-    """(name, contender) pairs; torch.compile's peer only on GPUs, where it pays for its compile time."""
+def peers(method: str, device: torch.device, dtype: torch.dtype) -> list[tuple[str, object]]:
+    """(name, contender) pairs; torch.compile's peers only on GPUs, where they pay for their compile time,
+    and the LoRA peers under autocast too when the model is bf16 (whichever is faster is the best peer)."""
     if method == "full":
         return [("hf_deepspeed_zero2", hf_deepspeed)]
-    compiled = [("hf_peft_compile", functools.partial(hf_peft, compiled=True))] if device.type == "cuda" else []
-    return [("hf_peft_eager", hf_peft), *compiled]
+    ways = [("eager", {})] + ([("compile", {"compiled": True})] if device.type == "cuda" else [])
+    autocast = [True] if dtype == torch.bfloat16 else []
+    return [
+        (f"hf_peft_{name}{'_autocast' if cast else ''}", functools.partial(hf_peft, **options, autocast=cast))
+        for name, options in ways
+        for cast in [False, *autocast]
+    ]
 
 
 OURS = {"lora": ("kftune", kftune_lora), "full": ("kftune_zero2", kftune_zero2)}
@@ -441,7 +454,7 @@ def main() -> int:
     peer_settings = train_settings(args.method, shape, device)
     measured = [
         measure(name, contender, shape, peer_settings, device, dtype, args.steps, flops, rate)
-        for name, contender in peers(args.method, device)
+        for name, contender in peers(args.method, device, dtype)
     ]
     ours_name, ours_contender = OURS[args.method]
     for variant in args.ours:

@@ -109,21 +109,23 @@ def run_config(model: Path, data: Path, rows: int, tmp: Path, **train) -> dict:
     }
 
 
+def memory_status(pid: int | str = "self") -> dict[str, int]:
+    """A process's VmHWM (resident high-water mark), RssAnon and RssFile in bytes, from /proc/PID/status."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    status = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {key: int(status[key].split()[0]) * 1024 for key in ("VmHWM", "RssAnon", "RssFile")}
+
+
 def worker_peaks(stop: threading.Event, peaks: dict[int, dict[str, int]]) -> None:
-    """Every 0.2 s: VmHWM, RssAnon and RssFile of this process's Ray Train workers (high-water marks kept)."""
+    """Every 0.2 s: `memory_status` of this process's Ray Train workers (high-water marks kept)."""
     while not stop.is_set():
         for process in psutil.Process().children(recursive=True):
             try:
                 if "RayTrainWorker" not in " ".join(process.cmdline()):
                     continue
-                status = dict(
-                    line.split(":", 1)
-                    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
-                    if ":" in line
-                )
+                now = memory_status(process.pid)
             except (psutil.Error, OSError):
                 continue
-            now = {key: int(status[key].split()[0]) * 1024 for key in ("VmHWM", "RssAnon", "RssFile")}
             mine = peaks.setdefault(process.pid, dict.fromkeys(now, 0))
             for key, value in now.items():
                 mine[key] = max(mine[key], value)
@@ -225,8 +227,7 @@ def evaluation_peaks(way: str, model: Path) -> dict[str, float]:
         before = psutil.Process().memory_info().rss
         with torch.no_grad():
             work()
-        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        return round((int(status["VmHWM"].split()[0]) * 1024 - before) / GB, 3)
+        return round((memory_status()["VmHWM"] - before) / GB, 3)
 
     if way == "kftune":
         return {

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EXAMPLES, STORIES
+from conftest import EXAMPLES, STORIES, build_on_stories
 from kftune.config import config_to_dict, load_config, parse_config
 from kftune.data.prepare import prepare, write_prepared
 from kftune.errors import KftuneError
+from kftune.methods import METHODS
 from kftune.models import load_base_model, load_tokenizer
 from kftune.preflight import check_template_file
 from kftune.prompts.build import IGNORE_INDEX, build_prompts, preview_html, read_prompts
@@ -160,9 +161,7 @@ def test_entailment_builds_one_row_per_hypothesis_and_picks_the_most_entailed(ma
 def test_causal_word_scores_project_only_the_answer_positions(method):
     """A causal LM projects only the answer positions of a batch onto the vocabulary, not every position, and
     scores each word as the full logits do (prompt tuning prepends virtual tokens: positions count from the end)."""
-    from conftest import build_on_stories
     from kftune.evaluate.evaluate import word_scores
-    from kftune.methods import METHODS
 
     tokenizer = load_tokenizer(STORIES)
     if method:

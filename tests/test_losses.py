@@ -55,12 +55,75 @@ def test_chunked_loss_and_gradients_match_full_logits(monkeypatch, dtype, with_b
 
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # relative to the largest entry
     assert abs(total.item() - reference.sum().item()) <= tolerance * reference.sum().item()
-    assert torch.allclose(
-        linear_cross_entropy(hidden, head, targets), reference.detach(), rtol=tolerance, atol=tolerance
-    )
+    with torch.no_grad():  # scoring
+        assert torch.allclose(
+            linear_cross_entropy(hidden, head, targets), reference.detach(), rtol=tolerance, atol=tolerance
+        )
     for want, have in zip(expected, got, strict=True):
         assert have.dtype == want.dtype
         assert (have - want).abs().max() <= tolerance * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_row_losses_are_differentiable_in_the_hidden_states_of_a_frozen_head(monkeypatch, dtype):
+    """Online RL weighs each token's loss by its own advantage: under per-row weights, the gradient for the
+    hidden states is that of the full logits. A head that trains is refused (its gradient would be lost)."""
+    monkeypatch.setattr(chunked, "CHUNK_LOGITS", 50 * 8)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, dtype=dtype).requires_grad_(False)
+    hidden = torch.randn(37, 16, dtype=dtype, requires_grad=True)
+    targets, weights = torch.randint(0, 50, (37,)), torch.randn(37)
+    reference = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+    (expected,) = torch.autograd.grad((weights * reference).sum(), hidden)
+    losses = linear_cross_entropy(hidden, head, targets)
+    (got,) = torch.autograd.grad((weights * losses).sum(), hidden)
+
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(losses, reference.detach(), rtol=tolerance, atol=tolerance)
+    assert got.dtype == dtype and (got - expected).abs().max() <= tolerance * expected.abs().max()
+    head.bias.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        linear_cross_entropy(hidden, head, targets)
+
+
+def test_online_rl_token_losses_match_full_logits_a_chunk_of_positions_at_a_time(monkeypatch, families):
+    """GRPO's and PPO's per-token log-probabilities under LoRA (the head frozen): weighted by per-token
+    advantages, the losses and the adapter's gradients are the full-logits computation's, and no more than
+    a chunk of positions is ever projected onto the vocabulary."""
+    batch = families["stories"][3]
+    options = METHODS["lora"].options.model_validate({"name": "lora", "r": 4, "target_modules": "all-linear"})
+    model = apply_method(load_base_model(STORIES, "causal_lm", None, seed=0), options, "causal_lm").eval()
+    with torch.no_grad():  # B = 0 would leave the adapter out of the gradients' values
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    labels = batch["labels"]
+    weights = torch.randn(labels[:, 1:].shape, generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    reference = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )
+    expected = gradients(model, (weights * reference).sum())
+
+    vocab, projected = model.config.vocab_size, []
+    linear = torch.nn.functional.linear
+
+    def recording(*args):
+        out = linear(*args)
+        if out.shape[-1] == vocab:
+            projected.append(out.shape[:-1].numel())
+        return out
+
+    monkeypatch.setattr(chunked, "CHUNK_LOGITS", vocab * 4)
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    losses = next_token_losses(model, batch)
+    got = gradients(model, (weights * losses).sum())
+
+    assert max(projected) == 4 and sum(projected) == int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(losses, reference.detach(), atol=1e-5)
+    assert got.keys() == expected.keys() and all("lora_" in name for name in got)
+    for name, want in expected.items():
+        assert (got[name] - want).abs().max() <= 1e-4 * want.abs().max(), name
 
 
 def test_scoring_holds_smaller_chunks_of_logits_than_training(monkeypatch):
@@ -77,7 +140,8 @@ def test_scoring_holds_smaller_chunks_of_logits_than_training(monkeypatch):
     linear_cross_entropy_sum(hidden, head, targets)
     assert max(sizes) == 50 * 8
     sizes.clear()
-    linear_cross_entropy(hidden, head, targets)
+    with torch.no_grad():
+        linear_cross_entropy(hidden, head, targets)
     assert max(sizes) == 50 * 2 and len(sizes) == 19
 
 
@@ -92,7 +156,7 @@ def test_no_gradient_work_outside_autograd(monkeypatch):
     monkeypatch.setattr(chunked._LinearCrossEntropySum, "apply", gradients_computed)
     with torch.no_grad():
         total = linear_cross_entropy_sum(hidden, head, targets)
-    assert total.item() == pytest.approx(linear_cross_entropy(hidden, head, targets).sum().item())
+        assert total.item() == pytest.approx(linear_cross_entropy(hidden, head, targets).sum().item())
 
 
 @pytest.mark.parametrize("response_only", [False, True])

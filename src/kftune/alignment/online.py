@@ -21,7 +21,7 @@ from kftune.alignment.losses import unwrapped
 from kftune.errors import KftuneError
 from kftune.prompts.build import IGNORE_INDEX
 from kftune.prompts.collate import Collator
-from kftune.train.losses import logits_token_losses
+from kftune.train.losses import next_token_losses
 
 RewardFunction = Callable[[list[str], list[str]], list[float]]
 
@@ -93,7 +93,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """log p of each labelled token given the ones before it (0 elsewhere), differentiable."""
-    return -logits_token_losses(model, batch)
+    return -next_token_losses(model, batch)
 
 
 def grpo_losses(

@@ -24,6 +24,7 @@ import torch
 from kftune.alignment.losses import unwrapped
 from kftune.alignment.online import Sampler, completions
 from kftune.prompts.build import IGNORE_INDEX
+from kftune.train.losses import next_token_losses_and_states
 
 VALUE_HEAD = "value_head"
 ROLLOUT_TAG = "rollout"
@@ -48,15 +49,9 @@ def remove_training_heads(module) -> None:
 def policy_and_values(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi of each labelled token given the ones before it (0 elsewhere), and the value head's
     prediction at the position that samples it; one forward pass, differentiable."""
-    labels = batch["labels"]
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    logits = output.logits.float()[:, -labels.shape[1] : -1]
-    logps = -torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    losses, hidden = next_token_losses_and_states(model, batch)
     head = getattr(unwrapped(model), VALUE_HEAD)
-    hidden = output.hidden_states[-1][:, -labels.shape[1] : -1]
-    return logps, head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+    return -losses, head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
 def token_rewards(

@@ -6,6 +6,11 @@ and as much again for their gradient, more than the rest of a 1B model's trainin
 chunk's logits become its loss and, in the same pass, its gradients for the hidden states and (when
 it trains) the head; then they are dropped. The backward pass only scales what the forward kept.
 The idea of Liger's fused linear cross-entropy, in plain PyTorch.
+
+Online RL weighs each token's log-probability by its own advantage, so it needs the loss per token,
+differentiable: `linear_cross_entropy` gives that for a frozen head (LoRA and the other PEFT methods),
+each row's gradient for its hidden state computed in the forward pass and scaled by the row's weight in
+the backward pass.
 """
 
 from __future__ import annotations
@@ -33,13 +38,46 @@ def _chunks(
         yield part, logits, logits.logsumexp(dim=-1)
 
 
+def _softmax_minus_one_hot(logits: torch.Tensor, log_partition: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits of each row's cross-entropy: softmax - one-hot, built in place over the logits."""
+    return (
+        logits.sub_(log_partition[:, None])
+        .exp_()
+        .scatter_add_(1, chosen, torch.full_like(chosen, -1.0, dtype=logits.dtype))
+    )
+
+
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row loss of `targets` under the logits `head(hidden)`, for scoring (no gradient)."""
+    """Per-row loss of `targets` under the logits `head(hidden)`: for scoring, or differentiable in the
+    hidden states when they need a gradient (the head must be frozen then: a trained one takes
+    `linear_cross_entropy_sum`, or the model's own logits)."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        if any(p.requires_grad for p in head.parameters()):
+            raise ValueError("per-row linear_cross_entropy does not differentiate the head; it must be frozen")
+        return _LinearCrossEntropyRows.apply(hidden, head.weight, head.bias, targets)
     losses = torch.empty(len(targets), dtype=torch.float32, device=targets.device)
     with torch.no_grad():
         for part, logits, log_partition in _chunks(hidden, head.weight, head.bias, targets, SCORING_CHUNK_LOGITS):
             losses[part] = log_partition - logits.gather(1, targets[part, None]).squeeze(1)
     return losses
+
+
+class _LinearCrossEntropyRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        losses = torch.empty(len(targets), dtype=torch.float32, device=targets.device)
+        grad_hidden = torch.empty_like(hidden)  # each row's d loss / d hidden, for a weight of 1
+        for part, logits, log_partition in _chunks(hidden, weight, bias, targets, CHUNK_LOGITS):
+            chosen = targets[part, None]
+            losses[part] = log_partition - logits.gather(1, chosen).squeeze(1)
+            grad_hidden[part] = _softmax_minus_one_hot(logits, log_partition, chosen).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -53,12 +91,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for part, logits, log_partition in _chunks(hidden, weight, bias, targets, CHUNK_LOGITS):
             chosen = targets[part, None]
             total += (log_partition - logits.gather(1, chosen).squeeze(1)).sum()
-            # d loss / d logits = softmax - one-hot, built in place over the logits.
-            grad_logits = (
-                logits.sub_(log_partition[:, None])
-                .exp_()
-                .scatter_add_(1, chosen, torch.full_like(chosen, -1.0, dtype=logits.dtype))
-            )
+            grad_logits = _softmax_minus_one_hot(logits, log_partition, chosen)
             if want_hidden:
                 grad_hidden[part] = grad_logits.to(weight.dtype) @ weight
             if want_weight:

@@ -104,24 +104,34 @@ def _predicting_hidden_states(
 
 def next_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-position loss of predicting each labelled token from the ones before it (0 where the label
-    is -100): the one causal-LM loss that training, evaluation and the reload probe share."""
+    is -100), differentiable per position (online RL weighs each token by its advantage): the one
+    causal-LM loss that evaluation, the reload probe, the reference model and online RL share."""
+    return next_token_losses_and_states(model, batch, states=False)[0]
+
+
+def next_token_losses_and_states(
+    model, batch: dict[str, torch.Tensor], states: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`next_token_losses`, and the last hidden states at the positions that predict the label positions
+    (rows x labels - 1 x hidden: what PPO's value head reads), or None when `states` is False.
+
+    Through the output layer a chunk at a time when it is plain and no gradient must reach it; else
+    from the model's logits (and, for the states, its `output_hidden_states`)."""
     labels = batch["labels"]
-    if head := plain_output_head(model):
-        losses = torch.zeros(labels[:, 1:].shape, dtype=torch.float32, device=labels.device)
-        hidden, targets = _predicting_hidden_states(model, head, batch)
+    head = plain_output_head(model)
+    if head is not None and not (torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())):
+        hidden = _last_hidden_states(model, head, batch)[:, -labels.shape[1] : -1]
+        predicting = labels[:, 1:] != IGNORE_INDEX
         with _whole(head):
-            losses[labels[:, 1:] != IGNORE_INDEX] = linear_cross_entropy(hidden, head, targets)
-        return losses
-    return logits_token_losses(model, batch)
-
-
-def logits_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`next_token_losses` from the model's full logits: differentiable per position (online RL weighs each token)."""
-    labels = batch["labels"]
-    logits = model(**_causal_inputs(batch)).logits.float()[:, -labels.shape[1] :]
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+            losses = linear_cross_entropy(hidden[predicting], head, labels[:, 1:][predicting])
+        zeros = torch.zeros(predicting.shape, dtype=torch.float32, device=labels.device)
+        return zeros.masked_scatter(predicting, losses), hidden if states else None
+    output = model(**_causal_inputs(batch), output_hidden_states=states)
+    logits = output.logits.float()[:, -labels.shape[1] : -1]
+    losses = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
     )
+    return losses, output.hidden_states[-1][:, -labels.shape[1] : -1] if states else None
 
 
 def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

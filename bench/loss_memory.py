@@ -4,6 +4,9 @@ tokens make 2 GiB of fp32 logits. Two objectives:
 
 - sft: kftune's training step (loss through the output layer in chunks) against plain transformers +
   PEFT (the model's own loss over full fp32 logits);
+- distill: knowledge distillation from the base (LoRA, the teacher the same model with its adapter
+  disabled), T^2 KL(teacher || student) at every position: kftune's KL through both models' output
+  layers in chunks against the same KL over both models' full fp32 logits;
 - online_rl: a GRPO step, each completion token's log-probability weighed by its advantage (the second
   half of each row is the completion). kftune's per-token losses through the output layer in chunks
   against the log-probabilities as TRL's GRPOTrainer computes them (`_get_per_token_logps`: the
@@ -11,6 +14,7 @@ tokens make 2 GiB of fp32 logits. Two objectives:
 
     python bench/loss_memory.py                         # sft: peak extra memory, seconds per step, ratios
     python bench/loss_memory.py --objective online_rl
+    python bench/loss_memory.py --objective distill
 
 Each side runs in its own process, so each peak (ru_maxrss) is its own: the peak resident memory
 during the steps minus the resident memory before them. Results are appended to
@@ -103,7 +107,56 @@ def kftune_grpo(model, settings, device: torch.device):
     yield adamw_step(model, loss, settings, device)
 
 
-SIDES = {"sft": {"hf_peft": hf_peft, "kftune": kftune_lora}, "online_rl": {"trl_grpo": trl_grpo, "kftune": kftune_grpo}}
+TEMPERATURE = 2.0
+"""distill: the softmax temperature of both models' distributions."""
+
+
+@contextlib.contextmanager
+def full_logits_distill(model, settings, device: torch.device):
+    """The distillation peer: PEFT's LoRA, and the KL over both models' full fp32 logits (each one's
+    log-softmax, then the KL), as a plain PyTorch distillation loss takes it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+    def loss(batch: dict) -> torch.Tensor:
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+        with torch.no_grad(), model.disable_adapter():
+            teacher = model(**inputs).logits.float()
+        student = model(**inputs).logits.float()
+        kl = torch.nn.functional.kl_div(
+            (student / TEMPERATURE).log_softmax(-1),
+            (teacher / TEMPERATURE).log_softmax(-1),
+            log_target=True,
+            reduction="sum",
+        )
+        return TEMPERATURE**2 * kl / batch["attention_mask"].sum()
+
+    yield adamw_step(model, loss, settings, device)
+
+
+@contextlib.contextmanager
+def kftune_distill(model, settings, device: torch.device):
+    """Ours: the method registry's LoRA and retention's distillation term, as the training loop adds it."""
+    from kftune.methods import apply_method
+    from kftune.methods.lora import LoraOptions
+    from kftune.retention.distill import Teacher, distillation_sum, output_logits
+
+    model = apply_method(model, LoraOptions(r=16, alpha=32, target_modules="all-linear"), "causal_lm")
+    teacher = Teacher(model)
+
+    def loss(batch: dict) -> torch.Tensor:
+        student, taught = output_logits(model, batch, "causal_lm"), teacher.logits(batch, "causal_lm")
+        return distillation_sum(student, taught, batch["attention_mask"], TEMPERATURE) / batch["attention_mask"].sum()
+
+    yield adamw_step(model, loss, settings, device)
+
+
+SIDES = {
+    "sft": {"hf_peft": hf_peft, "kftune": kftune_lora},
+    "distill": {"full_logits": full_logits_distill, "kftune": kftune_distill},
+    "online_rl": {"trl_grpo": trl_grpo, "kftune": kftune_grpo},
+}
 """Per objective: the peer, then ours."""
 
 

@@ -328,6 +328,30 @@ def lora_under_zero(batch: dict, device: str = "cpu", **settings) -> tuple[list[
 ON_VOLUME = {"path": "/data/sst2/train.tsv", "split": {"test": "/data/sst2/dev.tsv"}}
 
 
+def vocabulary_projections(monkeypatch, vocab: int) -> list[int]:
+    """From here on, the rows of every `torch.nn.functional.linear` output as wide as the vocabulary: how
+    many positions a causal LM's loss projects onto it at once."""
+    import torch
+
+    rows, linear = [], torch.nn.functional.linear
+
+    def recording(*args):
+        out = linear(*args)
+        if out.shape[-1] == vocab:
+            rows.append(out.shape[:-1].numel())
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    return rows
+
+
+def gradients(model, value) -> dict:
+    """Each parameter's gradient of `value` (the graph kept: another value may share it), by name."""
+    model.zero_grad(set_to_none=True)
+    value.backward(retain_graph=True)
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.fixture(scope="module")
 def families():
     """(model path, task, num_labels, batch) per family: MiniLM on 16 SST-2 phrases, stories260K on STORY_ROWS."""

@@ -11,7 +11,7 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 import kftune.train.linear_cross_entropy as chunked
-from conftest import STORIES
+from conftest import STORIES, gradients, vocabulary_projections
 from kftune.methods import METHODS, apply_method, calibrate_method
 from kftune.models import load_base_model
 from kftune.train.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_sum
@@ -28,12 +28,6 @@ def plain_summed_loss(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="sum"
     )
-
-
-def gradients(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -105,17 +99,9 @@ def test_online_rl_token_losses_match_full_logits_a_chunk_of_positions_at_a_time
     )
     expected = gradients(model, (weights * reference).sum())
 
-    vocab, projected = model.config.vocab_size, []
-    linear = torch.nn.functional.linear
-
-    def recording(*args):
-        out = linear(*args)
-        if out.shape[-1] == vocab:
-            projected.append(out.shape[:-1].numel())
-        return out
-
+    vocab = model.config.vocab_size
     monkeypatch.setattr(chunked, "CHUNK_LOGITS", vocab * 4)
-    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    projected = vocabulary_projections(monkeypatch, vocab)
     losses = next_token_losses(model, batch)
     got = gradients(model, (weights * losses).sum())
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import STORIES, build_on_stories, process_group
+import kftune.train.linear_cross_entropy as chunked
+from conftest import STORIES, build_on_stories, gradients, process_group, vocabulary_projections
 from kftune.config import parse_config
 from kftune.errors import KftuneError
 from kftune.methods import METHODS, may_train
 from kftune.models import load_base_model, load_tokenizer
 from kftune.retention.anchor import Anchor, anchored_weights
-from kftune.retention.distill import Teacher, distillation_sum, output_logits
+from kftune.retention.distill import Projected, Teacher, distillation_sum, language_model_loss, output_logits
 from kftune.retention.fisher import cache_path, check_fisher_file, general_fingerprint, model_fingerprint
 from kftune.retention.general import language_model_rows, training_lines
 from kftune.retention.terms import GeneralBatches, _fisher
@@ -160,7 +161,9 @@ def test_distillation_teacher_is_the_base_with_the_adapter_disabled(families):
     base = load_base_model(STORIES, "causal_lm", None, seed=0)
     with torch.no_grad():
         assert torch.allclose(
-            teacher, base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, atol=1e-5
+            teacher.logits(),
+            base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            atol=1e-5,
         )
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -171,6 +174,42 @@ def test_distillation_teacher_is_the_base_with_the_adapter_disabled(families):
     assert kl.item() > 1e-4
     kl.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("method", [LORA, FULL], ids=["lora", "full"])
+def test_distillation_and_replay_through_the_output_layer_match_the_full_logits(monkeypatch, families, method):
+    """A Llama's distillation KL and replay loss go through the output layers a few positions at a time, the
+    teacher's with no gradient: the values and every trained parameter's gradient are those of both models'
+    full logits. LoRA's teacher is the model itself, its adapter disabled; full fine-tuning's a frozen copy."""
+    batch = families["stories"][3]
+    model = build_on_stories(method).eval()  # no dropout: both computations must see the same network
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or method is FULL:
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    teacher = Teacher(model) if method is LORA else Teacher(model, load_base_model(STORIES, "causal_lm", None, seed=0))
+    vocab, mask = model.config.vocab_size, batch["attention_mask"]
+
+    def terms(student, taught) -> tuple[torch.Tensor, torch.Tensor]:
+        return distillation_sum(student, taught, mask, 2.0), language_model_loss(student, batch["labels"], "causal_lm")
+
+    projected = [output_logits(model, batch, "causal_lm"), teacher.logits(batch, "causal_lm")]
+    assert all(isinstance(p, Projected) for p in projected)
+    full = [projected[0].logits(), projected[1].logits()]
+    expected = [(value, gradients(model, value)) for value in terms(*full)]
+
+    monkeypatch.setattr(chunked, "KL_CHUNK_LOGITS", vocab * 3)
+    monkeypatch.setattr(chunked, "CHUNK_LOGITS", vocab * 3)
+    rows = vocabulary_projections(monkeypatch, vocab)
+    projected = [output_logits(model, batch, "causal_lm"), teacher.logits(batch, "causal_lm")]
+    got = [(value, gradients(model, value)) for value in terms(*projected)]
+
+    assert 0 < max(rows) <= 3  # every chunk of 3 positions, the models' own forward passes projecting none
+    for (want, want_gradients), (have, have_gradients) in zip(expected, got, strict=True):
+        assert have.item() == pytest.approx(want.item(), rel=1e-5) and want.item() > 1e-4
+        assert have_gradients.keys() == want_gradients.keys() and have_gradients
+        for name, gradient in want_gradients.items():
+            assert (have_gradients[name] - gradient).abs().max() <= 1e-4 * gradient.abs().max(), name
 
 
 def test_general_rows_are_drawn_reproducibly_per_micro_batch_and_worker():

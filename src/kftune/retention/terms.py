@@ -22,7 +22,14 @@ from kftune.errors import KftuneError
 from kftune.prompts.collate import Collator
 from kftune.prompts.packing import IGNORE_INDEX
 from kftune.retention.anchor import Anchor, anchored_weights
-from kftune.retention.distill import Teacher, distillation_sum, frozen_copy, is_peft, output_logits
+from kftune.retention.distill import (
+    Teacher,
+    distillation_sum,
+    frozen_copy,
+    is_peft,
+    language_model_loss,
+    output_logits,
+)
 from kftune.retention.embedding import cosine_distance_sum, head_size, sentence_embeddings, sentence_rows
 from kftune.train.collectives import from_rank_zero
 
@@ -94,7 +101,7 @@ class RetentionTerms:
                     kl = distillation_sum(logits, self.teacher.logits(general, self.task), mask, distill.temperature)
                     terms["distill_general"] = distill.weight * kl / mask.sum()
                 if replay:
-                    terms["replay"] = replay.weight * _language_model_loss(logits, general["labels"], self.task)
+                    terms["replay"] = replay.weight * language_model_loss(logits, general["labels"], self.task)
         for name, value in (terms | values).items():
             self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
         self.counted += 1
@@ -114,13 +121,6 @@ class RetentionTerms:
         }
         self.sums, self.counted = {}, 0
         return means
-
-
-def _language_model_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """The pre-training objective's mean token loss: next token (causal LM) or the masked token (masked LM)."""
-    if task != "masked_lm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX)
 
 
 def build_retention(

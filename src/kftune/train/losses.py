@@ -23,7 +23,7 @@ scaling after it, so their loss may go through the head chunk by chunk."""
 def plain_output_head(model) -> torch.nn.Linear | None:
     """The output layer when the causal-LM loss can skip the full logits: a plain Linear of a plain-head
     family that the method did not wrap, and either whole on this worker or frozen (a ZeRO-3 shard of
-    a frozen head is gathered for the loss, see `_whole`; a trained one would need its gradient
+    a frozen head is gathered for the loss, see `gathered`; a trained one would need its gradient
     partitioned back, so it keeps the model's logits)."""
     inner = getattr(model, "module", model)  # under DDP or a DeepSpeed engine
     head = inner.get_output_embeddings()
@@ -35,7 +35,7 @@ def plain_output_head(model) -> torch.nn.Linear | None:
 
 
 @contextlib.contextmanager
-def _whole(head: torch.nn.Linear):
+def gathered(head: torch.nn.Linear):
     """The head's full weights for the duration of the loss: a ZeRO-3 shard is gathered and partitioned
     again after. The loss keeps no reference to them: its gradients are computed in the forward pass."""
     if not hasattr(head.weight, "ds_id"):
@@ -76,7 +76,7 @@ class _HiddenStatesOut:
         return hidden
 
 
-def _last_hidden_states(model, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def last_hidden_states(model, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Every position's hidden states as the model hands them to its output layer (`_HiddenStatesOut`, attached once)."""
     taker = head.__dict__.get("kftune_hidden_states_out")
     if taker is None:
@@ -95,7 +95,7 @@ def _predicting_hidden_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The last hidden states at the positions whose next token is labelled, and those tokens."""
     labels = batch["labels"]
-    hidden = _last_hidden_states(model, head, batch)
+    hidden = last_hidden_states(model, head, batch)
     predicting = labels[:, 1:] != IGNORE_INDEX
     return hidden[:, -labels.shape[1] : -1][predicting], labels[:, 1:][
         predicting
@@ -120,9 +120,9 @@ def next_token_losses_and_states(
     labels = batch["labels"]
     head = plain_output_head(model)
     if head is not None and not (torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())):
-        hidden = _last_hidden_states(model, head, batch)[:, -labels.shape[1] : -1]
+        hidden = last_hidden_states(model, head, batch)[:, -labels.shape[1] : -1]
         predicting = labels[:, 1:] != IGNORE_INDEX
-        with _whole(head):
+        with gathered(head):
             losses = linear_cross_entropy(hidden[predicting], head, labels[:, 1:][predicting])
         zeros = torch.zeros(predicting.shape, dtype=torch.float32, device=labels.device)
         return zeros.masked_scatter(predicting, losses), hidden if states else None
@@ -141,7 +141,7 @@ def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return next_token_losses(model, batch).sum(dim=1)
     hidden, targets = _predicting_hidden_states(model, head, batch)
     counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
-    with _whole(head):
+    with gathered(head):
         return torch.stack(
             [
                 linear_cross_entropy_sum(h, head, t)
@@ -168,7 +168,7 @@ def summed_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tenso
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
     if task == "causal_lm" and (head := plain_output_head(model)):
         hidden, targets = _predicting_hidden_states(model, head, batch)
-        with _whole(head):
+        with gathered(head):
             return linear_cross_entropy_sum(hidden, head, targets)
     return token_losses(model, batch, task).sum()
 

@@ -3,7 +3,9 @@
 Causal LMs of the plain-head families never materialise their full logits: the loss goes from the
 last hidden states through the output layer a chunk at a time (`kftune.train.linear_cross_entropy`),
 and only at the positions that predict a labelled token, so response-only data also skips the
-prompt's positions. Other families, masked LMs and classifiers take the model's own logits.
+prompt's positions. That holds for the summed loss training steps on, and for the per-token losses
+that scoring and online RL take (differentiable there while the output layer is frozen). Other
+families, masked LMs and classifiers take the model's own logits.
 """
 
 from __future__ import annotations

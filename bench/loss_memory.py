@@ -1,6 +1,6 @@
 """Memory of the causal-LM loss on CPU, kftune against its peer on the same model and batch, in one
 invocation. A small Llama body with Llama-3's vocabulary (128,256), where the logits dominate: 4 x 1024
-tokens make 2 GiB of fp32 logits. Two objectives:
+tokens make 2 GiB of fp32 logits. Three objectives:
 
 - sft: kftune's training step (loss through the output layer in chunks) against plain transformers +
   PEFT (the model's own loss over full fp32 logits);
@@ -15,6 +15,7 @@ tokens make 2 GiB of fp32 logits. Two objectives:
     python bench/loss_memory.py                         # sft: peak extra memory, seconds per step, ratios
     python bench/loss_memory.py --objective online_rl
     python bench/loss_memory.py --objective distill
+    python bench/loss_memory.py --shape tiny --steps 1 --no-save   # the harness itself, in seconds
 
 Each side runs in its own process, so each peak (ru_maxrss) is its own: the peak resident memory
 during the steps minus the resident memory before them. Results are appended to

@@ -1,7 +1,8 @@
 """The paths only a GPU runs (`pytest -m gpu`; skipped without CUDA). Each has a CPU twin elsewhere in
 the suite: packed rows under flex attention (test_packing, forward only: no CPU backward), the DDP
 engine and precision (test_train_engine), DeepSpeed offload with DeepSpeed's CPU Adam
-(test_methods_zero), evaluation and batched generation on the CPU (test_evaluate_device).
+(test_methods_zero), evaluation and batched generation on the CPU (test_evaluate_device), the per-token
+losses and the distillation KL through the output layer (test_losses, test_retention).
 
 `KFTUNE_GPU_TESTS_ON=cpu` runs these tests' code on the CPU, over gloo, leaving out what only a GPU
 has (flash/flex kernels, NCCL): bench/gpu_check.sh --shape tiny does that before any GPU minute is spent.
@@ -222,6 +223,61 @@ def test_evaluation_and_generation_on_the_gpu_give_the_cpu_predictions(dtype):
         assert text == cpu_text
     else:
         assert [t.split()[:3] for t in text] == [t.split()[:3] for t in cpu_text], (text, cpu_text)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_per_token_losses_and_distillation_through_the_output_layer_give_the_full_logits_ones(
+    story_batch, dtype, tolerance
+):
+    """Online RL's per-token losses (the head frozen) and retention's distillation KL go through the output
+    layer in chunks, their gradients computed in the forward pass: on the GPU, in fp32 and in bf16, the
+    values and LoRA gradients are those of the full logits computed there (bf16: within its rounding, which
+    moves either computation's gradient about 12% from fp32's here, advantages of both signs cancelling)."""
+    from kftune.retention.distill import Teacher, distillation_sum, output_logits
+    from kftune.train.losses import next_token_losses
+
+    options = METHODS["lora"].options.model_validate(LORA)
+    model = apply_method(load_base_model(STORIES, "causal_lm", None, seed=0), options, "causal_lm")
+    with torch.no_grad():  # an adapter away from zero: the student differs from its teacher
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    model.to(device=DEVICE, dtype=dtype)
+    batch = {k: v.to(DEVICE) for k, v in story_batch.items()}
+    labels = batch["labels"][:, 1:]
+    advantages = torch.linspace(-1, 1, labels.numel(), device=DEVICE).reshape(labels.shape)
+    teacher = Teacher(model)
+
+    def full_logits(module) -> torch.Tensor:
+        return module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+    def values_and_gradients(chunked: bool) -> list[tuple[float, torch.Tensor]]:
+        if chunked:
+            losses = next_token_losses(model, batch)
+            student, taught = output_logits(model, batch, "causal_lm"), teacher.logits(batch, "causal_lm")
+        else:
+            logits = full_logits(model)
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
+            )
+            with torch.no_grad(), model.disable_adapter():  # the teacher: the base
+                taught = full_logits(model)
+            student = logits
+        values = [(advantages * losses).sum(), distillation_sum(student, taught, batch["attention_mask"], 2.0)]
+        results = []
+        for value in values:
+            model.zero_grad(set_to_none=True)
+            value.backward(retain_graph=True)
+            results.append(
+                (value.item(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad]))
+            )
+        return results
+
+    for (want, want_grad), (have, have_grad) in zip(
+        values_and_gradients(False), values_and_gradients(True), strict=True
+    ):
+        assert have == pytest.approx(want, rel=tolerance)
+        assert (have_grad - want_grad).norm() <= tolerance * want_grad.norm()
 
 
 def test_evaluation_places_models_on_the_gpu():

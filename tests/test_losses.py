@@ -1,6 +1,7 @@
 """The causal-LM loss without full logits: the chunked linear cross-entropy gives the loss and the
 gradients of the plain computation (logits, then cross-entropy), for every method that trains a
-causal LM, and families whose logits are more than `lm_head(hidden)` keep the plain computation."""
+causal LM and for online RL's per-token losses, and families whose logits are more than
+`lm_head(hidden)` keep the plain computation."""
 
 from __future__ import annotations
 

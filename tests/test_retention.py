@@ -548,6 +548,35 @@ def test_an_encoder_classifier_keeps_the_bases_sentence_embeddings(make_config, 
     assert fisher["bert.encoder.layer.0.attention.self.query.weight"].sum() > 0
 
 
+def test_sentence_embeddings_free_each_layers_states_as_the_forward_goes():
+    """Without gradients (the teacher, the forgetting measure) the embeddings keep only the encoder's output:
+    when its last layer runs, no earlier layer's output is alive (`output_hidden_states` would keep them all),
+    and they are the mean-pooled last hidden states."""
+    import weakref
+
+    from kftune.models import resolve_model_path
+    from kftune.retention.embedding import sentence_embeddings
+
+    model = load_base_model(resolve_model_path("minilm-l6"), "sequence_classification", 2, seed=0).eval()
+    tokenizer = load_tokenizer(resolve_model_path("minilm-l6"))
+    batch = dict(tokenizer(["a small dog", "the weather is fine today"], padding=True, return_tensors="pt"))
+    outputs, alive_at_the_end = [], []
+    layers = model.bert.encoder.layer
+    for layer in layers[:-1]:
+        layer.register_forward_hook(
+            lambda _l, _a, out: outputs.append(weakref.ref(out[0] if isinstance(out, tuple) else out))
+        )
+    layers[-1].register_forward_pre_hook(
+        lambda *_: alive_at_the_end.append(sum(ref() is not None for ref in outputs[:-1]))
+    )
+    with torch.no_grad():
+        embeddings = sentence_embeddings(model, batch)
+        assert len(outputs) == len(layers) - 1 > 1 and alive_at_the_end == [0]
+        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose(embeddings, (hidden * mask).sum(1) / mask.sum(1), atol=1e-6)
+
+
 def test_sentence_embeddings_of_a_prompt_tuned_encoder_pool_the_rows_own_tokens():
     """Peft puts the virtual tokens before the row's (its hidden states are longer than the attention mask)."""
     from peft import PromptTuningConfig, TaskType, get_peft_model

@@ -37,10 +37,24 @@ def sentence_embeddings(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean-pooled last hidden states over each row's tokens, one row per sentence (differentiable). Prompt tuning
     and P-tuning put their virtual tokens before the row's: the row's own are the last positions."""
     mask = batch["attention_mask"]
-    hidden = model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-    hidden = hidden[:, -mask.shape[1] :]
+    hidden = _encoder_output(model, batch)[:, -mask.shape[1] :]
     mask = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def _encoder_output(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden states of the model's encoder body (`base_model`, under PEFT's wrapper too), taken by a
+    hook while the whole model runs (so prompt learning adds its virtual tokens). Asking the model for
+    `output_hidden_states` instead would keep every layer's states until the forward ends, which without
+    gradients (the teacher, the forgetting measure) nothing else does."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    taken: list[torch.Tensor] = []
+    handle = inner.base_model.register_forward_hook(lambda _module, _args, output: taken.append(output[0]))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    return taken[0]
 
 
 def cosine_distance_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -196,14 +196,27 @@ def adamw_step(model, loss, settings, device: torch.device):
     return step
 
 
+def peft_lora(model):
+    """The peers' LoRA: PEFT's own, r=16 on every linear layer."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def kftune_lora_model(model):
+    """Ours: the same LoRA through the method registry, as a run config's `method` applies it."""
+    from kftune.methods import apply_method
+    from kftune.methods.lora import LoraOptions
+
+    return apply_method(model, LoraOptions(r=16, alpha=32, target_modules="all-linear"), "causal_lm")
+
+
 @contextlib.contextmanager
 def hf_peft(model, settings, device: torch.device, compiled: bool = False, autocast: bool = False):
     """The LoRA peer: PEFT's LoRA and the model's own loss (full logits), eager or under torch.compile, and
     on the 16-bit model as it is or under bf16 autocast (HF Trainer's `bf16=True`: PEFT's fp32 LoRA
     weights then multiply in bf16)."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = peft_lora(model)
     if compiled:
         model.compile()
 
@@ -217,13 +230,11 @@ def hf_peft(model, settings, device: torch.device, compiled: bool = False, autoc
 @contextlib.contextmanager
 def kftune_lora(model, settings, device: torch.device):
     """Ours: the method registry's LoRA and the training loop's loss in its mixed precision, exactly as a worker runs them."""
-    from kftune.methods import apply_method
-    from kftune.methods.lora import LoraOptions
     from kftune.train.engines import mixed_precision
     from kftune.train.loop import checkpoint_activations
 
     checkpoint_activations(model, settings)
-    model = apply_method(model, LoraOptions(r=16, alpha=32, target_modules="all-linear"), "causal_lm")
+    model = kftune_lora_model(model)
     if settings.compile:
         model.compile()  # as the DDP engine does for train.compile
 

@@ -36,7 +36,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from gpu_throughput import adamw_step, hf_peft, kftune_lora, make_model, train_settings
+from gpu_throughput import (
+    adamw_step,
+    hf_peft,
+    kftune_lora,
+    kftune_lora_model,
+    make_model,
+    peft_lora,
+    train_settings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -79,9 +87,7 @@ def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
 def trl_grpo(model, settings, device: torch.device):
     """The online RL peer: PEFT's LoRA, and the completion's log-probabilities as TRL's GRPOTrainer takes
     them: the logits of the completion positions only, then log-softmax at the sampled tokens."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = peft_lora(model)
 
     def loss(batch: dict) -> torch.Tensor:
         completion = completion_length(batch)
@@ -97,10 +103,8 @@ def trl_grpo(model, settings, device: torch.device):
 def kftune_grpo(model, settings, device: torch.device):
     """Ours: the method registry's LoRA and the per-token log-probabilities kftune's GRPO and PPO train on."""
     from kftune.alignment.online import token_logps
-    from kftune.methods import apply_method
-    from kftune.methods.lora import LoraOptions
 
-    model = apply_method(model, LoraOptions(r=16, alpha=32, target_modules="all-linear"), "causal_lm")
+    model = kftune_lora_model(model)
 
     def loss(batch: dict) -> torch.Tensor:
         return grpo_loss(token_logps(model, batch)[:, -completion_length(batch) :], batch["advantages"])
@@ -116,9 +120,7 @@ TEMPERATURE = 2.0
 def full_logits_distill(model, settings, device: torch.device):
     """The distillation peer: PEFT's LoRA, and the KL over both models' full fp32 logits (each one's
     log-softmax, then the KL), as a plain PyTorch distillation loss takes it."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = peft_lora(model)
 
     def loss(batch: dict) -> torch.Tensor:
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
@@ -139,11 +141,9 @@ def full_logits_distill(model, settings, device: torch.device):
 @contextlib.contextmanager
 def kftune_distill(model, settings, device: torch.device):
     """Ours: the method registry's LoRA and retention's distillation term, as the training loop adds it."""
-    from kftune.methods import apply_method
-    from kftune.methods.lora import LoraOptions
     from kftune.retention.distill import Teacher, distillation_sum, output_logits
 
-    model = apply_method(model, LoraOptions(r=16, alpha=32, target_modules="all-linear"), "causal_lm")
+    model = kftune_lora_model(model)
     teacher = Teacher(model)
 
     def loss(batch: dict) -> torch.Tensor:

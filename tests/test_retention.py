@@ -193,15 +193,22 @@ def test_distillation_and_replay_through_the_output_layer_match_the_full_logits(
     def terms(student, taught) -> tuple[torch.Tensor, torch.Tensor]:
         return distillation_sum(student, taught, mask, 2.0), language_model_loss(student, batch["labels"], "causal_lm")
 
-    projected = [output_logits(model, batch, "causal_lm"), teacher.logits(batch, "causal_lm")]
-    assert all(isinstance(p, Projected) for p in projected)
-    full = [projected[0].logits(), projected[1].logits()]
-    expected = [(value, gradients(model, value)) for value in terms(*full)]
+    def own_logits(module) -> torch.Tensor:
+        return module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    with torch.no_grad():  # the teacher's own logits: the adapter disabled, or the frozen copy
+        if method is LORA:
+            with model.disable_adapter():
+                taught = own_logits(model)
+        else:
+            taught = own_logits(teacher.frozen)
+    expected = [(value, gradients(model, value)) for value in terms(own_logits(model), taught)]
 
     monkeypatch.setattr(chunked, "KL_CHUNK_LOGITS", vocab * 3)
     monkeypatch.setattr(chunked, "CHUNK_LOGITS", vocab * 3)
     rows = vocabulary_projections(monkeypatch, vocab)
     projected = [output_logits(model, batch, "causal_lm"), teacher.logits(batch, "causal_lm")]
+    assert all(isinstance(p, Projected) for p in projected)
     got = [(value, gradients(model, value)) for value in terms(*projected)]
 
     assert 0 < max(rows) <= 3  # every chunk of 3 positions, the models' own forward passes projecting none

@@ -72,12 +72,12 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
         losses = torch.empty(len(targets), dtype=torch.float32, device=targets.device)
-        grad_hidden = torch.empty_like(hidden)  # each row's d loss / d hidden, for a weight of 1
+        gradients = torch.empty_like(hidden), None, None  # each row's d loss / d hidden, for a weight of 1
         for part, logits, log_partition in _chunks(hidden, weight, bias, targets, CHUNK_LOGITS):
             chosen = targets[part, None]
             losses[part] = log_partition - logits.gather(1, chosen).squeeze(1)
-            grad_hidden[part] = _softmax_minus_one_hot(logits, log_partition, chosen).to(weight.dtype) @ weight
-        ctx.save_for_backward(grad_hidden)
+            _accumulate(gradients, part, _softmax_minus_one_hot(logits, log_partition, chosen), hidden, weight)
+        ctx.save_for_backward(gradients[0])
         return losses
 
     @staticmethod
